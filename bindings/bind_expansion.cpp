@@ -1,0 +1,70 @@
+// Binding of expand() and verify_expansion(); certificates cross as dicts.
+#include <optional>
+
+#include "buffers.hpp"
+#include "markovmem/expansion.hpp"
+
+namespace markovmem::bindings {
+
+namespace {
+py::dict to_dict(const ExpansionCertificate& c) {
+  py::dict d;
+  d["n_old"] = c.n_old;
+  d["n_new"] = c.n_new;
+  d["n_base"] = c.n_base;
+  d["same_n_base"] = c.same_n_base;
+  d["old_block_identical"] = c.old_block_identical;
+  d["max_abs_diff_old"] = c.max_abs_diff_old;
+  d["leaked_mass_to_new"] = c.leaked_mass_to_new;
+  d["new_to_new_mass"] = c.new_to_new_mass;
+  d["max_row_sum_error"] = c.max_row_sum_error;
+  d["fingerprint_before"] = c.fingerprint_before;
+  d["fingerprint_after_old"] = c.fingerprint_after_old;
+  d["fingerprint_after"] = c.fingerprint_after;
+  d["after_valid"] = c.after_valid;
+  d["after_violation"] = c.after_violation;
+  d["ok"] = c.ok;
+  return d;
+}
+}  // namespace
+
+void bind_expansion(py::module_& m) {
+  m.def(
+      "expand",
+      [](const TransitionMatrix& P, const carray<Index>& indptr, const carray<StateIndex>& indices,
+         const carray<Prob>& data, double tol, int n_threads) {
+        const Index n_rows = indptr.shape(0) - 1;
+        if (indptr.ndim() != 1 || n_rows < 1)
+          throw std::invalid_argument("new_rows indptr must be 1-D with at least 2 entries");
+        const Index* ip = ptr_1d(indptr, "indptr");
+        const StateIndex* ix = ptr_1d(indices, "indices");
+        const Prob* dp = ptr_1d(data, "data", indices.shape(0));
+        if (ip[n_rows] != indices.shape(0))
+          throw std::invalid_argument("new_rows indptr[-1] = " + std::to_string(ip[n_rows]) +
+                                      " but indices has " + std::to_string(indices.shape(0)) + " entries");
+        CsrView rows{n_rows, ip, ix, dp};
+        std::optional<Expansion> e;
+        {
+          py::gil_scoped_release release;  // reads buffers alive in the caller and the immutable P
+          e.emplace(expand(P, rows, tol, n_threads));
+        }
+        return py::make_tuple(std::move(e->matrix), to_dict(e->certificate));
+      },
+      py::arg("P"), py::arg("indptr").noconvert(), py::arg("indices").noconvert(),
+      py::arg("data").noconvert(), py::arg("tol"), py::arg("n_threads"),
+      "(Q, certificate dict) for P grown by the given rows.");
+  m.def(
+      "verify_expansion",
+      [](const TransitionMatrix& before, const TransitionMatrix& after, double tol, int n_threads) {
+        ExpansionCertificate c;
+        {
+          py::gil_scoped_release release;  // both matrices are immutable
+          c = verify_expansion(before, after, tol, n_threads);
+        }
+        return to_dict(c);
+      },
+      py::arg("before"), py::arg("after"), py::arg("tol"), py::arg("n_threads"),
+      "Certificate dict recomputed from the two matrices.");
+}
+
+}  // namespace markovmem::bindings

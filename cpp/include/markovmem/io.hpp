@@ -1,0 +1,46 @@
+// The on-disk format: a safetensors file (8-byte little-endian header length,
+// JSON header, raw little-endian arrays) holding indptr (I64), tail (F64),
+// indices (I32) and data (F32), with format version, sizes and fingerprint in
+// __metadata__.  Saves are atomic; loads check structure before any use.
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "markovmem/transition_matrix.hpp"
+
+namespace markovmem {
+
+/// Format name and version written to and required in __metadata__.
+inline constexpr const char* kFormatName = "markovmem.TransitionMatrix";
+inline constexpr const char* kFormatVersion = "1";
+
+using Metadata = std::vector<std::pair<std::string, std::string>>;
+
+/// Writes P to `path` atomically: a temporary file in the same directory is
+/// written, flushed to disk and renamed over `path`, so an error or crash
+/// mid-save leaves an existing file untouched.  `extra` entries are added to
+/// __metadata__ (keys must not start with "markovmem." or collide with ours).
+/// Throws IoError on any OS failure.
+void save(const TransitionMatrix& P, const std::string& path, const Metadata& extra = {});
+
+/// Result of load(): the matrix (viewing the mapping or an owned buffer) and all metadata.
+struct Loaded {
+  TransitionMatrix matrix;
+  Metadata metadata;
+};
+
+/// Reads a file written by save().  With use_mmap the arrays view a read-only
+/// private mapping (no copy); otherwise the file is read into memory.  Every
+/// size, offset, dtype and alignment is checked, then the CSR structure
+/// (check_rows), so no file can make later calls read out of bounds.  With
+/// verify, values and tails are checked too and the stored fingerprint must match.
+/// Throws IoError (OS errors), std::invalid_argument (malformed or corrupt file).
+/// The mapping assumes the file is not truncated by another process while in use.
+Loaded load(const std::string& path, bool use_mmap, bool verify, int n_threads = 0);
+
+/// Reads only the JSON header's metadata (cheap; for `markovmem inspect`).
+Metadata read_metadata(const std::string& path);
+
+}  // namespace markovmem

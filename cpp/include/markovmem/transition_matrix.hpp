@@ -1,0 +1,165 @@
+// TransitionMatrix: an immutable sparse Markov transition matrix in CSR form
+// (int64 row pointers, sorted int32 columns, float32 probabilities) plus one
+// float64 tail mass per row, spread uniformly over the base states a row does
+// not store (DESIGN §1).  Buffers are either owned or borrowed from a mapping.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "markovmem/common.hpp"
+
+namespace markovmem {
+
+/// Non-owning view of a block of CSR rows (indptr[0] == 0, indptr has n_rows + 1 entries).
+struct CsrView {
+  Index n_rows = 0;
+  const Index* indptr = nullptr;
+  const StateIndex* indices = nullptr;
+  const Prob* data = nullptr;
+  Index nnz() const noexcept { return n_rows > 0 || indptr ? indptr[n_rows] : 0; }
+};
+
+/// The first row that breaks an invariant, and why.
+struct Violation {
+  Index row = -1;
+  std::string reason;
+};
+
+/// What check_rows examines.
+struct CheckOptions {
+  bool values = true;         ///< finite, non-negative, row sum <= 1 + tol
+  bool tail = true;           ///< stored tail equals max(0, 1 - row sum) within tol
+  double tol = kRowSumTolerance;
+  int n_threads = 0;
+  const char* label = "row";  ///< how messages name a row ("row", "new row")
+  Index first_row = 0;        ///< check rows [first_row, n_rows) only
+};
+
+/// Scans rows for the first broken invariant.  Structure is always checked
+/// (indptr monotone and within nnz; columns sorted, unique, in [0, n_states)
+/// and below n_base).  tail may be null when opts.tail is false.
+/// O(nnz), parallel over rows; the row reported is the smallest offending one
+/// whatever the thread count.  Never reads outside [indptr[0], indptr[n_rows]).
+std::optional<Violation> check_rows(const CsrView& rows, const double* tail, Index nnz_capacity,
+                                    Index n_states, Index n_base, const CheckOptions& opts);
+
+/// Immutable transition matrix.  Copies share storage (cheap); every method is
+/// const and safe to call from several threads at once.
+class TransitionMatrix {
+ public:
+  /// Builds an owning matrix from CSR arrays, computing tail = max(0, 1 - row sum)
+  /// in double.  Checks structure and values first and throws InvariantViolation
+  /// (a std::invalid_argument) naming the first offending row.  O(nnz).
+  static TransitionMatrix from_csr(Index n_states, Index n_base, std::vector<Index> indptr,
+                                   std::vector<StateIndex> indices, std::vector<Prob> data,
+                                   double tol = kRowSumTolerance, int n_threads = 0);
+
+  /// Copies borrowed CSR arrays (caller keeps them alive during the call) into an owning matrix.
+  static TransitionMatrix copy_csr(Index n_states, Index n_base, const CsrView& rows,
+                                   double tol = kRowSumTolerance, int n_threads = 0);
+
+  /// Builds from dense (n_rows, k) top-k arrays (one row per state, any column
+  /// order, row-major).  Sorts each row by column; rejects duplicates, ids out of
+  /// [0, n_base), non-finite or negative values, rows summing above 1 + tol.
+  template <class IndexT>
+  static TransitionMatrix from_topk(Index n_states, Index n_base, Index k, const IndexT* indices,
+                                    const Prob* probs, double tol = kRowSumTolerance,
+                                    int n_threads = 0);
+
+  /// Owning matrix whose first n_copied rows take their tail bit for bit from
+  /// `tail_prefix` and whose other tails are computed.  No checks: the caller
+  /// (expand) has validated every row.  Used so expansion never recomputes old bytes.
+  static TransitionMatrix with_tail_prefix(Index n_states, Index n_base, std::vector<Index> indptr,
+                                           std::vector<StateIndex> indices, std::vector<Prob> data,
+                                           const double* tail_prefix, Index n_copied, int n_threads);
+
+  /// Views buffers owned by `owner` (e.g. a memory map) without copying.
+  /// Checks structure (memory safety) always, values and tail when check_values.
+  static TransitionMatrix from_buffers(Index n_states, Index n_base, Index nnz, const Index* indptr,
+                                       const StateIndex* indices, const Prob* data,
+                                       const double* tail, std::shared_ptr<const void> owner,
+                                       bool check_values, int n_threads = 0);
+
+  Index n_states() const noexcept { return n_states_; }
+  Index n_base() const noexcept { return n_base_; }
+  Index nnz() const noexcept { return indptr_[n_states_]; }
+  const Index* indptr() const noexcept { return indptr_; }
+  const StateIndex* indices() const noexcept { return indices_; }
+  const Prob* data() const noexcept { return data_; }
+  const double* tail() const noexcept { return tail_; }
+  CsrView view() const noexcept { return {n_states_, indptr_, indices_, data_}; }
+  /// Bytes of the four arrays.
+  Index storage_bytes() const noexcept;
+
+  /// Throws std::out_of_range unless 0 <= v < n_states.
+  void check_state(Index v, const char* what) const;
+
+  /// p(x | v) with the tail rule; O(log k_v).  Bounds-checked.
+  double prob(Index v, Index x) const;
+  /// log p(x | v), with kLogFloor in place of exact zeros.
+  double log_prob(Index v, Index x) const;
+  /// Vectorised prob / log_prob over n pairs.  Checks every id before the parallel loop.
+  void prob_many(const Index* v, const Index* x, Index n, double* out, bool log, int n_threads) const;
+
+  /// One step of the chain: out = dist^T P over n_states.  dist has n_states entries.
+  std::vector<double> step(const double* dist, int n_threads) const;
+
+  struct Stationary {
+    std::vector<double> distribution;
+    Index n_iter = 0;
+    double residual = 0.0;  ///< L1 change of the last iteration
+    bool converged = false;
+  };
+  /// Stationary distribution by power iteration on the lazy chain (I + P) / 2
+  /// (same fixed points, no periodic oscillation), from the uniform distribution over base states.
+  Stationary stationary(double tol, Index max_iter, int n_threads) const;
+
+  /// Sum of log p(s[i+1] | s[i]) per sequence.  tokens holds all sequences end to end;
+  /// offsets (n_seq + 1, non-decreasing, offsets[n_seq] <= n_tokens) delimits them.
+  std::vector<double> log_likelihood(const std::int32_t* tokens, Index n_tokens,
+                                     const Index* offsets, Index n_seq, int n_threads) const;
+
+  /// A path of `length` states starting at `start` (included), drawn with a
+  /// splitmix64 stream from `seed`: the same on every machine.
+  std::vector<std::int32_t> sample(Index start, Index length, std::uint64_t seed) const;
+
+  /// Stable content hash (16 hex digits) of the first n_rows rows (all when n_rows < 0):
+  /// equal bytes give equal hashes on every machine and thread count.  Cached for all rows.
+  std::string fingerprint(Index n_rows = -1) const;
+
+  /// First broken invariant (structure, values, tail) or nothing.
+  std::optional<Violation> find_violation(double tol = kRowSumTolerance, int n_threads = 0,
+                                          Index first_row = 0) const;
+
+ private:
+  struct Owned;
+  TransitionMatrix() = default;
+  static TransitionMatrix adopt(Index n_states, Index n_base, std::shared_ptr<Owned> owned);
+
+  Index n_states_ = 0;
+  Index n_base_ = 0;
+  const Index* indptr_ = nullptr;
+  const StateIndex* indices_ = nullptr;
+  const Prob* data_ = nullptr;
+  const double* tail_ = nullptr;
+  std::shared_ptr<const void> owner_;
+  struct FingerprintCache {
+    std::once_flag once;
+    std::string value;
+  };
+  std::shared_ptr<FingerprintCache> fingerprint_cache_ = std::make_shared<FingerprintCache>();
+};
+
+/// Validates the arguments of a matrix size: 1 <= n_base <= n_states <= kMaxStates.
+void check_sizes(Index n_states, Index n_base);
+
+extern template TransitionMatrix TransitionMatrix::from_topk<std::int32_t>(
+    Index, Index, Index, const std::int32_t*, const Prob*, double, int);
+extern template TransitionMatrix TransitionMatrix::from_topk<std::int64_t>(
+    Index, Index, Index, const std::int64_t*, const Prob*, double, int);
+
+}  // namespace markovmem

@@ -1,0 +1,504 @@
+// safetensors writer/reader for TransitionMatrix, with a small strict JSON
+// parser for the header (no external dependency) and POSIX mmap.
+#include "markovmem/io.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <sstream>
+
+namespace markovmem {
+namespace {
+
+static_assert(sizeof(Index) == 8 && sizeof(StateIndex) == 4 && sizeof(Prob) == 4 && sizeof(double) == 8);
+
+bool little_endian() {
+  const std::uint16_t one = 1;
+  unsigned char b;
+  std::memcpy(&b, &one, 1);
+  return b == 1;
+}
+
+// Header bytes beyond this are refused (the safetensors reference uses 100 MB).
+constexpr std::uint64_t kMaxHeader = 100ull << 20;
+
+[[noreturn]] void os_fail(const std::string& path, const std::string& what) {
+  const int err = errno;
+  throw IoError(err, path, what + ": " + std::strerror(err));
+}
+
+[[noreturn]] void corrupt(const std::string& path, const std::string& what) {
+  throw std::invalid_argument("file '" + path + "' is not a valid markovmem matrix: " + what);
+}
+
+std::string json_escape(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\t': out += "\\t"; break;
+      case '\r': out += "\\r"; break;
+      default:
+        if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+          out += buf;
+        } else {
+          out += static_cast<char>(c);
+        }
+    }
+  }
+  return out;
+}
+
+// ---- strict JSON subset: objects, arrays, strings, non-negative integers ----
+struct Json {
+  enum Kind { kObject, kArray, kString, kInteger, kOther } kind = kOther;
+  std::string str;
+  std::uint64_t integer = 0;
+  std::vector<std::pair<std::string, Json>> object;
+  std::vector<Json> array;
+  const Json* get(const std::string& key) const {
+    for (const auto& kv : object)
+      if (kv.first == key) return &kv.second;
+    return nullptr;
+  }
+};
+
+class JsonParser {
+ public:
+  JsonParser(const char* p, std::size_t n) : p_(p), end_(p + n) {}
+  Json parse_document() {
+    Json v = value(0);
+    ws();
+    if (p_ != end_) fail("trailing characters after the JSON header");
+    return v;
+  }
+  std::string error;
+
+ private:
+  [[noreturn]] void fail(const std::string& what) { throw std::invalid_argument(what); }
+  void ws() {
+    while (p_ != end_ && (*p_ == ' ' || *p_ == '\n' || *p_ == '\r' || *p_ == '\t')) ++p_;
+  }
+  char peek() {
+    ws();
+    if (p_ == end_) fail("JSON header ends early");
+    return *p_;
+  }
+  void expect(char c) {
+    if (peek() != c) fail(std::string("JSON header: expected '") + c + "'");
+    ++p_;
+  }
+  Json value(int depth) {
+    if (depth > 8) fail("JSON header nests too deeply");
+    const char c = peek();
+    if (c == '{') return object(depth);
+    if (c == '[') return array(depth);
+    if (c == '"') {
+      Json j;
+      j.kind = Json::kString;
+      j.str = string();
+      return j;
+    }
+    if (c >= '0' && c <= '9') return integer();
+    fail("JSON header: unsupported value (only objects, arrays, strings and integers)");
+  }
+  Json object(int depth) {
+    Json j;
+    j.kind = Json::kObject;
+    expect('{');
+    if (peek() == '}') {
+      ++p_;
+      return j;
+    }
+    for (;;) {
+      if (peek() != '"') fail("JSON header: expected a string key");
+      std::string key = string();
+      expect(':');
+      for (const auto& kv : j.object)
+        if (kv.first == key) fail("JSON header: duplicate key '" + key + "'");
+      j.object.emplace_back(std::move(key), value(depth + 1));
+      const char c = peek();
+      ++p_;
+      if (c == '}') return j;
+      if (c != ',') fail("JSON header: expected ',' or '}'");
+    }
+  }
+  Json array(int depth) {
+    Json j;
+    j.kind = Json::kArray;
+    expect('[');
+    if (peek() == ']') {
+      ++p_;
+      return j;
+    }
+    for (;;) {
+      j.array.push_back(value(depth + 1));
+      const char c = peek();
+      ++p_;
+      if (c == ']') return j;
+      if (c != ',') fail("JSON header: expected ',' or ']'");
+    }
+  }
+  Json integer() {
+    Json j;
+    j.kind = Json::kInteger;
+    std::uint64_t v = 0;
+    while (p_ != end_ && *p_ >= '0' && *p_ <= '9') {
+      const std::uint64_t d = static_cast<std::uint64_t>(*p_ - '0');
+      if (v > (std::numeric_limits<std::uint64_t>::max() - d) / 10) fail("JSON header: integer overflows");
+      v = v * 10 + d;
+      ++p_;
+    }
+    if (p_ != end_ && (*p_ == '.' || *p_ == 'e' || *p_ == 'E')) fail("JSON header: non-integer number");
+    j.integer = v;
+    return j;
+  }
+  std::string string() {
+    expect('"');
+    std::string out;
+    for (;;) {
+      if (p_ == end_) fail("JSON header: unterminated string");
+      const char c = *p_++;
+      if (c == '"') return out;
+      if (static_cast<unsigned char>(c) < 0x20) fail("JSON header: control character in a string");
+      if (c != '\\') {
+        out += c;
+        continue;
+      }
+      if (p_ == end_) fail("JSON header: unterminated escape");
+      const char e = *p_++;
+      switch (e) {
+        case '"': out += '"'; break;
+        case '\\': out += '\\'; break;
+        case '/': out += '/'; break;
+        case 'b': out += '\b'; break;
+        case 'f': out += '\f'; break;
+        case 'n': out += '\n'; break;
+        case 'r': out += '\r'; break;
+        case 't': out += '\t'; break;
+        case 'u': {
+          if (end_ - p_ < 4) fail("JSON header: short \\u escape");
+          unsigned code = 0;
+          for (int i = 0; i < 4; ++i) {
+            const char h = *p_++;
+            code <<= 4;
+            if (h >= '0' && h <= '9') code |= static_cast<unsigned>(h - '0');
+            else if (h >= 'a' && h <= 'f') code |= static_cast<unsigned>(h - 'a' + 10);
+            else if (h >= 'A' && h <= 'F') code |= static_cast<unsigned>(h - 'A' + 10);
+            else fail("JSON header: bad \\u escape");
+          }
+          // Encode the code unit as UTF-8 (surrogate pairs are kept as two units; metadata only).
+          if (code < 0x80) {
+            out += static_cast<char>(code);
+          } else if (code < 0x800) {
+            out += static_cast<char>(0xC0 | (code >> 6));
+            out += static_cast<char>(0x80 | (code & 0x3F));
+          } else {
+            out += static_cast<char>(0xE0 | (code >> 12));
+            out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
+            out += static_cast<char>(0x80 | (code & 0x3F));
+          }
+          break;
+        }
+        default: fail("JSON header: bad escape");
+      }
+    }
+  }
+  const char* p_;
+  const char* end_;
+};
+
+struct TensorSpec {
+  const char* name;
+  const char* dtype;
+  std::size_t itemsize;
+};
+constexpr TensorSpec kTensors[4] = {
+    {"indptr", "I64", 8}, {"tail", "F64", 8}, {"indices", "I32", 4}, {"data", "F32", 4}};
+
+// Keeps a file's bytes alive: either a private read-only mapping or an owned buffer.
+struct FileBytes {
+  void* map = nullptr;
+  std::size_t map_size = 0;
+  std::vector<std::uint64_t> buffer;  // 8-byte aligned storage when not mapped
+  const unsigned char* bytes = nullptr;
+  std::size_t size = 0;
+  ~FileBytes() {
+    if (map) munmap(map, map_size);
+  }
+};
+
+class Fd {
+ public:
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int get() const { return fd_; }
+  int release() {
+    int f = fd_;
+    fd_ = -1;
+    return f;
+  }
+
+ private:
+  int fd_;
+};
+
+void read_exact(int fd, void* dst, std::size_t n, std::size_t offset, const std::string& path) {
+  auto* p = static_cast<unsigned char*>(dst);
+  while (n > 0) {
+    const ssize_t got = ::pread(fd, p, std::min<std::size_t>(n, 1u << 30), static_cast<off_t>(offset));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      os_fail(path, "cannot read");
+    }
+    if (got == 0) corrupt(path, "the file ended early (truncated)");
+    p += got;
+    n -= static_cast<std::size_t>(got);
+    offset += static_cast<std::size_t>(got);
+  }
+}
+
+void write_all(int fd, const void* src, std::size_t n, const std::string& path) {
+  const auto* p = static_cast<const unsigned char*>(src);
+  while (n > 0) {
+    const ssize_t put = ::write(fd, p, std::min<std::size_t>(n, 1u << 30));
+    if (put < 0) {
+      if (errno == EINTR) continue;
+      os_fail(path, "cannot write");
+    }
+    p += put;
+    n -= static_cast<std::size_t>(put);
+  }
+}
+
+std::uint64_t header_length(int fd, std::size_t file_size, const std::string& path) {
+  if (file_size < 8)
+    corrupt(path, "it has " + std::to_string(file_size) + " bytes, too few for a safetensors header");
+  unsigned char len_bytes[8];
+  read_exact(fd, len_bytes, 8, 0, path);
+  std::uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | len_bytes[i];
+  if (n > kMaxHeader || n > file_size - 8)
+    corrupt(path, "header length " + std::to_string(n) + " exceeds the file size " +
+                      std::to_string(file_size) + " (truncated or not safetensors)");
+  return n;
+}
+
+Metadata parse_metadata(const Json& header, const std::string& path) {
+  if (header.kind != Json::kObject) corrupt(path, "the JSON header is not an object");
+  Metadata meta;
+  if (const Json* m = header.get("__metadata__")) {
+    if (m->kind != Json::kObject) corrupt(path, "__metadata__ is not an object");
+    for (const auto& kv : m->object) {
+      if (kv.second.kind != Json::kString) corrupt(path, "__metadata__ value '" + kv.first + "' is not a string");
+      meta.emplace_back(kv.first, kv.second.str);
+    }
+  }
+  return meta;
+}
+
+Json parse_header(int fd, std::size_t file_size, const std::string& path, std::uint64_t* n_header) {
+  *n_header = header_length(fd, file_size, path);
+  std::string text(static_cast<std::size_t>(*n_header), '\0');
+  read_exact(fd, text.data(), text.size(), 8, path);
+  try {
+    JsonParser parser(text.data(), text.size());
+    return parser.parse_document();
+  } catch (const std::invalid_argument& e) {
+    corrupt(path, e.what());
+  }
+}
+
+std::size_t file_size_of(int fd, const std::string& path) {
+  struct stat st;
+  if (::fstat(fd, &st) != 0) os_fail(path, "cannot stat");
+  if (!S_ISREG(st.st_mode)) {
+    errno = EISDIR;
+    os_fail(path, "not a regular file");
+  }
+  return static_cast<std::size_t>(st.st_size);
+}
+
+const std::string* find(const Metadata& meta, const std::string& key) {
+  for (const auto& kv : meta)
+    if (kv.first == key) return &kv.second;
+  return nullptr;
+}
+
+Index parse_size(const Metadata& meta, const char* key, const std::string& path) {
+  const std::string* v = find(meta, key);
+  if (!v) corrupt(path, std::string("__metadata__ has no '") + key + "'");
+  if (v->empty() || v->size() > 18 || v->find_first_not_of("0123456789") != std::string::npos)
+    corrupt(path, std::string("__metadata__ '") + key + "' is '" + *v + "', not a size");
+  return static_cast<Index>(std::stoll(*v));
+}
+
+std::atomic<unsigned> g_tmp_counter{0};
+
+}  // namespace
+
+void save(const TransitionMatrix& P, const std::string& path, const Metadata& extra) {
+  if (!little_endian()) throw std::runtime_error("markovmem files are little-endian; this host is not");
+  const Index T = P.n_states(), nnz = P.nnz();
+  const std::size_t sizes[4] = {static_cast<std::size_t>(T + 1) * 8, static_cast<std::size_t>(T) * 8,
+                                static_cast<std::size_t>(nnz) * 4, static_cast<std::size_t>(nnz) * 4};
+  const void* ptrs[4] = {P.indptr(), P.tail(), P.indices(), P.data()};
+  const Index shapes[4] = {T + 1, T, nnz, nnz};
+
+  std::ostringstream h;
+  h << "{\"__metadata__\":{\"format\":\"" << kFormatName << "\",\"format_version\":\"" << kFormatVersion
+    << "\",\"n_states\":\"" << T << "\",\"n_base\":\"" << P.n_base() << "\",\"nnz\":\"" << nnz
+    << "\",\"fingerprint\":\"" << P.fingerprint() << "\"";
+  for (const auto& kv : extra) {
+    static const char* reserved[] = {"format", "format_version", "n_states", "n_base", "nnz", "fingerprint"};
+    for (const char* r : reserved)
+      if (kv.first == r) throw std::invalid_argument("metadata key '" + kv.first + "' is reserved");
+    h << ",\"" << json_escape(kv.first) << "\":\"" << json_escape(kv.second) << "\"";
+  }
+  h << "}";
+  std::size_t offset = 0;
+  for (int i = 0; i < 4; ++i) {
+    h << ",\"" << kTensors[i].name << "\":{\"dtype\":\"" << kTensors[i].dtype << "\",\"shape\":["
+      << shapes[i] << "],\"data_offsets\":[" << offset << "," << offset + sizes[i] << "]}";
+    offset += sizes[i];
+  }
+  h << "}";
+  std::string header = h.str();
+  // Pad so the data section starts 8-byte aligned (as safetensors does): mapped arrays stay aligned.
+  while ((header.size() + 8) % 8 != 0) header += ' ';
+  unsigned char len_bytes[8];
+  std::uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<unsigned char>((n >> (8 * i)) & 0xFF);
+
+  const std::string tmp = path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(g_tmp_counter++);
+  Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+  if (fd.get() < 0) os_fail(path, "cannot create a temporary file next to the target");
+  try {
+    write_all(fd.get(), len_bytes, 8, path);
+    write_all(fd.get(), header.data(), header.size(), path);
+    for (int i = 0; i < 4; ++i) write_all(fd.get(), ptrs[i], sizes[i], path);
+    if (::fsync(fd.get()) != 0) os_fail(path, "cannot flush");
+    if (::close(fd.release()) != 0) os_fail(path, "cannot close");
+    if (::rename(tmp.c_str(), path.c_str()) != 0) os_fail(path, "cannot replace");
+  } catch (...) {
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  // Make the rename itself durable (best effort: some filesystems refuse fsync on directories).
+  const std::size_t slash = path.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  Fd dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dfd.get() >= 0) ::fsync(dfd.get());
+}
+
+Metadata read_metadata(const std::string& path) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) os_fail(path, "cannot open");
+  std::uint64_t n_header = 0;
+  const Json header = parse_header(fd.get(), file_size_of(fd.get(), path), path, &n_header);
+  return parse_metadata(header, path);
+}
+
+Loaded load(const std::string& path, bool use_mmap, bool verify, int n_threads) {
+  if (!little_endian()) throw std::runtime_error("markovmem files are little-endian; this host is not");
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) os_fail(path, "cannot open");
+  const std::size_t size = file_size_of(fd.get(), path);
+  std::uint64_t n_header = 0;
+  const Json header = parse_header(fd.get(), size, path, &n_header);
+  Metadata meta = parse_metadata(header, path);
+  const std::string* format = find(meta, "format");
+  if (!format || *format != kFormatName)
+    corrupt(path, "__metadata__ 'format' is '" + (format ? *format : std::string("<missing>")) +
+                      "'; expected '" + kFormatName + "'");
+  const std::string* version = find(meta, "format_version");
+  if (!version || *version != kFormatVersion)
+    corrupt(path, "format version '" + (version ? *version : std::string("<missing>")) +
+                      "' is not supported (this markovmem reads version " + kFormatVersion + ")");
+  const Index T = parse_size(meta, "n_states", path);
+  const Index n_base = parse_size(meta, "n_base", path);
+  const Index nnz = parse_size(meta, "nnz", path);
+  try {
+    check_sizes(T, n_base);
+  } catch (const std::invalid_argument& e) {
+    corrupt(path, e.what());
+  }
+  const std::size_t data_start = 8 + static_cast<std::size_t>(n_header);
+  const std::size_t data_len = size - data_start;
+  const Index expected[4] = {T + 1, T, nnz, nnz};
+  std::size_t begin[4];
+  for (int i = 0; i < 4; ++i) {
+    const TensorSpec& spec = kTensors[i];
+    const Json* t = header.get(spec.name);
+    if (!t || t->kind != Json::kObject) corrupt(path, std::string("tensor '") + spec.name + "' is missing");
+    const Json* dtype = t->get("dtype");
+    if (!dtype || dtype->kind != Json::kString || dtype->str != spec.dtype)
+      corrupt(path, std::string("tensor '") + spec.name + "' must have dtype " + spec.dtype);
+    const Json* shape = t->get("shape");
+    if (!shape || shape->kind != Json::kArray || shape->array.size() != 1 ||
+        shape->array[0].kind != Json::kInteger ||
+        shape->array[0].integer != static_cast<std::uint64_t>(expected[i]))
+      corrupt(path, std::string("tensor '") + spec.name + "' must have shape [" +
+                        std::to_string(expected[i]) + "]");
+    const Json* offs = t->get("data_offsets");
+    if (!offs || offs->kind != Json::kArray || offs->array.size() != 2 ||
+        offs->array[0].kind != Json::kInteger || offs->array[1].kind != Json::kInteger)
+      corrupt(path, std::string("tensor '") + spec.name + "' has no valid data_offsets");
+    const std::uint64_t a = offs->array[0].integer, b = offs->array[1].integer;
+    if (a > b || b > data_len || b - a != static_cast<std::uint64_t>(expected[i]) * spec.itemsize)
+      corrupt(path, std::string("tensor '") + spec.name + "' data_offsets [" + std::to_string(a) + ", " +
+                        std::to_string(b) + "] do not fit its shape within the " +
+                        std::to_string(data_len) + " data bytes (truncated?)");
+    if ((data_start + a) % spec.itemsize != 0)
+      corrupt(path, std::string("tensor '") + spec.name + "' is not aligned to " +
+                        std::to_string(spec.itemsize) + " bytes");
+    begin[i] = data_start + static_cast<std::size_t>(a);
+  }
+
+  auto bytes = std::make_shared<FileBytes>();
+  bytes->size = size;
+  if (use_mmap && size > 0) {
+    void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
+    if (map == MAP_FAILED) os_fail(path, "cannot map");
+    bytes->map = map;
+    bytes->map_size = size;
+    bytes->bytes = static_cast<const unsigned char*>(map);
+  } else {
+    bytes->buffer.resize((size + 7) / 8);
+    read_exact(fd.get(), bytes->buffer.data(), size, 0, path);
+    bytes->bytes = reinterpret_cast<const unsigned char*>(bytes->buffer.data());
+  }
+  const unsigned char* base = bytes->bytes;
+  try {
+    TransitionMatrix m = TransitionMatrix::from_buffers(
+        T, n_base, nnz, reinterpret_cast<const Index*>(base + begin[0]),
+        reinterpret_cast<const StateIndex*>(base + begin[2]), reinterpret_cast<const Prob*>(base + begin[3]),
+        reinterpret_cast<const double*>(base + begin[1]), bytes, verify, n_threads);
+    if (verify) {
+      const std::string* stored = find(meta, "fingerprint");
+      const std::string actual = m.fingerprint();
+      if (!stored || *stored != actual)
+        corrupt(path, "fingerprint " + actual + " does not match the stored " +
+                          (stored ? *stored : std::string("<missing>")) + " (the file was modified or corrupted)");
+    }
+    return Loaded{std::move(m), std::move(meta)};
+  } catch (const InvariantViolation& e) {
+    throw InvariantViolation(e.row(), "file '" + path + "': " + e.what());
+  }
+}
+
+}  // namespace markovmem

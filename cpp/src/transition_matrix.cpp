@@ -1,0 +1,554 @@
+// TransitionMatrix construction, invariant checks and queries (prob, step,
+// stationary distribution, likelihood, sampling, fingerprint).
+#include "markovmem/transition_matrix.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <sstream>
+#include <utility>
+
+#include "markovmem/hash.hpp"
+
+#ifdef MARKOVMEM_HAVE_OPENMP
+#include <omp.h>
+#endif
+
+namespace markovmem {
+
+struct TransitionMatrix::Owned {
+  std::vector<Index> indptr;
+  std::vector<StateIndex> indices;
+  std::vector<Prob> data;
+  std::vector<double> tail;
+};
+
+namespace {
+
+template <class... Args>
+std::string cat(const Args&... args) {
+  std::ostringstream os;
+  os.precision(9);
+  (os << ... << args);
+  return os.str();
+}
+
+// Describes the first problem of row r, or returns false.  Reads only
+// entries inside [indptr[r], indptr[r+1]) after checking those bounds.
+bool row_problem(const CsrView& rows, const double* tail, Index cap, Index n_states, Index n_base,
+                 const CheckOptions& opts, Index r, std::string* msg) {
+  const char* label = opts.label ? opts.label : "row";
+  const Index a = rows.indptr[r], b = rows.indptr[r + 1];
+  if (a < 0 || a > b) {
+    if (msg) *msg = cat(label, " ", r, ": indptr[", r, "] = ", a, " > indptr[", r + 1, "] = ", b,
+                        " (row pointers must not decrease)");
+    return true;
+  }
+  if (b > cap) {
+    if (msg) *msg = cat(label, " ", r, ": indptr[", r + 1, "] = ", b,
+                        " exceeds the number of stored entries ", cap);
+    return true;
+  }
+  double sum = 0.0;
+  for (Index j = a; j < b; ++j) {
+    const Index c = rows.indices[j];
+    if (c < 0 || c >= n_states) {
+      if (msg) *msg = cat(label, " ", r, ": column index ", c, " is out of range [0, ", n_states, ")");
+      return true;
+    }
+    if (c >= n_base) {
+      if (msg) *msg = cat(label, " ", r, ": puts mass on state ", c, ", a new state (>= n_base = ",
+                          n_base, "); rows may only put mass on base states");
+      return true;
+    }
+    if (j > a) {
+      const Index prev = rows.indices[j - 1];
+      if (c == prev) {
+        if (msg) *msg = cat(label, " ", r, ": duplicate column index ", c);
+        return true;
+      }
+      if (c < prev) {
+        if (msg) *msg = cat(label, " ", r, ": column indices are not sorted (", prev, " before ", c, ")");
+        return true;
+      }
+    }
+    if (opts.values) {
+      const double p = rows.data[j];
+      if (!std::isfinite(p)) {
+        if (msg) *msg = cat(label, " ", r, ": probability at column ", c, " is not finite (", p, ")");
+        return true;
+      }
+      if (p < 0.0) {
+        if (msg) *msg = cat(label, " ", r, ": negative probability ", p, " at column ", c);
+        return true;
+      }
+      sum += p;
+    }
+  }
+  if (opts.values && sum > 1.0 + opts.tol) {
+    if (msg) *msg = cat(label, " ", r, ": probabilities sum to ", sum, ", above 1 + ", opts.tol);
+    return true;
+  }
+  if (opts.tail && tail) {
+    const double t = tail[r];
+    if (!std::isfinite(t) || t < 0.0 || t > 1.0) {
+      if (msg) *msg = cat(label, " ", r, ": tail mass ", t, " is not in [0, 1]");
+      return true;
+    }
+    const double expected = std::max(0.0, 1.0 - sum);
+    if (std::abs(t - expected) > opts.tol) {
+      if (msg) *msg = cat(label, " ", r, ": tail mass ", t, " does not equal 1 - row sum = ", expected);
+      return true;
+    }
+    if (b - a >= n_base && t > opts.tol) {
+      if (msg) *msg = cat(label, " ", r, ": stores every base state yet has tail mass ", t);
+      return true;
+    }
+  }
+  return false;
+}
+
+void compute_tails(const CsrView& rows, double* tail, int n_threads) {
+  const long long n = rows.n_rows;
+#pragma omp parallel for schedule(static) num_threads(detail::resolve_threads(n_threads))
+  for (long long r = 0; r < n; ++r) {
+    double s = 0.0;
+    for (Index j = rows.indptr[r]; j < rows.indptr[r + 1]; ++j) s += rows.data[j];
+    tail[r] = s < 1.0 ? 1.0 - s : 0.0;
+  }
+}
+
+inline std::uint64_t splitmix64(std::uint64_t& state) {
+  std::uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+std::optional<Violation> check_rows(const CsrView& rows, const double* tail, Index nnz_capacity,
+                                    Index n_states, Index n_base, const CheckOptions& opts) {
+  if (rows.n_rows < 0) return Violation{-1, "negative number of rows"};
+  if (rows.indptr[0] != 0)
+    return Violation{0, cat("indptr[0] is ", rows.indptr[0], "; expected 0")};
+  const long long n = rows.n_rows;
+  long long first = n;
+  const long long r0 = std::max<Index>(0, opts.first_row);
+#pragma omp parallel for schedule(dynamic, 4096) reduction(min : first) \
+    num_threads(detail::resolve_threads(opts.n_threads))
+  for (long long r = r0; r < n; ++r) {
+    if (r < first && row_problem(rows, tail, nnz_capacity, n_states, n_base, opts, r, nullptr))
+      first = r;
+  }
+  if (first < n) {
+    Violation v{first, {}};
+    row_problem(rows, tail, nnz_capacity, n_states, n_base, opts, first, &v.reason);
+    return v;
+  }
+  if (rows.indptr[n] != nnz_capacity)
+    return Violation{n > 0 ? n - 1 : -1, cat("indptr[", n, "] = ", rows.indptr[n],
+                                             " but ", nnz_capacity, " entries are stored")};
+  return std::nullopt;
+}
+
+void check_sizes(Index n_states, Index n_base) {
+  if (n_states < 1 || n_states > kMaxStates)
+    throw std::invalid_argument(cat("n_states is ", n_states, "; expected 1 <= n_states <= ", kMaxStates));
+  if (n_base < 1 || n_base > n_states)
+    throw std::invalid_argument(cat("n_base is ", n_base, "; expected 1 <= n_base <= n_states = ", n_states));
+}
+
+TransitionMatrix TransitionMatrix::adopt(Index n_states, Index n_base, std::shared_ptr<Owned> owned) {
+  TransitionMatrix m;
+  m.n_states_ = n_states;
+  m.n_base_ = n_base;
+  m.indptr_ = owned->indptr.data();
+  m.indices_ = owned->indices.data();
+  m.data_ = owned->data.data();
+  m.tail_ = owned->tail.data();
+  m.owner_ = std::move(owned);
+  return m;
+}
+
+TransitionMatrix TransitionMatrix::from_csr(Index n_states, Index n_base, std::vector<Index> indptr,
+                                            std::vector<StateIndex> indices, std::vector<Prob> data,
+                                            double tol, int n_threads) {
+  check_sizes(n_states, n_base);
+  if (static_cast<Index>(indptr.size()) != n_states + 1)
+    throw std::invalid_argument(cat("indptr has length ", indptr.size(), "; expected n_states + 1 = ", n_states + 1));
+  if (indices.size() != data.size())
+    throw std::invalid_argument(cat("indices has length ", indices.size(), " but data has length ", data.size()));
+  auto owned = std::make_shared<Owned>();
+  owned->indptr = std::move(indptr);
+  owned->indices = std::move(indices);
+  owned->data = std::move(data);
+  CsrView view{n_states, owned->indptr.data(), owned->indices.data(), owned->data.data()};
+  CheckOptions opts;
+  opts.tol = tol;
+  opts.tail = false;
+  opts.n_threads = n_threads;
+  if (auto v = check_rows(view, nullptr, static_cast<Index>(owned->data.size()), n_states, n_base, opts))
+    throw InvariantViolation(v->row, v->reason);
+  owned->tail.resize(static_cast<std::size_t>(n_states));
+  compute_tails(view, owned->tail.data(), n_threads);
+  return adopt(n_states, n_base, std::move(owned));
+}
+
+TransitionMatrix TransitionMatrix::copy_csr(Index n_states, Index n_base, const CsrView& rows,
+                                            double tol, int n_threads) {
+  check_sizes(n_states, n_base);
+  if (rows.n_rows != n_states)
+    throw std::invalid_argument(cat("the matrix has ", rows.n_rows, " rows; expected n_states = ", n_states));
+  const Index nnz = rows.indptr[n_states];
+  if (nnz < 0) throw std::invalid_argument(cat("indptr[-1] is ", nnz, "; expected >= 0"));
+  // Check before copying so a bad input costs no allocation; the caller
+  // guarantees indices/data hold indptr[n_states] entries (checked in Python and the binding).
+  CheckOptions opts;
+  opts.tol = tol;
+  opts.tail = false;
+  opts.n_threads = n_threads;
+  if (auto v = check_rows(rows, nullptr, nnz, n_states, n_base, opts))
+    throw InvariantViolation(v->row, v->reason);
+  auto owned = std::make_shared<Owned>();
+  owned->indptr.assign(rows.indptr, rows.indptr + n_states + 1);
+  owned->indices.assign(rows.indices, rows.indices + nnz);
+  owned->data.assign(rows.data, rows.data + nnz);
+  owned->tail.resize(static_cast<std::size_t>(n_states));
+  compute_tails(rows, owned->tail.data(), n_threads);
+  return adopt(n_states, n_base, std::move(owned));
+}
+
+template <class IndexT>
+TransitionMatrix TransitionMatrix::from_topk(Index n_states, Index n_base, Index k,
+                                             const IndexT* indices, const Prob* probs, double tol,
+                                             int n_threads) {
+  check_sizes(n_states, n_base);
+  if (k < 0 || k > n_base)
+    throw std::invalid_argument(cat("k is ", k, "; expected 0 <= k <= n_base = ", n_base));
+  auto owned = std::make_shared<Owned>();
+  owned->indptr.resize(static_cast<std::size_t>(n_states + 1));
+  for (Index r = 0; r <= n_states; ++r) owned->indptr[static_cast<std::size_t>(r)] = r * k;
+  owned->indices.resize(static_cast<std::size_t>(n_states * k));
+  owned->data.resize(static_cast<std::size_t>(n_states * k));
+  const long long n = n_states;
+  long long bad = n;
+#pragma omp parallel num_threads(detail::resolve_threads(n_threads))
+  {
+    std::vector<std::pair<StateIndex, Prob>> buf(static_cast<std::size_t>(k));
+#pragma omp for schedule(static) reduction(min : bad)
+    for (long long r = 0; r < n; ++r) {
+      bool ok = true;
+      for (Index j = 0; j < k; ++j) {
+        const auto raw = static_cast<long long>(indices[r * k + j]);
+        if (raw < 0 || raw >= n_base) {
+          ok = false;
+          break;
+        }
+        buf[static_cast<std::size_t>(j)] = {static_cast<StateIndex>(raw), probs[r * k + j]};
+      }
+      if (!ok) {
+        bad = std::min(bad, r);
+        continue;
+      }
+      std::sort(buf.begin(), buf.end(),
+                [](const auto& x, const auto& y) { return x.first < y.first; });
+      for (Index j = 0; j < k; ++j) {
+        owned->indices[static_cast<std::size_t>(r * k + j)] = buf[static_cast<std::size_t>(j)].first;
+        owned->data[static_cast<std::size_t>(r * k + j)] = buf[static_cast<std::size_t>(j)].second;
+      }
+    }
+  }
+  if (bad < n) {
+    for (Index j = 0; j < k; ++j) {
+      const auto raw = static_cast<long long>(indices[bad * k + j]);
+      if (raw < 0 || raw >= n_base)
+        throw InvariantViolation(bad, cat("row ", bad, ": index ", raw, " at position ", j,
+                                          " is out of range [0, n_base = ", n_base, ")"));
+    }
+  }
+  CsrView view{n_states, owned->indptr.data(), owned->indices.data(), owned->data.data()};
+  CheckOptions opts;
+  opts.tol = tol;
+  opts.tail = false;
+  opts.n_threads = n_threads;
+  if (auto v = check_rows(view, nullptr, n_states * k, n_states, n_base, opts))
+    throw InvariantViolation(v->row, v->reason);
+  owned->tail.resize(static_cast<std::size_t>(n_states));
+  compute_tails(view, owned->tail.data(), n_threads);
+  return adopt(n_states, n_base, std::move(owned));
+}
+
+template TransitionMatrix TransitionMatrix::from_topk<std::int32_t>(Index, Index, Index,
+                                                                    const std::int32_t*,
+                                                                    const Prob*, double, int);
+template TransitionMatrix TransitionMatrix::from_topk<std::int64_t>(Index, Index, Index,
+                                                                    const std::int64_t*,
+                                                                    const Prob*, double, int);
+
+TransitionMatrix TransitionMatrix::with_tail_prefix(Index n_states, Index n_base,
+                                                    std::vector<Index> indptr,
+                                                    std::vector<StateIndex> indices,
+                                                    std::vector<Prob> data,
+                                                    const double* tail_prefix, Index n_copied,
+                                                    int n_threads) {
+  auto owned = std::make_shared<Owned>();
+  owned->indptr = std::move(indptr);
+  owned->indices = std::move(indices);
+  owned->data = std::move(data);
+  owned->tail.resize(static_cast<std::size_t>(n_states));
+  std::memcpy(owned->tail.data(), tail_prefix, sizeof(double) * static_cast<std::size_t>(n_copied));
+  CsrView rest{n_states - n_copied, owned->indptr.data() + n_copied, owned->indices.data(),
+               owned->data.data()};
+  compute_tails(rest, owned->tail.data() + n_copied, n_threads);
+  return adopt(n_states, n_base, std::move(owned));
+}
+
+TransitionMatrix TransitionMatrix::from_buffers(Index n_states, Index n_base, Index nnz,
+                                                const Index* indptr, const StateIndex* indices,
+                                                const Prob* data, const double* tail,
+                                                std::shared_ptr<const void> owner,
+                                                bool check_values, int n_threads) {
+  check_sizes(n_states, n_base);
+  CsrView view{n_states, indptr, indices, data};
+  CheckOptions opts;
+  opts.values = check_values;
+  opts.tail = check_values;
+  opts.n_threads = n_threads;
+  if (auto v = check_rows(view, tail, nnz, n_states, n_base, opts))
+    throw InvariantViolation(v->row, v->reason);
+  TransitionMatrix m;
+  m.n_states_ = n_states;
+  m.n_base_ = n_base;
+  m.indptr_ = indptr;
+  m.indices_ = indices;
+  m.data_ = data;
+  m.tail_ = tail;
+  m.owner_ = std::move(owner);
+  return m;
+}
+
+Index TransitionMatrix::storage_bytes() const noexcept {
+  return (n_states_ + 1) * static_cast<Index>(sizeof(Index)) +
+         n_states_ * static_cast<Index>(sizeof(double)) +
+         nnz() * static_cast<Index>(sizeof(StateIndex) + sizeof(Prob));
+}
+
+void TransitionMatrix::check_state(Index v, const char* what) const {
+  if (v < 0 || v >= n_states_)
+    throw std::out_of_range(cat(what, " = ", v, " is out of range [0, n_states = ", n_states_, ")"));
+}
+
+namespace {
+inline double prob_unchecked(const Index* indptr, const StateIndex* indices, const Prob* data,
+                             const double* tail, Index n_base, Index v, Index x) {
+  const StateIndex* first = indices + indptr[v];
+  const StateIndex* last = indices + indptr[v + 1];
+  const StateIndex* it = std::lower_bound(first, last, static_cast<StateIndex>(x));
+  if (it != last && *it == x) return data[it - indices];
+  if (x >= n_base) return 0.0;
+  const Index free = n_base - (last - first);
+  return free > 0 ? tail[v] / static_cast<double>(free) : 0.0;
+}
+}  // namespace
+
+double TransitionMatrix::prob(Index v, Index x) const {
+  check_state(v, "state v");
+  check_state(x, "state x");
+  return prob_unchecked(indptr_, indices_, data_, tail_, n_base_, v, x);
+}
+
+double TransitionMatrix::log_prob(Index v, Index x) const {
+  return std::log(std::max(prob(v, x), kLogFloor));
+}
+
+void TransitionMatrix::prob_many(const Index* v, const Index* x, Index n, double* out, bool log,
+                                 int n_threads) const {
+  for (Index i = 0; i < n; ++i) {
+    if (v[i] < 0 || v[i] >= n_states_)
+      throw std::out_of_range(cat("v[", i, "] = ", v[i], " is out of range [0, n_states = ", n_states_, ")"));
+    if (x[i] < 0 || x[i] >= n_states_)
+      throw std::out_of_range(cat("x[", i, "] = ", x[i], " is out of range [0, n_states = ", n_states_, ")"));
+  }
+  const long long nn = n;
+#pragma omp parallel for schedule(static) num_threads(detail::resolve_threads(n_threads)) if (nn > 4096)
+  for (long long i = 0; i < nn; ++i) {
+    const double p = prob_unchecked(indptr_, indices_, data_, tail_, n_base_, v[i], x[i]);
+    out[i] = log ? std::log(std::max(p, kLogFloor)) : p;
+  }
+}
+
+std::vector<double> TransitionMatrix::step(const double* dist, int n_threads) const {
+  const Index n = n_states_;
+  const int nt = detail::resolve_threads(n_threads);
+  std::vector<std::vector<double>> partial(static_cast<std::size_t>(nt));
+  std::vector<double> uniform(static_cast<std::size_t>(nt), 0.0);
+#pragma omp parallel num_threads(nt)
+  {
+    int t = 0;
+#ifdef MARKOVMEM_HAVE_OPENMP
+    t = omp_get_thread_num();
+#endif
+    std::vector<double>& acc = partial[static_cast<std::size_t>(t)];
+    acc.assign(static_cast<std::size_t>(n), 0.0);
+    double u_acc = 0.0;
+#pragma omp for schedule(static)
+    for (long long v = 0; v < n; ++v) {
+      const double w = dist[v];
+      if (w == 0.0) continue;
+      const Index a = indptr_[v], b = indptr_[v + 1];
+      const Index free = n_base_ - (b - a);
+      const double u = free > 0 ? tail_[v] / static_cast<double>(free) : 0.0;
+      u_acc += w * u;
+      for (Index j = a; j < b; ++j) acc[static_cast<std::size_t>(indices_[j])] += w * (data_[j] - u);
+    }
+    uniform[static_cast<std::size_t>(t)] = u_acc;
+  }
+  std::vector<double> out(static_cast<std::size_t>(n), 0.0);
+  // Reduce in thread order so the result does not depend on scheduling.
+  double u_total = 0.0;
+  for (int t = 0; t < nt; ++t) {
+    u_total += uniform[static_cast<std::size_t>(t)];
+    const auto& acc = partial[static_cast<std::size_t>(t)];
+    if (acc.empty()) continue;
+    for (Index x = 0; x < n; ++x) out[static_cast<std::size_t>(x)] += acc[static_cast<std::size_t>(x)];
+  }
+  for (Index x = 0; x < n_base_; ++x) out[static_cast<std::size_t>(x)] += u_total;
+  return out;
+}
+
+TransitionMatrix::Stationary TransitionMatrix::stationary(double tol, Index max_iter,
+                                                          int n_threads) const {
+  if (!(tol > 0.0)) throw std::invalid_argument(cat("tol is ", tol, "; expected > 0"));
+  if (max_iter < 1) throw std::invalid_argument(cat("max_iter is ", max_iter, "; expected >= 1"));
+  Stationary res;
+  std::vector<double> x(static_cast<std::size_t>(n_states_), 0.0);
+  for (Index i = 0; i < n_base_; ++i) x[static_cast<std::size_t>(i)] = 1.0 / static_cast<double>(n_base_);
+  for (res.n_iter = 1; res.n_iter <= max_iter; ++res.n_iter) {
+    std::vector<double> y = step(x.data(), n_threads);
+    double total = 0.0;
+    for (std::size_t i = 0; i < y.size(); ++i) {
+      y[i] = 0.5 * (x[i] + y[i]);
+      total += y[i];
+    }
+    double diff = 0.0;
+    for (std::size_t i = 0; i < y.size(); ++i) {
+      y[i] /= total;
+      diff += std::abs(y[i] - x[i]);
+    }
+    x.swap(y);
+    res.residual = diff;
+    if (diff < tol) {
+      res.converged = true;
+      break;
+    }
+  }
+  if (res.n_iter > max_iter) res.n_iter = max_iter;
+  res.distribution = std::move(x);
+  return res;
+}
+
+std::vector<double> TransitionMatrix::log_likelihood(const std::int32_t* tokens, Index n_tokens,
+                                                     const Index* offsets, Index n_seq,
+                                                     int n_threads) const {
+  if (n_seq < 0) throw std::invalid_argument("negative number of sequences");
+  if (offsets[0] < 0) throw std::invalid_argument(cat("offsets[0] is ", offsets[0], "; expected >= 0"));
+  for (Index s = 0; s < n_seq; ++s)
+    if (offsets[s + 1] < offsets[s] || offsets[s + 1] > n_tokens)
+      throw std::invalid_argument(cat("offsets[", s + 1, "] = ", offsets[s + 1],
+                                      " is not within [offsets[", s, "], n_tokens = ", n_tokens, "]"));
+  for (Index s = 0; s < n_seq; ++s)
+    for (Index i = offsets[s]; i < offsets[s + 1]; ++i)
+      if (tokens[i] < 0 || tokens[i] >= n_states_)
+        throw std::out_of_range(cat("sequence ", s, " position ", i - offsets[s], ": token ", tokens[i],
+                                    " is out of range [0, n_states = ", n_states_, ")"));
+  std::vector<double> out(static_cast<std::size_t>(n_seq), 0.0);
+  const long long ns = n_seq;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(detail::resolve_threads(n_threads))
+  for (long long s = 0; s < ns; ++s) {
+    double ll = 0.0;
+    for (Index i = offsets[s] + 1; i < offsets[s + 1]; ++i) {
+      const double p = prob_unchecked(indptr_, indices_, data_, tail_, n_base_, tokens[i - 1], tokens[i]);
+      ll += std::log(std::max(p, kLogFloor));
+    }
+    out[static_cast<std::size_t>(s)] = ll;
+  }
+  return out;
+}
+
+std::vector<std::int32_t> TransitionMatrix::sample(Index start, Index length, std::uint64_t seed) const {
+  check_state(start, "start");
+  if (length < 1) throw std::invalid_argument(cat("length is ", length, "; expected >= 1"));
+  std::vector<std::int32_t> path(static_cast<std::size_t>(length));
+  std::uint64_t state = seed;
+  Index v = start;
+  path[0] = static_cast<std::int32_t>(v);
+  for (Index i = 1; i < length; ++i) {
+    const Index a = indptr_[v], b = indptr_[v + 1];
+    const double u = static_cast<double>(splitmix64(state) >> 11) * 0x1.0p-53;
+    double acc = 0.0;
+    Index next = -1;
+    for (Index j = a; j < b; ++j) {
+      acc += data_[j];
+      if (u < acc) {
+        next = indices_[j];
+        break;
+      }
+    }
+    if (next < 0) {
+      const Index free = n_base_ - (b - a);
+      if (free > 0 && tail_[v] > 0.0) {
+        // The r-th base state the row does not store, r uniform in [0, free).
+        Index c = static_cast<Index>((static_cast<unsigned __int128>(splitmix64(state)) *
+                                      static_cast<std::uint64_t>(free)) >> 64);
+        for (Index j = a; j < b && indices_[j] <= c; ++j) ++c;
+        next = c;
+      } else {
+        // Rounding left u above the stored mass: take the last positive entry.
+        for (Index j = b - 1; j >= a && next < 0; --j)
+          if (data_[j] > 0.0f) next = indices_[j];
+        if (next < 0) next = v;
+      }
+    }
+    path[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(next);
+    v = next;
+  }
+  return path;
+}
+
+std::string TransitionMatrix::fingerprint(Index n_rows) const {
+  auto compute = [this](Index rows) {
+    const Index nnz = indptr_[rows];
+    // Header: format tag and sizes, then the arrays' chunk hashes in a fixed order.
+    char header[48] = "markovmem-transition-matrix-v1";
+    const Index sizes[3] = {rows, n_base_, nnz};
+    static_assert(sizeof(sizes) == 24);
+    std::memcpy(header + 24, sizes, sizeof(sizes));
+    std::vector<std::uint64_t> parts{xxh64(header, sizeof(header))};
+    chunk_hashes(indptr_, static_cast<std::size_t>(rows + 1) * sizeof(Index), parts, 0);
+    chunk_hashes(tail_, static_cast<std::size_t>(rows) * sizeof(double), parts, 0);
+    chunk_hashes(indices_, static_cast<std::size_t>(nnz) * sizeof(StateIndex), parts, 0);
+    chunk_hashes(data_, static_cast<std::size_t>(nnz) * sizeof(Prob), parts, 0);
+    return to_hex(xxh64(parts.data(), parts.size() * sizeof(std::uint64_t)));
+  };
+  if (n_rows < 0 || n_rows == n_states_) {
+    std::call_once(fingerprint_cache_->once, [&] { fingerprint_cache_->value = compute(n_states_); });
+    return fingerprint_cache_->value;
+  }
+  if (n_rows > n_states_)
+    throw std::out_of_range(cat("n_rows = ", n_rows, " exceeds n_states = ", n_states_));
+  return compute(n_rows);
+}
+
+std::optional<Violation> TransitionMatrix::find_violation(double tol, int n_threads,
+                                                         Index first_row) const {
+  CheckOptions opts;
+  opts.tol = tol;
+  opts.n_threads = n_threads;
+  opts.first_row = first_row;
+  return check_rows(view(), tail_, nnz(), n_states_, n_base_, opts);
+}
+
+}  // namespace markovmem

@@ -1,0 +1,30 @@
+"""markovmem: an LLM's memory as a sparse Markov transition matrix.
+
+Grow the matrix with new tokens while certifying that nothing old changed.
+"""
+
+from __future__ import annotations
+
+try:
+    from . import _core
+except ImportError as exc:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "markovmem's compiled core (markovmem._core) is missing; reinstall with "
+        "`pip install .` from a source checkout so the extension is built"
+    ) from exc
+
+from ._errors import ConvergenceWarning, InvariantError
+from ._expansion import ExpansionCertificate, verify_expansion
+from ._matrix import Row, TransitionMatrix
+
+__version__ = getattr(_core, "__version__", "0.0.0")
+
+__all__ = [
+    "ConvergenceWarning",
+    "ExpansionCertificate",
+    "InvariantError",
+    "Row",
+    "TransitionMatrix",
+    "verify_expansion",
+    "__version__",
+]

@@ -1,0 +1,21 @@
+"""Exception and warning types of markovmem."""
+
+from __future__ import annotations
+
+from . import _core
+
+#: A Markov invariant is broken (a ValueError).  ``.row`` names the first
+#: offending row, or is None when no single row is at fault.
+InvariantError = _core.InvariantError
+InvariantError.__module__ = "markovmem"
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """An iterative method stopped at its iteration limit before its tolerance."""
+
+
+def invariant_error(message: str, row: int | None = None) -> Exception:
+    """Build an InvariantError carrying ``row`` (as the core's errors do)."""
+    err = InvariantError(message)
+    err.row = row
+    return err

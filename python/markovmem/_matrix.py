@@ -1,0 +1,565 @@
+"""TransitionMatrix: the public Python class over the C++ core's sparse Markov matrix.
+
+Arguments are checked and converted here once (dtype, shape, contiguity); the
+core re-checks what memory safety depends on and runs without the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from . import _core
+from ._errors import ConvergenceWarning, invariant_error
+
+__all__ = ["Row", "TransitionMatrix"]
+
+#: Default tolerance on row sums (a row may sum to at most 1 + tol).
+DEFAULT_TOL = 1e-5
+#: Mass used in place of an exact zero wherever a log is taken (DESIGN §1).
+LOG_FLOOR = 1e-12
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+class Row(NamedTuple):
+    """One row p(. | v): stored entries (read-only views) and the tail mass.
+
+    ``indices`` (k,) int32 sorted, ``probs`` (k,) float32, ``tail`` the mass
+    spread uniformly over the ``n_base - k`` base states the row does not store.
+    """
+
+    indices: np.ndarray
+    probs: np.ndarray
+    tail: float
+
+
+def _threads(n_threads: int | None) -> int:
+    if n_threads is None:
+        return 0
+    if not isinstance(n_threads, (int, np.integer)) or n_threads < 0:
+        raise ValueError(f"n_threads is {n_threads!r}; expected None or an integer >= 0")
+    return int(n_threads)
+
+
+def _as_int32_ids(values: Any, name: str, upper: int) -> np.ndarray:
+    """``values`` as a C-contiguous int32 array after checking every id is in [0, upper)."""
+    arr = np.asarray(values)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers; got dtype {arr.dtype}")
+    if arr.dtype != np.int32 and arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= upper:
+            pos = int(np.flatnonzero((arr < 0) | (arr >= upper))[0])
+            raise IndexError(f"{name}[{pos}] = {int(arr.flat[pos])} is out of range [0, {upper})")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def _csr_parts(matrix: Any, n_cols: int | None, what: str) -> tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray]:
+    """Shape and (indptr int64, indices int32, data float32) of a sparse or dense 2-D input.
+
+    CSR input is taken as it is (unsorted or duplicate indices are reported, not
+    repaired); other sparse formats and dense arrays are converted to CSR once.
+    """
+    import scipy.sparse as sp
+
+    if sp.issparse(matrix):
+        csr = matrix if matrix.format == "csr" else matrix.tocsr()
+    else:
+        dense = np.asarray(matrix)
+        if dense.ndim != 2:
+            raise ValueError(f"{what} must be 2-D; got shape {dense.shape}")
+        if dense.size and not np.all(np.isfinite(dense)):
+            r = int(np.argwhere(~np.isfinite(dense))[0, 0])
+            raise invariant_error(f"{what} row {r}: probability is not finite", r)
+        csr = sp.csr_array(dense)
+    shape = (int(csr.shape[0]), int(csr.shape[1]))
+    if n_cols is not None and shape[1] != n_cols:
+        raise ValueError(f"{what} has shape {shape}; expected {n_cols} columns")
+    indices = np.asarray(csr.indices)
+    if indices.size and (int(indices.max()) > _INT32_MAX or int(indices.min()) < 0):
+        raise IndexError(f"{what} has column indices outside [0, {_INT32_MAX}]")
+    data = np.asarray(csr.data)
+    if not (np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.integer)):
+        raise TypeError(f"{what} must hold real numbers; got dtype {data.dtype}")
+    return (
+        shape,
+        np.ascontiguousarray(csr.indptr, dtype=np.int64),
+        np.ascontiguousarray(indices, dtype=np.int32),
+        np.ascontiguousarray(data, dtype=np.float32),
+    )
+
+
+def _flatten_sequences(seqs: Any, upper: int, name: str = "sequences") -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32, offsets int64) from one 1-D id array or an iterable of id sequences."""
+    if isinstance(seqs, np.ndarray) and seqs.ndim == 1:
+        parts: list[np.ndarray] = [seqs]
+    elif isinstance(seqs, np.ndarray) and seqs.ndim == 2:
+        parts = list(seqs)
+    else:
+        if isinstance(seqs, (str, bytes)):
+            raise TypeError(f"{name} must be token-id sequences, not a string")
+        parts = [np.asarray(s) for s in seqs]
+    if not parts:
+        raise ValueError(f"{name} is empty; expected at least one sequence")
+    lengths = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+    for i, p in enumerate(parts):
+        if p.ndim != 1:
+            raise ValueError(f"{name}[{i}] must be 1-D; got shape {p.shape}")
+        if p.size and not np.issubdtype(p.dtype, np.integer):
+            raise TypeError(f"{name}[{i}] must hold integer token ids; got dtype {p.dtype}")
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.concatenate([p.astype(np.int64, copy=False) for p in parts]) if len(parts) > 1 else parts[0]
+    if tokens.size:
+        bad = (tokens < 0) | (tokens >= upper)
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            s = int(np.searchsorted(offsets, pos, side="right") - 1)
+            raise IndexError(
+                f"{name}[{s}][{pos - offsets[s]}] = {int(tokens[pos])} is out of range [0, n_states = {upper})"
+            )
+    return np.ascontiguousarray(tokens, dtype=np.int32), offsets
+
+
+class TransitionMatrix:
+    """A sparse Markov transition matrix over ``n_states`` token states.
+
+    Row ``v`` is the next-token distribution p(. | v), stored as its largest
+    entries (sorted int32 column indices, float32 probabilities) plus a float64
+    *tail mass* ``r_v = 1 - sum(stored)``, spread uniformly over the
+    ``n_base - k_v`` base states the row does not store.  States ``>= n_base``
+    (tokens added by :meth:`expand`) never receive tail mass, and no row stores
+    mass on them.  The matrix is immutable: arrays it hands out are read-only
+    views, and :meth:`expand` returns a new matrix.
+
+    Build one with :meth:`from_scipy`, :meth:`from_topk`, :meth:`from_sequences`
+    or :meth:`load`; the constructor is private.
+    """
+
+    __slots__ = ("_m", "_metadata", "__weakref__")
+
+    def __init__(self, core: Any, metadata: Mapping[str, str] | None = None) -> None:
+        if not isinstance(core, _core.TransitionMatrix):
+            raise TypeError(
+                "TransitionMatrix is built with TransitionMatrix.from_scipy, from_topk, "
+                "from_sequences or load"
+            )
+        self._m = core
+        self._metadata = dict(metadata or {})
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_scipy(
+        cls, matrix: Any, n_base: int | None = None, *, tol: float = DEFAULT_TOL, n_threads: int | None = None
+    ) -> "TransitionMatrix":
+        """Build from a square scipy.sparse matrix (any format) or a dense array.
+
+        Parameters
+        ----------
+        matrix : (n_states, n_states) sparse or array-like of probabilities
+            Row ``v`` holds the stored entries of p(. | v).  CSR input must have
+            sorted, unique column indices per row; other formats are converted
+            once.  Values are stored as float32.
+        n_base : int, optional
+            Number of base states (default ``n_states``).  Columns ``>= n_base``
+            must be empty.
+        tol : float
+            A row may sum to at most ``1 + tol``; the tail is ``max(0, 1 - sum)``.
+
+        Raises
+        ------
+        InvariantError
+            A negative, non-finite, unsorted or duplicate entry, a row summing
+            above ``1 + tol``, or mass on a state ``>= n_base`` (``.row`` says which).
+        ValueError
+            The matrix is not square or ``n_base`` is out of range.
+        """
+        shape, indptr, indices, data = _csr_parts(matrix, None, "matrix")
+        if shape[0] != shape[1]:
+            raise ValueError(f"matrix has shape {shape}; a transition matrix must be square")
+        n_states = shape[0]
+        n_base = n_states if n_base is None else int(n_base)
+        return cls(_core.TransitionMatrix.copy_csr(n_states, n_base, indptr, indices, data, float(tol), _threads(n_threads)))
+
+    @classmethod
+    def from_topk(
+        cls,
+        indices: Any,
+        probs: Any,
+        n_base: int | None = None,
+        *,
+        tol: float = DEFAULT_TOL,
+        n_threads: int | None = None,
+    ) -> "TransitionMatrix":
+        """Build from per-state top-k arrays, as distillation produces them.
+
+        Parameters
+        ----------
+        indices : (n_states, k) int32 or int64
+            Column ids of each row's stored entries, in any order, unique per row.
+        probs : (n_states, k) float32 (other float dtypes are converted)
+            Their probabilities.  The rest of each row's mass is its tail.
+        n_base : int, optional
+            Number of base states (default ``n_states``); ids must be below it.
+
+        Raises
+        ------
+        InvariantError
+            An id out of range, a duplicate id in a row, a non-finite or negative
+            probability, a row summing above ``1 + tol``.
+        """
+        idx = np.asarray(indices)
+        pr = np.asarray(probs)
+        if idx.ndim != 2 or pr.ndim != 2:
+            raise ValueError(f"indices and probs must be 2-D (n_states, k); got shapes {idx.shape} and {pr.shape}")
+        if idx.shape != pr.shape:
+            raise ValueError(f"indices has shape {idx.shape} but probs has shape {pr.shape}")
+        if idx.shape[0] == 0:
+            raise ValueError("indices has no rows; expected at least one state")
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise TypeError(f"indices must hold integers; got dtype {idx.dtype}")
+        if not (np.issubdtype(pr.dtype, np.floating) or np.issubdtype(pr.dtype, np.integer)):
+            raise TypeError(f"probs must hold real numbers; got dtype {pr.dtype}")
+        n_states = idx.shape[0]
+        n_base = n_states if n_base is None else int(n_base)
+        idx = np.ascontiguousarray(idx, dtype=np.int32 if idx.dtype == np.int32 else np.int64)
+        pr = np.ascontiguousarray(pr, dtype=np.float32)
+        return cls(_core.TransitionMatrix.from_topk(n_states, n_base, idx, pr, float(tol), _threads(n_threads)))
+
+    @classmethod
+    def from_sequences(
+        cls,
+        sequences: Any,
+        n_states: int,
+        *,
+        top_k: int | None = None,
+        smoothing: float = 0.0,
+        n_threads: int | None = None,
+    ) -> "TransitionMatrix":
+        """Estimate a first-order chain from token-id sequences (bigram counts).
+
+        p(x | v) = (c(v, x) + a) / (c(v) + a * n_states) with ``a = smoothing``.
+        Counting runs in parallel in the core (OpenMP) without the GIL.
+
+        Parameters
+        ----------
+        sequences : 1-D int array, 2-D int array (one sequence per row) or iterable of 1-D int sequences
+            Transitions are counted within each sequence, never across two.
+        n_states : int
+            Vocabulary size; every id must lie in [0, n_states).
+        top_k : int, optional
+            Keep the ``top_k`` largest counts per row (ties: smaller id first);
+            the mass of the rest becomes the tail.
+        smoothing : float
+            Add-``a`` pseudo-count on every state.  Exact through the tail rule:
+            the unseen states share the tail uniformly, each getting ``a / (c(v) + a n)``.
+
+        Notes
+        -----
+        A state never followed by another has an empty row with tail 1: it
+        moves uniformly over all states.
+        """
+        n_states = int(n_states)
+        if n_states < 1:
+            raise ValueError(f"n_states is {n_states}; expected >= 1")
+        if top_k is not None and int(top_k) < 1:
+            raise ValueError(f"top_k is {top_k}; expected None or >= 1")
+        tokens, offsets = _flatten_sequences(sequences, n_states)
+        return cls(
+            _core.TransitionMatrix.count_transitions(
+                tokens, offsets, n_states, int(top_k or 0), float(smoothing), _threads(n_threads)
+            )
+        )
+
+    # ------------------------------------------------------------------ file format
+    def save(self, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> None:
+        """Write a safetensors file atomically (temporary file, fsync, rename).
+
+        An existing file at ``path`` is replaced only once the new one is
+        complete, so an error mid-save leaves it intact.  ``metadata`` (str -> str)
+        is stored in the header next to the format version, sizes and fingerprint.
+        """
+        extra = []
+        for k, v in (metadata or {}).items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"metadata must map str to str; got {k!r}: {v!r}")
+            extra.append((k, v))
+        _core.save(self._m, os.fspath(path), extra)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], *, mmap: bool = True, verify: bool = False, n_threads: int | None = None
+    ) -> "TransitionMatrix":
+        """Read a file written by :meth:`save`.
+
+        With ``mmap=True`` the arrays view a read-only memory map (no copy;
+        pages are read on demand).  Sizes, dtypes, offsets and the CSR structure
+        are always checked, so a truncated, bit-flipped or hand-crafted file
+        raises ``ValueError`` instead of crashing.  ``verify=True`` also checks
+        every probability and tail and that the stored fingerprint matches.
+
+        Raises
+        ------
+        FileNotFoundError, PermissionError, OSError
+            The file cannot be opened or read.
+        ValueError, InvariantError
+            The file is not a valid markovmem matrix (the message names it).
+        """
+        core, meta = _core.load(os.fspath(path), bool(mmap), bool(verify), _threads(n_threads))
+        return cls(core, dict(meta))
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """Header metadata of the file this matrix was loaded from (empty otherwise)."""
+        return dict(self._metadata)
+
+    # ------------------------------------------------------------------ shape and storage
+    @property
+    def n_states(self) -> int:
+        """Number of states (base plus added)."""
+        return self._m.n_states
+
+    @property
+    def n_base(self) -> int:
+        """Number of base states; states ``>= n_base`` were added by expansions."""
+        return self._m.n_base
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_states, n_states)``."""
+        return (self.n_states, self.n_states)
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored entries."""
+        return self._m.nnz
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the four arrays (indptr, indices, data, tail)."""
+        return self._m.storage_bytes
+
+    @property
+    def indptr(self) -> np.ndarray:
+        """(n_states + 1,) int64 row pointers (read-only view)."""
+        return self._m.indptr
+
+    @property
+    def indices(self) -> np.ndarray:
+        """(nnz,) int32 sorted column indices per row (read-only view)."""
+        return self._m.indices
+
+    @property
+    def data(self) -> np.ndarray:
+        """(nnz,) float32 stored probabilities (read-only view)."""
+        return self._m.data
+
+    @property
+    def tail(self) -> np.ndarray:
+        """(n_states,) float64 tail masses ``1 - sum(stored)`` (read-only view)."""
+        return self._m.tail
+
+    def __repr__(self) -> str:
+        mean_k = self.nnz / self.n_states
+        return (
+            f"TransitionMatrix(n_states={self.n_states}, n_base={self.n_base}, nnz={self.nnz}, "
+            f"mean_k={mean_k:.1f}, nbytes={self.nbytes})"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self.n_states, self.n_base, np.array(self.indptr), np.array(self.indices),
+                           np.array(self.data), self.metadata))
+
+    # ------------------------------------------------------------------ queries
+    def _state(self, v: Any, name: str) -> int:
+        if not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer state id; got {type(v).__name__}")
+        v = int(v)
+        if not 0 <= v < self.n_states:
+            raise IndexError(f"{name} = {v} is out of range [0, n_states = {self.n_states})")
+        return v
+
+    def row(self, v: int) -> Row:
+        """Row ``v``: stored ``indices``/``probs`` as read-only zero-copy views, and its ``tail``."""
+        v = self._state(v, "v")
+        a, b = int(self.indptr[v]), int(self.indptr[v + 1])
+        return Row(self.indices[a:b], self.data[a:b], float(self.tail[v]))
+
+    def _pairs(self, v: Any, x: Any, log: bool, n_threads: int | None) -> Any:
+        if np.isscalar(v) and np.isscalar(x):
+            self._state(v, "v")
+            self._state(x, "x")
+            return self._m.log_prob(int(v), int(x)) if log else self._m.prob(int(v), int(x))
+        va, xa = np.broadcast_arrays(np.asarray(v), np.asarray(x))
+        for name, arr in (("v", va), ("x", xa)):
+            if arr.size and not np.issubdtype(arr.dtype, np.integer):
+                raise TypeError(f"{name} must hold integer state ids; got dtype {arr.dtype}")
+        out = self._m.prob_many(
+            np.ascontiguousarray(va, dtype=np.int64).ravel(),
+            np.ascontiguousarray(xa, dtype=np.int64).ravel(),
+            log,
+            _threads(n_threads),
+        )
+        return out.reshape(va.shape)
+
+    def prob(self, v: Any, x: Any, *, n_threads: int | None = None) -> Any:
+        """p(x | v), tail included; ``v`` and ``x`` are ints or broadcastable int arrays.
+
+        Returns a float for two ints, else a float64 array of the broadcast shape.
+        Raises IndexError for an id outside [0, n_states).
+        """
+        return self._pairs(v, x, False, n_threads)
+
+    def log_prob(self, v: Any, x: Any, *, n_threads: int | None = None) -> Any:
+        """log p(x | v), with ``log(1e-12)`` in place of an exact zero; vectorised like :meth:`prob`."""
+        return self._pairs(v, x, True, n_threads)
+
+    def to_scipy(self) -> Any:
+        """The stored entries as a ``scipy.sparse.csr_array`` sharing ``data`` and ``indices``.
+
+        The tail is not part of it (see :meth:`to_dense` for small matrices).  The
+        int64 row pointers are narrowed to int32 (a copy of n_states + 1 values)
+        when scipy would otherwise widen the int32 indices.
+        """
+        import scipy.sparse as sp
+
+        indptr = self.indptr
+        if self.nnz <= _INT32_MAX:
+            indptr = indptr.astype(np.int32)
+        else:
+            raise ValueError("more than 2**31 - 1 entries cannot share int32 indices with scipy")
+        out = sp.csr_array((self.n_states, self.n_states), dtype=np.float32)
+        out.indptr = indptr
+        out.indices = self.indices
+        out.data = self.data
+        out.has_sorted_indices = True
+        out.has_canonical_format = True
+        return out
+
+    def to_dense(self, max_states: int = 20_000) -> np.ndarray:
+        """The full (n_states, n_states) float64 matrix, tail spread in (small matrices only)."""
+        if self.n_states > max_states:
+            raise ValueError(f"n_states = {self.n_states} exceeds max_states = {max_states}; a dense copy would be too large")
+        n, nb = self.n_states, self.n_base
+        counts = np.diff(self.indptr)
+        free = nb - counts
+        uniform = np.divide(self.tail, free, out=np.zeros(n), where=free > 0)
+        dense = np.zeros((n, n))
+        dense[:, :nb] = uniform[:, None]
+        rows = np.repeat(np.arange(n), counts)
+        dense[rows, self.indices] = self.data
+        return dense
+
+    def step(self, distribution: Any, *, n_threads: int | None = None) -> np.ndarray:
+        """One step of the chain: ``distribution @ P`` (tail included), (n_states,) float64."""
+        d = np.ascontiguousarray(distribution, dtype=np.float64)
+        if d.shape != (self.n_states,):
+            raise ValueError(f"distribution has shape {d.shape}; expected ({self.n_states},)")
+        if not np.all(np.isfinite(d)):
+            raise ValueError("distribution has non-finite entries")
+        return self._m.step(d, _threads(n_threads))
+
+    def stationary(self, *, tol: float = 1e-10, max_iter: int = 10_000, n_threads: int | None = None) -> np.ndarray:
+        """Stationary distribution by power iteration on the lazy chain ``(I + P) / 2``.
+
+        The lazy chain has the same stationary distributions and does not
+        oscillate on periodic chains.  Starts from uniform over base states; stops
+        when the L1 change falls below ``tol``.  Warns with ConvergenceWarning
+        when ``max_iter`` is reached first.
+        """
+        pi, n_iter, residual, converged = self._m.stationary(float(tol), int(max_iter), _threads(n_threads))
+        if not converged:
+            warnings.warn(
+                f"stationary: L1 change {residual:.3g} after {n_iter} iterations is above tol = {tol:g}; "
+                "raise max_iter",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return pi
+
+    def log_likelihood(self, sequences: Any, *, n_threads: int | None = None) -> float:
+        """Total log-likelihood (nats) of the transitions within each sequence."""
+        tokens, offsets = _flatten_sequences(sequences, self.n_states)
+        return float(self._m.log_likelihood(tokens, offsets, _threads(n_threads)).sum())
+
+    def perplexity(self, sequences: Any, *, n_threads: int | None = None) -> float:
+        """``exp(-log_likelihood / number of transitions)`` over the given sequences."""
+        tokens, offsets = _flatten_sequences(sequences, self.n_states)
+        n_trans = int(np.maximum(np.diff(offsets) - 1, 0).sum())
+        if n_trans == 0:
+            raise ValueError("sequences hold no transition (every sequence is shorter than 2)")
+        ll = float(self._m.log_likelihood(tokens, offsets, _threads(n_threads)).sum())
+        return float(np.exp(-ll / n_trans))
+
+    def sample(self, start: int, length: int, *, seed: int | None = None) -> np.ndarray:
+        """A path of ``length`` states from ``start`` (included), (length,) int32.
+
+        The same ``seed`` gives the same path on every machine; ``None`` draws one.
+        """
+        start = self._state(start, "start")
+        if int(length) < 1:
+            raise ValueError(f"length is {length}; expected >= 1")
+        if seed is None:
+            seed = int(np.random.default_rng().integers(0, 2**63))
+        return self._m.sample(start, int(length), int(seed) & (2**64 - 1))
+
+    # ------------------------------------------------------------------ invariants
+    def validate(self, *, tol: float = DEFAULT_TOL, n_threads: int | None = None) -> None:
+        """Check every invariant; raise InvariantError naming the first offending row.
+
+        Checks: row pointers non-decreasing; column indices sorted, unique, in
+        range, below ``n_base``; probabilities finite, non-negative, summing to at
+        most ``1 + tol``; tail equal to ``1 - sum`` within ``tol``.  O(nnz), parallel.
+        """
+        found = self._m.find_violation(float(tol), _threads(n_threads))
+        if found is not None:
+            row, reason = found
+            raise invariant_error(reason, row if row >= 0 else None)
+
+    def fingerprint(self) -> str:
+        """Stable content hash (16 hex digits, XXH64 tree hash): same bytes, same value everywhere."""
+        return self._m.fingerprint()
+
+    # ------------------------------------------------------------------ expansion
+    def expand(
+        self, new_rows: Any, *, tol: float = DEFAULT_TOL, n_threads: int | None = None
+    ) -> tuple["TransitionMatrix", "ExpansionCertificate"]:
+        """Grow the state space by ``m`` new states (the paper's Markov expansion).
+
+        Parameters
+        ----------
+        new_rows : (m, n_base) sparse or dense array, or an object with ``predict()`` (an AlphaFit)
+            Row ``i`` is the next-token distribution of new state ``n_states + i``
+            over the base states; a row summing below 1 leaves the rest as tail,
+            spread over base states.
+
+        Returns
+        -------
+        Q : TransitionMatrix
+            ``n_states + m`` states; old rows byte-identical; no row puts mass on a new state.
+        certificate : ExpansionCertificate
+            Recomputed from P and Q by :func:`verify_expansion`: ``certificate.ok``.
+
+        Raises
+        ------
+        InvariantError
+            A new row is not a distribution over base states (``.row`` is its index in ``new_rows``).
+        """
+        from ._expansion import ExpansionCertificate
+
+        if hasattr(new_rows, "predict") and callable(new_rows.predict):
+            new_rows = new_rows.predict()
+        shape, indptr, indices, data = _csr_parts(new_rows, self.n_base, "new_rows")
+        if shape[0] == 0:
+            raise ValueError("new_rows has no rows; expected at least one new state")
+        core, cert = _core.expand(self._m, indptr, indices, data, float(tol), _threads(n_threads))
+        return TransitionMatrix(core), ExpansionCertificate.from_dict(cert)
+
+
+def _rebuild(n_states: int, n_base: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
+             metadata: dict[str, str]) -> TransitionMatrix:
+    core = _core.TransitionMatrix.copy_csr(n_states, n_base, indptr, indices, data, 1.0, 0)
+    return TransitionMatrix(core, metadata)
