@@ -1,0 +1,86 @@
+# Stubs of the private compiled module markovmem._core (bindings/*.cpp).
+# Changes in the same commit as the binding it describes.
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+has_openmp: bool
+
+class InvariantError(ValueError):
+    row: int | None
+
+class TransitionMatrix:
+    @staticmethod
+    def copy_csr(
+        n_states: int,
+        n_base: int,
+        indptr: npt.NDArray[np.int64],
+        indices: npt.NDArray[np.int32],
+        data: npt.NDArray[np.float32],
+        tol: float,
+        n_threads: int,
+    ) -> TransitionMatrix: ...
+    @staticmethod
+    def from_topk(
+        n_states: int,
+        n_base: int,
+        indices: npt.NDArray[np.int64] | npt.NDArray[np.int32],
+        probs: npt.NDArray[np.float32],
+        tol: float,
+        n_threads: int,
+    ) -> TransitionMatrix: ...
+    @staticmethod
+    def count_transitions(
+        tokens: npt.NDArray[np.int32],
+        offsets: npt.NDArray[np.int64],
+        n_states: int,
+        top_k: int,
+        smoothing: float,
+        n_threads: int,
+    ) -> TransitionMatrix: ...
+    @property
+    def n_states(self) -> int: ...
+    @property
+    def n_base(self) -> int: ...
+    @property
+    def nnz(self) -> int: ...
+    @property
+    def storage_bytes(self) -> int: ...
+    @property
+    def indptr(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def indices(self) -> npt.NDArray[np.int32]: ...
+    @property
+    def data(self) -> npt.NDArray[np.float32]: ...
+    @property
+    def tail(self) -> npt.NDArray[np.float64]: ...
+    def prob(self, v: int, x: int) -> float: ...
+    def log_prob(self, v: int, x: int) -> float: ...
+    def prob_many(
+        self, v: npt.NDArray[np.int64], x: npt.NDArray[np.int64], log: bool, n_threads: int
+    ) -> npt.NDArray[np.float64]: ...
+    def step(self, distribution: npt.NDArray[np.float64], n_threads: int) -> npt.NDArray[np.float64]: ...
+    def stationary(
+        self, tol: float, max_iter: int, n_threads: int
+    ) -> tuple[npt.NDArray[np.float64], int, float, bool]: ...
+    def log_likelihood(
+        self, tokens: npt.NDArray[np.int32], offsets: npt.NDArray[np.int64], n_threads: int
+    ) -> npt.NDArray[np.float64]: ...
+    def sample(self, start: int, length: int, seed: int) -> npt.NDArray[np.int32]: ...
+    def fingerprint(self, n_rows: int = -1) -> str: ...
+    def find_violation(self, tol: float, n_threads: int) -> tuple[int, str] | None: ...
+
+def expand(
+    P: TransitionMatrix,
+    indptr: npt.NDArray[np.int64],
+    indices: npt.NDArray[np.int32],
+    data: npt.NDArray[np.float32],
+    tol: float,
+    n_threads: int,
+) -> tuple[TransitionMatrix, dict[str, Any]]: ...
+def verify_expansion(before: TransitionMatrix, after: TransitionMatrix, tol: float, n_threads: int) -> dict[str, Any]: ...
+def save(P: TransitionMatrix, path: str, metadata: list[tuple[str, str]]) -> None: ...
+def load(path: str, mmap: bool, verify: bool, n_threads: int) -> tuple[TransitionMatrix, list[tuple[str, str]]]: ...
+def read_metadata(path: str) -> list[tuple[str, str]]: ...
