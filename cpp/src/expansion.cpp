@@ -5,6 +5,10 @@
 #include <cmath>
 #include <cstring>
 #include <sstream>
+#include <tuple>
+
+#include "markovmem/buffer.hpp"
+#include "markovmem/hash.hpp"
 
 namespace markovmem {
 namespace {
@@ -81,45 +85,71 @@ double row_max_diff(const RowAccess& A, const RowAccess& B, Index v, Index n_col
 
 }  // namespace
 
-ExpansionCertificate verify_expansion(const TransitionMatrix& before, const TransitionMatrix& after,
-                                      double tol, int n_threads) {
-  if (after.n_states() < before.n_states()) {
-    std::ostringstream os;
-    os << "the expanded matrix has " << after.n_states() << " states, fewer than the original's "
-       << before.n_states();
-    throw std::invalid_argument(os.str());
+namespace {
+
+// Byte-level evidence about the old block of `after`: per array, whether its
+// first n_old rows equal `before`'s, and the chunk hashes of `after`.
+struct BlockEvidence {
+  ArrayHashes arrays[4];
+  bool identical() const {
+    for (const auto& a : arrays)
+      if (!a.prefix_equal) return false;
+    return true;
   }
+};
+
+// verify_expansion's evidence: one pass over `after` comparing its old block with
+// `before` chunk by chunk and hashing each chunk while it is in cache.
+BlockEvidence compare_and_hash(const TransitionMatrix& before, const TransitionMatrix& after, int n_threads) {
+  BlockEvidence ev;
+  const auto old = before.array_layout(before.n_states());
+  const auto all = after.array_layout(before.n_states());
+  for (int i = 0; i < 4; ++i) {
+    // Old blocks of different byte lengths (row pointers disagree) cannot be equal: hash only.
+    const bool same_length = old.full_bytes[i] == all.prefix_bytes[i];
+    process_chunks(ev.arrays[i], const_cast<void*>(all.ptr[i]), old.ptr[i], all.prefix_bytes[i], all.full_bytes[i],
+                   all.full_bytes[i], 0, n_chunks(all.full_bytes[i]),
+                   same_length ? PrefixMode::kCompare : PrefixMode::kHashOnly, n_threads);
+    if (!same_length) ev.arrays[i].prefix_equal = false;
+  }
+  return ev;
+}
+
+ExpansionCertificate certify(const TransitionMatrix& before, const TransitionMatrix& after,
+                             const BlockEvidence& ev, double tol, int n_threads) {
   ExpansionCertificate c;
   const Index n_old = before.n_states();
   c.n_old = n_old;
   c.n_new = after.n_states() - n_old;
   c.n_base = before.n_base();
   c.same_n_base = after.n_base() == before.n_base();
-  const Index nnz_old = before.nnz();
-  c.old_block_identical =
-      c.same_n_base &&
-      std::memcmp(before.indptr(), after.indptr(), sizeof(Index) * static_cast<std::size_t>(n_old + 1)) == 0 &&
-      std::memcmp(before.indices(), after.indices(), sizeof(StateIndex) * static_cast<std::size_t>(nnz_old)) == 0 &&
-      std::memcmp(before.data(), after.data(), sizeof(Prob) * static_cast<std::size_t>(nnz_old)) == 0 &&
-      std::memcmp(before.tail(), after.tail(), sizeof(double) * static_cast<std::size_t>(n_old)) == 0;
+  c.old_block_identical = c.same_n_base && ev.identical();
 
   const RowAccess A{before}, B{after};
   const int nt = detail::resolve_threads(n_threads);
   const long long n_old_ll = n_old, n_all = after.n_states();
   double diff = 0.0, leak = 0.0, new_new = 0.0, sum_err = 0.0;
-  // Identical bytes give identical probabilities: the diff is exactly 0 and need not be recomputed.
-  const bool need_diff = !c.old_block_identical;
+  // Identical bytes give identical probabilities and row sums: for an identical
+  // old block the diff is exactly 0 and the old rows' sums are before's own
+  // (before.validate() checks them), so only the leak is measured on old rows.
+  const bool identical = c.old_block_identical;
+  const bool tail_reaches_new = after.n_base() > n_old;
 #pragma omp parallel for schedule(dynamic, 4096) num_threads(nt) \
     reduction(max : diff, leak, new_new, sum_err)
   for (long long v = 0; v < n_all; ++v) {
     const Index a = B.begin(v), b = B.end(v);
-    double s = after.tail()[v];
-    for (Index j = a; j < b; ++j) s += after.data()[j];
-    sum_err = std::max(sum_err, std::abs(s - 1.0));
+    if (!identical || v >= n_old_ll) {
+      double s = after.tail()[v];
+      for (Index j = a; j < b; ++j) s += after.data()[j];
+      sum_err = std::max(sum_err, std::abs(s - 1.0));
+    }
     if (v < n_old_ll) {
-      // Old states must not move to new ones: mass on [n_old, n_all).
-      leak = std::max(leak, B.mass_in(v, n_old, n_all));
-      if (need_diff) diff = std::max(diff, row_max_diff(A, B, v, n_old));
+      // Old states must not move to new ones: mass on [n_old, n_all).  Columns are
+      // sorted, so a row whose last column is old and whose tail stays on old
+      // base states puts exactly nothing there.
+      if (tail_reaches_new || (b > a && after.indices()[b - 1] >= n_old))
+        leak = std::max(leak, B.mass_in(v, n_old, n_all));
+      if (!identical) diff = std::max(diff, row_max_diff(A, B, v, n_old));
     } else {
       new_new = std::max(new_new, B.mass_in(v, before.n_base(), n_all));
     }
@@ -128,9 +158,16 @@ ExpansionCertificate verify_expansion(const TransitionMatrix& before, const Tran
   c.leaked_mass_to_new = leak;
   c.new_to_new_mass = new_new;
   c.max_row_sum_error = sum_err;
+
+  std::vector<std::uint64_t> pre, full;
+  for (const auto& a : ev.arrays) {
+    a.append_prefix(pre);
+    a.append_full(full);
+  }
   c.fingerprint_before = before.fingerprint();
-  c.fingerprint_after_old = after.fingerprint(n_old);
-  c.fingerprint_after = after.fingerprint();
+  c.fingerprint_after_old = fingerprint_from_parts(n_old, after.n_base(), after.indptr()[n_old], pre);
+  c.fingerprint_after = fingerprint_from_parts(after.n_states(), after.n_base(), after.nnz(), full);
+  after.seed_fingerprint_cache(c.fingerprint_after);
   // An identical old block is exactly as valid as `before` (before.validate() answers
   // that); the certificate checks what the expansion added, or everything otherwise.
   const Index first_checked = c.old_block_identical ? n_old : 0;
@@ -144,6 +181,19 @@ ExpansionCertificate verify_expansion(const TransitionMatrix& before, const Tran
          c.leaked_mass_to_new == 0.0 && c.new_to_new_mass == 0.0 && c.max_row_sum_error <= tol &&
          c.fingerprint_before == c.fingerprint_after_old && c.after_valid;
   return c;
+}
+
+}  // namespace
+
+ExpansionCertificate verify_expansion(const TransitionMatrix& before, const TransitionMatrix& after,
+                                      double tol, int n_threads) {
+  if (after.n_states() < before.n_states()) {
+    std::ostringstream os;
+    os << "the expanded matrix has " << after.n_states() << " states, fewer than the original's "
+       << before.n_states();
+    throw std::invalid_argument(os.str());
+  }
+  return certify(before, after, compare_and_hash(before, after, n_threads), tol, n_threads);
 }
 
 Expansion expand(const TransitionMatrix& P, const CsrView& new_rows, double tol, int n_threads) {
@@ -161,20 +211,42 @@ Expansion expand(const TransitionMatrix& P, const CsrView& new_rows, double tol,
   if (auto v = check_rows(new_rows, nullptr, nnz_new, n_old + m, P.n_base(), opts))
     throw InvariantViolation(v->row, v->reason);
 
-  const Index nnz_old = P.nnz();
-  std::vector<Index> indptr(static_cast<std::size_t>(n_old + m + 1));
-  std::vector<StateIndex> indices(static_cast<std::size_t>(nnz_old + nnz_new));
-  std::vector<Prob> data(static_cast<std::size_t>(nnz_old + nnz_new));
-  std::memcpy(indptr.data(), P.indptr(), sizeof(Index) * static_cast<std::size_t>(n_old + 1));
+  const Index nnz_old = P.nnz(), nnz_all = nnz_old + nnz_new;
+  using detail::Buffer;
+  // Uninitialised buffers; each old chunk is copied, compared with its source and
+  // hashed while hot in cache, so the old bytes are read from memory once and the
+  // certificate's byte comparison and fingerprints cost no extra pass.
+  auto indptr = Buffer<Index>::uninitialized(static_cast<std::size_t>(n_old + m + 1));
+  auto tail = Buffer<double>::uninitialized(static_cast<std::size_t>(n_old + m));
+  auto indices = Buffer<StateIndex>::uninitialized(static_cast<std::size_t>(nnz_all));
+  auto data = Buffer<Prob>::uninitialized(static_cast<std::size_t>(nnz_all));
+  const auto old = P.array_layout(n_old);
+  void* dst[4] = {indptr.data(), tail.data(), indices.data(), data.data()};
+  const std::size_t full[4] = {sizeof(Index) * static_cast<std::size_t>(n_old + m + 1),
+                               sizeof(double) * static_cast<std::size_t>(n_old + m),
+                               sizeof(StateIndex) * static_cast<std::size_t>(nnz_all),
+                               sizeof(Prob) * static_cast<std::size_t>(nnz_all)};
+  BlockEvidence ev;
+  for (int i = 0; i < 4; ++i) {
+    const std::size_t pre = old.full_bytes[i];
+    // Whole chunks inside the old block now; the chunk straddling old and new bytes after the new rows land.
+    process_chunks(ev.arrays[i], dst[i], old.ptr[i], pre, full[i], pre, 0, n_chunks(pre),
+                   PrefixMode::kCopyAndCompare, n_threads);
+  }
   for (Index r = 1; r <= m; ++r) indptr[static_cast<std::size_t>(n_old + r)] = nnz_old + new_rows.indptr[r];
-  std::memcpy(indices.data(), P.indices(), sizeof(StateIndex) * static_cast<std::size_t>(nnz_old));
   std::memcpy(indices.data() + nnz_old, new_rows.indices, sizeof(StateIndex) * static_cast<std::size_t>(nnz_new));
-  std::memcpy(data.data(), P.data(), sizeof(Prob) * static_cast<std::size_t>(nnz_old));
   std::memcpy(data.data() + nnz_old, new_rows.data, sizeof(Prob) * static_cast<std::size_t>(nnz_new));
-  TransitionMatrix Q = TransitionMatrix::with_tail_prefix(n_old + m, P.n_base(), std::move(indptr),
-                                                          std::move(indices), std::move(data),
-                                                          P.tail(), n_old, n_threads);
-  ExpansionCertificate cert = verify_expansion(P, Q, tol, n_threads);
+  CsrView added{m, indptr.data() + n_old, indices.data(), data.data()};
+  detail::compute_tails(added, tail.data() + n_old, n_threads);
+  for (int i = 0; i < 4; ++i) {
+    const std::size_t pre = old.full_bytes[i];
+    const std::size_t first = pre / kHashChunk;  // the straddling (or first new) chunk
+    process_chunks(ev.arrays[i], dst[i], nullptr, pre, full[i], full[i], first, n_chunks(full[i]),
+                   PrefixMode::kHashOnly, n_threads);
+  }
+  TransitionMatrix Q = TransitionMatrix::adopt_buffers(n_old + m, P.n_base(), std::move(indptr), std::move(indices),
+                                                       std::move(data), std::move(tail));
+  ExpansionCertificate cert = certify(P, Q, ev, tol, n_threads);
   return Expansion{std::move(Q), std::move(cert)};
 }
 

@@ -14,7 +14,6 @@ constexpr std::uint64_t kP2 = 14029467366897019727ULL;
 constexpr std::uint64_t kP3 = 1609587929392839161ULL;
 constexpr std::uint64_t kP4 = 9650029242287828579ULL;
 constexpr std::uint64_t kP5 = 2870177450012600261ULL;
-constexpr std::size_t kChunk = std::size_t{1} << 20;
 
 inline std::uint64_t rotl(std::uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
 // memcpy keeps the reads aligned-safe; the format is defined little-endian and
@@ -87,20 +86,57 @@ std::uint64_t xxh64(const void* data, std::size_t size, std::uint64_t seed) noex
   return h;
 }
 
-void chunk_hashes(const void* data, std::size_t size, std::vector<std::uint64_t>& out,
-                  int n_threads) {
-  const auto* p = static_cast<const unsigned char*>(data);
-  const std::size_t n_chunks = (size + kChunk - 1) / kChunk;
-  const std::size_t base = out.size();
-  out.resize(base + n_chunks);
-  const long long n = static_cast<long long>(n_chunks);
-  std::uint64_t* dst = out.data() + base;
-#pragma omp parallel for schedule(static) num_threads(detail::resolve_threads(n_threads)) if (n > 1)
-  for (long long c = 0; c < n; ++c) {
-    const std::size_t start = static_cast<std::size_t>(c) * kChunk;
-    const std::size_t len = std::min(kChunk, size - start);
-    dst[c] = xxh64(p + start, len, 0);
+void ArrayHashes::append_prefix(std::vector<std::uint64_t>& out) const {
+  const std::size_t whole = prefix_bytes / kHashChunk;
+  out.insert(out.end(), chunks.begin(), chunks.begin() + static_cast<std::ptrdiff_t>(whole));
+  if (prefix_bytes % kHashChunk != 0) out.push_back(partial);
+}
+
+void ArrayHashes::append_full(std::vector<std::uint64_t>& out) const {
+  out.insert(out.end(), chunks.begin(), chunks.end());
+}
+
+void process_chunks(ArrayHashes& h, void* dst, const void* src, std::size_t prefix_bytes,
+                    std::size_t full_bytes, std::size_t ready_bytes, std::size_t first_chunk,
+                    std::size_t last_chunk, PrefixMode mode, int n_threads) {
+  if (h.chunks.size() != n_chunks(full_bytes)) {
+    h.chunks.assign(n_chunks(full_bytes), 0);
+    h.full_bytes = full_bytes;
+    h.prefix_bytes = prefix_bytes;
+    h.prefix_equal = true;
   }
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto* s = static_cast<const unsigned char*>(src);
+  const long long c0 = static_cast<long long>(first_chunk), c1 = static_cast<long long>(last_chunk);
+  int differ = 0;
+#pragma omp parallel for schedule(static) num_threads(detail::resolve_threads(n_threads)) \
+    reduction(| : differ) if (c1 - c0 > 1)
+  for (long long c = c0; c < c1; ++c) {
+    const std::size_t a = static_cast<std::size_t>(c) * kHashChunk;
+    const std::size_t len = std::min(kHashChunk, full_bytes - a);
+    if (a < prefix_bytes && mode != PrefixMode::kHashOnly) {
+      const std::size_t plen = std::min(len, prefix_bytes - a);
+      if (mode == PrefixMode::kCopyAndCompare) std::memcpy(d + a, s + a, plen);
+      differ |= std::memcmp(d + a, s + a, plen) != 0;
+    }
+    if (a + len <= ready_bytes) h.chunks[static_cast<std::size_t>(c)] = xxh64(d + a, len, 0);
+    // The prefix's last, incomplete chunk (it may end exactly where the array ends).
+    if (prefix_bytes % kHashChunk != 0 && a == prefix_bytes / kHashChunk * kHashChunk && prefix_bytes <= ready_bytes)
+      h.partial = xxh64(d + a, prefix_bytes - a, 0);
+  }
+  if (differ) h.prefix_equal = false;
+}
+
+std::string fingerprint_from_parts(std::int64_t n_rows, std::int64_t n_base, std::int64_t nnz,
+                                   const std::vector<std::uint64_t>& chunk_hashes) {
+  // Header: format tag and sizes, then the arrays' chunk hashes in a fixed order.
+  char header[48] = "markovmem-transition-matrix-v1";
+  const std::int64_t sizes[3] = {n_rows, n_base, nnz};
+  static_assert(sizeof(sizes) == 24);
+  std::memcpy(header + 24, sizes, sizeof(sizes));
+  std::vector<std::uint64_t> parts{xxh64(header, sizeof(header))};
+  parts.insert(parts.end(), chunk_hashes.begin(), chunk_hashes.end());
+  return to_hex(xxh64(parts.data(), parts.size() * sizeof(std::uint64_t)));
 }
 
 std::string to_hex(std::uint64_t value) {

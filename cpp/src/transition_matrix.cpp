@@ -10,6 +10,7 @@
 #include <sstream>
 #include <utility>
 
+#include "markovmem/buffer.hpp"
 #include "markovmem/hash.hpp"
 
 #ifdef MARKOVMEM_HAVE_OPENMP
@@ -19,10 +20,10 @@
 namespace markovmem {
 
 struct TransitionMatrix::Owned {
-  std::vector<Index> indptr;
-  std::vector<StateIndex> indices;
-  std::vector<Prob> data;
-  std::vector<double> tail;
+  detail::Buffer<Index> indptr;
+  detail::Buffer<StateIndex> indices;
+  detail::Buffer<Prob> data;
+  detail::Buffer<double> tail;
 };
 
 namespace {
@@ -110,7 +111,9 @@ bool row_problem(const CsrView& rows, const double* tail, Index cap, Index n_sta
   return false;
 }
 
-void compute_tails(const CsrView& rows, double* tail, int n_threads) {
+}  // namespace
+
+void detail::compute_tails(const CsrView& rows, double* tail, int n_threads) {
   const long long n = rows.n_rows;
 #pragma omp parallel for schedule(static) num_threads(detail::resolve_threads(n_threads))
   for (long long r = 0; r < n; ++r) {
@@ -119,6 +122,8 @@ void compute_tails(const CsrView& rows, double* tail, int n_threads) {
     tail[r] = s < 1.0 ? 1.0 - s : 0.0;
   }
 }
+
+namespace {
 
 inline std::uint64_t splitmix64(std::uint64_t& state) {
   std::uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
@@ -182,9 +187,9 @@ TransitionMatrix TransitionMatrix::from_csr(Index n_states, Index n_base, std::v
   if (indices.size() != data.size())
     throw std::invalid_argument(cat("indices has length ", indices.size(), " but data has length ", data.size()));
   auto owned = std::make_shared<Owned>();
-  owned->indptr = std::move(indptr);
-  owned->indices = std::move(indices);
-  owned->data = std::move(data);
+  owned->indptr = detail::Buffer<Index>(std::move(indptr));
+  owned->indices = detail::Buffer<StateIndex>(std::move(indices));
+  owned->data = detail::Buffer<Prob>(std::move(data));
   CsrView view{n_states, owned->indptr.data(), owned->indices.data(), owned->data.data()};
   CheckOptions opts;
   opts.tol = tol;
@@ -192,8 +197,8 @@ TransitionMatrix TransitionMatrix::from_csr(Index n_states, Index n_base, std::v
   opts.n_threads = n_threads;
   if (auto v = check_rows(view, nullptr, static_cast<Index>(owned->data.size()), n_states, n_base, opts))
     throw InvariantViolation(v->row, v->reason);
-  owned->tail.resize(static_cast<std::size_t>(n_states));
-  compute_tails(view, owned->tail.data(), n_threads);
+  owned->tail = detail::Buffer<double>::uninitialized(static_cast<std::size_t>(n_states));
+  detail::compute_tails(view, owned->tail.data(), n_threads);
   return adopt(n_states, n_base, std::move(owned));
 }
 
@@ -213,11 +218,11 @@ TransitionMatrix TransitionMatrix::copy_csr(Index n_states, Index n_base, const 
   if (auto v = check_rows(rows, nullptr, nnz, n_states, n_base, opts))
     throw InvariantViolation(v->row, v->reason);
   auto owned = std::make_shared<Owned>();
-  owned->indptr.assign(rows.indptr, rows.indptr + n_states + 1);
-  owned->indices.assign(rows.indices, rows.indices + nnz);
-  owned->data.assign(rows.data, rows.data + nnz);
-  owned->tail.resize(static_cast<std::size_t>(n_states));
-  compute_tails(rows, owned->tail.data(), n_threads);
+  owned->indptr = detail::Buffer<Index>::copy_of(rows.indptr, static_cast<std::size_t>(n_states + 1), n_threads);
+  owned->indices = detail::Buffer<StateIndex>::copy_of(rows.indices, static_cast<std::size_t>(nnz), n_threads);
+  owned->data = detail::Buffer<Prob>::copy_of(rows.data, static_cast<std::size_t>(nnz), n_threads);
+  owned->tail = detail::Buffer<double>::uninitialized(static_cast<std::size_t>(n_states));
+  detail::compute_tails(rows, owned->tail.data(), n_threads);
   return adopt(n_states, n_base, std::move(owned));
 }
 
@@ -229,10 +234,10 @@ TransitionMatrix TransitionMatrix::from_topk(Index n_states, Index n_base, Index
   if (k < 0 || k > n_base)
     throw std::invalid_argument(cat("k is ", k, "; expected 0 <= k <= n_base = ", n_base));
   auto owned = std::make_shared<Owned>();
-  owned->indptr.resize(static_cast<std::size_t>(n_states + 1));
+  owned->indptr = detail::Buffer<Index>::uninitialized(static_cast<std::size_t>(n_states + 1));
   for (Index r = 0; r <= n_states; ++r) owned->indptr[static_cast<std::size_t>(r)] = r * k;
-  owned->indices.resize(static_cast<std::size_t>(n_states * k));
-  owned->data.resize(static_cast<std::size_t>(n_states * k));
+  owned->indices = detail::Buffer<StateIndex>::uninitialized(static_cast<std::size_t>(n_states * k));
+  owned->data = detail::Buffer<Prob>::uninitialized(static_cast<std::size_t>(n_states * k));
   const long long n = n_states;
   long long bad = n;
 #pragma omp parallel num_threads(detail::resolve_threads(n_threads))
@@ -276,8 +281,8 @@ TransitionMatrix TransitionMatrix::from_topk(Index n_states, Index n_base, Index
   opts.n_threads = n_threads;
   if (auto v = check_rows(view, nullptr, n_states * k, n_states, n_base, opts))
     throw InvariantViolation(v->row, v->reason);
-  owned->tail.resize(static_cast<std::size_t>(n_states));
-  compute_tails(view, owned->tail.data(), n_threads);
+  owned->tail = detail::Buffer<double>::uninitialized(static_cast<std::size_t>(n_states));
+  detail::compute_tails(view, owned->tail.data(), n_threads);
   return adopt(n_states, n_base, std::move(owned));
 }
 
@@ -288,21 +293,14 @@ template TransitionMatrix TransitionMatrix::from_topk<std::int64_t>(Index, Index
                                                                     const std::int64_t*,
                                                                     const Prob*, double, int);
 
-TransitionMatrix TransitionMatrix::with_tail_prefix(Index n_states, Index n_base,
-                                                    std::vector<Index> indptr,
-                                                    std::vector<StateIndex> indices,
-                                                    std::vector<Prob> data,
-                                                    const double* tail_prefix, Index n_copied,
-                                                    int n_threads) {
+TransitionMatrix TransitionMatrix::adopt_buffers(Index n_states, Index n_base, detail::Buffer<Index> indptr,
+                                                 detail::Buffer<StateIndex> indices, detail::Buffer<Prob> data,
+                                                 detail::Buffer<double> tail) {
   auto owned = std::make_shared<Owned>();
   owned->indptr = std::move(indptr);
   owned->indices = std::move(indices);
   owned->data = std::move(data);
-  owned->tail.resize(static_cast<std::size_t>(n_states));
-  std::memcpy(owned->tail.data(), tail_prefix, sizeof(double) * static_cast<std::size_t>(n_copied));
-  CsrView rest{n_states - n_copied, owned->indptr.data() + n_copied, owned->indices.data(),
-               owned->data.data()};
-  compute_tails(rest, owned->tail.data() + n_copied, n_threads);
+  owned->tail = std::move(tail);
   return adopt(n_states, n_base, std::move(owned));
 }
 
@@ -518,28 +516,51 @@ std::vector<std::int32_t> TransitionMatrix::sample(Index start, Index length, st
   return path;
 }
 
-std::string TransitionMatrix::fingerprint(Index n_rows) const {
-  auto compute = [this](Index rows) {
-    const Index nnz = indptr_[rows];
-    // Header: format tag and sizes, then the arrays' chunk hashes in a fixed order.
-    char header[48] = "markovmem-transition-matrix-v1";
-    const Index sizes[3] = {rows, n_base_, nnz};
-    static_assert(sizeof(sizes) == 24);
-    std::memcpy(header + 24, sizes, sizeof(sizes));
-    std::vector<std::uint64_t> parts{xxh64(header, sizeof(header))};
-    chunk_hashes(indptr_, static_cast<std::size_t>(rows + 1) * sizeof(Index), parts, 0);
-    chunk_hashes(tail_, static_cast<std::size_t>(rows) * sizeof(double), parts, 0);
-    chunk_hashes(indices_, static_cast<std::size_t>(nnz) * sizeof(StateIndex), parts, 0);
-    chunk_hashes(data_, static_cast<std::size_t>(nnz) * sizeof(Prob), parts, 0);
-    return to_hex(xxh64(parts.data(), parts.size() * sizeof(std::uint64_t)));
-  };
-  if (n_rows < 0 || n_rows == n_states_) {
-    std::call_once(fingerprint_cache_->once, [&] { fingerprint_cache_->value = compute(n_states_); });
-    return fingerprint_cache_->value;
+std::pair<std::string, std::string> TransitionMatrix::fingerprint_prefix_and_full(Index n_rows) const {
+  if (n_rows < 0 || n_rows > n_states_)
+    throw std::out_of_range(cat("n_rows = ", n_rows, " is not in [0, n_states = ", n_states_, "]"));
+  // Each byte is hashed once: the prefix shares the whole chunks of the full arrays.
+  const Index nnz_pre = indptr_[n_rows], nnz_all = nnz();
+  const ArrayLayout layout = array_layout(n_rows);
+  std::vector<std::uint64_t> pre, full;
+  for (int i = 0; i < 4; ++i) {
+    ArrayHashes h;
+    process_chunks(h, const_cast<void*>(layout.ptr[i]), nullptr, layout.prefix_bytes[i], layout.full_bytes[i],
+                   layout.full_bytes[i], 0, n_chunks(layout.full_bytes[i]), PrefixMode::kHashOnly, 0);
+    h.append_prefix(pre);
+    h.append_full(full);
   }
-  if (n_rows > n_states_)
-    throw std::out_of_range(cat("n_rows = ", n_rows, " exceeds n_states = ", n_states_));
-  return compute(n_rows);
+  std::string full_fp = fingerprint_from_parts(n_states_, n_base_, nnz_all, full);
+  seed_fingerprint_cache(full_fp);
+  return {fingerprint_from_parts(n_rows, n_base_, nnz_pre, pre), std::move(full_fp)};
+}
+
+void TransitionMatrix::seed_fingerprint_cache(const std::string& full) const {
+  std::lock_guard<std::mutex> lock(fingerprint_cache_->mutex);
+  if (!fingerprint_cache_->set) {
+    fingerprint_cache_->value = full;
+    fingerprint_cache_->set = true;
+  }
+}
+
+TransitionMatrix::ArrayLayout TransitionMatrix::array_layout(Index n_rows) const noexcept {
+  const Index nnz_pre = indptr_[n_rows], nnz_all = nnz();
+  return ArrayLayout{{indptr_, tail_, indices_, data_},
+                     {static_cast<std::size_t>(n_rows + 1) * sizeof(Index), static_cast<std::size_t>(n_rows) * sizeof(double),
+                      static_cast<std::size_t>(nnz_pre) * sizeof(StateIndex), static_cast<std::size_t>(nnz_pre) * sizeof(Prob)},
+                     {static_cast<std::size_t>(n_states_ + 1) * sizeof(Index), static_cast<std::size_t>(n_states_) * sizeof(double),
+                      static_cast<std::size_t>(nnz_all) * sizeof(StateIndex), static_cast<std::size_t>(nnz_all) * sizeof(Prob)}};
+}
+
+std::string TransitionMatrix::fingerprint(Index n_rows) const {
+  if (n_rows < 0 || n_rows == n_states_) {
+    {
+      std::lock_guard<std::mutex> lock(fingerprint_cache_->mutex);
+      if (fingerprint_cache_->set) return fingerprint_cache_->value;
+    }
+    return fingerprint_prefix_and_full(0).second;  // fills the cache
+  }
+  return fingerprint_prefix_and_full(n_rows).first;
 }
 
 std::optional<Violation> TransitionMatrix::find_violation(double tol, int n_threads,

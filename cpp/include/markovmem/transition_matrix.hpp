@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "markovmem/buffer.hpp"
 #include "markovmem/common.hpp"
 
 namespace markovmem {
@@ -70,12 +71,11 @@ class TransitionMatrix {
                                     const Prob* probs, double tol = kRowSumTolerance,
                                     int n_threads = 0);
 
-  /// Owning matrix whose first n_copied rows take their tail bit for bit from
-  /// `tail_prefix` and whose other tails are computed.  No checks: the caller
-  /// (expand) has validated every row.  Used so expansion never recomputes old bytes.
-  static TransitionMatrix with_tail_prefix(Index n_states, Index n_base, std::vector<Index> indptr,
-                                           std::vector<StateIndex> indices, std::vector<Prob> data,
-                                           const double* tail_prefix, Index n_copied, int n_threads);
+  /// Takes ownership of filled buffers.  No checks: the caller (expand) has
+  /// validated every row and computed every tail.
+  static TransitionMatrix adopt_buffers(Index n_states, Index n_base, detail::Buffer<Index> indptr,
+                                        detail::Buffer<StateIndex> indices, detail::Buffer<Prob> data,
+                                        detail::Buffer<double> tail);
 
   /// Views buffers owned by `owner` (e.g. a memory map) without copying.
   /// Checks structure (memory safety) always, values and tail when check_values.
@@ -130,6 +130,20 @@ class TransitionMatrix {
   /// Stable content hash (16 hex digits) of the first n_rows rows (all when n_rows < 0):
   /// equal bytes give equal hashes on every machine and thread count.  Cached for all rows.
   std::string fingerprint(Index n_rows = -1) const;
+  /// Fingerprints of the first n_rows rows and of the whole matrix, hashing each
+  /// byte once (the whole one is cached).  0 <= n_rows <= n_states.
+  std::pair<std::string, std::string> fingerprint_prefix_and_full(Index n_rows) const;
+
+  /// The four arrays in fingerprint order (indptr, tail, indices, data) with the
+  /// byte sizes of the first n_rows rows and of the whole matrix.
+  struct ArrayLayout {
+    const void* ptr[4];
+    std::size_t prefix_bytes[4];
+    std::size_t full_bytes[4];
+  };
+  ArrayLayout array_layout(Index n_rows) const noexcept;
+  /// Stores an already computed full fingerprint in the cache (the caller hashed these bytes).
+  void seed_fingerprint_cache(const std::string& full) const;
 
   /// First broken invariant (structure, values, tail) or nothing.
   std::optional<Violation> find_violation(double tol = kRowSumTolerance, int n_threads = 0,
@@ -148,11 +162,17 @@ class TransitionMatrix {
   const double* tail_ = nullptr;
   std::shared_ptr<const void> owner_;
   struct FingerprintCache {
-    std::once_flag once;
+    std::mutex mutex;
+    bool set = false;
     std::string value;
   };
   std::shared_ptr<FingerprintCache> fingerprint_cache_ = std::make_shared<FingerprintCache>();
 };
+
+namespace detail {
+/// tail[r] = max(0, 1 - sum of row r's stored values) in double, for every row of `rows`.
+void compute_tails(const CsrView& rows, double* tail, int n_threads);
+}  // namespace detail
 
 /// Validates the arguments of a matrix size: 1 <= n_base <= n_states <= kMaxStates.
 void check_sizes(Index n_states, Index n_base);
