@@ -537,8 +537,12 @@ std::vector<std::int32_t> TransitionMatrix::sample(Index start, Index length, st
       const Index free = n_base_ - (b - a);
       if (free > 0 && tail_[v] > 0.0) {
         // The r-th base state the row does not store, r uniform in [0, free).
-        Index c = static_cast<Index>((static_cast<unsigned __int128>(splitmix64(state)) *
-                                      static_cast<std::uint64_t>(free)) >> 64);
+        // Unbiased: reject the low draws that would make the modulo uneven.
+        const auto range = static_cast<std::uint64_t>(free);
+        const std::uint64_t threshold = (0 - range) % range;
+        std::uint64_t draw = splitmix64(state);
+        while (draw < threshold) draw = splitmix64(state);
+        Index c = static_cast<Index>(draw % range);
         for (Index j = a; j < b && indices_[j] <= c; ++j) ++c;
         next = c;
       } else {
