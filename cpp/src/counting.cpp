@@ -29,7 +29,8 @@ TransitionMatrix count_transitions(const std::int32_t* tokens, Index n_tokens, c
       throw std::invalid_argument(os.str());
     }
   }
-  const int nt = detail::resolve_threads(opts.n_threads);
+  // A parallel region costs more than it saves on small inputs.
+  const int nt = n_tokens + n_states < (Index{1} << 16) ? 1 : detail::resolve_threads(opts.n_threads);
   // Mark, per token position, whether a transition starts there, and check ids.
   const long long n = n_tokens;
   long long bad = n;

@@ -135,7 +135,7 @@ ExpansionCertificate certify(const TransitionMatrix& before, const TransitionMat
   const bool identical = c.old_block_identical;
   const bool tail_reaches_new = after.n_base() > n_old;
 #pragma omp parallel for schedule(dynamic, 4096) num_threads(nt) \
-    reduction(max : diff, leak, new_new, sum_err)
+    reduction(max : diff, leak, new_new, sum_err) if (n_all > 4096)
   for (long long v = 0; v < n_all; ++v) {
     const Index a = B.begin(v), b = B.end(v);
     if (!identical || v >= n_old_ll) {
@@ -187,6 +187,11 @@ ExpansionCertificate certify(const TransitionMatrix& before, const TransitionMat
 
 ExpansionCertificate verify_expansion(const TransitionMatrix& before, const TransitionMatrix& after,
                                       double tol, int n_threads) {
+  if (!(tol >= 0.0) || !std::isfinite(tol)) {
+    std::ostringstream os;
+    os << "tol is " << tol << "; expected a finite number >= 0";
+    throw std::invalid_argument(os.str());
+  }
   if (after.n_states() < before.n_states()) {
     std::ostringstream os;
     os << "the expanded matrix has " << after.n_states() << " states, fewer than the original's "

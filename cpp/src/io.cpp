@@ -298,6 +298,42 @@ std::uint64_t header_length(int fd, std::size_t file_size, const std::string& pa
   return n;
 }
 
+// Strict UTF-8 (no overlongs, no surrogates): metadata becomes Python str.
+bool valid_utf8(const std::string& s) {
+  std::size_t i = 0;
+  const std::size_t n = s.size();
+  while (i < n) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    std::size_t len;
+    std::uint32_t cp;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if ((c & 0xE0) == 0xC0) {
+      len = 2;
+      cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      len = 3;
+      cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      len = 4;
+      cp = c & 0x07;
+    } else {
+      return false;
+    }
+    if (i + len > n) return false;
+    for (std::size_t k = 1; k < len; ++k) {
+      const auto cc = static_cast<unsigned char>(s[i + k]);
+      if ((cc & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (cc & 0x3F);
+    }
+    static const std::uint32_t min_for_len[5] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < min_for_len[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += len;
+  }
+  return true;
+}
+
 Metadata parse_metadata(const Json& header, const std::string& path) {
   if (header.kind != Json::kObject) corrupt(path, "the JSON header is not an object");
   Metadata meta;
@@ -305,6 +341,8 @@ Metadata parse_metadata(const Json& header, const std::string& path) {
     if (m->kind != Json::kObject) corrupt(path, "__metadata__ is not an object");
     for (const auto& kv : m->object) {
       if (kv.second.kind != Json::kString) corrupt(path, "__metadata__ value '" + kv.first + "' is not a string");
+      if (!valid_utf8(kv.first) || !valid_utf8(kv.second.str))
+        corrupt(path, "__metadata__ holds a string that is not valid UTF-8");
       meta.emplace_back(kv.first, kv.second.str);
     }
   }
@@ -367,6 +405,10 @@ void save(const TransitionMatrix& P, const std::string& path, const Metadata& ex
     static const char* reserved[] = {"format", "format_version", "n_states", "n_base", "nnz", "fingerprint"};
     for (const char* r : reserved)
       if (kv.first == r) throw std::invalid_argument("metadata key '" + kv.first + "' is reserved");
+    if (kv.first.rfind("markovmem.", 0) == 0)
+      throw std::invalid_argument("metadata key '" + kv.first + "' is reserved (keys starting with 'markovmem.' are the library's)");
+    if (!valid_utf8(kv.first) || !valid_utf8(kv.second))
+      throw std::invalid_argument("metadata key '" + kv.first + "' or its value is not valid UTF-8");
     h << ",\"" << json_escape(kv.first) << "\":\"" << json_escape(kv.second) << "\"";
   }
   h << "}";

@@ -92,6 +92,11 @@ bool row_problem(const CsrView& rows, const double* tail, Index cap, Index n_sta
     if (msg) *msg = cat(label, " ", r, ": probabilities sum to ", sum, ", above 1 + ", opts.tol);
     return true;
   }
+  if (opts.values && b - a >= n_base && sum < 1.0 - opts.tol) {
+    if (msg) *msg = cat(label, " ", r, ": stores every base state but sums to ", sum,
+                        ", below 1 - ", opts.tol, " (the missing mass has no state to go to)");
+    return true;
+  }
   if (opts.tail && tail) {
     const double t = tail[r];
     if (!std::isfinite(t) || t < 0.0 || t > 1.0) {
@@ -140,6 +145,7 @@ bool row_ok_fast(const CsrView& rows, const double* tail, Index cap, Index n_bas
     sum += p;
   }
   if (bad || sum > 1.0 + opts.tol) return false;
+  if (b - a >= n_base && sum < 1.0 - opts.tol) return false;
   if (opts.tail && tail) {
     const double t = tail[r];
     if (!(t >= 0.0 && t <= 1.0)) return false;
@@ -153,7 +159,7 @@ bool row_ok_fast(const CsrView& rows, const double* tail, Index cap, Index n_bas
 
 void detail::compute_tails(const CsrView& rows, double* tail, int n_threads) {
   const long long n = rows.n_rows;
-#pragma omp parallel for schedule(static) num_threads(detail::resolve_threads(n_threads))
+#pragma omp parallel for schedule(static) num_threads(detail::resolve_threads(n_threads)) if (n > 4096)
   for (long long r = 0; r < n; ++r) {
     double s = 0.0;
     for (Index j = rows.indptr[r]; j < rows.indptr[r + 1]; ++j) s += rows.data[j];
@@ -174,6 +180,8 @@ inline std::uint64_t splitmix64(std::uint64_t& state) {
 
 std::optional<Violation> check_rows(const CsrView& rows, const double* tail, Index nnz_capacity,
                                     Index n_states, Index n_base, const CheckOptions& opts) {
+  if (!(opts.tol >= 0.0) || !std::isfinite(opts.tol))
+    throw std::invalid_argument(cat("tol is ", opts.tol, "; expected a finite number >= 0"));
   if (rows.n_rows < 0) return Violation{-1, "negative number of rows"};
   if (rows.indptr[0] != 0)
     return Violation{0, cat("indptr[0] is ", rows.indptr[0], "; expected 0")};
@@ -181,7 +189,7 @@ std::optional<Violation> check_rows(const CsrView& rows, const double* tail, Ind
   long long first = n;
   const long long r0 = std::max<Index>(0, opts.first_row);
 #pragma omp parallel for schedule(dynamic, 4096) reduction(min : first) \
-    num_threads(detail::resolve_threads(opts.n_threads))
+    num_threads(detail::resolve_threads(opts.n_threads)) if (n - r0 > 4096)
   for (long long r = r0; r < n; ++r) {
     if (r < first && !row_ok_fast(rows, tail, nnz_capacity, n_base, opts, r)) first = r;
   }
@@ -278,7 +286,7 @@ TransitionMatrix TransitionMatrix::from_topk(Index n_states, Index n_base, Index
   owned->data = detail::Buffer<Prob>::uninitialized(static_cast<std::size_t>(n_states * k));
   const long long n = n_states;
   long long bad = n;
-#pragma omp parallel num_threads(detail::resolve_threads(n_threads))
+#pragma omp parallel num_threads(detail::resolve_threads(n_threads)) if (n * k > 65536)
   {
     std::vector<std::pair<StateIndex, Prob>> buf(static_cast<std::size_t>(k));
 #pragma omp for schedule(static) reduction(min : bad)
@@ -418,7 +426,8 @@ void TransitionMatrix::prob_many(const Index* v, const Index* x, Index n, double
 
 std::vector<double> TransitionMatrix::step(const double* dist, int n_threads) const {
   const Index n = n_states_;
-  const int nt = detail::resolve_threads(n_threads);
+  // A parallel region costs more than it saves on small matrices.
+  const int nt = n + nnz() < (Index{1} << 16) ? 1 : detail::resolve_threads(n_threads);
   std::vector<std::vector<double>> partial(static_cast<std::size_t>(nt));
   std::vector<double> uniform(static_cast<std::size_t>(nt), 0.0);
 #pragma omp parallel num_threads(nt)
@@ -502,7 +511,8 @@ std::vector<double> TransitionMatrix::log_likelihood(const std::int32_t* tokens,
                                     " is out of range [0, n_states = ", n_states_, ")"));
   std::vector<double> out(static_cast<std::size_t>(n_seq), 0.0);
   const long long ns = n_seq;
-#pragma omp parallel for schedule(dynamic, 16) num_threads(detail::resolve_threads(n_threads))
+#pragma omp parallel for schedule(dynamic, 16) num_threads(detail::resolve_threads(n_threads)) \
+    if (n_tokens > 65536)
   for (long long s = 0; s < ns; ++s) {
     double ll = 0.0;
     for (Index i = offsets[s] + 1; i < offsets[s + 1]; ++i) {

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from . import _core
-from ._matrix import DEFAULT_TOL, TransitionMatrix, _threads
+from ._matrix import DEFAULT_TOL, TransitionMatrix, _threads, _tol
 
 __all__ = ["ExpansionCertificate", "verify_expansion"]
 
@@ -139,4 +139,4 @@ def verify_expansion(
     for name, m in (("before", before), ("after", after)):
         if not isinstance(m, TransitionMatrix):
             raise TypeError(f"{name} must be a markovmem.TransitionMatrix; got {type(m).__name__}")
-    return ExpansionCertificate.from_dict(_core.verify_expansion(before._m, after._m, float(tol), _threads(n_threads)))
+    return ExpansionCertificate.from_dict(_core.verify_expansion(before._m, after._m, _tol(tol), _threads(n_threads)))

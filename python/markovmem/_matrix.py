@@ -57,6 +57,28 @@ def _as_int32_ids(values: Any, name: str, upper: int) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
+def _tol(tol: float) -> float:
+    tol = float(tol)
+    if not (np.isfinite(tol) and tol >= 0.0):
+        raise ValueError(f"tol is {tol}; expected a finite number >= 0")
+    return tol
+
+
+def _as_int64_ids(values: np.ndarray, name: str, upper: int) -> np.ndarray:
+    """``values`` (an integer array) as C-contiguous int64, after checking every id is in [0, upper).
+
+    The check runs on the original dtype so an unsigned id beyond int64 is reported as given.
+    """
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer state ids; got dtype {values.dtype}")
+    if values.size:
+        bad = (values >= upper) if values.dtype.kind == "u" else ((values < 0) | (values >= upper))
+        if bad.any():
+            pos = int(np.flatnonzero(bad.ravel())[0])
+            raise IndexError(f"{name}[{pos}] = {values.ravel()[pos]} is out of range [0, n_states = {upper})")
+    return np.ascontiguousarray(values, dtype=np.int64).ravel()
+
+
 def _csr_parts(matrix: Any, n_cols: int | None, what: str) -> tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray]:
     """Shape and (indptr int64, indices int32, data float32) of a sparse or dense 2-D input.
 
@@ -66,11 +88,15 @@ def _csr_parts(matrix: Any, n_cols: int | None, what: str) -> tuple[tuple[int, i
     import scipy.sparse as sp
 
     if sp.issparse(matrix):
+        if matrix.ndim != 2:
+            raise ValueError(f"{what} must be 2-D; got a {matrix.ndim}-D sparse array of shape {matrix.shape}")
         csr = matrix if matrix.format == "csr" else matrix.tocsr()
     else:
         dense = np.asarray(matrix)
         if dense.ndim != 2:
             raise ValueError(f"{what} must be 2-D; got shape {dense.shape}")
+        if dense.dtype.kind not in "biuf":
+            raise TypeError(f"{what} must hold real numbers; got dtype {dense.dtype}")
         if dense.size and not np.all(np.isfinite(dense)):
             r = int(np.argwhere(~np.isfinite(dense))[0, 0])
             raise invariant_error(f"{what} row {r}: probability is not finite", r)
@@ -182,7 +208,7 @@ class TransitionMatrix:
             raise ValueError(f"matrix has shape {shape}; a transition matrix must be square")
         n_states = shape[0]
         n_base = n_states if n_base is None else int(n_base)
-        return cls(_core.TransitionMatrix.copy_csr(n_states, n_base, indptr, indices, data, float(tol), _threads(n_threads)))
+        return cls(_core.TransitionMatrix.copy_csr(n_states, n_base, indptr, indices, data, _tol(tol), _threads(n_threads)))
 
     @classmethod
     def from_topk(
@@ -227,7 +253,7 @@ class TransitionMatrix:
         n_base = n_states if n_base is None else int(n_base)
         idx = np.ascontiguousarray(idx, dtype=np.int32 if idx.dtype == np.int32 else np.int64)
         pr = np.ascontiguousarray(pr, dtype=np.float32)
-        return cls(_core.TransitionMatrix.from_topk(n_states, n_base, idx, pr, float(tol), _threads(n_threads)))
+        return cls(_core.TransitionMatrix.from_topk(n_states, n_base, idx, pr, _tol(tol), _threads(n_threads)))
 
     @classmethod
     def from_sequences(
@@ -394,14 +420,8 @@ class TransitionMatrix:
             self._state(x, "x")
             return self._m.log_prob(int(v), int(x)) if log else self._m.prob(int(v), int(x))
         va, xa = np.broadcast_arrays(np.asarray(v), np.asarray(x))
-        for name, arr in (("v", va), ("x", xa)):
-            if arr.size and not np.issubdtype(arr.dtype, np.integer):
-                raise TypeError(f"{name} must hold integer state ids; got dtype {arr.dtype}")
         out = self._m.prob_many(
-            np.ascontiguousarray(va, dtype=np.int64).ravel(),
-            np.ascontiguousarray(xa, dtype=np.int64).ravel(),
-            log,
-            _threads(n_threads),
+            _as_int64_ids(va, "v", self.n_states), _as_int64_ids(xa, "x", self.n_states), log, _threads(n_threads)
         )
         return out.reshape(va.shape)
 
@@ -514,7 +534,7 @@ class TransitionMatrix:
         range, below ``n_base``; probabilities finite, non-negative, summing to at
         most ``1 + tol``; tail equal to ``1 - sum`` within ``tol``.  O(nnz), parallel.
         """
-        found = self._m.find_violation(float(tol), _threads(n_threads))
+        found = self._m.find_violation(_tol(tol), _threads(n_threads))
         if found is not None:
             row, reason = found
             raise invariant_error(reason, row if row >= 0 else None)
@@ -555,7 +575,7 @@ class TransitionMatrix:
         shape, indptr, indices, data = _csr_parts(new_rows, self.n_base, "new_rows")
         if shape[0] == 0:
             raise ValueError("new_rows has no rows; expected at least one new state")
-        core, cert = _core.expand(self._m, indptr, indices, data, float(tol), _threads(n_threads))
+        core, cert = _core.expand(self._m, indptr, indices, data, _tol(tol), _threads(n_threads))
         return TransitionMatrix(core), ExpansionCertificate.from_dict(cert)
 
 

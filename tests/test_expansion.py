@@ -1,0 +1,314 @@
+"""expand() and verify_expansion(): old rows kept bit for bit, compositions,
+the certificate's figures on good and hand-made bad expansions, and rejected
+new rows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import markovmem as mm
+from helpers import dense_of, random_csr
+
+FIELDS = [
+    "n_old", "n_new", "n_base", "same_n_base", "old_block_identical", "max_abs_diff_old",
+    "leaked_mass_to_new", "new_to_new_mass", "max_row_sum_error", "fingerprint_before",
+    "fingerprint_after_old", "fingerprint_after", "after_valid", "after_violation", "ok",
+]
+
+
+def u8(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+def assert_old_rows_bitwise(P: mm.TransitionMatrix, Q: mm.TransitionMatrix) -> None:
+    n, nnz = P.n_states, P.nnz
+    assert np.array_equal(u8(Q.indptr[: n + 1]), u8(P.indptr))
+    assert np.array_equal(u8(Q.indices[:nnz]), u8(P.indices))
+    assert np.array_equal(u8(Q.data[:nnz]), u8(P.data))
+    assert np.array_equal(u8(Q.tail[:n]), u8(P.tail))
+
+
+@pytest.fixture
+def P(rng) -> mm.TransitionMatrix:
+    return mm.TransitionMatrix.from_scipy(random_csr(rng, 8, density=0.4, full_rows=True))
+
+
+def test_expand_keeps_old_rows_bitwise(rng, P):
+    rows = random_csr(rng, 3, density=0.5)[:, :].toarray()
+    new = np.zeros((3, 8))
+    new[:, :3] = rows
+    Q, cert = P.expand(sp.csr_array(new))
+    assert (Q.n_states, Q.n_base, Q.nnz) == (11, 8, P.nnz + np.count_nonzero(new))
+    assert_old_rows_bitwise(P, Q)
+    assert cert.ok and cert.failures() == []
+    np.testing.assert_array_equal(Q.to_dense()[:8, :8], P.to_dense())
+    assert np.all(Q.to_dense()[:, 8:] == 0.0)  # nothing moves to a new state
+    np.testing.assert_allclose(Q.to_dense()[8:, :8], dense_of(Q)[8:, :8], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(Q.to_dense().sum(axis=1), 1.0, atol=1e-6)
+    Q.validate()
+
+
+def test_expand_certificate_fields(P):
+    Q, cert = P.expand(np.eye(2, 8) * 0.5)
+    assert isinstance(cert, mm.ExpansionCertificate)
+    assert list(cert.to_dict()) == FIELDS
+    assert (cert.n_old, cert.n_new, cert.n_base) == (8, 2, 8)
+    assert cert.same_n_base and cert.old_block_identical and cert.after_valid
+    assert cert.max_abs_diff_old == cert.leaked_mass_to_new == cert.new_to_new_mass == 0.0
+    assert cert.max_row_sum_error <= 1e-6
+    assert cert.fingerprint_before == P.fingerprint() == cert.fingerprint_after_old
+    assert cert.fingerprint_after == Q.fingerprint() != P.fingerprint()
+    assert cert.after_violation == ""
+    assert json.loads(json.dumps(cert.to_dict())) == cert.to_dict()
+    assert mm.ExpansionCertificate.from_dict(cert.to_dict()) == cert
+    text = str(cert)
+    assert "certificate" in text and text.rstrip().endswith("OK")
+    assert "8 -> 10 (+2), n_base 8" in text
+    assert mm.verify_expansion(P, Q) == cert  # recomputed independently, same figures
+    with pytest.raises(ValueError, match="missing"):
+        mm.ExpansionCertificate.from_dict({"ok": True})
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [np.asarray, sp.csr_array, sp.coo_array, sp.csc_matrix, lambda a: a.tolist()],
+    ids=["dense", "csr", "coo", "csc", "list"],
+)
+def test_expand_accepts_any_2d_input(P, convert):
+    rows = np.array([[0.0, 0.5, 0.0, 0.0, 0.25, 0.0, 0.0, 0.0]])
+    Q, cert = P.expand(convert(rows))
+    assert cert.ok
+    ref, _ = P.expand(sp.csr_array(rows))
+    assert Q.fingerprint() == ref.fingerprint()
+
+
+def test_expand_accepts_predict_object(P):
+    class Fit:
+        def predict(self):
+            return np.full((2, 8), 1 / 8)
+
+    Q, cert = P.expand(Fit())
+    assert cert.ok and Q.n_states == 10
+    np.testing.assert_allclose(Q.prob(9, np.arange(8)), 1 / 8, rtol=1e-6)
+
+
+def test_expand_empty_new_row_is_uniform_over_base(P):
+    Q, cert = P.expand(sp.csr_array((1, 8)))
+    assert cert.ok
+    np.testing.assert_allclose(Q.to_dense()[8], [1 / 8] * 8 + [0.0])
+
+
+@pytest.mark.parametrize(
+    "before",
+    [np.array([[1.0]]), np.eye(2), np.zeros((2, 2)), np.array([[0.5, 0.5], [0.0, 0.25]])],
+    ids=["1x1", "identity", "all-tail", "mixed"],
+)
+@pytest.mark.parametrize("m", [1, 3])
+def test_expand_by_rows_adding_no_entries(before, m):
+    """New rows that store nothing (nnz unchanged) still certify: the old block is the whole data."""
+    P = mm.TransitionMatrix.from_scipy(before)
+    Q, cert = P.expand(sp.csr_array((m, P.n_base)))
+    assert cert.ok, cert.failures()
+    assert cert.fingerprint_after_old == P.fingerprint()
+    assert Q.nnz == P.nnz
+    assert_old_rows_bitwise(P, Q)
+    np.testing.assert_allclose(Q.to_dense()[P.n_states:, : P.n_base], 1.0 / P.n_base)
+
+
+def test_expansions_compose(rng, P):
+    Q1, c1 = P.expand(np.eye(2, 8) * 0.75)
+    Q2, c2 = Q1.expand(sp.csr_array(random_csr(rng, 3, density=0.6).toarray() @ np.eye(3, 8)))
+    assert c1.ok and c2.ok
+    assert (Q2.n_states, Q2.n_base) == (13, 8)
+    assert (c2.n_old, c2.n_new, c2.n_base) == (10, 3, 8)
+    assert_old_rows_bitwise(P, Q2)
+    assert_old_rows_bitwise(Q1, Q2)
+    for before in (P, Q1):
+        cert = mm.verify_expansion(before, Q2)
+        assert cert.ok, cert.failures()
+    assert mm.verify_expansion(P, Q2).n_new == 5
+    dense = Q2.to_dense()
+    assert np.all(dense[:, 8:] == 0.0)
+    np.testing.assert_array_equal(dense[:10, :10], Q1.to_dense())
+    # the second expansion's rows only live over the base states
+    with pytest.raises(ValueError, match=r"shape \(1, 10\); expected 8 columns"):
+        Q1.expand(np.full((1, 10), 0.1))
+
+
+def test_verify_expansion_of_identity_is_ok(P):
+    cert = mm.verify_expansion(P, P)
+    assert cert.ok and cert.n_new == 0
+
+
+# ---------------------------------------------------------------- each failure mode
+
+
+@pytest.fixture
+def P3() -> mm.TransitionMatrix:
+    return mm.TransitionMatrix.from_scipy(np.array([[0.5, 0.25, 0.0], [0.0, 0.0, 1.0], [0.1, 0.0, 0.0]]))
+
+
+def expanded_dense(P3) -> np.ndarray:
+    Q, cert = P3.expand(np.array([[1.0, 0.0, 0.0]]))
+    assert cert.ok
+    return Q.to_scipy().toarray().astype(np.float64)
+
+
+def test_failure_changed_old_value(P3):
+    dense = expanded_dense(P3)
+    dense[0, 1] = 0.2
+    cert = mm.verify_expansion(P3, mm.TransitionMatrix.from_scipy(dense, n_base=3))
+    assert not cert.ok
+    assert cert.same_n_base and not cert.old_block_identical
+    assert cert.max_abs_diff_old == pytest.approx(0.05, rel=1e-6)  # 0.25 -> 0.2 (and the tail 0.25 -> 0.3)
+    assert cert.leaked_mass_to_new == 0.0 and cert.new_to_new_mass == 0.0
+    assert cert.fingerprint_after_old != cert.fingerprint_before
+    assert cert.after_valid
+    assert cert.failures() == [
+        "old rows are not byte-identical",
+        "old transition probabilities changed by up to 0.05",
+        "fingerprint of the old block changed",
+    ]
+    assert "FAILED: old rows are not byte-identical" in str(cert)
+
+
+def test_failure_one_ulp_change_is_caught(P3):
+    dense = expanded_dense(P3).astype(np.float32)
+    dense[2, 0] = np.nextafter(dense[2, 0], np.float32(0))
+    cert = mm.verify_expansion(P3, mm.TransitionMatrix.from_scipy(dense, n_base=3))
+    assert not cert.ok and not cert.old_block_identical
+    assert 0.0 < cert.max_abs_diff_old < 1e-8
+
+
+def test_failure_old_row_with_mass_on_new_state(P3):
+    dense = expanded_dense(P3)
+    dense[1, 2], dense[1, 3] = 0.75, 0.25  # row 1 moves a quarter of its mass to the new state 3
+    after = mm.TransitionMatrix.from_scipy(dense, n_base=4)
+    cert = mm.verify_expansion(P3, after)
+    assert not cert.ok
+    assert cert.leaked_mass_to_new == pytest.approx(0.3)  # row 2's tail 0.9 now also reaches state 3
+    assert cert.max_abs_diff_old == pytest.approx(0.25)
+    assert not cert.same_n_base
+    assert any("on new states" in f for f in cert.failures())
+
+
+def test_failure_old_row_stores_mass_on_new_state_only(P3):
+    # Same n_base change, but the only leak of row 1 is a stored entry.
+    dense = np.zeros((4, 4))
+    dense[:3, :3] = expanded_dense(P3)[:3, :3]
+    dense[0, 2] = 0.25  # row 0 stores its whole mass: no tail left to leak
+    dense[2, 1:3] = 0.45  # row 2 stores everything too
+    dense[1, 2], dense[1, 3] = 0.5, 0.5
+    dense[3, 0] = 1.0
+    cert = mm.verify_expansion(P3, mm.TransitionMatrix.from_scipy(dense, n_base=4))
+    assert cert.leaked_mass_to_new == pytest.approx(0.5)
+    assert not cert.ok
+
+
+def test_failure_n_base_changed_tail_leaks(P3):
+    dense = expanded_dense(P3)
+    after = mm.TransitionMatrix.from_scipy(dense, n_base=4)  # same stored values, larger n_base
+    cert = mm.verify_expansion(P3, after)
+    assert not cert.ok
+    assert not cert.same_n_base and not cert.old_block_identical
+    # row 0's tail 0.25 was on state 2 only; now it splits over states 2 and 3
+    assert cert.leaked_mass_to_new == pytest.approx(0.3)  # row 2: 0.9 over 3 free states
+    assert cert.max_abs_diff_old == pytest.approx(0.15)
+    assert cert.new_to_new_mass == 0.0  # the new row stores 1.0 on a base state
+    assert cert.failures()[0] == "n_base changed: old tails would spread onto new states"
+
+
+def test_failure_new_row_with_mass_on_new_state(P3):
+    dense = expanded_dense(P3)
+    dense[3, 0], dense[3, 3] = 0.5, 0.5
+    cert = mm.verify_expansion(P3, mm.TransitionMatrix.from_scipy(dense, n_base=4))
+    assert not cert.ok
+    assert cert.new_to_new_mass == pytest.approx(0.5)
+    assert "a new row puts mass 0.5 on states >= n_base" in cert.failures()
+
+
+def test_failure_new_row_tail_reaches_new_states(P3):
+    dense = expanded_dense(P3)
+    dense[3, 0] = 0.4  # tail 0.6 over 3 free states once n_base = 4
+    cert = mm.verify_expansion(P3, mm.TransitionMatrix.from_scipy(dense, n_base=4))
+    assert cert.new_to_new_mass == pytest.approx(0.2)
+
+
+def test_failure_after_has_fewer_states(P3):
+    with pytest.raises(ValueError, match="the expanded matrix has 2 states, fewer than the original's 3"):
+        mm.verify_expansion(P3, mm.TransitionMatrix.from_scipy(np.eye(2)))
+
+
+@pytest.mark.parametrize("bad", [None, np.eye(3), "P"], ids=["none", "array", "str"])
+def test_verify_expansion_type_errors(P3, bad):
+    with pytest.raises(TypeError, match="must be a markovmem.TransitionMatrix"):
+        mm.verify_expansion(P3, bad)
+    with pytest.raises(TypeError, match="before must be"):
+        mm.verify_expansion(bad, P3)
+
+
+def test_verify_expansion_against_dense_reference(rng):
+    """Figures of arbitrary 'after' matrices against numpy on the dense forms."""
+    for _ in range(20):
+        n_old = int(rng.integers(2, 6))
+        n_new = int(rng.integers(0, 3))
+        before = mm.TransitionMatrix.from_scipy(random_csr(rng, n_old, density=0.5))
+        n_base_after = int(rng.choice([n_old, n_old + n_new]))
+        after = mm.TransitionMatrix.from_scipy(random_csr(rng, n_old + n_new, n_base_after, density=0.5),
+                                               n_base=n_base_after)
+        cert = mm.verify_expansion(before, after, n_threads=1)
+        A, B = dense_of(before), dense_of(after)
+        assert cert.max_abs_diff_old == pytest.approx(np.abs(B[:n_old, :n_old] - A).max(), rel=1e-9, abs=1e-15)
+        assert cert.leaked_mass_to_new == pytest.approx(B[:n_old, n_old:].sum(axis=1).max(initial=0.0), abs=1e-12)
+        assert cert.new_to_new_mass == pytest.approx(B[n_old:, before.n_base:].sum(axis=1).max(initial=0.0), abs=1e-12)
+        assert cert.same_n_base == (after.n_base == before.n_base)
+        assert not cert.ok
+
+
+# ---------------------------------------------------------------- bad new rows
+
+
+BAD_NEW_ROWS = [
+    (np.zeros((1, 7)), ValueError, r"new_rows has shape \(1, 7\); expected 8 columns", None),
+    (np.zeros((1, 9)), ValueError, r"new_rows has shape \(1, 9\); expected 8 columns", None),
+    (np.zeros((0, 8)), ValueError, "new_rows has no rows; expected at least one new state", None),
+    (sp.csr_array((0, 8)), ValueError, "new_rows has no rows", None),
+    (np.zeros(8), ValueError, r"new_rows must be 2-D; got shape \(8,\)", None),
+    (np.array([[0.5] + [0] * 7, [np.nan] + [0] * 7]), mm.InvariantError, "new_rows row 1: probability is not finite", 1),
+    (sp.csr_array(np.array([[0.5] + [0] * 7, [0.1] + [np.inf] + [0] * 6])), mm.InvariantError,
+     "new row 1: probability at column 1 is not finite", 1),
+    (np.array([[0.0] * 7 + [-0.1]]), mm.InvariantError, "new row 0: negative probability", 0),
+    (np.array([[0.5] * 8, [0.1] * 8]), mm.InvariantError, "new row 0: probabilities sum to 4", 0),
+    (np.array([[0.125] * 8, [0.6, 0.6] + [0.0] * 6]), mm.InvariantError, "new row 1: probabilities sum to 1.2", 1),
+    (sp.csr_array((np.float32([0.2, 0.3]), np.int32([3, 1]), np.array([0, 2])), shape=(1, 8)),
+     mm.InvariantError, r"new row 0: column indices are not sorted \(3 before 1\)", 0),
+    (sp.csr_array((np.float32([0.2, 0.3]), np.int32([1, 1]), np.array([0, 0, 2])), shape=(2, 8)),
+     mm.InvariantError, "new row 1: duplicate column index 1", 1),
+    (np.full((1, 8), 0.1j), TypeError, "must hold real numbers", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("rows", "exc", "match", "row"),
+    BAD_NEW_ROWS,
+    ids=["too-few-columns", "too-many-columns", "no-rows", "no-rows-sparse", "1-D", "nan", "inf",
+         "negative", "sum>1", "sum>1-row1", "unsorted", "duplicate", "complex"],
+)
+def test_expand_rejects_bad_new_rows(P, rows, exc, match, row):
+    with pytest.raises(exc, match=match) as info:
+        P.expand(rows)
+    if exc is mm.InvariantError:
+        assert isinstance(info.value, ValueError)
+        assert info.value.row == row
+
+
+def test_expand_tol(P):
+    row = np.array([[0.5, 0.500004] + [0.0] * 6])
+    _, cert = P.expand(row)
+    assert cert.ok
+    with pytest.raises(mm.InvariantError, match="above 1"):
+        P.expand(row, tol=1e-7)
