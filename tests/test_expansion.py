@@ -312,3 +312,54 @@ def test_expand_tol(P):
     assert cert.ok
     with pytest.raises(mm.InvariantError, match="above 1"):
         P.expand(row, tol=1e-7)
+
+
+# ---------------------------------------------------------------- in-place expansion
+
+
+@pytest.fixture
+def roomy() -> mm.TransitionMatrix:
+    """A matrix built with spare capacity (from_topk / from_scipy reserve some)."""
+    rng = np.random.default_rng(11)
+    T, k = 300, 4
+    idx = (np.arange(k)[None, :] * 7 + rng.integers(0, T, size=(T, 1))) % T
+    return mm.TransitionMatrix.from_topk(idx, np.full((T, k), 0.2, dtype=np.float32))
+
+
+def test_in_place_expansion_shares_old_memory_and_certifies(roomy) -> None:
+    before = {n: np.array(getattr(roomy, n)) for n in ("indptr", "indices", "data", "tail")}
+    Q, cert = roomy.expand(sp.csr_array(np.eye(2, 300) * 0.5))
+    assert np.shares_memory(roomy.data, Q.data)  # nothing old was copied
+    assert cert.ok and cert.fingerprint_after_old == roomy.fingerprint()
+    for n, arr in before.items():
+        assert arr.tobytes() == getattr(roomy, n).tobytes()
+    assert mm.verify_expansion(roomy, Q).ok
+
+
+def test_sibling_expansions_never_overwrite_each_other(roomy) -> None:
+    Q1, c1 = roomy.expand(sp.csr_array(np.eye(2, 300) * 0.5))
+    Q2, c2 = roomy.expand(sp.csr_array(np.eye(2, 300, k=5) * 0.25))
+    assert c1.ok and c2.ok
+    # The second expansion may not reuse the spare capacity the first one holds.
+    assert Q1.row(300).indices.tolist() == [0] and Q1.row(300).probs.tolist() == [0.5]
+    assert Q2.row(300).indices.tolist() == [5] and Q2.row(300).probs.tolist() == [0.25]
+    assert not np.shares_memory(Q1.data, Q2.data)
+    assert mm.verify_expansion(roomy, Q1).ok and mm.verify_expansion(roomy, Q2).ok
+
+
+def test_spare_capacity_is_reused_once_the_expansion_is_gone(roomy) -> None:
+    Q1, _ = roomy.expand(sp.csr_array(np.eye(1, 300) * 0.5))
+    fp1 = Q1.fingerprint()
+    del Q1
+    Q2, c2 = roomy.expand(sp.csr_array(np.eye(1, 300, k=3) * 0.5))
+    assert c2.ok and np.shares_memory(roomy.data, Q2.data)
+    assert Q2.fingerprint() != fp1
+    Q3, c3 = Q2.expand(sp.csr_array(np.eye(1, 300, k=9)))  # chains in place too
+    assert c3.ok and mm.verify_expansion(roomy, Q3).ok
+    assert Q3.row(300).indices.tolist() == [3] and Q3.row(301).indices.tolist() == [9]
+
+
+def test_expansion_beyond_capacity_copies(roomy) -> None:
+    dense = sp.csr_array(np.full((50, 300), 1 / 300))  # 15,000 entries: more than the spare room
+    Q, cert = roomy.expand(dense)
+    assert cert.ok and not np.shares_memory(roomy.data, Q.data)

@@ -105,12 +105,24 @@ BlockEvidence compare_and_hash(const TransitionMatrix& before, const TransitionM
   const auto old = before.array_layout(before.n_states());
   const auto all = after.array_layout(before.n_states());
   for (int i = 0; i < 4; ++i) {
-    // Old blocks of different byte lengths (row pointers disagree) cannot be equal: hash only.
+    ArrayHashes& h = ev.arrays[i];
     const bool same_length = old.full_bytes[i] == all.prefix_bytes[i];
-    process_chunks(ev.arrays[i], const_cast<void*>(all.ptr[i]), old.ptr[i], all.prefix_bytes[i], all.full_bytes[i],
-                   all.full_bytes[i], 0, n_chunks(all.full_bytes[i]),
+    std::size_t first_chunk = 0;
+    if (same_length && old.ptr[i] == all.ptr[i]) {
+      // `after` extends `before` in place: its old block IS before's memory, so it is
+      // byte-identical, and its whole chunks are before's (cached) chunk hashes.
+      const ArrayHashes& mine = before.chunk_hashes()[static_cast<std::size_t>(i)];
+      first_chunk = all.prefix_bytes[i] / kHashChunk;
+      h.full_bytes = all.full_bytes[i];
+      h.prefix_bytes = all.prefix_bytes[i];
+      h.chunks.assign(n_chunks(all.full_bytes[i]), 0);
+      std::copy(mine.chunks.begin(), mine.chunks.begin() + static_cast<std::ptrdiff_t>(first_chunk), h.chunks.begin());
+    }
+    // Old blocks of different byte lengths (row pointers disagree) cannot be equal: hash only.
+    process_chunks(h, const_cast<void*>(all.ptr[i]), old.ptr[i], all.prefix_bytes[i], all.full_bytes[i],
+                   all.full_bytes[i], first_chunk, n_chunks(all.full_bytes[i]),
                    same_length ? PrefixMode::kCompare : PrefixMode::kHashOnly, n_threads);
-    if (!same_length) ev.arrays[i].prefix_equal = false;
+    if (!same_length) h.prefix_equal = false;
   }
   return ev;
 }
@@ -167,7 +179,12 @@ ExpansionCertificate certify(const TransitionMatrix& before, const TransitionMat
   c.fingerprint_before = before.fingerprint();
   c.fingerprint_after_old = fingerprint_from_parts(n_old, after.n_base(), after.indptr()[n_old], pre);
   c.fingerprint_after = fingerprint_from_parts(after.n_states(), after.n_base(), after.nnz(), full);
-  after.seed_fingerprint_cache(c.fingerprint_after);
+  std::array<ArrayHashes, 4> whole;
+  for (int i = 0; i < 4; ++i) {
+    whole[static_cast<std::size_t>(i)] = ev.arrays[i];
+    whole[static_cast<std::size_t>(i)].prefix_bytes = ev.arrays[i].full_bytes;
+  }
+  after.seed_chunk_hashes(whole);  // these are hashes of after's own bytes
   // An identical old block is exactly as valid as `before` (before.validate() answers
   // that); the certificate checks what the expansion added, or everything otherwise.
   const Index first_checked = c.old_block_identical ? n_old : 0;
@@ -217,14 +234,27 @@ Expansion expand(const TransitionMatrix& P, const CsrView& new_rows, double tol,
     throw InvariantViolation(v->row, v->reason);
 
   const Index nnz_old = P.nnz(), nnz_all = nnz_old + nnz_new;
-  using detail::Buffer;
-  // Uninitialised buffers; each old chunk is copied, compared with its source and
-  // hashed while hot in cache, so the old bytes are read from memory once and the
+  if (auto ext = P.try_extend(m, nnz_new)) {
+    // In place: the new rows go into P's spare capacity; nothing old is copied or touched.
+    for (Index r = 1; r <= m; ++r) ext->indptr[n_old + r] = nnz_old + new_rows.indptr[r];
+    std::memcpy(ext->indices + nnz_old, new_rows.indices, sizeof(StateIndex) * static_cast<std::size_t>(nnz_new));
+    std::memcpy(ext->data + nnz_old, new_rows.data, sizeof(Prob) * static_cast<std::size_t>(nnz_new));
+    detail::compute_tails(CsrView{m, ext->indptr + n_old, ext->indices, ext->data}, ext->tail + n_old, n_threads);
+    TransitionMatrix Q = P.extended(std::move(*ext), m);
+    ExpansionCertificate cert = certify(P, Q, compare_and_hash(P, Q, n_threads), tol, n_threads);
+    return Expansion{std::move(Q), std::move(cert)};
+  }
+  // Copy path (P's storage is borrowed, full, or held by a longer live matrix):
+  // uninitialised buffers, with spare capacity again so that expanding Q later is
+  // in place; each old chunk is copied, compared with its source and hashed while
+  // hot in cache, so the old bytes are read from memory once and the
   // certificate's byte comparison and fingerprints cost no extra pass.
-  auto indptr = Buffer<Index>::uninitialized(static_cast<std::size_t>(n_old + m + 1));
-  auto tail = Buffer<double>::uninitialized(static_cast<std::size_t>(n_old + m));
-  auto indices = Buffer<StateIndex>::uninitialized(static_cast<std::size_t>(nnz_all));
-  auto data = Buffer<Prob>::uninitialized(static_cast<std::size_t>(nnz_all));
+  using detail::Buffer;
+  const auto [spare_rows, spare_nnz] = TransitionMatrix::headroom(n_old + m, nnz_all);
+  auto indptr = Buffer<Index>::uninitialized(static_cast<std::size_t>(n_old + m + 1 + spare_rows));
+  auto tail = Buffer<double>::uninitialized(static_cast<std::size_t>(n_old + m + spare_rows));
+  auto indices = Buffer<StateIndex>::uninitialized(static_cast<std::size_t>(nnz_all + spare_nnz));
+  auto data = Buffer<Prob>::uninitialized(static_cast<std::size_t>(nnz_all + spare_nnz));
   const auto old = P.array_layout(n_old);
   void* dst[4] = {indptr.data(), tail.data(), indices.data(), data.data()};
   const std::size_t full[4] = {sizeof(Index) * static_cast<std::size_t>(n_old + m + 1),

@@ -19,11 +19,16 @@
 
 namespace markovmem {
 
+// Owned storage.  Buffers may be longer than the matrix that created them: the
+// spare part lets an expansion append rows in place.  claimed_rows is the row
+// count of the longest live matrix on this storage (only it may append).
 struct TransitionMatrix::Owned {
   detail::Buffer<Index> indptr;
   detail::Buffer<StateIndex> indices;
   detail::Buffer<Prob> data;
   detail::Buffer<double> tail;
+  std::mutex claim_mutex;
+  Index claimed_rows = 0;
 };
 
 namespace {
@@ -220,8 +225,53 @@ TransitionMatrix TransitionMatrix::adopt(Index n_states, Index n_base, std::shar
   m.indices_ = owned->indices.data();
   m.data_ = owned->data.data();
   m.tail_ = owned->tail.data();
+  owned->claimed_rows = n_states;
+  m.owned_ = owned;
   m.owner_ = std::move(owned);
   return m;
+}
+
+std::pair<Index, Index> TransitionMatrix::headroom(Index n_rows, Index nnz) noexcept {
+  // About 3% more, at least room for 1024 rows of average length: untouched
+  // capacity is virtual memory only, and it makes typical expansions copy-free.
+  const Index rows = std::max<Index>(n_rows / 32, 1024);
+  const Index mean_k = std::max<Index>(1, n_rows > 0 ? nnz / n_rows : 1);
+  return {rows, std::max<Index>(nnz / 32, 1024 * mean_k)};
+}
+
+std::optional<TransitionMatrix::Extension> TransitionMatrix::try_extend(Index m, Index extra_nnz) const {
+  if (!owned_ || m < 0 || extra_nnz < 0) return std::nullopt;
+  Owned& o = *owned_;
+  const Index n = n_states_, nnz_now = nnz();
+  if (static_cast<Index>(o.indptr.size()) < n + m + 1 || static_cast<Index>(o.tail.size()) < n + m ||
+      static_cast<Index>(o.indices.size()) < nnz_now + extra_nnz ||
+      static_cast<Index>(o.data.size()) < nnz_now + extra_nnz)
+    return std::nullopt;
+  {
+    std::lock_guard<std::mutex> lock(o.claim_mutex);
+    if (o.claimed_rows != n) return std::nullopt;  // a longer matrix already uses the spare part
+    o.claimed_rows = n + m;
+  }
+  // The reservation lasts while the extended matrix (or any copy of it) lives.
+  struct Claim {
+    std::shared_ptr<Owned> owned;
+    Index base_rows, rows;
+    ~Claim() {
+      std::lock_guard<std::mutex> lock(owned->claim_mutex);
+      if (owned->claimed_rows == rows) owned->claimed_rows = base_rows;
+    }
+  };
+  // Built in place: a temporary Claim's destructor would release the reservation at once.
+  std::shared_ptr<Claim> claim(new Claim{owned_, n, n + m});
+  return Extension{o.indptr.data(), o.indices.data(), o.data.data(), o.tail.data(), std::move(claim)};
+}
+
+TransitionMatrix TransitionMatrix::extended(Extension ext, Index m) const {
+  TransitionMatrix q = *this;
+  q.n_states_ = n_states_ + m;
+  q.claim_ = std::move(ext.claim);
+  q.hash_cache_ = std::make_shared<HashCache>();
+  return q;
 }
 
 TransitionMatrix TransitionMatrix::from_csr(Index n_states, Index n_base, std::vector<Index> indptr,
@@ -264,10 +314,14 @@ TransitionMatrix TransitionMatrix::copy_csr(Index n_states, Index n_base, const 
   if (auto v = check_rows(rows, nullptr, nnz, n_states, n_base, opts))
     throw InvariantViolation(v->row, v->reason);
   auto owned = std::make_shared<Owned>();
-  owned->indptr = detail::Buffer<Index>::copy_of(rows.indptr, static_cast<std::size_t>(n_states + 1), n_threads);
-  owned->indices = detail::Buffer<StateIndex>::copy_of(rows.indices, static_cast<std::size_t>(nnz), n_threads);
-  owned->data = detail::Buffer<Prob>::copy_of(rows.data, static_cast<std::size_t>(nnz), n_threads);
-  owned->tail = detail::Buffer<double>::uninitialized(static_cast<std::size_t>(n_states));
+  const auto [spare_rows, spare_nnz] = headroom(n_states, nnz);
+  owned->indptr = detail::Buffer<Index>::copy_of(rows.indptr, static_cast<std::size_t>(n_states + 1),
+                                                 static_cast<std::size_t>(spare_rows), n_threads);
+  owned->indices = detail::Buffer<StateIndex>::copy_of(rows.indices, static_cast<std::size_t>(nnz),
+                                                       static_cast<std::size_t>(spare_nnz), n_threads);
+  owned->data = detail::Buffer<Prob>::copy_of(rows.data, static_cast<std::size_t>(nnz),
+                                              static_cast<std::size_t>(spare_nnz), n_threads);
+  owned->tail = detail::Buffer<double>::uninitialized(static_cast<std::size_t>(n_states + spare_rows));
   detail::compute_tails(rows, owned->tail.data(), n_threads);
   return adopt(n_states, n_base, std::move(owned));
 }
@@ -280,10 +334,11 @@ TransitionMatrix TransitionMatrix::from_topk(Index n_states, Index n_base, Index
   if (k < 0 || k > n_base)
     throw std::invalid_argument(cat("k is ", k, "; expected 0 <= k <= n_base = ", n_base));
   auto owned = std::make_shared<Owned>();
-  owned->indptr = detail::Buffer<Index>::uninitialized(static_cast<std::size_t>(n_states + 1));
+  const auto [spare_rows, spare_nnz] = headroom(n_states, n_states * k);
+  owned->indptr = detail::Buffer<Index>::uninitialized(static_cast<std::size_t>(n_states + 1 + spare_rows));
   for (Index r = 0; r <= n_states; ++r) owned->indptr[static_cast<std::size_t>(r)] = r * k;
-  owned->indices = detail::Buffer<StateIndex>::uninitialized(static_cast<std::size_t>(n_states * k));
-  owned->data = detail::Buffer<Prob>::uninitialized(static_cast<std::size_t>(n_states * k));
+  owned->indices = detail::Buffer<StateIndex>::uninitialized(static_cast<std::size_t>(n_states * k + spare_nnz));
+  owned->data = detail::Buffer<Prob>::uninitialized(static_cast<std::size_t>(n_states * k + spare_nnz));
   const long long n = n_states;
   long long bad = n;
 #pragma omp parallel num_threads(detail::resolve_threads(n_threads)) if (n * k > 65536)
@@ -327,7 +382,7 @@ TransitionMatrix TransitionMatrix::from_topk(Index n_states, Index n_base, Index
   opts.n_threads = n_threads;
   if (auto v = check_rows(view, nullptr, n_states * k, n_states, n_base, opts))
     throw InvariantViolation(v->row, v->reason);
-  owned->tail = detail::Buffer<double>::uninitialized(static_cast<std::size_t>(n_states));
+  owned->tail = detail::Buffer<double>::uninitialized(static_cast<std::size_t>(n_states + spare_rows));
   detail::compute_tails(view, owned->tail.data(), n_threads);
   return adopt(n_states, n_base, std::move(owned));
 }
@@ -568,31 +623,49 @@ std::vector<std::int32_t> TransitionMatrix::sample(Index start, Index length, st
   return path;
 }
 
+const std::array<ArrayHashes, 4>& TransitionMatrix::chunk_hashes() const {
+  {
+    std::lock_guard<std::mutex> lock(hash_cache_->mutex);
+    if (hash_cache_->set) return hash_cache_->hashes;
+  }
+  // Hash outside the lock (two threads may both hash; the first result is kept, both are equal).
+  const ArrayLayout layout = array_layout(n_states_);
+  std::array<ArrayHashes, 4> hashes;
+  for (int i = 0; i < 4; ++i)
+    process_chunks(hashes[static_cast<std::size_t>(i)], const_cast<void*>(layout.ptr[i]), nullptr,
+                   layout.full_bytes[i], layout.full_bytes[i], layout.full_bytes[i], 0,
+                   n_chunks(layout.full_bytes[i]), PrefixMode::kHashOnly, 0);
+  seed_chunk_hashes(hashes);
+  std::lock_guard<std::mutex> lock(hash_cache_->mutex);
+  return hash_cache_->hashes;
+}
+
+void TransitionMatrix::seed_chunk_hashes(const std::array<ArrayHashes, 4>& hashes) const {
+  std::lock_guard<std::mutex> lock(hash_cache_->mutex);
+  if (!hash_cache_->set) {
+    hash_cache_->hashes = hashes;
+    hash_cache_->set = true;
+  }
+}
+
 std::pair<std::string, std::string> TransitionMatrix::fingerprint_prefix_and_full(Index n_rows) const {
   if (n_rows < 0 || n_rows > n_states_)
     throw std::out_of_range(cat("n_rows = ", n_rows, " is not in [0, n_states = ", n_states_, "]"));
-  // Each byte is hashed once: the prefix shares the whole chunks of the full arrays.
-  const Index nnz_pre = indptr_[n_rows], nnz_all = nnz();
+  // A prefix shares the whole chunks of the full arrays; only its last partial chunk is hashed anew.
+  const auto& hashes = chunk_hashes();
   const ArrayLayout layout = array_layout(n_rows);
   std::vector<std::uint64_t> pre, full;
   for (int i = 0; i < 4; ++i) {
-    ArrayHashes h;
-    process_chunks(h, const_cast<void*>(layout.ptr[i]), nullptr, layout.prefix_bytes[i], layout.full_bytes[i],
-                   layout.full_bytes[i], 0, n_chunks(layout.full_bytes[i]), PrefixMode::kHashOnly, 0);
-    h.append_prefix(pre);
+    const ArrayHashes& h = hashes[static_cast<std::size_t>(i)];
     h.append_full(full);
+    const std::size_t whole = layout.prefix_bytes[i] / kHashChunk;
+    pre.insert(pre.end(), h.chunks.begin(), h.chunks.begin() + static_cast<std::ptrdiff_t>(whole));
+    if (layout.prefix_bytes[i] % kHashChunk != 0)
+      pre.push_back(xxh64(static_cast<const char*>(layout.ptr[i]) + whole * kHashChunk,
+                          layout.prefix_bytes[i] % kHashChunk));
   }
-  std::string full_fp = fingerprint_from_parts(n_states_, n_base_, nnz_all, full);
-  seed_fingerprint_cache(full_fp);
-  return {fingerprint_from_parts(n_rows, n_base_, nnz_pre, pre), std::move(full_fp)};
-}
-
-void TransitionMatrix::seed_fingerprint_cache(const std::string& full) const {
-  std::lock_guard<std::mutex> lock(fingerprint_cache_->mutex);
-  if (!fingerprint_cache_->set) {
-    fingerprint_cache_->value = full;
-    fingerprint_cache_->set = true;
-  }
+  return {fingerprint_from_parts(n_rows, n_base_, indptr_[n_rows], pre),
+          fingerprint_from_parts(n_states_, n_base_, nnz(), full)};
 }
 
 TransitionMatrix::ArrayLayout TransitionMatrix::array_layout(Index n_rows) const noexcept {
@@ -606,11 +679,9 @@ TransitionMatrix::ArrayLayout TransitionMatrix::array_layout(Index n_rows) const
 
 std::string TransitionMatrix::fingerprint(Index n_rows) const {
   if (n_rows < 0 || n_rows == n_states_) {
-    {
-      std::lock_guard<std::mutex> lock(fingerprint_cache_->mutex);
-      if (fingerprint_cache_->set) return fingerprint_cache_->value;
-    }
-    return fingerprint_prefix_and_full(0).second;  // fills the cache
+    std::vector<std::uint64_t> full;
+    for (const auto& h : chunk_hashes()) h.append_full(full);
+    return fingerprint_from_parts(n_states_, n_base_, nnz(), full);
   }
   return fingerprint_prefix_and_full(n_rows).first;
 }

@@ -560,6 +560,11 @@ class TransitionMatrix:
         -------
         Q : TransitionMatrix
             ``n_states + m`` states; old rows byte-identical; no row puts mass on a new state.
+            When this matrix owns spare capacity (built here, not memory-mapped) and no
+            other live expansion holds it, the new rows are appended in place and Q
+            *shares* the old rows' memory: nothing old is copied, the cost is O(new rows
+            + n_states).  Otherwise the old rows are copied once (compared and hashed in
+            the same pass).
         certificate : ExpansionCertificate
             Recomputed from P and Q by :func:`verify_expansion`: ``certificate.ok``.
 

@@ -49,9 +49,9 @@ class Buffer {
     b.size_ = n;
     return b;
   }
-  /// A copy of n elements at src, copied in parallel.
-  static Buffer copy_of(const T* src, std::size_t n, int n_threads) {
-    Buffer b = uninitialized(n);
+  /// A copy of n elements at src (copied in parallel), followed by `spare` uninitialised elements.
+  static Buffer copy_of(const T* src, std::size_t n, std::size_t spare, int n_threads) {
+    Buffer b = uninitialized(n + spare);
     parallel_copy(b.ptr_, src, n * sizeof(T), n_threads);
     return b;
   }

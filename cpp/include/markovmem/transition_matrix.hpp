@@ -10,8 +10,11 @@
 #include <string>
 #include <vector>
 
+#include <array>
+
 #include "markovmem/buffer.hpp"
 #include "markovmem/common.hpp"
+#include "markovmem/hash.hpp"
 
 namespace markovmem {
 
@@ -71,8 +74,9 @@ class TransitionMatrix {
                                     const Prob* probs, double tol = kRowSumTolerance,
                                     int n_threads = 0);
 
-  /// Takes ownership of filled buffers.  No checks: the caller (expand) has
-  /// validated every row and computed every tail.
+  /// Takes ownership of filled buffers (which may be longer than n_states rows /
+  /// indptr[n_states] entries: the rest is spare capacity for in-place expansion).
+  /// No checks: the caller (expand, counting) has validated every row and computed every tail.
   static TransitionMatrix adopt_buffers(Index n_states, Index n_base, detail::Buffer<Index> indptr,
                                         detail::Buffer<StateIndex> indices, detail::Buffer<Prob> data,
                                         detail::Buffer<double> tail);
@@ -128,11 +132,15 @@ class TransitionMatrix {
   std::vector<std::int32_t> sample(Index start, Index length, std::uint64_t seed) const;
 
   /// Stable content hash (16 hex digits) of the first n_rows rows (all when n_rows < 0):
-  /// equal bytes give equal hashes on every machine and thread count.  Cached for all rows.
+  /// equal bytes give equal hashes on every machine and thread count.
   std::string fingerprint(Index n_rows = -1) const;
-  /// Fingerprints of the first n_rows rows and of the whole matrix, hashing each
-  /// byte once (the whole one is cached).  0 <= n_rows <= n_states.
+  /// Fingerprints of the first n_rows rows and of the whole matrix (0 <= n_rows <= n_states).
   std::pair<std::string, std::string> fingerprint_prefix_and_full(Index n_rows) const;
+  /// Chunk hashes of the four arrays (whole matrix), computed once and cached;
+  /// every fingerprint is assembled from them.  Thread-safe.
+  const std::array<ArrayHashes, 4>& chunk_hashes() const;
+  /// Stores chunk hashes the caller computed from exactly these arrays (no-op if cached).
+  void seed_chunk_hashes(const std::array<ArrayHashes, 4>& hashes) const;
 
   /// The four arrays in fingerprint order (indptr, tail, indices, data) with the
   /// byte sizes of the first n_rows rows and of the whole matrix.
@@ -142,8 +150,26 @@ class TransitionMatrix {
     std::size_t full_bytes[4];
   };
   ArrayLayout array_layout(Index n_rows) const noexcept;
-  /// Stores an already computed full fingerprint in the cache (the caller hashed these bytes).
-  void seed_fingerprint_cache(const std::string& full) const;
+
+  /// Writable spare storage right after this matrix's arrays, reserved for
+  /// appending rows in place (an expansion that copies nothing old).
+  struct Extension {
+    Index* indptr;          ///< entries n_states + 1 .. n_states + m (absolute offsets)
+    StateIndex* indices;    ///< entries nnz .. nnz + extra_nnz - 1
+    Prob* data;             ///< same positions as indices
+    double* tail;           ///< entries n_states .. n_states + m - 1
+    std::shared_ptr<void> claim;  ///< releases the reservation when the last user is gone
+  };
+  /// Reserves m rows and extra_nnz entries after this matrix in its own storage,
+  /// when the storage is owned, has the capacity, and no longer matrix uses it
+  /// (matrices never change: bytes past this matrix's end are not part of it).
+  /// Returns nothing otherwise; the caller then copies.  Thread-safe.
+  std::optional<Extension> try_extend(Index m, Index extra_nnz) const;
+  /// The matrix of n_states + m rows over this storage once `ext` has been filled
+  /// (rows validated, tails computed by the caller).
+  TransitionMatrix extended(Extension ext, Index m) const;
+  /// Rows and entries of spare capacity to allocate after n_rows rows and nnz entries.
+  static std::pair<Index, Index> headroom(Index n_rows, Index nnz) noexcept;
 
   /// First broken invariant (structure, values, tail) or nothing.
   std::optional<Violation> find_violation(double tol = kRowSumTolerance, int n_threads = 0,
@@ -160,13 +186,15 @@ class TransitionMatrix {
   const StateIndex* indices_ = nullptr;
   const Prob* data_ = nullptr;
   const double* tail_ = nullptr;
-  std::shared_ptr<const void> owner_;
-  struct FingerprintCache {
+  std::shared_ptr<const void> owner_;  ///< keeps the arrays alive (Owned, or a file mapping)
+  std::shared_ptr<Owned> owned_;       ///< set when the storage is ours (in-place expansion possible)
+  std::shared_ptr<void> claim_;        ///< this matrix's reservation of its storage, if extended
+  struct HashCache {
     std::mutex mutex;
     bool set = false;
-    std::string value;
+    std::array<ArrayHashes, 4> hashes;
   };
-  std::shared_ptr<FingerprintCache> fingerprint_cache_ = std::make_shared<FingerprintCache>();
+  std::shared_ptr<HashCache> hash_cache_ = std::make_shared<HashCache>();
 };
 
 namespace detail {
