@@ -132,23 +132,24 @@ bool row_ok_fast(const CsrView& rows, const double* tail, Index cap, Index n_bas
                  Index r) {
   const Index a = rows.indptr[r], b = rows.indptr[r + 1];
   if (a < 0 || a > b || b > cap) return false;
+  if (a == b) return !opts.tail || !tail || (tail[r] >= 0.0 && tail[r] <= 1.0 && std::abs(tail[r] - 1.0) <= opts.tol);
+  // Loops without early exits or carried state, so the compiler vectorises them.
   const StateIndex* idx = rows.indices;
-  const auto nb = static_cast<StateIndex>(std::min<Index>(n_base, kMaxStates));
-  bool bad = false;
-  StateIndex prev = -1;  // catches a negative first index too
-  for (Index j = a; j < b; ++j) {
-    const StateIndex c = idx[j];
-    bad |= (c <= prev) | (c >= nb);
-    prev = c;
-  }
+  const auto nb = static_cast<std::uint32_t>(std::min<Index>(n_base, kMaxStates));
+  unsigned bad = static_cast<std::uint32_t>(idx[a]) >= nb;  // negative ids wrap to huge values
+  for (Index j = a + 1; j < b; ++j)
+    bad |= static_cast<unsigned>(idx[j] <= idx[j - 1]) | static_cast<unsigned>(static_cast<std::uint32_t>(idx[j]) >= nb);
   if (bad) return false;
   if (!opts.values) return true;
-  double sum = 0.0;
-  for (Index j = a; j < b; ++j) {
-    const float p = rows.data[j];
-    bad |= !(p >= 0.0f && p <= std::numeric_limits<float>::max());  // NaN, negative, inf
-    sum += p;
-  }
+  const Prob* p = rows.data;
+  for (Index j = a; j < b; ++j)
+    bad |= static_cast<unsigned>(!(p[j] >= 0.0f && p[j] <= std::numeric_limits<float>::max()));  // NaN, <0, inf
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  Index j = a;
+  for (; j + 4 <= b; j += 4)
+    for (int q = 0; q < 4; ++q) part[q] += p[j + q];
+  for (; j < b; ++j) part[0] += p[j];
+  const double sum = (part[0] + part[1]) + (part[2] + part[3]);
   if (bad || sum > 1.0 + opts.tol) return false;
   if (b - a >= n_base && sum < 1.0 - opts.tol) return false;
   if (opts.tail && tail) {
