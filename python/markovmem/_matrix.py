@@ -119,7 +119,12 @@ def _csr_parts(matrix: Any, n_cols: int | None, what: str) -> tuple[tuple[int, i
 
 
 def _flatten_sequences(seqs: Any, upper: int, name: str = "sequences") -> tuple[np.ndarray, np.ndarray]:
-    """(tokens int32, offsets int64) from one 1-D id array or an iterable of id sequences."""
+    """(tokens int32, offsets int64) from one 1-D id array or an iterable of id sequences.
+
+    Ids are checked against [0, upper) in their own dtype (one max over the
+    joined ids; a position is searched only when something is out of range), so
+    an id that does not fit int32 is reported as given, never wrapped.
+    """
     if isinstance(seqs, np.ndarray) and seqs.ndim == 1:
         parts: list[np.ndarray] = [seqs]
     elif isinstance(seqs, np.ndarray) and seqs.ndim == 2:
@@ -138,16 +143,73 @@ def _flatten_sequences(seqs: Any, upper: int, name: str = "sequences") -> tuple[
             raise TypeError(f"{name}[{i}] must hold integer token ids; got dtype {p.dtype}")
     offsets = np.zeros(len(parts) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    tokens = np.concatenate([p.astype(np.int64, copy=False) for p in parts]) if len(parts) > 1 else parts[0]
-    if tokens.size:
-        bad = (tokens < 0) | (tokens >= upper)
-        if bad.any():
-            pos = int(np.flatnonzero(bad)[0])
-            s = int(np.searchsorted(offsets, pos, side="right") - 1)
-            raise IndexError(
-                f"{name}[{s}][{pos - offsets[s]}] = {int(tokens[pos])} is out of range [0, n_states = {upper})"
-            )
-    return np.ascontiguousarray(tokens, dtype=np.int32), offsets
+    full = [p for p in parts if p.size]
+    if not full:
+        return np.zeros(0, dtype=np.int32), offsets
+
+    def out_of_range(ids: np.ndarray) -> np.ndarray:
+        return (ids >= upper) if ids.dtype.kind == "u" else ((ids < 0) | (ids >= upper))
+
+    def report(ids: np.ndarray, start: int) -> None:
+        # ids (original values) begin at token position `start`; one of them is out of range.
+        pos = start + int(np.flatnonzero(out_of_range(ids))[0])
+        s = int(np.searchsorted(offsets, pos, side="right") - 1)
+        value = int(ids[pos - start])
+        raise IndexError(f"{name}[{s}][{pos - offsets[s]}] = {value} is out of range [0, n_states = {upper})")
+
+    def joined_view(arrays: list[np.ndarray]) -> np.ndarray | None:
+        # The sequences as one view (no copy) when they are consecutive pieces of one
+        # contiguous 1-D array, as slices of one token stream or np.split give; else None.
+        base = arrays[0].base
+        if (
+            len(arrays) > 4096
+            or not isinstance(base, np.ndarray)
+            or base.ndim != 1
+            or not base.flags.c_contiguous
+            or base.dtype != arrays[0].dtype
+        ):
+            return None
+        step = base.itemsize
+        start = end = arrays[0].__array_interface__["data"][0]
+        for p in arrays:
+            if p.base is not base or p.dtype != base.dtype or p.strides != (step,):
+                return None
+            if p.__array_interface__["data"][0] != end:
+                return None
+            end += p.nbytes
+        first = (start - base.__array_interface__["data"][0]) // step
+        view = base[first : first + (end - start) // step]
+        ok = view.__array_interface__["data"][0] == start and view.nbytes == end - start
+        return view if ok else None
+
+    dtypes = {p.dtype for p in full}
+    narrow = all(d.itemsize <= 4 if d.kind == "i" else d.itemsize <= 2 for d in dtypes)
+    if narrow or len(dtypes) == 1:
+        # Join in int32 when every id fits it, else in the (one) input dtype, then one range test.
+        if isinstance(seqs, np.ndarray) and seqs.ndim == 2:
+            ids = seqs.reshape(-1)
+        elif len(full) == 1:
+            ids = full[0]
+        else:
+            ids = joined_view(full)
+            if ids is None:
+                ids = np.concatenate(full, dtype=np.int32 if narrow else None)
+        width = ids.dtype.itemsize
+        if ids.dtype.kind == "u":
+            bad = int(ids.max()) >= upper
+        elif ids.dtype.isnative and upper <= 2 ** (8 * width - 1):
+            # Seen as unsigned, a negative id is >= 2^(bits - 1) >= upper: one max tests both bounds.
+            bad = int(ids.view(f"u{width}").max()) >= upper
+        else:
+            bad = int(ids.max()) >= upper or int(ids.min()) < 0
+        if bad:
+            report(ids, 0)
+        return np.ascontiguousarray(ids, dtype=np.int32), offsets
+    # Mixed dtypes with a wide one: test each sequence in its own dtype, then join.
+    for p, start in zip(parts, offsets[:-1]):
+        if p.size and (int(p.max()) >= upper or (p.dtype.kind == "i" and int(p.min()) < 0)):
+            report(p, int(start))
+    return np.concatenate(full, dtype=np.int32, casting="unsafe"), offsets
 
 
 class TransitionMatrix:

@@ -20,8 +20,9 @@ struct CountOptions {
 /// gets an empty row with tail 1 (uniform).  tokens holds the sequences end to end,
 /// offsets (n_seq + 1, non-decreasing, last <= n_tokens) delimits them.  Ids are
 /// checked first (std::out_of_range names sequence and position).  O(n_tokens +
-/// distinct pairs * log): a parallel counting sort by source state, then per-row
-/// dense counters, so memory is O(n_tokens + n_states * threads).
+/// nnz), no sort of the pairs: a two-level parallel counting sort by source state,
+/// then per-thread dense counters; memory O(n_tokens + n_states * threads).  The
+/// result is the same bit for bit whatever the thread count.
 TransitionMatrix count_transitions(const std::int32_t* tokens, Index n_tokens, const Index* offsets,
                                    Index n_seq, Index n_states, const CountOptions& opts);
 
