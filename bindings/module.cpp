@@ -10,6 +10,8 @@ namespace markovmem::bindings {
 void bind_matrix(py::module_& m);
 void bind_expansion(py::module_& m);
 void bind_io(py::module_& m);
+void bind_fit(py::module_& m);
+void bind_topk(py::module_& m);
 }  // namespace markovmem::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -53,4 +55,6 @@ PYBIND11_MODULE(_core, m) {
   markovmem::bindings::bind_matrix(m);
   markovmem::bindings::bind_expansion(m);
   markovmem::bindings::bind_io(m);
+  markovmem::bindings::bind_fit(m);
+  markovmem::bindings::bind_topk(m);
 }

@@ -15,16 +15,22 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
 
 from ._errors import ConvergenceWarning, InvariantError
 from ._expansion import ExpansionCertificate, verify_expansion
+from ._fit import AlphaFit, closed_form_alpha, fit_alpha
 from ._matrix import Row, TransitionMatrix
+from ._topk import softmax_topk
 
 __version__ = getattr(_core, "__version__", "0.0.0")
 
 __all__ = [
+    "AlphaFit",
     "ConvergenceWarning",
     "ExpansionCertificate",
     "InvariantError",
     "Row",
     "TransitionMatrix",
+    "closed_form_alpha",
+    "fit_alpha",
+    "softmax_topk",
     "verify_expansion",
     "__version__",
 ]

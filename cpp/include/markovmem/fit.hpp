@@ -40,7 +40,7 @@ struct FitOptions {
   Link link = Link::kLogit;
   Index s = 16;                 ///< at most s nonzeros per row (fit_alpha)
   double bound = 10.0;          ///< logit: ||alpha||_2 <= bound
-  Index n_candidates = 0;       ///< screened pool size per target; 0 = max(64, 16 s)
+  Index n_candidates = 0;       ///< screened pool size per target; 0 = max(256, 16 s)
   double oversize = 0.0;        ///< forward selection grows to ceil(oversize * s) then prunes; 0 = link default
   Index swap_passes = 1;        ///< swap passes after selection (0 = none)
   Index max_iter = 100;         ///< Newton iterations of the final refit
@@ -73,7 +73,9 @@ void check_targets(const TransitionMatrix& P, const TargetsView& targets);
 /// access (a CSC of P built once per call; the product q_hat x P^T restricted to
 /// the rows that store an observed token, scored by the gradient at a background
 /// model), greedy forward selection by gain with a Newton refit after each
-/// addition, optional pruning and a swap pass, then a final refit to tol.
+/// addition, pruning (logit: from 2 s) and a swap pass, for the logit link up to
+/// three rounds that rescore a longer candidate list at the current fit, then a
+/// final refit to tol.
 /// Parallel over targets (OpenMP); results do not depend on the thread count.
 /// Memory: O(nnz(P)) for the CSC plus O(n_states) per thread.
 AlphaResult fit_alpha(const TransitionMatrix& P, const TargetsView& targets, const FitOptions& opts);

@@ -1,0 +1,210 @@
+"""Benchmark of markovmem.fit_alpha at vocabulary scale against numpy/scipy baselines.
+
+Planted problems (bench/fit_reference.py): a Zipf-like dictionary of T rows with
+k stored entries sharing frequent tokens; each target is f(alpha*) for a random
+s-sparse alpha* (weights in [1, 3], normalised), observed through N = 100 s samples.
+
+Per (k, s, link) it times, in one process on the same data:
+- markovmem's full fit (screening + selection + refits) over all targets, and
+  its fixed-support fit on the planted support;
+- scipy L-BFGS-B on the same planted support, per target, on a subset;
+- a plain numpy greedy gain + swap selection (exact 1-D gains over a screened
+  pool, Newton refits), per target, on a subset, within a time budget;
+and prints the per-target time ratios, the objective gap on the fixed support,
+KL(q || f(alpha_hat)) and support recall for both selections on the same targets.
+
+    python bench/bench_fit.py                      # the issue's sizes (see --help)
+    python bench/bench_fit.py --T 16384 --targets 100   # quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import fit_reference as ref  # noqa: E402
+
+import markovmem as mm  # noqa: E402
+
+
+class PeakRSS:
+    """Samples the process RSS every 5 ms in a thread; .peak - .start is the working memory of the block."""
+
+    def __enter__(self):
+        import psutil
+
+        self._p = psutil.Process()
+        self.start = self.peak = self._p.memory_info().rss
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, self._p.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, self._p.memory_info().rss)
+
+
+def recall(S, sup) -> float:
+    return float(np.isin(S, sup).mean())
+
+
+def run_config(P, D, k, s, link, args, rows):
+    m = args.targets if s < 64 else args.targets_s64
+    if link == "logit":
+        m = args.logit_targets if s < 64 else args.logit_targets_s64
+    N = 100 * s
+    S, W, qs, C = ref.planted_targets(D, s, N, m, link, seed=1000 * s + (link == "logit"))
+    nt = args.threads
+    fit = mm.fit_alpha(P, C[: min(m, 4)], s=s, link=link, n_threads=nt)  # warm-up (page-in, allocator)
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        fit = mm.fit_alpha(P, C, s=s, link=link, n_threads=nt)
+        t_fit = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fixed = mm.fit_alpha(P, C, support=list(S), link=link, n_threads=nt)
+    t_fixed = time.perf_counter() - t0
+    f_hat = ref.tail_rows(fit.predict(), D.n_base)
+    f_pl = ref.tail_rows(fixed.predict(), D.n_base)
+    kl_hat = np.array([ref.kl_rows(qs[i], f_hat[i]) for i in range(m)])
+    kl_pl = np.array([ref.kl_rows(qs[i], f_pl[i]) for i in range(m)])
+    rec = np.array([recall(S[i], fit.support[i]) for i in range(m)])
+
+    # (a) scipy L-BFGS-B on the planted support, per target
+    n_lb = min(args.lbfgs_targets, m)
+    gaps, t_lb = [], 0.0
+    for i in range(n_lb):
+        row = C[[i]]
+        pb = ref.Problem(D, row.indices, row.data / row.data.sum(), S[i], link)
+        t0 = time.perf_counter()
+        a, _ = pb.lbfgs(np.arange(s), np.full(s, 1.0 / s))
+        v = pb.kl(np.arange(s), a)
+        t_lb += time.perf_counter() - t0
+        gaps.append((fixed.kl[i] - v) / max(abs(v), 1e-300))
+    per_lb = t_lb / max(n_lb, 1)
+
+    # (b) numpy greedy gain + swap over a screened pool, per target, within a time budget
+    pool_size = max(256, 16 * s)  # the default pool of fit_alpha
+    n_gr, t_gr, timed_out = 0, 0.0, False
+    gr_kl, gr_rec, ours_kl, ours_rec = [], [], [], []
+    budget_end = time.perf_counter() + args.greedy_budget
+    for i in range(m):
+        row = C[[i]]
+        ids, qp = row.indices, row.data / row.data.sum()
+        t0 = time.perf_counter()
+        try:
+            pool = ref.screen(D, ids, qp, link, pool_size)
+            pr = ref.Problem(D, ids, qp, pool, link)
+            Sg, ag, _ = pr.select(s, "gain", swap=True, max_swap_passes=1, deadline=budget_end)
+        except (TimeoutError, MemoryError):
+            t_gr += time.perf_counter() - t0
+            timed_out = n_gr == 0
+            break
+        t_gr += time.perf_counter() - t0
+        n_gr += 1
+        gr_kl.append(ref.kl_rows(qs[i], ref.f_row(D, Sg, ag, link)))
+        gr_rec.append(recall(S[i], Sg))
+        ours_kl.append(kl_hat[i])
+        ours_rec.append(rec[i])
+        if time.perf_counter() > budget_end:
+            break
+    per_fit = t_fit / m
+    per_fixed = t_fixed / m
+    row = dict(
+        k=k, s=s, link=link, m=m, N=N,
+        fit_tps=m / t_fit, fixed_tps=m / t_fixed, mem_mb=(mem.peak - mem.start) / 2**20,
+        lb_n=n_lb, lb_ratio=per_lb / per_fixed, lb_gap=float(np.max(gaps)) if gaps else np.nan,
+        gr_n=n_gr, gr_timeout=timed_out, gr_ratio=(t_gr / max(n_gr, 1)) / per_fit if not timed_out else t_gr / per_fit,
+        ours_kl=float(np.mean(ours_kl)) if ours_kl else np.nan, gr_kl=float(np.mean(gr_kl)) if gr_kl else np.nan,
+        ours_rec=float(np.mean(ours_rec)) if ours_rec else np.nan, gr_rec=float(np.mean(gr_rec)) if gr_rec else np.nan,
+        kl_hat=float(kl_hat.mean()), kl_pl=float(kl_pl.mean()), recall=float(rec.mean()),
+        kl_med_ratio=float(np.median(np.where(kl_pl > 0, kl_hat / np.maximum(kl_pl, 1e-300), 1.0))),
+    )
+    rows.append(row)
+    print(fmt_row(row), flush=True)
+
+
+HEADER = ("| k | s | link | targets | fit targets/s | fixed-support targets/s | fit memory (MB) "
+          "| vs L-BFGS-B (n) | objective gap | vs numpy greedy (n) | KL(q‖f̂) ours / greedy | recall ours / greedy "
+          "| recall (all) | KL(q‖f̂) / KL(q‖f_planted): ratio of means, median ratio |")
+SEP = "|" + "---|" * 14
+
+
+def fmt_row(r) -> str:
+    gr = (f"> {r['gr_ratio']:.0f}x (0, 1 target > budget)" if r["gr_timeout"]
+          else f"{r['gr_ratio']:.0f}x ({r['gr_n']})")
+    ratio = r["kl_hat"] / r["kl_pl"] if r["kl_pl"] > 0 else float("nan")
+    med = r["kl_med_ratio"]
+    return (f"| {r['k']} | {r['s']} | {r['link']} | {r['m']} | {r['fit_tps']:.1f} | {r['fixed_tps']:.0f} | "
+            f"{r['mem_mb']:.0f} | {r['lb_ratio']:.0f}x ({r['lb_n']}) | {r['lb_gap']:+.1e} | {gr} | "
+            f"{r['ours_kl']:.4g} / {r['gr_kl']:.4g} | {r['ours_rec']:.2f} / {r['gr_rec']:.2f} | "
+            f"{r['recall']:.3f} | {ratio:.2f}, {med:.2f} |")
+
+
+def environment(threads) -> str:
+    import scipy
+
+    nt = threads or os.cpu_count()
+    return (f"markovmem {mm.__version__}, numpy {np.__version__}, scipy {scipy.__version__}, "
+            f"Python {platform.python_version()}, {platform.machine()}, os.cpu_count() = {os.cpu_count()}, "
+            f"markovmem threads = {nt} (OpenMP: {mm._core.has_openmp})")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", type=int, default=131072, help="base states (dictionary rows)")
+    ap.add_argument("--k", default="64,256", help="stored entries per row, comma-separated")
+    ap.add_argument("--s", default="4,16,64", help="support sizes, comma-separated")
+    ap.add_argument("--links", default="mixture,logit", help="links, comma-separated")
+    ap.add_argument("--targets", type=int, default=1000, help="targets per config (s < 64)")
+    ap.add_argument("--targets-s64", type=int, default=1000, help="targets per config at s = 64 (mixture)")
+    ap.add_argument("--logit-targets", type=int, default=1000, help="targets per logit config (s < 64)")
+    ap.add_argument("--logit-targets-s64", type=int, default=1000, help="targets per logit config at s = 64")
+    ap.add_argument("--lbfgs-targets", type=int, default=10, help="targets timed with scipy L-BFGS-B")
+    ap.add_argument("--greedy-budget", type=float, default=60.0,
+                    help="seconds of numpy greedy baseline per config (targets run until it is spent)")
+    ap.add_argument("--threads", type=int, default=None, help="markovmem threads (default: all cores)")
+    ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    rows: list[dict] = []
+    print(environment(args.threads))
+    print(HEADER)
+    print(SEP, flush=True)
+    for k in [int(x) for x in args.k.split(",")]:
+        t0 = time.perf_counter()
+        idx, probs = ref.make_dictionary(args.T, k, seed=0)
+        P = mm.TransitionMatrix.from_topk(idx, probs)
+        D = ref.Dictionary.from_matrix(P)
+        del idx, probs
+        print(f"<!-- dictionary T={args.T} k={k}: {time.perf_counter() - t0:.0f} s to generate, "
+              f"{P.nbytes / 2**20:.0f} MB -->", flush=True)
+        for s in [int(x) for x in args.s.split(",")]:
+            for link in args.links.split(","):
+                run_config(P, D, k, s, link, args, rows)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(f"Command: `python bench/bench_fit.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
+            fh.write(environment(args.threads) + f", T = {args.T}\n\n")
+            fh.write(HEADER + "\n" + SEP + "\n")
+            for r in rows:
+                fh.write(fmt_row(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+// Binding of the sparse dictionary fit: fit_alpha, fit_on_support,
+// closed_form_alpha, fit_objective and predict_rows.  CSR inputs arrive as
+// (indptr, indices, data) arrays; results go back as capsule-owned arrays.
+#include "buffers.hpp"
+#include "markovmem/fit.hpp"
+
+namespace markovmem::bindings {
+
+namespace {
+
+void check_csr(const Index* ip, Index n_rows, py::ssize_t n_indices, const char* what) {
+  // Memory safety: the core reads indptr[n_rows] entries of indices and data.
+  if (ip[0] != 0 || ip[n_rows] != n_indices)
+    throw std::invalid_argument(std::string(what) + " indptr must start at 0 and end at len(indices) = " +
+                                std::to_string(n_indices));
+  for (Index r = 0; r < n_rows; ++r)
+    if (ip[r + 1] < ip[r]) throw std::invalid_argument(std::string(what) + " indptr must be non-decreasing");
+}
+
+TargetsView targets_view(const carray<Index>& indptr, const carray<StateIndex>& indices, const carray<double>& data) {
+  if (indptr.ndim() != 1 || indptr.shape(0) < 2)
+    throw std::invalid_argument("targets indptr must be 1-D with at least 2 entries");
+  const Index n = indptr.shape(0) - 1;
+  TargetsView t{n, ptr_1d(indptr, "targets indptr"), ptr_1d(indices, "targets indices"),
+                ptr_1d(data, "targets data", indices.shape(0))};
+  check_csr(t.indptr, n, indices.shape(0), "targets");
+  return t;
+}
+
+SupportView support_view(const carray<Index>& indptr, const carray<StateIndex>& indices,
+                         const py::object& values) {
+  if (indptr.ndim() != 1 || indptr.shape(0) < 1) throw std::invalid_argument("support indptr must be 1-D");
+  const Index n = indptr.shape(0) - 1;
+  SupportView s{n, ptr_1d(indptr, "support indptr"), ptr_1d(indices, "support indices"), nullptr};
+  check_csr(s.indptr, n, indices.shape(0), "support");
+  if (!values.is_none()) {
+    auto v = values.cast<carray<double>>();
+    s.values = ptr_1d(v, "support values", indices.shape(0));
+  }
+  return s;
+}
+
+py::tuple to_py(AlphaResult&& r) {
+  return py::make_tuple(to_numpy(std::move(r.indptr)), to_numpy(std::move(r.indices)), to_numpy(std::move(r.alpha)),
+                        to_numpy(std::move(r.kl)), to_numpy(std::move(r.n_iter)), to_numpy(std::move(r.converged)),
+                        to_numpy(std::move(r.n_candidates)));
+}
+
+Link to_link(int link) {
+  if (link != 0 && link != 1) throw std::invalid_argument("link must be 0 (logit) or 1 (mixture)");
+  return static_cast<Link>(link);
+}
+
+}  // namespace
+
+void bind_fit(py::module_& m) {
+  m.def(
+      "fit_alpha",
+      [](const TransitionMatrix& P, const carray<Index>& t_indptr, const carray<StateIndex>& t_indices,
+         const carray<double>& t_data, int link, Index s, double bound, Index n_candidates, double oversize,
+         Index swap_passes, Index max_iter, double tol, int n_threads, std::uint64_t seed,
+         const carray<StateIndex>& allowed) {
+        const TargetsView t = targets_view(t_indptr, t_indices, t_data);
+        FitOptions o;
+        o.link = to_link(link);
+        o.s = s;
+        o.bound = bound;
+        o.n_candidates = n_candidates;
+        o.oversize = oversize;
+        o.swap_passes = swap_passes;
+        o.max_iter = max_iter;
+        o.tol = tol;
+        o.n_threads = n_threads;
+        o.seed = seed;
+        o.allowed = allowed.shape(0) > 0 ? ptr_1d(allowed, "candidates") : nullptr;
+        o.n_allowed = allowed.shape(0);
+        AlphaResult r;
+        {
+          py::gil_scoped_release release;  // reads numpy buffers kept alive by the caller and the immutable P
+          r = fit_alpha(P, t, o);
+        }
+        return to_py(std::move(r));
+      },
+      py::arg("P"), py::arg("indptr").noconvert(), py::arg("indices").noconvert(), py::arg("data").noconvert(),
+      py::arg("link"), py::arg("s"), py::arg("bound"), py::arg("n_candidates"), py::arg("oversize"),
+      py::arg("swap_passes"), py::arg("max_iter"), py::arg("tol"), py::arg("n_threads"), py::arg("seed"),
+      py::arg("allowed").noconvert(), "Sparse KL fit with support selection (CSR parts and per-row figures).");
+  m.def(
+      "fit_on_support",
+      [](const TransitionMatrix& P, const carray<Index>& t_indptr, const carray<StateIndex>& t_indices,
+         const carray<double>& t_data, const carray<Index>& s_indptr, const carray<StateIndex>& s_indices,
+         const py::object& s_values, int link, double bound, Index max_iter, double tol, int n_threads) {
+        const TargetsView t = targets_view(t_indptr, t_indices, t_data);
+        const SupportView sv = support_view(s_indptr, s_indices, s_values);
+        FitOptions o;
+        o.link = to_link(link);
+        o.bound = bound;
+        o.max_iter = max_iter;
+        o.tol = tol;
+        o.n_threads = n_threads;
+        AlphaResult r;
+        {
+          py::gil_scoped_release release;  // reads numpy buffers kept alive by the caller and the immutable P
+          r = fit_on_support(P, t, sv, o);
+        }
+        return to_py(std::move(r));
+      },
+      py::arg("P"), py::arg("indptr").noconvert(), py::arg("indices").noconvert(), py::arg("data").noconvert(),
+      py::arg("support_indptr").noconvert(), py::arg("support_indices").noconvert(), py::arg("support_values"),
+      py::arg("link"), py::arg("bound"), py::arg("max_iter"), py::arg("tol"), py::arg("n_threads"),
+      "KL fit on a fixed support per row.");
+  m.def(
+      "closed_form_alpha",
+      [](const TransitionMatrix& P, const carray<Index>& t_indptr, const carray<StateIndex>& t_indices,
+         const carray<double>& t_data, const carray<Index>& s_indptr, const carray<StateIndex>& s_indices,
+         int n_threads) {
+        const TargetsView t = targets_view(t_indptr, t_indices, t_data);
+        const SupportView sv = support_view(s_indptr, s_indices, py::none());
+        AlphaResult r;
+        {
+          py::gil_scoped_release release;  // reads numpy buffers kept alive by the caller and the immutable P
+          r = closed_form_alpha(P, t, sv, n_threads);
+        }
+        return to_py(std::move(r));
+      },
+      py::arg("P"), py::arg("indptr").noconvert(), py::arg("indices").noconvert(), py::arg("data").noconvert(),
+      py::arg("support_indptr").noconvert(), py::arg("support_indices").noconvert(), py::arg("n_threads"),
+      "Weighted least squares in centred log space on a support.");
+  m.def(
+      "fit_objective",
+      [](const TransitionMatrix& P, const carray<Index>& t_indptr, const carray<StateIndex>& t_indices,
+         const carray<double>& t_data, const carray<Index>& a_indptr, const carray<StateIndex>& a_indices,
+         const carray<double>& a_values, int link, int n_threads) {
+        const TargetsView t = targets_view(t_indptr, t_indices, t_data);
+        const SupportView sv = support_view(a_indptr, a_indices, a_values);
+        const Link l = to_link(link);
+        std::vector<double> kl, grad;
+        {
+          py::gil_scoped_release release;  // reads numpy buffers kept alive by the caller and the immutable P
+          fit_objective(P, t, sv, l, kl, grad, n_threads);
+        }
+        return py::make_tuple(to_numpy(std::move(kl)), to_numpy(std::move(grad)));
+      },
+      py::arg("P"), py::arg("indptr").noconvert(), py::arg("indices").noconvert(), py::arg("data").noconvert(),
+      py::arg("alpha_indptr").noconvert(), py::arg("alpha_indices").noconvert(), py::arg("alpha_values").noconvert(),
+      py::arg("link"), py::arg("n_threads"), "(KL per row, gradient per alpha entry).");
+  m.def(
+      "predict_rows",
+      [](const TransitionMatrix& P, const carray<Index>& a_indptr, const carray<StateIndex>& a_indices,
+         const carray<double>& a_values, int link, int n_threads) {
+        const SupportView sv = support_view(a_indptr, a_indices, a_values);
+        const Link l = to_link(link);
+        PredictedRows r;
+        {
+          py::gil_scoped_release release;  // reads numpy buffers kept alive by the caller and the immutable P
+          r = predict_rows(P, sv, l, n_threads);
+        }
+        return py::make_tuple(to_numpy(std::move(r.indptr)), to_numpy(std::move(r.indices)),
+                              to_numpy(std::move(r.data)));
+      },
+      py::arg("P"), py::arg("alpha_indptr").noconvert(), py::arg("alpha_indices").noconvert(),
+      py::arg("alpha_values").noconvert(), py::arg("link"), py::arg("n_threads"),
+      "Rows of f(alpha) over base states (CSR parts; the rest is tail).");
+}
+
+}  // namespace markovmem::bindings

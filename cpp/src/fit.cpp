@@ -1,0 +1,751 @@
+// fit_alpha and friends: input checks, the per-call context (tails, log-rows,
+// CSC for screening), candidate screening, the greedy selection driver (forward,
+// prune, swap, final refit) run in parallel over targets, the closed form,
+// the objective and the prediction f(alpha).
+#include "markovmem/fit.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "fit_model.hpp"
+
+#ifdef MARKOVMEM_HAVE_OPENMP
+#include <omp.h>
+#endif
+
+namespace markovmem {
+
+using detail::FitContext;
+using detail::LogitModel;
+using detail::MixtureModel;
+using detail::Pick;
+using detail::VectorXd;
+using detail::Workspace;
+
+namespace detail {
+
+namespace {
+constexpr double kGridStep = 0.05;  // background scales c = 0, 0.05, ..., 6 for the logit screen
+constexpr int kGridSize = 121;
+}  // namespace
+
+FitContext::FitContext(const TransitionMatrix& P_, Link link_, bool with_dev, bool with_screening,
+                       const StateIndex* allowed, Index n_allowed, int n_threads)
+    : P(P_),
+      link(link_),
+      n_states(P_.n_states()),
+      n_base(P_.n_base()),
+      ip(P_.indptr()),
+      ix(P_.indices()),
+      px(P_.data()) {
+  const int nt = resolve_threads(n_threads);
+  (void)nt;  // unused without OpenMP
+  const std::size_t n = static_cast<std::size_t>(n_states);
+  u.resize(n);
+  logu.resize(n);
+  total.resize(n);
+  const double* tail = P.tail();
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (Index v = 0; v < n_states; ++v) {
+    const Index k = ip[v + 1] - ip[v];
+    const Index free = n_base - k;
+    double stored = 0.0;
+    for (Index j = ip[v]; j < ip[v + 1]; ++j) stored += px[j];
+    const std::size_t sv = static_cast<std::size_t>(v);
+    u[sv] = free > 0 ? tail[v] / static_cast<double>(free) : 0.0;
+    logu[sv] = std::log(std::max(u[sv], kLogFloor));
+    total[sv] = stored + (free > 0 ? tail[v] : 0.0);
+  }
+  if (with_dev && link == Link::kLogit) {
+    dev.resize(static_cast<std::size_t>(P.nnz()));
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (Index v = 0; v < n_states; ++v) {
+      for (Index j = ip[v]; j < ip[v + 1]; ++j)
+        dev[static_cast<std::size_t>(j)] = std::log(std::max<double>(px[j], kLogFloor)) - logu[static_cast<std::size_t>(v)];
+    }
+  }
+  if (!with_screening) return;
+  eligible.assign(n, allowed ? 0 : 1);
+  for (Index i = 0; i < n_allowed; ++i) eligible[static_cast<std::size_t>(allowed[i])] = 1;
+  Index n_elig = 0;
+  for (std::uint8_t e : eligible) n_elig += e;
+  // CSC over base columns of the eligible rows, built by fixed row chunks (each with
+  // its own column counters) so the result is the same for any thread count:
+  // rows ascend within a column.
+  const bool logit = link == Link::kLogit;
+  const Index nchunk = std::max<Index>(1, std::min<Index>(16, n_states / 4096));
+  const std::size_t nb = static_cast<std::size_t>(n_base);
+  std::vector<Index> cnt(static_cast<std::size_t>(nchunk) * nb, 0);
+  auto chunk_begin = [&](Index ch) { return ch * n_states / nchunk; };
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (Index ch = 0; ch < nchunk; ++ch) {
+    Index* cc = cnt.data() + static_cast<std::size_t>(ch) * nb;
+    for (Index v = chunk_begin(ch); v < chunk_begin(ch + 1); ++v)
+      if (eligible[static_cast<std::size_t>(v)])
+        for (Index j = ip[v]; j < ip[v + 1]; ++j) ++cc[ix[j]];
+  }
+  cptr.assign(nb + 1, 0);
+  Index total_entries = 0;
+  for (std::size_t x = 0; x < nb; ++x) {
+    cptr[x] = total_entries;
+    for (Index ch = 0; ch < nchunk; ++ch) {
+      Index& c = cnt[static_cast<std::size_t>(ch) * nb + x];
+      const Index here = c;
+      c = total_entries;
+      total_entries += here;
+    }
+  }
+  cptr[nb] = total_entries;
+  crow.resize(static_cast<std::size_t>(total_entries));
+  cval.resize(static_cast<std::size_t>(total_entries));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (Index ch = 0; ch < nchunk; ++ch) {
+    Index* next = cnt.data() + static_cast<std::size_t>(ch) * nb;
+    for (Index v = chunk_begin(ch); v < chunk_begin(ch + 1); ++v) {
+      const std::size_t sv = static_cast<std::size_t>(v);
+      if (!eligible[sv]) continue;
+      for (Index j = ip[v]; j < ip[v + 1]; ++j) {
+        const std::size_t k = static_cast<std::size_t>(next[ix[j]]++);
+        crow[k] = static_cast<StateIndex>(v);
+        cval[k] = static_cast<float>(logit ? d_of(j, v) : static_cast<double>(px[j]) - u[sv]);
+      }
+    }
+  }
+  // The background rows, column by column (sums in a fixed order).
+  (logit ? dbar : pbar).assign(nb, 0.0);
+  std::vector<double>& colsum = logit ? dbar : pbar;
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (Index x = 0; x < n_base; ++x) {
+    double acc = 0.0;
+    for (Index k = cptr[static_cast<std::size_t>(x)]; k < cptr[static_cast<std::size_t>(x) + 1]; ++k)
+      acc += cval[static_cast<std::size_t>(k)];
+    colsum[static_cast<std::size_t>(x)] = acc;
+  }
+  double usum = 0.0;
+  for (Index v = 0; v < n_states; ++v)
+    if (eligible[static_cast<std::size_t>(v)]) usum += u[static_cast<std::size_t>(v)];
+  heavy_len = std::max<Index>(256, n_elig / 8);
+  const double inv = n_elig > 0 ? 1.0 / static_cast<double>(n_elig) : 0.0;
+  if (!logit) {
+    for (double& p : pbar) p = std::max((p + usum) * inv, kLogFloor);
+    return;
+  }
+  for (double& d : dbar) d *= inv;
+  const double dmax = dbar.empty() ? 0.0 : *std::max_element(dbar.begin(), dbar.end());
+  grid_c.resize(kGridSize);
+  grid_logz.resize(kGridSize);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int i = 0; i < kGridSize; ++i) {
+    const double c = kGridStep * i;
+    double zs = 0.0;
+    for (double d : dbar) zs += std::exp(c * (d - dmax));
+    grid_c[static_cast<std::size_t>(i)] = c;
+    grid_logz[static_cast<std::size_t>(i)] = c * dmax + std::log(zs);
+  }
+  grid_ebg_.resize(kGridSize);
+  grid_once_ = std::make_unique<std::once_flag[]>(kGridSize);
+}
+
+const std::vector<double>& FitContext::background_mean(std::size_t i) const {
+  std::call_once(grid_once_[i], [&] {
+    std::vector<double> fbg(static_cast<std::size_t>(n_base));
+    for (Index x = 0; x < n_base; ++x)
+      fbg[static_cast<std::size_t>(x)] = std::exp(grid_c[i] * dbar[static_cast<std::size_t>(x)] - grid_logz[i]);
+    std::vector<double> e(static_cast<std::size_t>(n_states), 0.0);
+    for (Index v = 0; v < n_states; ++v) {
+      if (!eligible[static_cast<std::size_t>(v)]) continue;
+      double s = 0.0;
+      for (Index j = ip[v]; j < ip[v + 1]; ++j) s += fbg[static_cast<std::size_t>(ix[j])] * d_of(j, v);
+      e[static_cast<std::size_t>(v)] = s;
+    }
+    grid_ebg_[i] = std::move(e);
+  });
+  return grid_ebg_[i];
+}
+
+}  // namespace detail
+
+namespace {
+
+std::string row_msg(Index r) { return "targets row " + std::to_string(r); }
+
+void check_options(const FitOptions& o, bool selection) {
+  if (selection && o.s <= 0) throw std::invalid_argument("s is " + std::to_string(o.s) + "; expected >= 1");
+  if (!(o.bound > 0)) {
+    std::ostringstream os;
+    os << "bound is " << o.bound << "; expected > 0";
+    throw std::invalid_argument(os.str());
+  }
+  if (!(o.tol >= 0)) throw std::invalid_argument("tol must be >= 0 and not NaN");
+  if (o.max_iter < 1) throw std::invalid_argument("max_iter is " + std::to_string(o.max_iter) + "; expected >= 1");
+  if (o.n_candidates < 0) throw std::invalid_argument("n_candidates must be >= 0");
+  if (!(o.oversize >= 0)) throw std::invalid_argument("oversize must be >= 0");
+  if (o.swap_passes < 0) throw std::invalid_argument("swap_passes must be >= 0");
+  if (o.link != Link::kLogit && o.link != Link::kMixture) throw std::invalid_argument("unknown link");
+}
+
+void check_support(const TransitionMatrix& P, const SupportView& s, Index n_rows, bool need_values) {
+  if (s.n_rows != n_rows)
+    throw std::invalid_argument("support has " + std::to_string(s.n_rows) + " rows; expected " +
+                                std::to_string(n_rows) + " (one per target)");
+  if (s.indptr[0] != 0) throw std::invalid_argument("support indptr[0] must be 0");
+  if (need_values && !s.values) throw std::invalid_argument("alpha values are required");
+  for (Index r = 0; r < n_rows; ++r) {
+    if (s.indptr[r + 1] < s.indptr[r]) throw std::invalid_argument("support indptr must be non-decreasing");
+    std::vector<StateIndex> ids(s.indices + s.indptr[r], s.indices + s.indptr[r + 1]);
+    for (StateIndex v : ids)
+      if (v < 0 || v >= P.n_states())
+        throw std::out_of_range("support row " + std::to_string(r) + " holds state " + std::to_string(v) +
+                                ", outside [0, n_states = " + std::to_string(P.n_states()) + ")");
+    std::sort(ids.begin(), ids.end());
+    if (std::adjacent_find(ids.begin(), ids.end()) != ids.end())
+      throw std::invalid_argument("support row " + std::to_string(r) + " lists a state twice");
+    if (s.values)
+      for (Index k = s.indptr[r]; k < s.indptr[r + 1]; ++k)
+        if (!std::isfinite(s.values[k]))
+          throw std::invalid_argument("support row " + std::to_string(r) + " has a non-finite value");
+  }
+}
+
+struct RowOut {
+  std::vector<std::pair<StateIndex, double>> entries;
+  double kl = 0.0;
+  std::int64_t n_iter = 0;
+  bool converged = false;
+  Index n_candidates = 0;
+};
+
+AlphaResult assemble(std::vector<RowOut>& rows) {
+  AlphaResult res;
+  const std::size_t m = rows.size();
+  res.indptr.assign(m + 1, 0);
+  for (std::size_t r = 0; r < m; ++r) res.indptr[r + 1] = res.indptr[r] + static_cast<Index>(rows[r].entries.size());
+  res.indices.reserve(static_cast<std::size_t>(res.indptr[m]));
+  res.alpha.reserve(static_cast<std::size_t>(res.indptr[m]));
+  res.kl.resize(m);
+  res.n_iter.resize(m);
+  res.converged.resize(m);
+  res.n_candidates.resize(m);
+  for (std::size_t r = 0; r < m; ++r) {
+    std::sort(rows[r].entries.begin(), rows[r].entries.end());
+    for (const auto& [v, a] : rows[r].entries) {
+      res.indices.push_back(v);
+      res.alpha.push_back(a);
+    }
+    res.kl[r] = rows[r].kl;
+    res.n_iter[r] = rows[r].n_iter;
+    res.converged[r] = rows[r].converged ? 1 : 0;
+    res.n_candidates[r] = rows[r].n_candidates;
+  }
+  return res;
+}
+
+constexpr Index kWide = 32;  // logit: rows kept by the screen per pool slot, rescored at each round
+
+std::uint64_t splitmix64(std::uint64_t& x) {
+  std::uint64_t z = (x += 0x9E3779B97F4A7C15ULL);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// Candidate pool of one target: Gustavson's row-by-row sparse product of q_hat
+// with the CSC of P (only rows storing an observed token are touched), each touched
+// row scored by minus the gradient at a background model; the best `C` are kept,
+// best first, ties by state id.  The logit link keeps kWide * C (its rounds
+// rescore that longer list at each fit).
+std::vector<Index> screen(const FitContext& c, Workspace& w, const StateIndex* ids, const double* counts, Index nq,
+                          Index C, bool with_heavy = false) {
+  double total = 0.0;
+  for (Index i = 0; i < nq; ++i) total += counts[i];
+  const bool logit = c.link == Link::kLogit;
+  double W = 0.0, mdbar = 0.0;
+  w.touched.clear();
+  for (Index i = 0; i < nq; ++i) {
+    const std::size_t x = static_cast<std::size_t>(ids[i]);
+    const double q = counts[i] / total;
+    const double wt = logit ? q : q / c.pbar[x];
+    if (logit) mdbar += q * c.dbar[x];
+    else W += wt;
+    // Mixture: columns stored by a large share of the rows (the most frequent
+    // tokens) add nearly the same to every score and dominate the cost of the
+    // product, so they are left out of the screen (never out of the objective)
+    // unless too few rows remain.  The logit screen needs them: its background
+    // model is fitted on exactly those tokens (measured: recall drops without them).
+    if (!with_heavy && !logit && c.cptr[x + 1] - c.cptr[x] > c.heavy_len) continue;
+    for (Index k = c.cptr[x]; k < c.cptr[x + 1]; ++k) {
+      const std::size_t v = static_cast<std::size_t>(c.crow[static_cast<std::size_t>(k)]);
+      if (!w.mark[v]) {
+        w.mark[v] = 1;
+        w.touched.push_back(static_cast<Index>(v));
+      }
+      w.acc[v] += wt * c.cval[static_cast<std::size_t>(k)];
+    }
+  }
+  if (!with_heavy && static_cast<Index>(w.touched.size()) < C) {
+    for (Index v : w.touched) {
+      w.acc[static_cast<std::size_t>(v)] = 0.0;
+      w.mark[static_cast<std::size_t>(v)] = 0;
+    }
+    return screen(c, w, ids, counts, nq, C, true);
+  }
+  const std::vector<double>* ebg = nullptr;
+  if (logit) {
+    // Background softmax(c dbar) with the scale c that fits q_hat best (the "scale-aware start").
+    std::size_t best = 0;
+    double best_val = INFINITY;
+    for (std::size_t i = 0; i < c.grid_c.size(); ++i) {
+      const double val = -c.grid_c[i] * mdbar + c.grid_logz[i];
+      if (val < best_val) {
+        best_val = val;
+        best = i;
+      }
+    }
+    ebg = &c.background_mean(best);
+  }
+  std::vector<std::pair<double, Index>> scored;
+  scored.reserve(w.touched.size());
+  for (Index v : w.touched) {
+    const std::size_t sv = static_cast<std::size_t>(v);
+    const double score = logit ? w.acc[sv] - (*ebg)[sv] : c.u[sv] * W + w.acc[sv];
+    scored.emplace_back(-score, v);
+    w.acc[sv] = 0.0;
+    w.mark[sv] = 0;
+  }
+  const std::size_t keep = std::min<std::size_t>(scored.size(), static_cast<std::size_t>(logit ? kWide * C : C));
+  std::partial_sort(scored.begin(), scored.begin() + static_cast<std::ptrdiff_t>(keep), scored.end());
+  std::vector<Index> pool(keep);
+  for (std::size_t i = 0; i < keep; ++i) pool[i] = scored[i].second;
+  return pool;
+}
+
+// Greedy selection for one target: forward by gain with a refit after each
+// addition, pruning back to s, swap pass; for the logit link the pool is then
+// rescreened at the fit (gradient and curvature of every touched row) and the
+// rounds repeat while the pool changes; final refit.
+template <class Model>
+void select_one(Model& model, const std::vector<Index>& wide, const FitOptions& o, Index row, Index C, RowOut& out) {
+  constexpr bool kLogit = std::is_same_v<Model, LogitModel>;
+  constexpr Index kRounds = kLogit ? 3 : 1;
+  // Refits during selection only rank supports: a loose tolerance and few steps suffice.
+  const double light_tol = std::max(o.tol, 1e-6);
+  constexpr Index kLightIter = 8;
+  bool conv = false;
+  std::int64_t iters = 0;
+  std::vector<Index> pool(wide.begin(), wide.begin() + std::min<Index>(C, static_cast<Index>(wide.size())));
+  const Index s_eff = std::min<Index>(o.s, static_cast<Index>(pool.size()));
+  const double over = o.oversize > 0 ? o.oversize : (model.is_mixture() ? 1.0 : 2.0);
+  std::uint64_t rng = o.seed ^ (0xD1B54A32D192ED03ULL * static_cast<std::uint64_t>(row + 1));
+  for (Index round = 0; round < kRounds; ++round) {
+    std::vector<Index> before_round(model.atoms());
+    std::sort(before_round.begin(), before_round.end());
+    const Index n_fwd = std::min<Index>(static_cast<Index>(pool.size()),
+                                        std::max<Index>(s_eff, static_cast<Index>(std::ceil(over * static_cast<double>(o.s)))));
+    std::vector<std::uint8_t> taken(pool.size(), 0);
+    std::vector<Index> slot_pool;  // pool index of each support slot
+    for (Index v : model.atoms()) {
+      const Index i = static_cast<Index>(std::find(pool.begin(), pool.end(), v) - pool.begin());
+      taken[static_cast<std::size_t>(i)] = 1;
+      slot_pool.push_back(i);
+    }
+    while (model.size() < n_fwd) {
+      const Pick p = model.best_addition(pool, taken);
+      // The first mixture atom may explain q_hat worse than the uniform row and is still needed.
+      if (p.index < 0 || (model.size() > 0 && !(p.gain > 0))) break;
+      model.add(pool[static_cast<std::size_t>(p.index)], p.t);
+      taken[static_cast<std::size_t>(p.index)] = 1;
+      slot_pool.push_back(p.index);
+      iters += model.newton(kLightIter, light_tol, conv);
+    }
+    while (model.size() > s_eff) {
+      const Index i = model.cheapest_removal();
+      taken[static_cast<std::size_t>(slot_pool[static_cast<std::size_t>(i)])] = 0;
+      slot_pool.erase(slot_pool.begin() + i);
+      model.remove(i);
+      iters += model.newton(kLightIter, light_tol, conv);
+    }
+    for (Index pass = 0; pass < o.swap_passes && model.size() > 0; ++pass) {
+      bool improved = false;
+      std::vector<Index> order(model.atoms());
+      for (std::size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[splitmix64(rng) % i]);
+      for (Index atom : order) {
+        const auto it = std::find(model.atoms().begin(), model.atoms().end(), atom);
+        if (it == model.atoms().end()) continue;
+        const Index slot = static_cast<Index>(it - model.atoms().begin());
+        const std::vector<Index> saved_atoms = model.atoms();
+        const VectorXd saved_alpha = model.alpha();
+        const std::vector<Index> saved_slot_pool = slot_pool;
+        const double before = model.value();
+        const Index removed_pool = slot_pool[static_cast<std::size_t>(slot)];
+        model.remove(slot);
+        slot_pool.erase(slot_pool.begin() + slot);
+        taken[static_cast<std::size_t>(removed_pool)] = 0;
+        iters += model.newton(kLightIter, light_tol, conv);
+        const Pick p = model.best_addition(pool, taken);
+        bool accept = false;
+        if (p.index >= 0 && p.index != removed_pool) {
+          model.add(pool[static_cast<std::size_t>(p.index)], p.t);
+          iters += model.newton(kLightIter, light_tol, conv);
+          accept = model.value() < before - 1e-12 * std::max(1.0, std::abs(before));
+          if (accept) {
+            taken[static_cast<std::size_t>(p.index)] = 1;
+            slot_pool.push_back(p.index);
+            improved = true;
+          }
+        }
+        if (!accept) {
+          model.set_support(saved_atoms, saved_alpha);
+          slot_pool = saved_slot_pool;
+          taken[static_cast<std::size_t>(removed_pool)] = 1;
+        }
+      }
+      if (!improved) break;
+    }
+    if constexpr (kLogit) {
+      std::vector<Index> after_round(model.atoms());
+      std::sort(after_round.begin(), after_round.end());
+      if (round + 1 < kRounds && model.size() > 0 && after_round != before_round) {
+        pool = model.rescreen(wide, C);
+        continue;
+      }
+    }
+    break;
+  }
+  iters += model.newton(o.max_iter, o.tol, conv);
+  out.n_iter = iters;
+  out.converged = conv;
+}
+
+template <class Model>
+double model_kl(Model& model, Index n_base) {
+  if (model.size() == 0) return model.neg_entropy() + std::log(static_cast<double>(n_base));
+  return model.kl();
+}
+
+template <class Model>
+void emit(Model& model, Index n_base, RowOut& out, bool drop_zeros) {
+  out.kl = model_kl(model, n_base);
+  out.entries.clear();
+  for (Index i = 0; i < model.size(); ++i) {
+    const double a = model.alpha()(i);
+    if (drop_zeros && a == 0.0) continue;
+    out.entries.emplace_back(static_cast<StateIndex>(model.atoms()[static_cast<std::size_t>(i)]), a);
+  }
+}
+
+template <class Body>
+void parallel_rows(Index m, int n_threads, const FitContext& ctx, Body body) {
+  detail::ExceptionCollector errors;
+  const int nt = detail::resolve_threads(n_threads);
+  (void)nt;  // unused without OpenMP
+#pragma omp parallel num_threads(nt)
+  {
+    Workspace ws;
+    errors.run([&] { ws.ensure(ctx.n_base, ctx.n_states); });
+#pragma omp for schedule(dynamic, 1)
+    for (Index r = 0; r < m; ++r) errors.run([&] { body(ws, r); });
+  }
+  errors.rethrow();
+}
+
+// Closed form for one row; leaves ws clean.
+VectorXd closed_form_row(const FitContext& c, Workspace& w, const StateIndex* ids, const double* counts, Index nq,
+                         const std::vector<Index>& atoms) {
+  const Index n = static_cast<Index>(atoms.size());
+  double total = 0.0;
+  for (Index i = 0; i < nq; ++i) total += counts[i];
+  std::vector<double> q(static_cast<std::size_t>(nq)), lq(static_cast<std::size_t>(nq));
+  double lbar = 0.0;
+  for (Index i = 0; i < nq; ++i) {
+    q[static_cast<std::size_t>(i)] = counts[i] / total;
+    lq[static_cast<std::size_t>(i)] = std::log(std::max(q[static_cast<std::size_t>(i)], kLogFloor));
+    lbar += q[static_cast<std::size_t>(i)] * lq[static_cast<std::size_t>(i)];
+    w.pos[static_cast<std::size_t>(ids[i])] = static_cast<std::int32_t>(i);
+  }
+  // Coverage of J = supp(q_hat) by the support rows in CSR form by position (slots ascending).
+  std::vector<Index> cptr(static_cast<std::size_t>(nq) + 1, 0);
+  for (Index i = 0; i < n; ++i) {
+    const Index v = atoms[static_cast<std::size_t>(i)];
+    for (Index j = c.ip[v]; j < c.ip[v + 1]; ++j) {
+      const std::int32_t p = w.pos[static_cast<std::size_t>(c.ix[j])];
+      if (p >= 0) ++cptr[static_cast<std::size_t>(p) + 1];
+    }
+  }
+  for (Index p = 0; p < nq; ++p) cptr[static_cast<std::size_t>(p) + 1] += cptr[static_cast<std::size_t>(p)];
+  std::vector<std::int32_t> cslot(static_cast<std::size_t>(cptr.back()));
+  std::vector<double> cd(static_cast<std::size_t>(cptr.back()));
+  {
+    std::vector<Index> next(cptr.begin(), cptr.end() - 1);
+    for (Index i = 0; i < n; ++i) {
+      const Index v = atoms[static_cast<std::size_t>(i)];
+      for (Index j = c.ip[v]; j < c.ip[v + 1]; ++j) {
+        const std::int32_t p = w.pos[static_cast<std::size_t>(c.ix[j])];
+        if (p < 0) continue;
+        const std::size_t k = static_cast<std::size_t>(next[static_cast<std::size_t>(p)]++);
+        cslot[k] = static_cast<std::int32_t>(i);
+        cd[k] = c.d_of(j, v);
+      }
+    }
+  }
+  for (Index i = 0; i < nq; ++i) w.pos[static_cast<std::size_t>(ids[i])] = -1;
+  detail::MatrixXd A = detail::MatrixXd::Zero(n, n);
+  VectorXd mu = VectorXd::Zero(n), b = VectorXd::Zero(n);
+  for (std::size_t p = 0; p < static_cast<std::size_t>(nq); ++p) {
+    const Index lo = cptr[p], hi = cptr[p + 1];
+    for (Index k = lo; k < hi; ++k) {
+      const std::int32_t sk = cslot[static_cast<std::size_t>(k)];
+      const double wd = q[p] * cd[static_cast<std::size_t>(k)];
+      mu(sk) += wd;
+      b(sk) += wd * lq[p];
+      for (Index l = k; l < hi; ++l) A(sk, cslot[static_cast<std::size_t>(l)]) += wd * cd[static_cast<std::size_t>(l)];
+    }
+  }
+  detail::MatrixXd full = A.selfadjointView<Eigen::Upper>();
+  full -= mu * mu.transpose();
+  b -= mu * lbar;
+  if (n == 0) return VectorXd();
+  double ridge = 1e-10 * (std::abs(full.trace()) / static_cast<double>(n)) + 1e-300;
+  for (int k = 0; k < 12; ++k) {
+    Eigen::LLT<detail::MatrixXd> llt(full + ridge * detail::MatrixXd::Identity(n, n));
+    if (llt.info() == Eigen::Success) return llt.solve(b);
+    ridge *= 100.0;
+  }
+  return VectorXd::Zero(n);
+}
+
+}  // namespace
+
+void check_targets(const TransitionMatrix& P, const TargetsView& t) {
+  if (t.n_rows < 1) throw std::invalid_argument("targets has no rows; expected at least one target");
+  if (t.indptr[0] != 0) throw std::invalid_argument("targets indptr[0] must be 0");
+  for (Index r = 0; r < t.n_rows; ++r) {
+    const Index a = t.indptr[r], b = t.indptr[r + 1];
+    if (b < a) throw std::invalid_argument("targets indptr must be non-decreasing");
+    double total = 0.0;
+    for (Index k = a; k < b; ++k) {
+      const StateIndex x = t.indices[k];
+      if (x < 0 || x >= P.n_base())
+        throw std::out_of_range(row_msg(r) + " has a count on state " + std::to_string(x) +
+                                ", outside the base states [0, n_base = " + std::to_string(P.n_base()) + ")");
+      if (k > a && x <= t.indices[k - 1])
+        throw std::invalid_argument(row_msg(r) + " has unsorted or duplicate column indices");
+      const double c = t.data[k];
+      if (!std::isfinite(c)) {
+        std::ostringstream os;
+        os << row_msg(r) << " holds a non-finite value (" << c << ") at state " << x;
+        throw std::invalid_argument(os.str());
+      }
+      if (c < 0) {
+        std::ostringstream os;
+        os << row_msg(r) << " holds a negative count (" << c << ") at state " << x;
+        throw std::invalid_argument(os.str());
+      }
+      total += c;
+    }
+    if (!(total > 0))
+      throw std::invalid_argument(row_msg(r) +
+                                  " has no counts; every target needs at least one observed next token");
+  }
+}
+
+AlphaResult fit_alpha(const TransitionMatrix& P, const TargetsView& targets, const FitOptions& o) {
+  check_options(o, true);
+  check_targets(P, targets);
+  for (Index i = 0; i < o.n_allowed; ++i)
+    if (o.allowed[i] < 0 || o.allowed[i] >= P.n_states() || (i > 0 && o.allowed[i] <= o.allowed[i - 1]))
+      throw std::invalid_argument("candidates must be sorted, unique state ids in [0, n_states)");
+  const FitContext ctx(P, o.link, true, true, o.n_allowed > 0 ? o.allowed : nullptr, o.n_allowed, o.n_threads);
+  const Index C = o.n_candidates > 0 ? o.n_candidates : std::max<Index>(256, 16 * o.s);
+  std::vector<RowOut> rows(static_cast<std::size_t>(targets.n_rows));
+  parallel_rows(targets.n_rows, o.n_threads, ctx, [&](Workspace& ws, Index r) {
+    const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
+    const StateIndex* ids = targets.indices + a;
+    const double* cnt = targets.data + a;
+    RowOut& out = rows[static_cast<std::size_t>(r)];
+    const std::vector<Index> pool = screen(ctx, ws, ids, cnt, nq, C);
+    out.n_candidates = static_cast<Index>(pool.size());  // the logit link's longer list counts
+    if (o.link == Link::kLogit) {
+      LogitModel model(ctx, ws, o.bound);
+      model.load(ids, cnt, nq);
+      select_one(model, pool, o, r, C, out);
+      emit(model, ctx.n_base, out, true);
+      model.unload();
+    } else {
+      MixtureModel model(ctx, ws);
+      model.load(ids, cnt, nq);
+      select_one(model, pool, o, r, C, out);
+      emit(model, ctx.n_base, out, true);
+      model.unload();
+    }
+    if (pool.empty()) out.converged = false;
+  });
+  return assemble(rows);
+}
+
+AlphaResult fit_on_support(const TransitionMatrix& P, const TargetsView& targets, const SupportView& support,
+                           const FitOptions& o) {
+  check_options(o, false);
+  check_targets(P, targets);
+  check_support(P, support, targets.n_rows, false);
+  const FitContext ctx(P, o.link, false, false, nullptr, 0, o.n_threads);
+  std::vector<RowOut> rows(static_cast<std::size_t>(targets.n_rows));
+  parallel_rows(targets.n_rows, o.n_threads, ctx, [&](Workspace& ws, Index r) {
+    const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
+    const StateIndex* ids = targets.indices + a;
+    const double* cnt = targets.data + a;
+    const Index sa = support.indptr[r], sb = support.indptr[r + 1];
+    std::vector<Index> atoms(support.indices + sa, support.indices + sb);
+    VectorXd start(sb - sa);
+    if (support.values) {
+      for (Index k = sa; k < sb; ++k) start(k - sa) = support.values[k];
+    } else {
+      start = closed_form_row(ctx, ws, ids, cnt, nq, atoms);
+    }
+    RowOut& out = rows[static_cast<std::size_t>(r)];
+    out.n_candidates = sb - sa;
+    bool conv = false;
+    if (o.link == Link::kLogit) {
+      LogitModel model(ctx, ws, o.bound);
+      model.load(ids, cnt, nq);
+      model.set_support(atoms, start);
+      out.n_iter = model.newton(o.max_iter, o.tol, conv);
+      out.converged = conv;
+      emit(model, ctx.n_base, out, false);
+      model.unload();
+    } else {
+      MixtureModel model(ctx, ws);
+      model.load(ids, cnt, nq);
+      model.set_support(atoms, start);
+      out.n_iter = model.newton(o.max_iter, o.tol, conv);
+      out.converged = conv;
+      emit(model, ctx.n_base, out, false);
+      model.unload();
+    }
+  });
+  return assemble(rows);
+}
+
+AlphaResult closed_form_alpha(const TransitionMatrix& P, const TargetsView& targets, const SupportView& support,
+                              int n_threads) {
+  check_targets(P, targets);
+  check_support(P, support, targets.n_rows, false);
+  const FitContext ctx(P, Link::kLogit, false, false, nullptr, 0, n_threads);
+  std::vector<RowOut> rows(static_cast<std::size_t>(targets.n_rows));
+  parallel_rows(targets.n_rows, n_threads, ctx, [&](Workspace& ws, Index r) {
+    const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
+    const StateIndex* ids = targets.indices + a;
+    const double* cnt = targets.data + a;
+    const Index sa = support.indptr[r], sb = support.indptr[r + 1];
+    std::vector<Index> atoms(support.indices + sa, support.indices + sb);
+    const VectorXd alpha = closed_form_row(ctx, ws, ids, cnt, nq, atoms);
+    LogitModel model(ctx, ws, INFINITY);
+    model.load(ids, cnt, nq);
+    model.set_support(atoms, alpha);
+    RowOut& out = rows[static_cast<std::size_t>(r)];
+    out.n_candidates = sb - sa;
+    out.converged = true;
+    emit(model, ctx.n_base, out, false);
+    model.unload();
+  });
+  return assemble(rows);
+}
+
+void fit_objective(const TransitionMatrix& P, const TargetsView& targets, const SupportView& alpha, Link link,
+                   std::vector<double>& kl, std::vector<double>& grad, int n_threads) {
+  check_targets(P, targets);
+  check_support(P, alpha, targets.n_rows, true);
+  const FitContext ctx(P, link, false, false, nullptr, 0, n_threads);
+  kl.assign(static_cast<std::size_t>(targets.n_rows), 0.0);
+  grad.assign(static_cast<std::size_t>(alpha.indptr[alpha.n_rows]), 0.0);
+  parallel_rows(targets.n_rows, n_threads, ctx, [&](Workspace& ws, Index r) {
+    const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
+    const StateIndex* ids = targets.indices + a;
+    const double* cnt = targets.data + a;
+    const Index sa = alpha.indptr[r], sb = alpha.indptr[r + 1];
+    std::vector<Index> atoms(alpha.indices + sa, alpha.indices + sb);
+    VectorXd av(sb - sa);
+    for (Index k = sa; k < sb; ++k) av(k - sa) = alpha.values[k];
+    VectorXd g;
+    if (link == Link::kLogit) {
+      LogitModel model(ctx, ws, INFINITY);
+      model.load(ids, cnt, nq);
+      model.set_support(atoms, av);
+      kl[static_cast<std::size_t>(r)] = model.kl();
+      g = model.gradient_kl();
+      model.unload();
+    } else {
+      MixtureModel model(ctx, ws);
+      model.load(ids, cnt, nq);
+      model.set_support(atoms, av, false);
+      kl[static_cast<std::size_t>(r)] = model.kl();
+      g = model.gradient_kl();
+      model.unload();
+    }
+    for (Index k = sa; k < sb; ++k) grad[static_cast<std::size_t>(k)] = g(k - sa);
+  });
+}
+
+PredictedRows predict_rows(const TransitionMatrix& P, const SupportView& alpha, Link link, int n_threads) {
+  check_support(P, alpha, alpha.n_rows, true);
+  const FitContext ctx(P, link, false, false, nullptr, 0, n_threads);
+  const Index m = alpha.n_rows;
+  std::vector<std::vector<std::pair<StateIndex, double>>> out(static_cast<std::size_t>(m));
+  parallel_rows(m, n_threads, ctx, [&](Workspace& ws, Index r) {
+    std::vector<StateIndex> U;
+    std::vector<double> val;
+    for (Index k = alpha.indptr[r]; k < alpha.indptr[r + 1]; ++k) {
+      const Index v = alpha.indices[k];
+      const double a = alpha.values[k];
+      for (Index j = ctx.ip[v]; j < ctx.ip[v + 1]; ++j) {
+        const StateIndex x = ctx.ix[j];
+        std::int32_t& p = ws.pos[static_cast<std::size_t>(x)];
+        if (p < 0) {
+          p = static_cast<std::int32_t>(U.size());
+          U.push_back(x);
+          val.push_back(0.0);
+        }
+        val[static_cast<std::size_t>(p)] +=
+            a * (link == Link::kLogit ? ctx.d_of(j, v) : static_cast<double>(ctx.px[j]) - ctx.u[static_cast<std::size_t>(v)]);
+      }
+    }
+    for (StateIndex x : U) ws.pos[static_cast<std::size_t>(x)] = -1;
+    const double rest = static_cast<double>(ctx.n_base - static_cast<Index>(U.size()));
+    if (link == Link::kLogit) {
+      double zmax = 0.0;
+      for (double z : val) zmax = std::max(zmax, z);
+      double zs = rest * std::exp(-zmax);
+      for (double& z : val) {
+        z = std::exp(z - zmax);
+        zs += z;
+      }
+      for (double& z : val) z /= zs;
+    } else {
+      double tau = 0.0;
+      for (Index k = alpha.indptr[r]; k < alpha.indptr[r + 1]; ++k)
+        tau += alpha.values[k] * ctx.u[static_cast<std::size_t>(alpha.indices[k])];
+      for (double& f : val) f = std::max(0.0, f + tau);
+    }
+    auto& row = out[static_cast<std::size_t>(r)];
+    row.reserve(U.size());
+    for (std::size_t i = 0; i < U.size(); ++i) row.emplace_back(U[i], val[i]);
+    std::sort(row.begin(), row.end());
+  });
+  PredictedRows res;
+  res.indptr.assign(static_cast<std::size_t>(m) + 1, 0);
+  for (Index r = 0; r < m; ++r)
+    res.indptr[static_cast<std::size_t>(r) + 1] = res.indptr[static_cast<std::size_t>(r)] + static_cast<Index>(out[static_cast<std::size_t>(r)].size());
+  res.indices.reserve(static_cast<std::size_t>(res.indptr.back()));
+  res.data.reserve(static_cast<std::size_t>(res.indptr.back()));
+  for (const auto& row : out)
+    for (const auto& [x, p] : row) {
+      res.indices.push_back(x);
+      res.data.push_back(static_cast<Prob>(p));
+    }
+  return res;
+}
+
+}  // namespace markovmem

@@ -1,0 +1,739 @@
+// The two link models of the sparse fit on a small support: exact objective,
+// gradient and Hessian with the tail rule (sparse in the support rows), Newton
+// solvers (ball-constrained for logit, projected on alpha >= 0 for mixture) and
+// the per-candidate gains that drive greedy selection.
+#include "fit_model.hpp"
+
+#include <algorithm>
+#include <array>
+#include <limits>
+#include <numeric>
+
+namespace markovmem::detail {
+
+namespace {
+
+constexpr int kShortlist = 4;  // candidates whose gain is computed exactly after the second-order screen
+
+// Cholesky solve of (H + ridge I) x = b with a ridge that grows until H + ridge I factorises.
+VectorXd solve_spd(const MatrixXd& H, const VectorXd& b) {
+  const Index n = H.rows();
+  double ridge = 1e-12 * (std::abs(H.trace()) / static_cast<double>(std::max<Index>(n, 1)) + 1e-300);
+  for (int k = 0; k < 12; ++k) {
+    Eigen::LLT<MatrixXd> llt(H + ridge * MatrixXd::Identity(n, n));
+    if (llt.info() == Eigen::Success) return llt.solve(b);
+    ridge *= 100.0;
+  }
+  return b / std::max(H.diagonal().maxCoeff(), 1e-300);
+}
+
+// Diagonal of (H + ridge I)^-1 (for the removal estimate).
+VectorXd inverse_diagonal(const MatrixXd& H) {
+  const Index n = H.rows();
+  double ridge = 1e-10 * (std::abs(H.trace()) / static_cast<double>(std::max<Index>(n, 1)) + 1e-300);
+  for (int k = 0; k < 12; ++k) {
+    Eigen::LLT<MatrixXd> llt(H + ridge * MatrixXd::Identity(n, n));
+    if (llt.info() == Eigen::Success) return llt.solve(MatrixXd::Identity(n, n)).diagonal();
+    ridge *= 100.0;
+  }
+  return VectorXd::Constant(n, 1.0);
+}
+
+// argmin over y of g.(y - a) + (y - a)' H (y - a) / 2 subject to ||y|| <= B, i.e. of
+// y' H y / 2 - b' y with b = H a - g: y(l) = (H + l I)^-1 b with l >= 0 found by bisection on ||y(l)|| = B.
+VectorXd ball_step(const MatrixXd& H, const VectorXd& g, const VectorXd& a, double B) {
+  Eigen::SelfAdjointEigenSolver<MatrixXd> es(H);
+  const VectorXd lam = es.eigenvalues().cwiseMax(0.0);
+  const VectorXd beta = es.eigenvectors().transpose() * (H * a - g);
+  auto norm_at = [&](double l) { return (beta.array() / (lam.array() + l)).matrix().norm(); };
+  double lo = 0.0, hi = beta.norm() / B + 1e-300;
+  if (lam.minCoeff() > 0 && norm_at(0.0) <= B) lo = hi = 0.0;
+  for (int it = 0; it < 200 && hi - lo > 1e-15 * hi; ++it) {
+    const double mid = 0.5 * (lo + hi);
+    (norm_at(mid) > B ? lo : hi) = mid;
+  }
+  VectorXd y = es.eigenvectors() * (beta.array() / (lam.array() + hi)).matrix();
+  const double ny = y.norm();
+  if (ny > B) y *= B / ny;
+  return y;
+}
+
+// Keeps the kShortlist best (score, pool index) pairs; ties go to the smaller index.
+struct Shortlist {
+  std::array<std::pair<double, Index>, kShortlist> best;
+  int n = 0;
+  void offer(double score, Index i) {
+    if (n < kShortlist) {
+      best[static_cast<std::size_t>(n++)] = {score, i};
+    } else if (score > best[kShortlist - 1].first) {
+      best[kShortlist - 1] = {score, i};
+    } else {
+      return;
+    }
+    for (int k = n - 1; k > 0 && best[static_cast<std::size_t>(k)].first > best[static_cast<std::size_t>(k - 1)].first; --k)
+      std::swap(best[static_cast<std::size_t>(k)], best[static_cast<std::size_t>(k - 1)]);
+  }
+};
+
+// Minimiser of a convex function on [lo, hi] from its first and second
+// derivatives: Newton steps kept inside a shrinking bracket of the root of the
+// derivative, bisection when a step leaves it.  O(iterations) calls of derivs.
+template <class Derivs>
+double minimise_1d(Derivs derivs, double lo, double hi) {
+  double d1, d2;
+  derivs(lo, d1, d2);
+  if (d1 >= 0) return lo;
+  derivs(hi, d1, d2);
+  if (d1 <= 0) return hi;
+  double t = 0.0 >= lo && 0.0 <= hi ? 0.0 : 0.5 * (lo + hi);
+  for (int it = 0; it < 100 && hi - lo > 1e-10 * (1.0 + std::abs(t)); ++it) {
+    derivs(t, d1, d2);
+    if (d1 == 0) return t;
+    (d1 > 0 ? hi : lo) = t;
+    double tn = d2 > 0 ? t - d1 / d2 : 0.5 * (lo + hi);
+    if (!(tn > lo && tn < hi)) tn = 0.5 * (lo + hi);
+    if (std::abs(tn - t) < 1e-10 * (1.0 + std::abs(t))) return tn;
+    t = tn;
+  }
+  return t;
+}
+
+}  // namespace
+
+// ============================================================================ logit
+void LogitModel::load(const StateIndex* ids, const double* q, Index nq) {
+  ids_ = ids;
+  nq_ = nq;
+  double total = 0.0;
+  for (Index i = 0; i < nq; ++i) total += q[i];
+  neg_h_ = 0.0;
+  for (Index i = 0; i < nq; ++i) {
+    const double p = q[i] / total;
+    w_.q[static_cast<std::size_t>(ids[i])] = p;
+    if (p > 0) neg_h_ += p * std::log(p);
+  }
+  atoms_.clear();
+  alpha_.resize(0);
+  rebuild();
+}
+
+void LogitModel::unload() {
+  for (Index i = 0; i < nq_; ++i) w_.q[static_cast<std::size_t>(ids_[i])] = 0.0;
+  for (StateIndex x : ulist_) w_.pos[static_cast<std::size_t>(x)] = -1;
+  ulist_.clear();
+  atoms_.clear();
+  alpha_.resize(0);
+}
+
+void LogitModel::set_support(std::vector<Index> atoms, VectorXd alpha, bool project) {
+  atoms_ = std::move(atoms);
+  alpha_ = std::move(alpha);
+  const double n = alpha_.norm();
+  if (project && n > bound_) alpha_ *= bound_ / n;
+  rebuild();
+}
+
+void LogitModel::rebuild() {
+  for (StateIndex x : ulist_) w_.pos[static_cast<std::size_t>(x)] = -1;
+  ulist_.clear();
+  std::vector<Index> cnt;
+  for (Index v : atoms_) {
+    for (Index j = c_.ip[v]; j < c_.ip[v + 1]; ++j) {
+      const StateIndex x = c_.ix[j];
+      std::int32_t& p = w_.pos[static_cast<std::size_t>(x)];
+      if (p < 0) {
+        p = static_cast<std::int32_t>(ulist_.size());
+        ulist_.push_back(x);
+        cnt.push_back(0);
+      }
+      ++cnt[static_cast<std::size_t>(p)];
+    }
+  }
+  const std::size_t nU = ulist_.size();
+  mptr_.assign(nU + 1, 0);
+  for (std::size_t p = 0; p < nU; ++p) mptr_[p + 1] = mptr_[p] + cnt[p];
+  mslot_.resize(static_cast<std::size_t>(mptr_[nU]));
+  mval_.resize(static_cast<std::size_t>(mptr_[nU]));
+  std::vector<Index> next(mptr_.begin(), mptr_.end() - 1);
+  eq_ = VectorXd::Zero(static_cast<Index>(atoms_.size()));
+  for (std::size_t i = 0; i < atoms_.size(); ++i) {
+    const Index v = atoms_[i];
+    double e = 0.0;
+    for (Index j = c_.ip[v]; j < c_.ip[v + 1]; ++j) {
+      const StateIndex x = c_.ix[j];
+      const double d = c_.d_of(j, v);
+      const std::size_t k = static_cast<std::size_t>(next[static_cast<std::size_t>(w_.pos[static_cast<std::size_t>(x)])]++);
+      mslot_[k] = static_cast<std::int32_t>(i);
+      mval_[k] = d;
+      e += w_.q[static_cast<std::size_t>(x)] * d;
+    }
+    eq_(static_cast<Index>(i)) = e;
+  }
+  qU_.resize(nU);
+  for (std::size_t p = 0; p < nU; ++p) qU_[p] = w_.q[static_cast<std::size_t>(ulist_[p])];
+  zU_.assign(nU, 0.0);
+  eU_.assign(nU, 0.0);
+}
+
+double LogitModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H) {
+  const std::size_t nU = ulist_.size();
+  double zmax = 0.0, qz = 0.0;
+  for (std::size_t p = 0; p < nU; ++p) {
+    double z = 0.0;
+    for (Index k = mptr_[p]; k < mptr_[p + 1]; ++k) z += a(mslot_[static_cast<std::size_t>(k)]) * mval_[static_cast<std::size_t>(k)];
+    zU_[p] = z;
+    zmax = std::max(zmax, z);
+    qz += qU_[p] * z;
+  }
+  double zs = static_cast<double>(c_.n_base - static_cast<Index>(nU)) * std::exp(-zmax);
+  for (std::size_t p = 0; p < nU; ++p) {
+    eU_[p] = std::exp(zU_[p] - zmax);
+    zs += eU_[p];
+  }
+  zmax_ = zmax;
+  zs_ = zs;
+  const double value = -qz + zmax + std::log(zs);
+  if (g || H) {
+    const Index n = static_cast<Index>(atoms_.size());
+    VectorXd m = VectorXd::Zero(n);
+    if (H) H->setZero(n, n);
+    for (std::size_t p = 0; p < nU; ++p) {
+      const double f = eU_[p] / zs;
+      const Index b = mptr_[p], e = mptr_[p + 1];
+      for (Index k = b; k < e; ++k) {
+        const double fv = f * mval_[static_cast<std::size_t>(k)];
+        const std::int32_t si = mslot_[static_cast<std::size_t>(k)];
+        m(si) += fv;
+        if (H) {
+          for (Index l = k; l < e; ++l) (*H)(si, mslot_[static_cast<std::size_t>(l)]) += fv * mval_[static_cast<std::size_t>(l)];
+        }
+      }
+    }
+    if (g) *g = m - eq_;
+    if (H) {
+      // Slots are ascending within a position, so only the upper triangle was filled.
+      MatrixXd full = H->selfadjointView<Eigen::Upper>();
+      *H = full - m * m.transpose();
+    }
+  }
+  return value;
+}
+
+Index LogitModel::newton(Index max_iter, double tol, bool& converged) {
+  converged = true;
+  const Index n = size();
+  if (n == 0) return 0;
+  {
+    const double nrm = alpha_.norm();
+    if (nrm > bound_) alpha_ *= bound_ / nrm;
+  }
+  VectorXd g, step, trial;
+  MatrixXd H;
+  for (Index it = 0; it < max_iter; ++it) {
+    const double F = eval(alpha_, &g, &H);
+    step = -solve_spd(H, g);
+    if ((alpha_ + step).norm() > bound_) step = ball_step(H, g, alpha_, bound_) - alpha_;
+    const double dec = -g.dot(step);
+    if (!(dec > tol * std::max(1.0, std::abs(F)))) return it;
+    double t = 1.0;
+    bool moved = false;
+    while (t > 1e-12) {
+      trial = alpha_ + t * step;
+      if (eval(trial, nullptr, nullptr) <= F - 1e-4 * t * dec) {
+        moved = true;
+        break;
+      }
+      t *= 0.5;
+    }
+    if (!moved) return it + 1;  // no representable decrease left: converged to rounding
+    alpha_ = trial;
+  }
+  VectorXd gl;
+  const double F = eval(alpha_, &gl, &H);
+  step = -solve_spd(H, gl);
+  if ((alpha_ + step).norm() > bound_) step = ball_step(H, gl, alpha_, bound_) - alpha_;
+  converged = !(-gl.dot(step) > tol * std::max(1.0, std::abs(F)));
+  return max_iter;
+}
+
+double LogitModel::line_gain(Index atom, double t0, double tmax, double& t_out) {
+  // phi(t) = -t E_q[d_c] + log Z(t): only the atom's stored columns change.
+  thread_local std::vector<double> ee, dd;
+  ee.clear();
+  dd.clear();
+  double mq = 0.0;
+  const double e0 = std::exp(-zmax_);
+  for (Index j = c_.ip[atom]; j < c_.ip[atom + 1]; ++j) {
+    const StateIndex x = c_.ix[j];
+    const double d = c_.d_of(j, atom);
+    const std::int32_t p = w_.pos[static_cast<std::size_t>(x)];
+    ee.push_back(p >= 0 ? eU_[static_cast<std::size_t>(p)] : e0);
+    dd.push_back(d);
+    mq += w_.q[static_cast<std::size_t>(x)] * d;
+  }
+  auto phi = [&](double t, double* d1, double* d2) {
+    double zs = zs_, s1 = 0.0, s2 = 0.0;
+    for (std::size_t i = 0; i < ee.size(); ++i) {
+      const double w = ee[i] * std::exp(t * dd[i]);
+      zs += w - ee[i];
+      s1 += w * dd[i];
+      s2 += w * dd[i] * dd[i];
+    }
+    zs = std::max(zs, 1e-300);
+    if (d1) *d1 = -mq + s1 / zs;
+    if (d2) *d2 = s2 / zs - (s1 / zs) * (s1 / zs);
+    return -t * mq + std::log(zs);
+  };
+  (void)t0;
+  const double t = minimise_1d([&](double tt, double& d1, double& d2) { phi(tt, &d1, &d2); }, -tmax, tmax);
+  const double val = phi(t, nullptr, nullptr);
+  t_out = t;
+  return std::log(zs_) - val;
+}
+
+Pick LogitModel::best_addition(const std::vector<Index>& pool, const std::vector<std::uint8_t>& taken) {
+  eval(alpha_, nullptr, nullptr);
+  const double a2 = alpha_.squaredNorm();
+  const double tmax = std::sqrt(std::max(0.0, bound_ * bound_ - a2));
+  const double rank_tmax = std::max(tmax, 0.25 * bound_);
+  const double f0 = std::exp(-zmax_) / zs_;
+  Shortlist sl;
+  for (std::size_t i = 0; i < pool.size(); ++i) {
+    if (taken[i]) continue;
+    const Index c = pool[i];
+    double mf = 0.0, mf2 = 0.0, mq = 0.0;
+    for (Index j = c_.ip[c]; j < c_.ip[c + 1]; ++j) {
+      const StateIndex x = c_.ix[j];
+      const double d = c_.d_of(j, c);
+      const std::int32_t p = w_.pos[static_cast<std::size_t>(x)];
+      const double f = p >= 0 ? eU_[static_cast<std::size_t>(p)] / zs_ : f0;
+      mf += f * d;
+      mf2 += f * d * d;
+      mq += w_.q[static_cast<std::size_t>(x)] * d;
+    }
+    const double g = mf - mq, h = mf2 - mf * mf;
+    if (!(h > 1e-300)) continue;
+    const double t = std::clamp(-g / h, -rank_tmax, rank_tmax);
+    sl.offer(-(g * t + 0.5 * h * t * t), static_cast<Index>(i));
+  }
+  Pick best;
+  for (int k = 0; k < sl.n; ++k) {
+    const Index i = sl.best[static_cast<std::size_t>(k)].second;
+    double t = 0.0;
+    const double gain = tmax > 0 ? line_gain(pool[static_cast<std::size_t>(i)], 0.0, tmax, t)
+                                 : sl.best[static_cast<std::size_t>(k)].first;
+    if (gain > best.gain || (gain == best.gain && i < best.index)) best = {i, t, gain};
+  }
+  return best;
+}
+
+void LogitModel::add(Index atom, double t) {
+  atoms_.push_back(atom);
+  alpha_.conservativeResize(static_cast<Index>(atoms_.size()));
+  alpha_(static_cast<Index>(atoms_.size()) - 1) = t;
+  rebuild();
+}
+
+void LogitModel::remove(Index slot) {
+  atoms_.erase(atoms_.begin() + slot);
+  VectorXd a(static_cast<Index>(atoms_.size()));
+  for (Index i = 0, k = 0; i < alpha_.size(); ++i)
+    if (i != slot) a(k++) = alpha_(i);
+  alpha_ = a;
+  rebuild();
+}
+
+Index LogitModel::cheapest_removal() {
+  VectorXd g;
+  MatrixXd H;
+  eval(alpha_, &g, &H);
+  const VectorXd hinv = inverse_diagonal(H);
+  Index best = 0;
+  double best_cost = INFINITY;
+  for (Index i = 0; i < size(); ++i) {
+    const double cost = alpha_(i) * alpha_(i) / (2.0 * std::max(hinv(i), 1e-300));
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = i;
+    }
+  }
+  return best;
+}
+
+std::vector<Index> LogitModel::rescreen(const std::vector<Index>& wide, Index C) {
+  eval(alpha_, nullptr, nullptr);
+  const double f0 = std::exp(-zmax_) / zs_;
+  for (Index v : atoms_) w_.mark[static_cast<std::size_t>(v)] = 1;
+  std::vector<std::pair<double, Index>> scored;
+  scored.reserve(wide.size());
+  for (Index c : wide) {
+    if (w_.mark[static_cast<std::size_t>(c)]) continue;
+    double mf = 0.0, mf2 = 0.0, mq = 0.0;
+    for (Index j = c_.ip[c]; j < c_.ip[c + 1]; ++j) {
+      const StateIndex x = c_.ix[j];
+      const double d = c_.d_of(j, c);
+      const std::int32_t p = w_.pos[static_cast<std::size_t>(x)];
+      const double f = p >= 0 ? eU_[static_cast<std::size_t>(p)] / zs_ : f0;
+      mf += f * d;
+      mf2 += f * d * d;
+      mq += w_.q[static_cast<std::size_t>(x)] * d;
+    }
+    const double g = mf - mq, h = mf2 - mf * mf;
+    scored.emplace_back(h > 1e-300 ? -g * g / h : 0.0, c);
+  }
+  for (Index v : atoms_) w_.mark[static_cast<std::size_t>(v)] = 0;
+  std::vector<Index> pool(atoms_);
+  const std::size_t keep = std::min<std::size_t>(scored.size(), static_cast<std::size_t>(std::max<Index>(C - size(), 0)));
+  std::partial_sort(scored.begin(), scored.begin() + static_cast<std::ptrdiff_t>(keep), scored.end());
+  for (std::size_t i = 0; i < keep; ++i) pool.push_back(scored[i].second);
+  return pool;
+}
+
+// ============================================================================ mixture
+void MixtureModel::load(const StateIndex* ids, const double* q, Index nq) {
+  ids_ = ids;
+  nq_ = nq;
+  double total = 0.0;
+  for (Index i = 0; i < nq; ++i) total += q[i];
+  qJ_.resize(static_cast<std::size_t>(nq));
+  neg_h_ = 0.0;
+  qsum_ = 0.0;
+  for (Index i = 0; i < nq; ++i) {
+    const double p = q[i] / total;
+    qJ_[static_cast<std::size_t>(i)] = p;
+    qsum_ += p;
+    if (p > 0) neg_h_ += p * std::log(p);
+    w_.pos[static_cast<std::size_t>(ids[i])] = static_cast<std::int32_t>(i);
+  }
+  fJ_.assign(static_cast<std::size_t>(nq), 0.0);
+  w1_.assign(static_cast<std::size_t>(nq), 0.0);
+  w2_.assign(static_cast<std::size_t>(nq), 0.0);
+  rbuf_.assign(static_cast<std::size_t>(nq), 0.0);
+  pool_data_ = nullptr;
+  pool_size_ = 0;
+  atoms_.clear();
+  alpha_.resize(0);
+  rebuild();
+}
+
+void MixtureModel::cache_pool(const std::vector<Index>& pool) {
+  hptr_.assign(pool.size() + 1, 0);
+  hpos_.clear();
+  hval_.clear();
+  for (std::size_t i = 0; i < pool.size(); ++i) {
+    const Index c = pool[i];
+    const double u = c_.u[static_cast<std::size_t>(c)];
+    for (Index j = c_.ip[c]; j < c_.ip[c + 1]; ++j) {
+      const std::int32_t p = w_.pos[static_cast<std::size_t>(c_.ix[j])];
+      if (p < 0) continue;
+      hpos_.push_back(p);
+      hval_.push_back(static_cast<double>(c_.px[j]) - u);
+    }
+    hptr_[i + 1] = static_cast<Index>(hpos_.size());
+  }
+  pool_data_ = pool.data();
+  pool_size_ = pool.size();
+}
+
+void MixtureModel::unload() {
+  pool_data_ = nullptr;
+  pool_size_ = 0;
+  for (Index i = 0; i < nq_; ++i) w_.pos[static_cast<std::size_t>(ids_[i])] = -1;
+  atoms_.clear();
+  alpha_.resize(0);
+}
+
+void MixtureModel::set_support(std::vector<Index> atoms, VectorXd alpha, bool project) {
+  atoms_ = std::move(atoms);
+  if (!project) {
+    alpha_ = std::move(alpha);
+    rebuild();
+    return;
+  }
+  alpha_ = alpha.cwiseMax(0.0);
+  double mass = 0.0;
+  for (std::size_t i = 0; i < atoms_.size(); ++i) mass += alpha_(static_cast<Index>(i)) * c_.total[static_cast<std::size_t>(atoms_[i])];
+  if (!(mass > 0) || !std::isfinite(mass)) {
+    alpha_ = VectorXd::Constant(static_cast<Index>(atoms_.size()), atoms_.empty() ? 0.0 : 1.0 / static_cast<double>(atoms_.size()));
+  } else {
+    alpha_ /= mass;
+  }
+  rebuild();
+}
+
+void MixtureModel::rebuild() {
+  const std::size_t nJ = static_cast<std::size_t>(nq_);
+  std::vector<Index> cnt(nJ + 1, 0);
+  for (Index v : atoms_)
+    for (Index j = c_.ip[v]; j < c_.ip[v + 1]; ++j) {
+      const std::int32_t p = w_.pos[static_cast<std::size_t>(c_.ix[j])];
+      if (p >= 0) ++cnt[static_cast<std::size_t>(p) + 1];
+    }
+  mptr_.assign(nJ + 1, 0);
+  for (std::size_t p = 0; p < nJ; ++p) mptr_[p + 1] = mptr_[p] + cnt[p + 1];
+  mslot_.resize(static_cast<std::size_t>(mptr_[nJ]));
+  mval_.resize(static_cast<std::size_t>(mptr_[nJ]));
+  std::vector<Index> next(mptr_.begin(), mptr_.end() - 1);
+  for (std::size_t i = 0; i < atoms_.size(); ++i) {
+    const Index v = atoms_[i];
+    const double u = c_.u[static_cast<std::size_t>(v)];
+    for (Index j = c_.ip[v]; j < c_.ip[v + 1]; ++j) {
+      const std::int32_t p = w_.pos[static_cast<std::size_t>(c_.ix[j])];
+      if (p < 0) continue;
+      const std::size_t k = static_cast<std::size_t>(next[static_cast<std::size_t>(p)]++);
+      mslot_[k] = static_cast<std::int32_t>(i);
+      mval_[k] = static_cast<double>(c_.px[j]) - u;
+    }
+  }
+}
+
+double MixtureModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H) {
+  const Index n = size();
+  double tau = 0.0, mass = 0.0;
+  VectorXd uS(n);
+  for (Index i = 0; i < n; ++i) {
+    const std::size_t v = static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)]);
+    uS(i) = c_.u[v];
+    tau += a(i) * c_.u[v];
+    mass += a(i) * c_.total[v];
+  }
+  double value = mass, W1 = 0.0, W2 = 0.0;
+  for (std::size_t p = 0; p < static_cast<std::size_t>(nq_); ++p) {
+    double f = tau;
+    for (Index k = mptr_[p]; k < mptr_[p + 1]; ++k) f += a(mslot_[static_cast<std::size_t>(k)]) * mval_[static_cast<std::size_t>(k)];
+    const double fl = std::max(f, kLogFloor);
+    fJ_[p] = fl;
+    value -= qJ_[p] * std::log(fl);
+    w1_[p] = qJ_[p] / fl;
+    w2_[p] = w1_[p] / fl;
+    W1 += w1_[p];
+    W2 += w2_[p];
+  }
+  W1_ = W1;
+  W2_ = W2;
+  if (g || H) {
+    VectorXd s1 = VectorXd::Zero(n), b = VectorXd::Zero(n);
+    if (H) H->setZero(n, n);
+    for (std::size_t p = 0; p < static_cast<std::size_t>(nq_); ++p) {
+      const Index lo = mptr_[p], hi = mptr_[p + 1];
+      for (Index k = lo; k < hi; ++k) {
+        const std::int32_t si = mslot_[static_cast<std::size_t>(k)];
+        const double v = mval_[static_cast<std::size_t>(k)];
+        s1(si) += w1_[p] * v;
+        b(si) += w2_[p] * v;
+        if (H) {
+          const double wv = w2_[p] * v;
+          for (Index l = k; l < hi; ++l) (*H)(si, mslot_[static_cast<std::size_t>(l)]) += wv * mval_[static_cast<std::size_t>(l)];
+        }
+      }
+    }
+    if (g) {
+      g->resize(n);
+      for (Index i = 0; i < n; ++i)
+        (*g)(i) = -(uS(i) * W1 + s1(i)) + c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
+    }
+    if (H) {
+      // Slots are ascending within a position, so only the upper triangle was filled.
+      MatrixXd full = H->selfadjointView<Eigen::Upper>();
+      *H = full + W2 * uS * uS.transpose() + uS * b.transpose() + b * uS.transpose();
+    }
+  }
+  return value;
+}
+
+Index MixtureModel::newton(Index max_iter, double tol, bool& converged) {
+  converged = true;
+  const Index n = size();
+  if (n == 0) return 0;
+  VectorXd g, step, trial;
+  MatrixXd H;
+  Index it = 0;
+  converged = false;
+  for (; it < max_iter; ++it) {
+    const double G = eval(alpha_, &g, &H);
+    const double eps = std::min(1e-12, (alpha_ - (alpha_ - g).cwiseMax(0.0)).norm());
+    std::vector<Index> fr;
+    std::vector<std::uint8_t> bind(static_cast<std::size_t>(n), 0);
+    for (Index i = 0; i < n; ++i) {
+      if (alpha_(i) <= eps && g(i) > 0)
+        bind[static_cast<std::size_t>(i)] = 1;
+      else
+        fr.push_back(i);
+    }
+    step = VectorXd::Zero(n);
+    double dec_free = 0.0;
+    if (!fr.empty()) {
+      const Index nf = static_cast<Index>(fr.size());
+      MatrixXd Hf(nf, nf);
+      VectorXd gf(nf);
+      for (Index r = 0; r < nf; ++r) {
+        gf(r) = g(fr[static_cast<std::size_t>(r)]);
+        for (Index c = 0; c < nf; ++c) Hf(r, c) = H(fr[static_cast<std::size_t>(r)], fr[static_cast<std::size_t>(c)]);
+      }
+      const VectorXd sf = -solve_spd(Hf, gf);
+      for (Index r = 0; r < nf; ++r) step(fr[static_cast<std::size_t>(r)]) = sf(r);
+      dec_free = -gf.dot(sf);
+    }
+    double dec_bound = 0.0;
+    for (Index i = 0; i < n; ++i)
+      if (bind[static_cast<std::size_t>(i)]) {
+        step(i) = -alpha_(i);
+        dec_bound += g(i) * alpha_(i);
+      }
+    if (!(dec_free + dec_bound > tol * std::max(1.0, std::abs(G)))) {
+      converged = true;
+      break;
+    }
+    // Armijo along the projection arc (Bertsekas 1982): predicted decrease of the free
+    // step plus the first-order decrease of the variables pushed to the bound.
+    double t = 1.0;
+    bool ok = false;
+    while (t > 1e-14) {
+      trial = (alpha_ + t * step).cwiseMax(0.0);
+      double pred = 0.0;
+      for (Index i = 0; i < n; ++i)
+        pred += bind[static_cast<std::size_t>(i)] ? g(i) * (alpha_(i) - trial(i)) : 0.0;
+      pred += t * dec_free;
+      if (eval(trial, nullptr, nullptr) <= G - 1e-4 * pred) {
+        ok = true;
+        break;
+      }
+      t *= 0.5;
+    }
+    if (!ok) {
+      converged = true;  // no representable decrease left
+      ++it;
+      break;
+    }
+    alpha_ = trial;
+  }
+  double mass = 0.0;
+  for (Index i = 0; i < n; ++i) mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
+  if (mass > 0) alpha_ /= mass;
+  return it;
+}
+
+double MixtureModel::line_value(Index atom, double t) const {
+  // G((1 - t) alpha + t e_c), with rbuf_ holding r_c over J (set by the caller).
+  double mass = 0.0;
+  for (Index i = 0; i < size(); ++i) mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
+  double v = (1.0 - t) * mass + t * c_.total[static_cast<std::size_t>(atom)];
+  for (std::size_t p = 0; p < static_cast<std::size_t>(nq_); ++p)
+    v -= qJ_[p] * std::log(std::max((1.0 - t) * fJ_[p] + t * rbuf_[p], kLogFloor));
+  return v;
+}
+
+Pick MixtureModel::best_addition(const std::vector<Index>& pool, const std::vector<std::uint8_t>& taken) {
+  Pick best;
+  if (pool.data() != pool_data_ || pool.size() != pool_size_) cache_pool(pool);
+  if (size() == 0) {
+    const double base = empty_value();
+    for (std::size_t i = 0; i < pool.size(); ++i) {
+      if (taken[i]) continue;
+      const Index c = pool[i];
+      const double u = c_.u[static_cast<std::size_t>(c)];
+      double hit_q = 0.0, hit_log = 0.0;
+      for (Index h = hptr_[i]; h < hptr_[i + 1]; ++h) {
+        const double q = qJ_[static_cast<std::size_t>(hpos_[static_cast<std::size_t>(h)])];
+        hit_q += q;
+        hit_log += q * std::log(std::max(hval_[static_cast<std::size_t>(h)] + u, kLogFloor));
+      }
+      const double value =
+          -((qsum_ - hit_q) * c_.logu[static_cast<std::size_t>(c)] + hit_log) + c_.total[static_cast<std::size_t>(c)];
+      const double gain = base - value;
+      if (gain > best.gain) best = {static_cast<Index>(i), 1.0, gain};
+    }
+    return best;
+  }
+  const double G0 = eval(alpha_, nullptr, nullptr);
+  double mass = 0.0;
+  for (Index i = 0; i < size(); ++i) mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
+  const double ga = -qsum_ + mass;  // g . alpha
+  Shortlist sl;
+  for (std::size_t i = 0; i < pool.size(); ++i) {
+    if (taken[i]) continue;
+    const Index c = pool[i];
+    const double u = c_.u[static_cast<std::size_t>(c)];
+    double s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    for (Index h = hptr_[i]; h < hptr_[i + 1]; ++h) {
+      const std::size_t p = static_cast<std::size_t>(hpos_[static_cast<std::size_t>(h)]);
+      const double d = hval_[static_cast<std::size_t>(h)];
+      s1 += w1_[p] * d;
+      s2 += w2_[p] * d;
+      s3 += w2_[p] * d * d;
+    }
+    const double gc = -(u * W1_ + s1) + c_.total[static_cast<std::size_t>(c)];
+    const double d1 = gc - ga;
+    const double d2 = u * u * W2_ + 2.0 * u * s2 + s3 - 2.0 * (u * W1_ + s1) + qsum_;
+    if (!(d1 < 0)) continue;
+    const double t = d2 > 1e-300 ? std::clamp(-d1 / d2, 0.0, 1.0) : 1.0;
+    sl.offer(-(d1 * t + 0.5 * d2 * t * t), static_cast<Index>(i));
+  }
+  for (int k = 0; k < sl.n; ++k) {
+    const Index i = sl.best[static_cast<std::size_t>(k)].second;
+    const Index c = pool[static_cast<std::size_t>(i)];
+    const double u = c_.u[static_cast<std::size_t>(c)];
+    std::fill(rbuf_.begin(), rbuf_.end(), u);
+    for (Index h = hptr_[static_cast<std::size_t>(i)]; h < hptr_[static_cast<std::size_t>(i) + 1]; ++h)
+      rbuf_[static_cast<std::size_t>(hpos_[static_cast<std::size_t>(h)])] = hval_[static_cast<std::size_t>(h)] + u;
+    // Convex in t on [0, 1]: safeguarded Newton from t = 0.
+    auto derivs = [&](double t, double& d1, double& d2) {
+      d1 = c_.total[static_cast<std::size_t>(c)] - mass;
+      d2 = 0.0;
+      for (std::size_t p = 0; p < static_cast<std::size_t>(nq_); ++p) {
+        const double h = std::max((1.0 - t) * fJ_[p] + t * rbuf_[p], kLogFloor);
+        const double r = (rbuf_[p] - fJ_[p]) / h;
+        d1 -= qJ_[p] * r;
+        d2 += qJ_[p] * r * r;
+      }
+    };
+    const double t = minimise_1d(derivs, 0.0, 1.0);
+    const double val = line_value(c, t);
+    const double gain = G0 - val;
+    if (gain > best.gain || (gain == best.gain && i < best.index)) best = {i, t, gain};
+  }
+  return best;
+}
+
+void MixtureModel::add(Index atom, double t) {
+  if (atoms_.empty()) t = 1.0;
+  alpha_ *= (1.0 - t);
+  atoms_.push_back(atom);
+  alpha_.conservativeResize(static_cast<Index>(atoms_.size()));
+  alpha_(static_cast<Index>(atoms_.size()) - 1) = t;
+  rebuild();
+}
+
+void MixtureModel::remove(Index slot) {
+  atoms_.erase(atoms_.begin() + slot);
+  VectorXd a(static_cast<Index>(atoms_.size()));
+  for (Index i = 0, k = 0; i < alpha_.size(); ++i)
+    if (i != slot) a(k++) = alpha_(i);
+  set_support(std::move(atoms_), std::move(a));
+}
+
+Index MixtureModel::cheapest_removal() {
+  VectorXd g;
+  MatrixXd H;
+  eval(alpha_, &g, &H);
+  const VectorXd hinv = inverse_diagonal(H);
+  Index best = 0;
+  double best_cost = INFINITY;
+  for (Index i = 0; i < size(); ++i) {
+    const double cost = alpha_(i) * alpha_(i) / (2.0 * std::max(hinv(i), 1e-300));
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = i;
+    }
+  }
+  return best;
+}
+
+VectorXd MixtureModel::gradient_kl() {
+  VectorXd g;
+  eval(alpha_, &g, nullptr);
+  for (Index i = 0; i < size(); ++i) g(i) -= c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
+  return g;
+}
+
+}  // namespace markovmem::detail

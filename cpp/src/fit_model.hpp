@@ -1,0 +1,206 @@
+// Private to the core: the per-target objective models of the sparse fit (logit
+// and mixture link) on a small support, their Newton solvers and candidate
+// gains, and the read-only per-call context they share (tails, log-rows, CSC).
+#pragma once
+
+#include <Eigen/Dense>
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "markovmem/fit.hpp"
+
+namespace markovmem::detail {
+
+using Eigen::MatrixXd;
+using Eigen::VectorXd;
+
+/// Read-only data shared by every target of one call.
+struct FitContext {
+  FitContext(const TransitionMatrix& P, Link link, bool with_dev, bool with_screening, const StateIndex* allowed,
+             Index n_allowed, int n_threads);
+
+  const TransitionMatrix& P;
+  Link link;
+  Index n_states, n_base;
+  const Index* ip;
+  const StateIndex* ix;
+  const Prob* px;
+  std::vector<double> u;      ///< p(x|v) of an unstored base state x
+  std::vector<double> logu;   ///< log(max(u, kLogFloor))
+  std::vector<double> total;  ///< stored mass + tail of each row (1 up to rounding)
+  std::vector<double> dev;    ///< logit: d_v(x) = log p(x|v) - logu_v per stored entry (empty if not asked)
+
+  // Screening: CSC of the eligible rows over base columns, with one value per entry
+  // (mixture: p - u_v; logit: d_v(x)), and the background model of each link.
+  std::vector<std::uint8_t> eligible;
+  std::vector<Index> cptr;
+  std::vector<StateIndex> crow;
+  std::vector<float> cval;
+  Index heavy_len = 0;  ///< columns longer than this are left out of the first screen
+  std::vector<double> pbar;  ///< mixture: the average eligible row over base states
+  std::vector<double> dbar;  ///< logit: the average eligible deviation row
+  std::vector<double> grid_c, grid_logz;
+  /// E_{softmax(c dbar)}[d_v] for every state, computed on first use of grid point i.
+  const std::vector<double>& background_mean(std::size_t i) const;
+
+  double d_of(Index j, Index v) const {
+    return dev.empty() ? std::log(std::max<double>(px[j], kLogFloor)) - logu[static_cast<std::size_t>(v)]
+                       : dev[static_cast<std::size_t>(j)];
+  }
+
+ private:
+  mutable std::vector<std::vector<double>> grid_ebg_;
+  mutable std::unique_ptr<std::once_flag[]> grid_once_;
+};
+
+/// Per-thread dense buffers over base states (kept zeroed / -1 between targets).
+struct Workspace {
+  std::vector<std::int32_t> pos;  ///< base state -> position in the current token list, or -1
+  std::vector<double> q;          ///< q_hat over base states
+  std::vector<double> acc;        ///< screening accumulator over states
+  std::vector<std::uint8_t> mark; ///< states touched by the screening product
+  std::vector<Index> touched;
+  void ensure(Index n_base, Index n_states) {
+    if (static_cast<Index>(pos.size()) != n_base) {
+      pos.assign(static_cast<std::size_t>(n_base), -1);
+      q.assign(static_cast<std::size_t>(n_base), 0.0);
+    }
+    if (static_cast<Index>(acc.size()) != n_states) {
+      acc.assign(static_cast<std::size_t>(n_states), 0.0);
+      mark.assign(static_cast<std::size_t>(n_states), 0);
+    }
+  }
+};
+
+/// Result of a candidate search: the pool position, the step to take and its gain.
+struct Pick {
+  Index index = -1;
+  double t = 0.0;
+  double gain = -INFINITY;
+};
+
+/// Common interface of the two link models (static polymorphism in the driver).
+/// A model holds one target (q_hat) and a support (atoms, alpha); every method
+/// leaves the workspace clean for the next target after unload().
+class LogitModel {
+ public:
+  LogitModel(const FitContext& c, Workspace& w, double bound) : c_(c), w_(w), bound_(bound) {}
+  void load(const StateIndex* ids, const double* q, Index nq);
+  void unload();
+  /// Replaces the support; with `project` alpha is scaled into the ball ||alpha|| <= bound.
+  void set_support(std::vector<Index> atoms, VectorXd alpha, bool project = true);
+  const std::vector<Index>& atoms() const { return atoms_; }
+  const VectorXd& alpha() const { return alpha_; }
+  Index size() const { return static_cast<Index>(atoms_.size()); }
+  /// KL(q_hat || f(alpha)) at the current alpha.
+  double kl() { return neg_h_ + value(); }
+  /// Objective (KL(q_hat || f) up to the constant sum q log q) at a; optional gradient and Hessian.
+  double eval(const VectorXd& a, VectorXd* g, MatrixXd* H);
+  double value() { return eval(alpha_, nullptr, nullptr); }
+  double neg_entropy() const { return neg_h_; }
+  /// Newton (ball-constrained); returns iterations, sets converged.
+  Index newton(Index max_iter, double tol, bool& converged);
+  /// Best single addition among pool entries not flagged in `taken` (second-order screen, exact line on a shortlist).
+  Pick best_addition(const std::vector<Index>& pool, const std::vector<std::uint8_t>& taken);
+  void add(Index atom, double t);
+  void remove(Index slot);
+  /// Slot whose removal is estimated to cost least (quadratic model at the current alpha).
+  Index cheapest_removal();
+  /// Rescreening at the current fit: the rows of `wide` (the screen's longer
+  /// list) are scored by their second-order gain g^2 / (2 h) at the current
+  /// alpha; returns the current atoms followed by the best of the rest, C in all.
+  std::vector<Index> rescreen(const std::vector<Index>& wide, Index C);
+  VectorXd gradient_kl() {
+    VectorXd g;
+    eval(alpha_, &g, nullptr);
+    return g;
+  }
+  double empty_value() const { return std::log(static_cast<double>(c_.n_base)); }
+  bool is_mixture() const { return false; }
+
+ private:
+  void rebuild();
+  double line_gain(Index atom, double t0, double tmax, double& t);
+  const FitContext& c_;
+  Workspace& w_;
+  double bound_;
+  std::vector<Index> atoms_;
+  VectorXd alpha_;
+  double neg_h_ = 0.0;
+  const StateIndex* ids_ = nullptr;
+  Index nq_ = 0;
+  // Support matrix by position in the union U of the atoms' stored columns.
+  std::vector<StateIndex> ulist_;
+  std::vector<Index> mptr_;
+  std::vector<std::int32_t> mslot_;
+  std::vector<double> mval_;
+  std::vector<double> qU_, zU_, eU_;
+  VectorXd eq_;  ///< E_q_hat[d_i] per slot
+  double zmax_ = 0.0, zs_ = 1.0;  ///< shift and shifted partition function of the last eval
+};
+
+class MixtureModel {
+ public:
+  MixtureModel(const FitContext& c, Workspace& w) : c_(c), w_(w) {}
+  void load(const StateIndex* ids, const double* q, Index nq);
+  void unload();
+  /// Replaces the support; with `project` alpha is clipped at 0 and rescaled to total mass 1
+  /// (uniform when nothing positive is left).
+  void set_support(std::vector<Index> atoms, VectorXd alpha, bool project = true);
+  const std::vector<Index>& atoms() const { return atoms_; }
+  const VectorXd& alpha() const { return alpha_; }
+  Index size() const { return static_cast<Index>(atoms_.size()); }
+  /// KL(q_hat || f(alpha)) = sum q log q - sum q log f at the current alpha.
+  double kl() {
+    double mass = 0.0;
+    for (Index i = 0; i < size(); ++i) mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
+    return neg_h_ + value() - mass;
+  }
+  /// G(a) = -sum q log f + sum a_v total_v (its minimiser over a >= 0 lies on the simplex;
+  /// on the simplex it equals KL(q_hat || f) - sum q log q + 1).
+  double eval(const VectorXd& a, VectorXd* g, MatrixXd* H);
+  double value() { return eval(alpha_, nullptr, nullptr); }
+  double neg_entropy() const { return neg_h_; }
+  Index newton(Index max_iter, double tol, bool& converged);
+  Pick best_addition(const std::vector<Index>& pool, const std::vector<std::uint8_t>& taken);
+  void add(Index atom, double t);
+  void remove(Index slot);
+  Index cheapest_removal();
+  /// Gradient of KL(q_hat || f) with respect to alpha (not of G).
+  VectorXd gradient_kl();
+  double empty_value() const { return std::log(static_cast<double>(c_.n_base)) + 1.0; }
+  bool is_mixture() const { return true; }
+
+ private:
+  void rebuild();
+  double line_value(Index atom, double t) const;
+  // The pool's rows restricted to J = supp(q_hat), built once per target and pool
+  // so that every gain sweep reads only the entries that matter, contiguously.
+  void cache_pool(const std::vector<Index>& pool);
+  const Index* pool_data_ = nullptr;
+  std::size_t pool_size_ = 0;
+  std::vector<Index> hptr_;
+  std::vector<std::int32_t> hpos_;
+  std::vector<double> hval_;
+  const FitContext& c_;
+  Workspace& w_;
+  std::vector<Index> atoms_;
+  VectorXd alpha_;
+  double neg_h_ = 0.0;
+  const StateIndex* ids_ = nullptr;
+  Index nq_ = 0;
+  std::vector<double> qJ_;
+  // Support matrix by position in J = supp(q_hat): entries p(x|v) - u_v.
+  std::vector<Index> mptr_;
+  std::vector<std::int32_t> mslot_;
+  std::vector<double> mval_;
+  std::vector<double> fJ_, w1_, w2_;
+  std::vector<double> rbuf_;
+  double W1_ = 0.0, W2_ = 0.0, qsum_ = 0.0;
+};
+
+}  // namespace markovmem::detail

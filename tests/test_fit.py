@@ -1,0 +1,394 @@
+"""Tests of markovmem.fit_alpha / closed_form_alpha against short dense numpy references.
+
+Dictionaries are small (T <= 1024) so every reference can use the dense
+(T, T) matrix with the tail spread in; the planted problems use Zipf-like rows
+whose top-k sets share frequent tokens, as LM rows do.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import scipy.optimize as opt
+import scipy.sparse as sp
+
+import markovmem as mm
+from markovmem._fit import objective
+
+LOG_FLOOR = 1e-12
+
+
+# ----------------------------------------------------------------------------- helpers
+def zipf_dictionary(T: int, k: int, seed: int, shared: float = 0.5) -> mm.TransitionMatrix:
+    """T rows of k stored entries: half drawn from a global Zipf popularity (shared frequent
+    tokens), half uniformly; Zipf probabilities in random order; top mass in [0.6, 0.95]."""
+    rng = np.random.default_rng(seed)
+    pop = 1.0 / np.arange(1, T + 1) ** 1.1
+    pop /= pop.sum()
+    n_sh = int(shared * k)
+    idx = np.empty((T, k), np.int64)
+    for v in range(T):
+        sh = rng.choice(T, n_sh, replace=False, p=pop)
+        free = np.setdiff1d(np.arange(T), sh)
+        idx[v] = np.concatenate([sh, rng.choice(free, k - n_sh, replace=False)])
+    w = 1.0 / np.arange(1, k + 1)
+    probs = w[np.argsort(rng.random((T, k)), axis=1)]
+    probs = probs / probs.sum(axis=1, keepdims=True) * rng.uniform(0.6, 0.95, (T, 1))
+    return mm.TransitionMatrix.from_topk(idx, probs.astype(np.float32))
+
+
+def f_dense(P: mm.TransitionMatrix, alpha: np.ndarray, link: str) -> np.ndarray:
+    """f(alpha) over the base states from the dense matrix (tail spread in)."""
+    dense = P.to_dense()[:, : P.n_base]
+    if link == "mixture":
+        return alpha @ dense
+    z = alpha @ np.log(np.maximum(dense, LOG_FLOOR))
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def rows_dense(rows, n_base: int) -> np.ndarray:
+    """Dense (m, n_base) rows of a CSR whose missing mass is spread uniformly over unstored states."""
+    csr = sp.csr_array(rows)
+    out = np.zeros((csr.shape[0], n_base))
+    for i in range(csr.shape[0]):
+        a, b = csr.indptr[i], csr.indptr[i + 1]
+        rest = 1.0 - float(csr.data[a:b].sum())
+        out[i, :] = max(rest, 0.0) / max(n_base - (b - a), 1)
+        out[i, csr.indices[a:b]] = csr.data[a:b]
+    return out
+
+
+def kl(q: np.ndarray, f: np.ndarray) -> float:
+    nz = q > 0
+    return float(np.sum(q[nz] * np.log(q[nz] / f[nz])))
+
+
+def planted(P: mm.TransitionMatrix, s: int, N: int, m: int, link: str, seed: int):
+    """m planted s-sparse alphas (weights in [1, 3] normalised), their q = f(alpha*) and N-sample counts."""
+    rng = np.random.default_rng(seed)
+    T = P.n_base
+    supports, qs, counts = [], [], []
+    for _ in range(m):
+        S = np.sort(rng.choice(P.n_states, s, replace=False))
+        w = rng.uniform(1.0, 3.0, s)
+        a = np.zeros(P.n_states)
+        a[S] = w / w.sum()
+        q = f_dense(P, a, link)
+        supports.append(S)
+        qs.append(q)
+        counts.append(rng.multinomial(N, q / q.sum()))
+    return supports, np.array(qs), sp.csr_array(np.array(counts, dtype=np.float64))
+
+
+def ref_fixed_support(P, counts_row: np.ndarray, S: np.ndarray, link: str) -> float:
+    """Minimum KL on support S by scipy L-BFGS-B to tight tolerance (dense)."""
+    dense = P.to_dense()[:, : P.n_base]
+    q = counts_row / counts_row.sum()
+    nz = q > 0
+    negH = float(np.sum(q[nz] * np.log(q[nz])))
+    if link == "logit":
+        L = np.log(np.maximum(dense[S], LOG_FLOOR))
+
+        def fun(a):
+            z = a @ L
+            zm = z.max()
+            lse = zm + np.log(np.exp(z - zm).sum())
+            f = np.exp(z - lse)
+            return negH - q @ z + lse, L @ (f - q)
+
+        res = opt.minimize(fun, np.full(len(S), 1.0 / len(S)), jac=True, method="L-BFGS-B",
+                           options=dict(ftol=1e-15, gtol=1e-12, maxiter=10000))
+        return float(res.fun)
+    A = dense[S][:, nz].T
+    qn = q[nz]
+
+    def fun(a):  # -sum q log(A a) + sum a: its minimiser over a >= 0 lies on the simplex
+        f = A @ a
+        return -qn @ np.log(f) + a.sum(), -(A.T @ (qn / f)) + 1.0
+
+    res = opt.minimize(fun, np.full(len(S), 1.0 / len(S)), jac=True, method="L-BFGS-B",
+                       bounds=[(1e-300, None)] * len(S), options=dict(ftol=1e-15, gtol=1e-12, maxiter=10000))
+    a = res.x / res.x.sum()
+    return negH - float(qn @ np.log(A @ a))
+
+
+@pytest.fixture(scope="module")
+def small_P() -> mm.TransitionMatrix:
+    return zipf_dictionary(200, 16, seed=1)
+
+
+@pytest.fixture(scope="module")
+def planted_P() -> mm.TransitionMatrix:
+    return zipf_dictionary(1024, 32, seed=0)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)
+
+
+# ----------------------------------------------------------------------------- objective and gradient
+@pytest.mark.parametrize("link", ["logit", "mixture"])
+def test_objective_and_gradient_match_dense_numpy(small_P, rng, link):
+    T = small_P.n_base
+    counts = sp.csr_array(rng.poisson(0.4, (6, T)).astype(float))
+    A = sp.lil_array((6, T))
+    for i in range(6):
+        A[i, rng.choice(T, 5, replace=False)] = rng.uniform(0.1, 1.0, 5)
+    A = sp.csr_array(A)
+    if link == "mixture":
+        A = sp.csr_array(A / A.sum(axis=1)[:, None])
+    A.sort_indices()
+    kls, grad = objective(small_P, counts, A, link)
+    dense = small_P.to_dense()
+    logd = np.log(np.maximum(dense, LOG_FLOOR))
+    for i in range(6):
+        q = counts[[i]].toarray().ravel()
+        q /= q.sum()
+        a = A[[i]].toarray().ravel()
+        f = f_dense(small_P, a, link)
+        g_ref = logd @ f - logd @ q if link == "logit" else -(dense @ (q / f))
+        cols = A.indices[A.indptr[i]:A.indptr[i + 1]]
+        assert kls[i] == pytest.approx(kl(q, f), rel=1e-10)
+        np.testing.assert_allclose(grad[A.indptr[i]:A.indptr[i + 1]], g_ref[cols], rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- fixed support
+@pytest.mark.parametrize("link", ["logit", "mixture"])
+def test_fixed_support_reaches_reference_optimum(small_P, rng, link):
+    T = small_P.n_base
+    counts = rng.poisson(0.5, (5, T)).astype(float)
+    supports = [np.sort(rng.choice(T, 6, replace=False)) for _ in range(5)]
+    fit = mm.fit_alpha(small_P, sp.csr_array(counts), support=supports, link=link, bound=1e6)
+    assert fit.converged.all()
+    for i in range(5):
+        ref = ref_fixed_support(small_P, counts[i], supports[i], link)
+        assert fit.kl[i] <= ref * (1 + 1e-6)
+        assert fit.kl[i] == pytest.approx(ref, rel=1e-6)
+
+
+def test_logit_ball_constraint_is_active_and_kkt_holds(small_P, rng):
+    T = small_P.n_base
+    counts = sp.csr_array(rng.poisson(0.5, (3, T)).astype(float))
+    supports = [np.sort(rng.choice(T, 6, replace=False)) for _ in range(3)]
+    free = mm.fit_alpha(small_P, counts, support=supports, bound=1e6)
+    bound = 0.5 * float(np.min(np.sqrt(free.alpha.multiply(free.alpha).sum(axis=1))))
+    fit = mm.fit_alpha(small_P, counts, support=supports, bound=bound)
+    for i in range(3):
+        a = fit.alpha[[i]].toarray().ravel()[supports[i]]
+        assert np.linalg.norm(a) == pytest.approx(bound, rel=1e-9)
+        _, g = objective(small_P, counts[[i]], fit.alpha[[i]], "logit")
+        lam = -(g @ a) / (a @ a)  # KKT: g = -lam a with lam >= 0
+        assert lam > 0
+        np.testing.assert_allclose(g, -lam * a, atol=1e-4 * np.abs(g).max())
+        assert fit.kl[i] >= free.kl[i]
+
+
+def test_mixture_alpha_on_simplex(small_P, rng):
+    counts = sp.csr_array(rng.poisson(0.5, (4, small_P.n_base)).astype(float))
+    fit = mm.fit_alpha(small_P, counts, s=5, link="mixture")
+    assert np.all(fit.alpha.data >= 0)
+    np.testing.assert_allclose(fit.alpha.sum(axis=1), 1.0, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- planted recovery
+@pytest.mark.parametrize("s", [1, 2, 4, 8, 16])
+def test_planted_recovery_mixture(planted_P, s):
+    m = 8 if s < 16 else 6
+    supports, qs, counts = planted(planted_P, s, 200 * s, m, "mixture", seed=s)
+    fit = mm.fit_alpha(planted_P, counts, s=s, link="mixture")
+    on_planted = mm.fit_alpha(planted_P, counts, support=supports, link="mixture")
+    recall = np.mean([np.isin(S, sup).mean() for S, sup in zip(supports, fit.support)])
+    assert recall >= 0.95
+    f_hat = rows_dense(fit.predict(), planted_P.n_base)
+    f_pl = rows_dense(on_planted.predict(), planted_P.n_base)
+    kl_hat = np.mean([kl(qs[i], f_hat[i]) for i in range(m)])
+    kl_pl = np.mean([kl(qs[i], f_pl[i]) for i in range(m)])
+    assert kl_hat <= 1.2 * kl_pl + 1e-7
+
+
+@pytest.mark.parametrize("s", [2, 4])
+def test_planted_recovery_logit_with_enough_samples(planted_P, s):
+    supports, qs, counts = planted(planted_P, s, 2000 * s, 6, "logit", seed=10 + s)
+    fit = mm.fit_alpha(planted_P, counts, s=s, link="logit")
+    recall = np.mean([np.isin(S, sup).mean() for S, sup in zip(supports, fit.support)])
+    assert recall >= 0.9
+    assert np.all(np.sqrt(fit.alpha.multiply(fit.alpha).sum(axis=1)) <= 10.0 + 1e-9)
+
+
+# ----------------------------------------------------------------------------- results and API
+@pytest.mark.parametrize("link", ["logit", "mixture"])
+def test_predict_is_f_alpha_and_expand_accepts_fit(small_P, rng, link):
+    counts = sp.csr_array(rng.poisson(0.5, (3, small_P.n_base)).astype(float))
+    fit = mm.fit_alpha(small_P, counts, s=4, link=link)
+    rows = fit.predict()
+    assert rows.shape == (3, small_P.n_base)
+    dense = rows_dense(rows, small_P.n_base)
+    for i in range(3):
+        a = fit.alpha[[i]].toarray().ravel()
+        np.testing.assert_allclose(dense[i], f_dense(small_P, a, link), rtol=2e-6, atol=1e-9)
+        assert fit.kl[i] == pytest.approx(kl(counts[[i]].toarray().ravel() / counts[[i]].sum(), dense[i]), rel=1e-4)
+    Q, cert = small_P.expand(fit)
+    assert cert.ok
+    assert Q.n_states == small_P.n_states + 3
+
+
+def test_alpha_shape_and_sparsity(small_P, rng):
+    counts = sp.csr_array(rng.poisson(0.5, (4, small_P.n_base)).astype(float))
+    fit = mm.fit_alpha(small_P, counts, s=3)
+    assert fit.alpha.shape == (4, small_P.n_states)
+    assert np.all(np.diff(fit.alpha.indptr) <= 3)
+    assert [list(x) for x in fit.support] == [list(fit.alpha[[i]].indices) for i in range(4)]
+    assert fit.kl.shape == fit.n_iter.shape == fit.converged.shape == (4,)
+    assert fit.converged.dtype == bool
+    np.testing.assert_array_equal(fit.n_samples, counts.sum(axis=1))
+
+
+def test_probabilities_with_n_samples_give_the_same_fit(small_P, rng):
+    counts = rng.poisson(0.5, (3, small_P.n_base)).astype(float)
+    probs = counts / counts.sum(axis=1, keepdims=True)
+    a = mm.fit_alpha(small_P, sp.csr_array(counts), s=3, link="mixture")
+    b = mm.fit_alpha(small_P, sp.csr_array(probs), s=3, link="mixture", n_samples=counts.sum(axis=1))
+    np.testing.assert_array_equal(a.alpha.indices, b.alpha.indices)
+    np.testing.assert_allclose(a.alpha.data, b.alpha.data, rtol=1e-9)
+    np.testing.assert_allclose(b.n_samples, counts.sum(axis=1))
+
+
+def test_dense_targets_and_int_counts_accepted(small_P, rng):
+    counts = rng.poisson(0.5, (2, small_P.n_base))
+    a = mm.fit_alpha(small_P, counts, s=2)
+    b = mm.fit_alpha(small_P, sp.csr_array(counts.astype(float)), s=2)
+    np.testing.assert_array_equal(a.alpha.toarray(), b.alpha.toarray())
+
+
+@pytest.mark.parametrize("link", ["logit", "mixture"])
+def test_deterministic_whatever_the_thread_count(planted_P, link):
+    _, _, counts = planted(planted_P, 4, 800, 8, link, seed=3)
+    one = mm.fit_alpha(planted_P, counts, s=4, link=link, n_threads=1, seed=7)
+    two = mm.fit_alpha(planted_P, counts, s=4, link=link, n_threads=2, seed=7)
+    np.testing.assert_array_equal(one.alpha.indices, two.alpha.indices)
+    np.testing.assert_array_equal(one.alpha.data, two.alpha.data)
+    np.testing.assert_array_equal(one.kl, two.kl)
+
+
+def test_same_result_from_several_python_threads(planted_P):
+    _, _, counts = planted(planted_P, 2, 400, 4, "mixture", seed=4)
+    expected = mm.fit_alpha(planted_P, counts, s=2, link="mixture", n_threads=1)
+    results = [None] * 3
+
+    def work(i):
+        results[i] = mm.fit_alpha(planted_P, counts, s=2, link="mixture", n_threads=1)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        np.testing.assert_array_equal(r.alpha.toarray(), expected.alpha.toarray())
+
+
+def test_candidate_ids_restrict_the_support(small_P, rng):
+    counts = sp.csr_array(rng.poisson(0.5, (3, small_P.n_base)).astype(float))
+    allowed = np.arange(0, small_P.n_states, 3)
+    fit = mm.fit_alpha(small_P, counts, s=4, candidates=allowed)
+    assert np.isin(fit.alpha.indices, allowed).all()
+
+
+def test_closed_form_matches_weighted_least_squares(small_P, rng):
+    T = small_P.n_base
+    counts = rng.poisson(2.0, (3, T)).astype(float)
+    supports = [np.sort(rng.choice(T, 4, replace=False)) for _ in range(3)]
+    fit = mm.closed_form_alpha(small_P, sp.csr_array(counts), supports)
+    logd = np.log(np.maximum(small_P.to_dense(), LOG_FLOOR))
+    for i in range(3):
+        q = counts[i] / counts[i].sum()
+        nz = q > 0
+        w = q[nz]
+        X = np.column_stack([np.ones(nz.sum()), logd[supports[i]][:, nz].T])
+        y = np.log(q[nz])
+        coef, *_ = np.linalg.lstsq(X * np.sqrt(w)[:, None], y * np.sqrt(w), rcond=None)
+        np.testing.assert_allclose(fit.alpha[[i]].toarray().ravel()[supports[i]], coef[1:], rtol=1e-6, atol=1e-8)
+    assert fit.link == "logit"
+    assert np.all(fit.n_iter == 0)
+
+
+def test_closed_form_accepts_a_fit_as_support(small_P, rng):
+    counts = sp.csr_array(rng.poisson(0.5, (2, small_P.n_base)).astype(float))
+    fit = mm.fit_alpha(small_P, counts, s=3)
+    cf = mm.closed_form_alpha(small_P, counts, fit)
+    assert [list(x) for x in cf.support] == [list(x) for x in fit.support]
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_empty_target_row_is_rejected(small_P):
+    counts = np.zeros((2, small_P.n_base))
+    counts[0, 3] = 2
+    with pytest.raises(ValueError, match="targets row 1 has no counts"):
+        mm.fit_alpha(small_P, counts)
+
+
+def test_count_on_state_beyond_n_base_is_rejected(small_P):
+    counts = sp.csr_array(np.zeros((1, small_P.n_base + 5)))
+    with pytest.raises(ValueError, match="expected"):
+        mm.fit_alpha(small_P, counts)
+    Q, _ = small_P.expand(sp.csr_array(np.full((2, small_P.n_base), 1.0 / small_P.n_base)))
+    bad = np.zeros((1, Q.n_states))
+    bad[0, Q.n_base + 1] = 3
+    with pytest.raises(IndexError, match=r"state 201, outside the base states \[0, n_base = 200\)"):
+        mm.fit_alpha(Q, bad)
+
+
+@pytest.mark.parametrize("s", [0, -3])
+def test_nonpositive_s_is_rejected(small_P, s):
+    with pytest.raises(ValueError, match=f"s is {s}; expected an integer >= 1"):
+        mm.fit_alpha(small_P, np.ones((1, small_P.n_base)), s=s)
+
+
+@pytest.mark.parametrize("bound", [0.0, -1.0, float("nan")])
+def test_nonpositive_bound_is_rejected(small_P, bound):
+    with pytest.raises(ValueError, match="bound is .*; expected > 0"):
+        mm.fit_alpha(small_P, np.ones((1, small_P.n_base)), bound=bound)
+
+
+def test_nan_and_negative_counts_are_rejected(small_P):
+    counts = np.ones((2, small_P.n_base))
+    counts[1, 7] = np.nan
+    with pytest.raises(ValueError, match=r"targets row 1 holds a non-finite value \(nan\) at state 7"):
+        mm.fit_alpha(small_P, counts)
+    counts[1, 7] = -1
+    with pytest.raises(ValueError, match="targets row 1 holds a negative count"):
+        mm.fit_alpha(small_P, counts)
+
+
+def test_unknown_link_is_rejected(small_P):
+    with pytest.raises(ValueError, match="link is 'softmax'"):
+        mm.fit_alpha(small_P, np.ones((1, small_P.n_base)), link="softmax")
+
+
+def test_s_beyond_candidates_fits_what_exists_and_reports_it():
+    # Three rows store disjoint tokens; a target observing only token 0 touches one row.
+    idx = np.array([[0, 1], [2, 3], [4, 5], [6, 7]] + [[8 + 2 * (i % 4), 9 + 2 * (i % 4)] for i in range(12)])
+    probs = np.full(idx.shape, 0.45, np.float32)
+    P = mm.TransitionMatrix.from_topk(idx, probs)
+    counts = np.zeros((2, P.n_base))
+    counts[0, 0] = 5
+    counts[1, [0, 2, 4, 6]] = 3
+    with pytest.warns(UserWarning, match="1 of 2 targets had fewer than s = 3 candidate states"):
+        fit = mm.fit_alpha(P, counts, s=3, link="mixture")
+    np.testing.assert_array_equal(fit.n_candidates, [1, 4])
+    assert len(fit.support[0]) == 1 and fit.support[0][0] == 0
+    assert len(fit.support[1]) == 3
+
+
+def test_support_with_unknown_state_is_rejected(small_P):
+    with pytest.raises(IndexError, match="support"):
+        mm.fit_alpha(small_P, np.ones((1, small_P.n_base)), support=[np.array([0, small_P.n_states])])
+
+
+def test_support_listing_a_state_twice_is_rejected(small_P):
+    with pytest.raises(ValueError, match="lists a state twice"):
+        mm.closed_form_alpha(small_P, np.ones((1, small_P.n_base)), [np.array([3, 3])])
