@@ -1,0 +1,144 @@
+"""Configuration dataclasses of the adapter: one expansion (MarkovMemConfig) and the
+one-call pipeline (LearnTokensConfig).  Fields carry defaults and help text;
+``__post_init__`` validates with ValueError.  No torch here."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LearnTokensConfig", "MarkovMemConfig"]
+
+#: How new input rows start when add_tokens gets no ``embeddings``.
+ROW_INITS = ("mean", "random", "zeros")
+#: How embedding_tune may (re)initialise the rows it trains; None keeps them.
+TUNE_INITS = ("alpha", "mean", "random")
+
+
+@dataclass
+class MarkovMemConfig:
+    """One expansion of a transformers model by new tokens.
+
+    Stored on the expanded model (``get_expansion(model).config``) and in
+    expansion files, so an expansion can be re-applied exactly.
+    """
+
+    tokens: list[str] = field(
+        default_factory=list,
+        metadata={"help": "The new token strings, in the order of their new ids."},
+    )
+    block_output: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Give the new tokens logit -inf at every position (the paper's p(u|v) = 0): "
+                "the model can read them but never predicts them, and old contexts keep "
+                "exactly the base model's next-token distribution."
+            )
+        },
+    )
+    init: str = field(
+        default="mean",
+        metadata={
+            "help": (
+                "Initial input rows when no embeddings are given: 'mean' (mean of the base "
+                "input rows), 'random' (normal with the base rows' std, seeded) or 'zeros'."
+            )
+        },
+    )
+    pad_tokenizer: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "When the tokenizer has fewer tokens than the model has rows (padded vocabularies, "
+                "e.g. Qwen2), first add reserved special tokens '<|markovmem_reserved_N|>' for the "
+                "unnamed rows, so the new tokens get ids >= n_base.  False raises instead."
+            )
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the 'random' init."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tokens, str):
+            raise ValueError(f"tokens must be a list of strings, not the string {self.tokens!r}")
+        self.tokens = list(self.tokens)
+        for i, t in enumerate(self.tokens):
+            if not isinstance(t, str) or not t:
+                raise ValueError(f"tokens[{i}] is {t!r}; expected a non-empty string")
+        seen: dict[str, int] = {}
+        for i, t in enumerate(self.tokens):
+            if t in seen:
+                raise ValueError(f"tokens[{i}] = {t!r} repeats tokens[{seen[t]}]")
+            seen[t] = i
+        if self.init not in ROW_INITS:
+            raise ValueError(f"init is {self.init!r}; expected one of {ROW_INITS}")
+        if not isinstance(self.block_output, bool):
+            raise ValueError(f"block_output is {self.block_output!r}; expected True or False")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-serialisable)."""
+        return asdict(self)
+
+
+@dataclass
+class LearnTokensConfig:
+    """Settings of :func:`markovmem.llm.learn_tokens` (distill -> add -> count -> fit -> write -> tune -> verify)."""
+
+    top_k: int = field(default=256, metadata={"help": "Entries kept per distilled row."})
+    distill_mode: str = field(
+        default="token",
+        metadata={
+            "help": (
+                "'token': row v is p(.|prefix, v), one short context per token.  'corpus': row v "
+                "averages p(.|context) over the occurrences of v in the given texts."
+            )
+        },
+    )
+    distill_batch_size: int | None = field(
+        default=None, metadata={"help": "Contexts per forward pass in distill (None: sized from the vocabulary)."}
+    )
+    prefix: str | None = field(
+        default="bos",
+        metadata={
+            "help": (
+                "Prefix of the one-token contexts in distill: 'bos' uses the tokenizer's BOS when "
+                "it adds one to every text, None uses no prefix."
+            )
+        },
+    )
+    s: int = field(default=16, metadata={"help": "Sparsity: at most s dictionary tokens per new token."})
+    link: str = field(default="logit", metadata={"help": "fit_alpha link: 'logit' or 'mixture'."})
+    tune_steps: int = field(default=50, metadata={"help": "Embedding-tuning steps after E^T alpha (0 skips it)."})
+    tune_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of embedding tuning."})
+    tune_batch_size: int = field(default=8, metadata={"help": "Sequences per embedding-tuning step."})
+    block_output: bool = field(default=True, metadata={"help": "See MarkovMemConfig.block_output."})
+    n_verify_contexts: int = field(
+        default=64, metadata={"help": "Old-token-only contexts (cut from the texts) used by the forgetting check."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of batch order in embedding tuning."})
+
+    def __post_init__(self) -> None:
+        if int(self.top_k) < 1:
+            raise ValueError(f"top_k is {self.top_k}; expected >= 1")
+        if self.distill_mode not in ("token", "corpus"):
+            raise ValueError(f"distill_mode is {self.distill_mode!r}; expected 'token' or 'corpus'")
+        if self.distill_batch_size is not None and int(self.distill_batch_size) < 1:
+            raise ValueError(f"distill_batch_size is {self.distill_batch_size}; expected None or >= 1")
+        if self.prefix not in ("bos", None):
+            raise ValueError(f"prefix is {self.prefix!r}; expected 'bos' or None")
+        if int(self.s) < 1:
+            raise ValueError(f"s is {self.s}; expected >= 1")
+        if self.link not in ("logit", "mixture"):
+            raise ValueError(f"link is {self.link!r}; expected 'logit' or 'mixture'")
+        if int(self.tune_steps) < 0:
+            raise ValueError(f"tune_steps is {self.tune_steps}; expected >= 0")
+        if not float(self.tune_lr) > 0:
+            raise ValueError(f"tune_lr is {self.tune_lr}; expected > 0")
+        if int(self.tune_batch_size) < 1:
+            raise ValueError(f"tune_batch_size is {self.tune_batch_size}; expected >= 1")
+        if int(self.n_verify_contexts) < 1:
+            raise ValueError(f"n_verify_contexts is {self.n_verify_contexts}; expected >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-serialisable)."""
+        return asdict(self)

@@ -1,0 +1,622 @@
+"""Distilling a transformers model into a sparse TransitionMatrix (distill), and
+counting the empirical next-token distributions of new tokens (next_token_counts).
+
+Top-k runs on the model's device; only k indices and probabilities per row
+cross to the host.  With ``out=DIR`` work is written in shards and resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._matrix import TransitionMatrix
+from .._topk import softmax_topk
+from .model import _model_n_base, base_fingerprint, get_expansion
+
+__all__ = ["distill", "next_token_counts"]
+
+#: Bytes of logits-sized buffers (model logits, float32 probs, appended columns)
+#: a default batch may take.
+_AUTO_BATCH_BYTES = 256 * 2**20
+_MANIFEST = "manifest.json"
+_FORMAT = "markovmem-distill"
+
+
+def _n_base(model: nn.Module) -> int:
+    state = get_expansion(model)
+    return state.n_base if state is not None else _model_n_base(model)
+
+
+def _n_embeddable(model: nn.Module) -> int:
+    state = get_expansion(model)
+    return state.n_base + state.n_new if state is not None else _model_n_base(model)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _prepare_device(model: nn.Module, device: Any) -> torch.device:
+    """The device to run on; moves the model there (in place) when ``device`` differs."""
+    if device is None:
+        return _model_device(model)
+    dev = torch.device(device)
+    if _model_device(model) != dev:
+        model.to(dev)
+    return dev
+
+
+def _autocast(dev: torch.device, dtype: Any, model: nn.Module) -> Any:
+    if dtype is None or dtype == _model_dtype(model):
+        return nullcontext()
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype; got {dtype!r}")
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype is {dtype}; expected None (the model's dtype), torch.bfloat16 or torch.float16")
+    return torch.autocast(device_type=dev.type, dtype=dtype)
+
+
+def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Ask for last-position logits only when the model supports it (saves the head on the prefix)."""
+    params = inspect.signature(model.forward).parameters
+    if "logits_to_keep" in params:
+        return {"logits_to_keep": 1}
+    if "num_logits_to_keep" in params:
+        return {"num_logits_to_keep": 1}
+    return {}
+
+
+def _auto_batch(n_logits_per_row: int) -> int:
+    return int(max(1, min(512, _AUTO_BATCH_BYTES // max(1, 12 * n_logits_per_row))))
+
+
+def _as_id_list(values: Any, name: str, upper: int) -> np.ndarray:
+    arr = values.detach().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
+    arr = arr.reshape(-1)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer token ids; got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    bad = (arr < 0) | (arr >= upper)
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        raise IndexError(f"{name}[{pos}] = {int(arr[pos])} is out of range [0, {upper})")
+    return arr
+
+
+def _as_sequences(sequences: Any, upper: int, name: str = "sequences") -> list[np.ndarray]:
+    if sequences is None:
+        raise ValueError(f"{name} is required")
+    if isinstance(sequences, (str, bytes)):
+        raise TypeError(f"{name} must be token-id sequences (tokenize the text first), not a string")
+    if torch.is_tensor(sequences) or isinstance(sequences, np.ndarray):
+        arr = sequences.detach().cpu().numpy() if torch.is_tensor(sequences) else sequences
+        sequences = [arr] if arr.ndim == 1 else list(arr)
+    out = []
+    for i, s in enumerate(sequences):
+        if isinstance(s, (str, bytes)):
+            raise TypeError(f"{name}[{i}] is a string; expected token ids (tokenize the text first)")
+        if isinstance(s, dict) or hasattr(s, "keys"):
+            s = s["input_ids"]
+        out.append(_as_id_list(s, f"{name}[{i}]", upper))
+    if not out:
+        raise ValueError(f"{name} is empty; expected at least one sequence")
+    return out
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+class _Shards:
+    """Shard files under ``out`` plus a manifest that a rerun must match to resume."""
+
+    def __init__(self, out: str | os.PathLike[str] | None, manifest: dict[str, Any]) -> None:
+        self.dir = None if out is None else Path(out)
+        self.manifest = manifest
+        if self.dir is None:
+            return
+        if self.dir.exists() and not self.dir.is_dir():
+            raise NotADirectoryError(f"out = {str(self.dir)!r} exists and is not a directory")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / _MANIFEST
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{path} is not a readable distill manifest: {exc}") from exc
+            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            if diff:
+                detail = ", ".join(f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now" for k in diff[:3])
+                raise ValueError(
+                    f"out = {str(self.dir)!r} holds a distillation with other settings ({detail}); "
+                    "pass another directory or delete it to start over"
+                )
+        else:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+
+    def path(self, i: int) -> Path | None:
+        return None if self.dir is None else self.dir / f"shard-{i:06d}.safetensors"
+
+    def load(self, i: int) -> dict[str, np.ndarray] | None:
+        p = self.path(i)
+        if p is None or not p.exists():
+            return None
+        from safetensors.numpy import load_file
+
+        return load_file(str(p))
+
+    def save(self, i: int, tensors: dict[str, np.ndarray]) -> None:
+        p = self.path(i)
+        if p is None:
+            return
+        from safetensors.numpy import save_file
+
+        # Write then rename: a shard file either is complete or does not exist,
+        # so an interrupted run resumes at the first missing shard.
+        tmp = p.with_name(p.name + ".tmp")
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, p)
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool, unit: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+
+
+#: CPU top-k: width of the blocks whose maxima preselect candidates, and the
+#: bytes of float32 probabilities processed per row group (kept cache-resident).
+_BLOCK = 32
+_GROUP_BYTES = 4 * 2**20
+
+
+def _blocked_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k per row that reads the row once and sorts only ``k`` blocks of it.
+
+    Split a row into blocks of ``_BLOCK``; the ``k`` blocks with the largest
+    maxima contain the row's ``k`` largest entries (any entry above the k-th
+    largest block maximum lies in one of those blocks, and there are at least
+    ``k`` entries at or above it), so top-k runs on ``k * _BLOCK`` candidates
+    instead of the whole vocabulary.  The last ``V % _BLOCK`` entries are
+    always candidates.
+    """
+    b, v = probs.shape
+    g = v // _BLOCK
+    main = probs[:, : g * _BLOCK].view(b, g, _BLOCK)
+    _, blocks = main.amax(-1).topk(k, dim=-1, sorted=False)
+    rows = torch.arange(b, device=probs.device).unsqueeze(1)
+    cand = main[rows, blocks].reshape(b, k * _BLOCK)
+    cand_ids = (blocks.unsqueeze(-1) * _BLOCK + torch.arange(_BLOCK, device=probs.device)).reshape(b, k * _BLOCK)
+    if g * _BLOCK < v:
+        cand = torch.cat([cand, probs[:, g * _BLOCK :]], dim=1)
+        rest = torch.arange(g * _BLOCK, v, device=probs.device).expand(b, -1)
+        cand_ids = torch.cat([cand_ids, rest], dim=1)
+    values, pos = cand.topk(k, dim=-1, sorted=False)
+    return values, cand_ids.gather(1, pos)
+
+
+def _topk_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of softmax(logits) per row, on the logits' device: (probs float32, ids int32)."""
+    b, v = logits.shape
+    if logits.device.type != "cpu" or v < 8 * k * _BLOCK:
+        probs = torch.softmax(logits.float(), dim=-1)
+        values, ids = torch.topk(probs, k, dim=-1, sorted=False)
+        return values, ids.to(torch.int32)
+    # On CPU, a few rows at a time so softmax's passes and the block top-k hit a
+    # cache-resident row group instead of streaming the whole batch from memory.
+    step = max(1, _GROUP_BYTES // (4 * v))
+    values = torch.empty(b, k, dtype=torch.float32)
+    ids = torch.empty(b, k, dtype=torch.int32)
+    for i in range(0, b, step):
+        probs = torch.softmax(logits[i : i + step].float(), dim=-1)
+        values[i : i + step], idx = _blocked_topk(probs, k)
+        ids[i : i + step] = idx.to(torch.int32)
+    return values, ids
+
+
+def _select_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of softmax(logits) per row: (probs float32, ids int32), sorted by descending probability on CPU.
+
+    On CPU the fused C++ kernel (markovmem.softmax_topk: one pass per row, the
+    log-sum-exp in double, torch's thread count); elsewhere torch on the
+    logits' device (``_topk_rows``).
+    """
+    if logits.device.type != "cpu":
+        return _topk_rows(logits, k)
+    x = logits.detach()
+    if x.dtype != torch.float32:
+        x = x.float()
+    # Zero-copy when each row is contiguous (a column slice of wider logits is fine).
+    ids, values = softmax_topk(x.numpy(), k, n_threads=torch.get_num_threads())
+    return torch.from_numpy(values), torch.from_numpy(ids)
+
+
+def distill(
+    model: nn.Module,
+    top_k: int = 256,
+    batch_size: int | None = None,
+    token_ids: Any = None,
+    prefix: Sequence[int] | None = None,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    out: str | os.PathLike[str] | None = None,
+    mode: str = "token",
+    sequences: Any = None,
+    *,
+    shard_rows: int | None = None,
+) -> TransitionMatrix:
+    """Distill a causal LM into a sparse Markov transition matrix over its base vocabulary.
+
+    ``mode='token'``: row ``v`` is the model's next-token distribution after
+    the one-token context ``prefix + [v]``.  ``mode='corpus'``: row ``v`` is
+    the average of the next-token distributions at every occurrence of ``v`` in
+    ``sequences`` (in its real context).  Softmax is taken in float32 over the
+    base vocabulary and the top ``top_k`` entries are selected on the device;
+    only those indices and probabilities are copied to the host.  The mass
+    left out becomes the row's tail.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A causal LM, expanded or not (new tokens are never rows or columns).
+        Run in eval mode (no dropout) under ``torch.no_grad()``; its
+        train/eval mode is restored afterwards.
+    top_k : int
+        Entries kept per row (clamped to the vocabulary size).
+    batch_size : int, optional
+        Contexts (token mode) or sequences (corpus mode) per forward pass.
+        Memory is bounded by ``batch_size x context x vocab`` logits; the default
+        keeps that near 256 MiB.
+    token_ids : (n,) int array, optional
+        Rows to distill (default every base token).  Other rows are left empty
+        (tail 1: uniform over the base states).
+    prefix : sequence of int, optional
+        Token mode: ids put before each token, e.g. ``[tokenizer.bos_token_id]``
+        for models trained with BOS.  Default: no prefix.
+    device : str or torch.device, optional
+        Device to run on; the model is moved there in place when it differs.
+    dtype : torch.dtype, optional
+        Compute dtype (``torch.bfloat16``/``torch.float16``, via ``torch.autocast``);
+        default the parameters' dtype.  The softmax is float32 either way.
+    progress : bool
+        Show a tqdm progress bar.
+    out : path, optional
+        Directory for shards (``shard-NNNNNN.safetensors``), a ``manifest.json``
+        and the final ``matrix.safetensors``.  A rerun with the same model and
+        settings skips the shards already written; other settings raise.
+    mode : {'token', 'corpus'}
+    sequences : iterable of token-id sequences
+        Corpus mode only: the texts, tokenized.  Each occurrence contributes its
+        top-k entries; the rest of its mass counts toward the tail.
+    shard_rows : int, optional
+        Rows (token mode) or sequences (corpus mode) per shard file.
+
+    Returns
+    -------
+    TransitionMatrix
+        ``n_states = n_base`` (the model's base vocabulary), float32 rows.
+
+    Raises
+    ------
+    ValueError
+        Bad ``top_k``, ``batch_size``, ``mode``, missing ``sequences``, or an
+        ``out`` directory holding a run with other settings.
+    IndexError
+        A token id out of range.
+    """
+    if mode not in ("token", "corpus"):
+        raise ValueError(f"mode is {mode!r}; expected 'token' or 'corpus'")
+    if not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ValueError(f"top_k is {top_k!r}; expected an integer >= 1")
+    if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        raise ValueError(f"batch_size is {batch_size!r}; expected None or an integer >= 1")
+    if shard_rows is not None and int(shard_rows) < 1:
+        raise ValueError(f"shard_rows is {shard_rows!r}; expected None or an integer >= 1")
+    n_base = _n_base(model)
+    k = int(min(top_k, n_base))
+    rows = np.arange(n_base, dtype=np.int64) if token_ids is None else _as_id_list(token_ids, "token_ids", n_base)
+    if rows.size == 0:
+        raise ValueError("token_ids is empty; expected at least one token")
+    if len(np.unique(rows)) != rows.size:
+        raise ValueError("token_ids has repeated ids")
+    dev = _prepare_device(model, device)
+    was_training = model.training
+    model.eval()
+    try:
+        return _dispatch_mode(model, mode, rows, prefix, sequences, k, n_base, batch_size, dev, dtype, progress, out,
+                              shard_rows)
+    finally:
+        model.train(was_training)
+
+
+def _dispatch_mode(model: nn.Module, mode: str, rows: np.ndarray, prefix: Any, sequences: Any, k: int, n_base: int,
+                   batch_size: int | None, dev: torch.device, dtype: Any, progress: bool, out: Any,
+                   shard_rows: int | None) -> TransitionMatrix:
+    if mode == "token":
+        if sequences is not None:
+            raise ValueError("sequences is only used with mode='corpus'")
+        pre = np.zeros(0, np.int64) if prefix is None else _as_id_list(prefix, "prefix", _n_embeddable(model))
+        return _distill_tokens(model, rows, pre, k, n_base, batch_size, dev, dtype, progress, out, shard_rows)
+    if prefix is not None:
+        raise ValueError("prefix is only used with mode='token' (corpus contexts are the sequences themselves)")
+    seqs = _as_sequences(sequences, _n_embeddable(model))
+    return _distill_corpus(model, seqs, rows, k, n_base, batch_size, dev, dtype, progress, out, shard_rows)
+
+
+def _finish(P: TransitionMatrix, shards: _Shards) -> TransitionMatrix:
+    if shards.dir is not None:
+        meta = {f"distill.{key}": json.dumps(value) for key, value in shards.manifest.items()}
+        P.save(shards.dir / "matrix.safetensors", metadata=meta)
+    return P
+
+
+def _distill_tokens(model: nn.Module, rows: np.ndarray, pre: np.ndarray, k: int, n_base: int,
+                    batch_size: int | None, dev: torch.device, dtype: Any, progress: bool,
+                    out: Any, shard_rows: int | None) -> TransitionMatrix:
+    n = rows.size
+    n_logits = _n_embeddable(model)
+    batch = int(batch_size) if batch_size is not None else _auto_batch(n_logits)
+    per_shard = int(shard_rows) if shard_rows is not None else max(batch, (16 * 2**20) // (8 * k) // batch * batch)
+    manifest = {
+        "format": _FORMAT, "version": 1, "mode": "token", "top_k": k, "n_base": n_base,
+        "prefix": [int(x) for x in pre], "rows": _digest(rows), "n_rows": int(n),
+        "shard_rows": per_shard, "model": base_fingerprint(model) if out is not None else "",
+    }
+    shards = _Shards(out, manifest)
+    indices = np.empty((n, k), dtype=np.int32)
+    probs = np.empty((n, k), dtype=np.float32)
+    n_shards = -(-n // per_shard)
+    todo = []
+    done_rows = 0
+    for s in range(n_shards):
+        a, b = s * per_shard, min(n, (s + 1) * per_shard)
+        got = shards.load(s)
+        if got is not None and got["indices"].shape == (b - a, k) and got["probs"].shape == (b - a, k):
+            indices[a:b], probs[a:b] = got["indices"], got["probs"]
+            done_rows += b - a
+        else:
+            todo.append(s)
+    kwargs = _forward_kwargs(model)
+    prefix_t = torch.as_tensor(pre, dtype=torch.long, device=dev)
+    rows_t = torch.as_tensor(rows, dtype=torch.long)
+    bar = _progress(n, done_rows, "distill", progress, "row")
+    try:
+        with torch.no_grad(), _autocast(dev, dtype, model):
+            for s in todo:
+                a, b = s * per_shard, min(n, (s + 1) * per_shard)
+                for i in range(a, b, batch):
+                    j = min(b, i + batch)
+                    last = rows_t[i:j].to(dev).unsqueeze(1)
+                    inp = torch.cat([prefix_t.expand(j - i, -1), last], dim=1) if pre.size else last
+                    logits = model(input_ids=inp, use_cache=False, **kwargs).logits[:, -1, :n_base]
+                    values, ids = _select_topk(logits, k)
+                    # Drop this batch's logits before the next forward allocates its own,
+                    # so at most one batch of logits is alive.
+                    del logits
+                    # The device -> host copy: k probabilities and k ids per row, nothing else.
+                    probs[i:j] = values.cpu().numpy()
+                    indices[i:j] = ids.cpu().numpy()
+                    bar.update(j - i)
+                shards.save(s, {"indices": indices[a:b], "probs": probs[a:b]})
+    finally:
+        bar.close()
+    if n == n_base and np.array_equal(rows, np.arange(n_base)):
+        P = TransitionMatrix.from_topk(indices, probs)
+    else:
+        P = _from_row_subset(rows, indices, probs, n_base)
+    return _finish(P, shards)
+
+
+def _from_row_subset(rows: np.ndarray, indices: np.ndarray, probs: np.ndarray, n_base: int) -> TransitionMatrix:
+    """A matrix whose rows ``rows`` hold the given top-k entries and whose other rows are empty."""
+    import scipy.sparse as sp
+
+    order = np.argsort(indices, axis=1)
+    indices = np.take_along_axis(indices, order, 1)
+    probs = np.take_along_axis(probs, order, 1)
+    k = indices.shape[1]
+    counts = np.zeros(n_base, dtype=np.int64)
+    counts[rows] = k
+    indptr = np.zeros(n_base + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    by_row = np.argsort(rows, kind="stable")
+    csr = sp.csr_array((probs[by_row].reshape(-1), indices[by_row].reshape(-1), indptr), shape=(n_base, n_base))
+    return TransitionMatrix.from_scipy(csr)
+
+
+def _distill_corpus(model: nn.Module, seqs: list[np.ndarray], rows: np.ndarray, k: int, n_base: int,
+                    batch_size: int | None, dev: torch.device, dtype: Any, progress: bool,
+                    out: Any, shard_rows: int | None) -> TransitionMatrix:
+    import scipy.sparse as sp
+
+    n_logits = _n_embeddable(model)
+    max_len = max(s.size for s in seqs)
+    batch = int(batch_size) if batch_size is not None else _auto_batch(n_logits * max(1, max_len))
+    per_shard = int(shard_rows) if shard_rows is not None else max(batch, 256 // batch * batch)
+    offsets = np.cumsum([0] + [s.size for s in seqs])
+    manifest = {
+        "format": _FORMAT, "version": 1, "mode": "corpus", "top_k": k, "n_base": n_base,
+        "rows": _digest(rows), "sequences": _digest(np.concatenate(seqs), offsets), "n_sequences": len(seqs),
+        "shard_rows": per_shard, "model": base_fingerprint(model) if out is not None else "",
+    }
+    shards = _Shards(out, manifest)
+    wanted = np.zeros(n_logits, dtype=bool)
+    wanted[rows] = True
+    wanted_t = torch.as_tensor(wanted, device=dev)
+    total = sp.csr_array((n_base, n_base), dtype=np.float64)
+    counts = np.zeros(n_base, dtype=np.int64)
+    n_shards = -(-len(seqs) // per_shard)
+    todo = []
+    done = 0
+    for s in range(n_shards):
+        got = shards.load(s)
+        if got is None:
+            todo.append(s)
+            continue
+        total = total + sp.csr_array((got["data"], got["indices"], got["indptr"]), shape=(n_base, n_base))
+        counts += got["counts"]
+        done += min(len(seqs), (s + 1) * per_shard) - s * per_shard
+    bar = _progress(len(seqs), done, "distill (corpus)", progress, "seq")
+    try:
+        with torch.no_grad(), _autocast(dev, dtype, model):
+            for s in todo:
+                a, b = s * per_shard, min(len(seqs), (s + 1) * per_shard)
+                r_parts, c_parts, v_parts = [], [], []
+                shard_counts = np.zeros(n_base, dtype=np.int64)
+                for i in range(a, b, batch):
+                    chunk = seqs[i:min(b, i + batch)]
+                    length = max(c.size for c in chunk)
+                    ids = np.zeros((len(chunk), length), dtype=np.int64)
+                    mask = np.zeros((len(chunk), length), dtype=np.int64)
+                    for r, c in enumerate(chunk):
+                        ids[r, :c.size] = c
+                        mask[r, :c.size] = 1
+                    ids_t = torch.as_tensor(ids, device=dev)
+                    mask_t = torch.as_tensor(mask, device=dev)
+                    logits = model(input_ids=ids_t, attention_mask=mask_t, use_cache=False).logits
+                    # Right padding leaves every real position's context unchanged.
+                    keep = mask_t.bool() & wanted_t[ids_t]
+                    if bool(keep.any()):
+                        selected = logits[keep][:, :n_base]
+                        del logits
+                        values, top = _select_topk(selected, k)
+                        del selected
+                        # The device -> host copy: the owning token, k ids and k probabilities per occurrence.
+                        owner = ids_t[keep].cpu().numpy()
+                        r_parts.append(np.repeat(owner, k))
+                        c_parts.append(top.cpu().numpy().reshape(-1))
+                        v_parts.append(values.cpu().numpy().reshape(-1).astype(np.float64))
+                        np.add.at(shard_counts, owner, 1)
+                    else:
+                        del logits
+                    bar.update(len(chunk))
+                if r_parts:
+                    part = sp.coo_array(
+                        (np.concatenate(v_parts), (np.concatenate(r_parts), np.concatenate(c_parts))),
+                        shape=(n_base, n_base),
+                    ).tocsr()
+                else:
+                    part = sp.csr_array((n_base, n_base), dtype=np.float64)
+                part.sum_duplicates()
+                shards.save(s, {"indptr": part.indptr.astype(np.int64), "indices": part.indices.astype(np.int32),
+                                "data": part.data.astype(np.float64), "counts": shard_counts})
+                total = total + part
+                counts += shard_counts
+    finally:
+        bar.close()
+    return _finish(_average_topk(sp.csr_array(total), counts, k, n_base), shards)
+
+
+def _average_topk(total: Any, counts: np.ndarray, k: int, n_base: int) -> TransitionMatrix:
+    """Rows of ``total / counts``, each cut to its ``k`` largest entries (sorted ids)."""
+    import scipy.sparse as sp
+
+    total.sum_duplicates()
+    indptr, indices, data = total.indptr, total.indices, total.data
+    out_ptr = np.zeros(n_base + 1, dtype=np.int64)
+    out_idx, out_val = [], []
+    for v in range(n_base):
+        a, b = int(indptr[v]), int(indptr[v + 1])
+        if b == a or counts[v] == 0:
+            out_ptr[v + 1] = out_ptr[v]
+            continue
+        vals = data[a:b] / counts[v]
+        cols = indices[a:b]
+        if vals.size > k:
+            sel = np.argpartition(-vals, k - 1)[:k]
+            vals, cols = vals[sel], cols[sel]
+        order = np.argsort(cols)
+        out_idx.append(cols[order])
+        out_val.append(vals[order])
+        out_ptr[v + 1] = out_ptr[v] + order.size
+    idx = np.concatenate(out_idx).astype(np.int32) if out_idx else np.zeros(0, np.int32)
+    val = np.concatenate(out_val).astype(np.float32) if out_val else np.zeros(0, np.float32)
+    return TransitionMatrix.from_scipy(sp.csr_array((val, idx, out_ptr), shape=(n_base, n_base)))
+
+
+def next_token_counts(sequences: Iterable[Sequence[int]], new_token_ids: Sequence[int], n_base: int) -> Any:
+    """Empirical next-token counts of new tokens: the data behind q_hat(. | u).
+
+    For every occurrence of ``new_token_ids[i]`` followed by a base token ``x``
+    (``x < n_base``) in a sequence, ``C[i, x] += 1``.  Transitions into new
+    tokens are not counted: a new token's row is a distribution over the base
+    vocabulary (DESIGN §1), and transitions never cross two sequences.
+
+    Parameters
+    ----------
+    sequences : iterable of token-id sequences (lists, arrays, 1-D tensors, or tokenizer outputs)
+        Training text, tokenized with the expanded tokenizer.
+    new_token_ids : sequence of int
+        The ids whose rows to count (row ``i`` of the result is ``new_token_ids[i]``).
+    n_base : int
+        Base vocabulary size (``P.n_base`` of the distilled matrix).
+
+    Returns
+    -------
+    scipy.sparse.csr_array
+        (m, n_base) float64 counts, sorted indices.  A token that never
+        precedes a base token has an empty row.
+
+    Raises
+    ------
+    ValueError
+        ``new_token_ids`` is empty or repeats an id, ``n_base < 1``.
+    IndexError
+        A negative token id.
+    """
+    import scipy.sparse as sp
+
+    n_base = int(n_base)
+    if n_base < 1:
+        raise ValueError(f"n_base is {n_base}; expected >= 1")
+    new = np.asarray(new_token_ids, dtype=np.int64).reshape(-1)
+    if new.size == 0:
+        raise ValueError("new_token_ids is empty; expected at least one id")
+    if len(np.unique(new)) != new.size:
+        raise ValueError("new_token_ids has repeated ids")
+    if new.min() < 0:
+        raise IndexError(f"new_token_ids holds a negative id ({int(new.min())})")
+    seqs = _as_sequences(sequences, np.iinfo(np.int64).max)
+    top = int(max(new.max(), max((int(s.max()) for s in seqs if s.size), default=0))) + 1
+    row_of = np.full(top, -1, dtype=np.int64)
+    row_of[new] = np.arange(new.size)
+    r_parts, c_parts = [], []
+    for s in seqs:
+        if s.size < 2:
+            continue
+        src, dst = s[:-1], s[1:]
+        keep = (row_of[src] >= 0) & (dst < n_base)
+        r_parts.append(row_of[src[keep]])
+        c_parts.append(dst[keep])
+    r = np.concatenate(r_parts) if r_parts else np.zeros(0, np.int64)
+    c = np.concatenate(c_parts) if c_parts else np.zeros(0, np.int64)
+    counts = sp.coo_array((np.ones(r.size), (r, c)), shape=(new.size, n_base)).tocsr()
+    counts.sum_duplicates()
+    counts.sort_indices()
+    return counts

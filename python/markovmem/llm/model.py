@@ -1,0 +1,638 @@
+"""Expanding a transformers model with new tokens in place, reversibly.
+
+MarkovMemModel is the controller attached to an expanded model: it finds the
+input embedding and output head by walking named modules, swaps each for its
+wrapper from layer.py through one dispatch on layer type, and can put the
+originals back.  The functions below (add_tokens, set_embeddings,
+alpha_to_embeddings, remove_expansion, base_fingerprint) are the public path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import MarkovMemConfig
+from .layer import NewTokenEmbeddingLayer, NewTokenOutputLayer
+
+__all__ = [
+    "MarkovMemModel",
+    "add_tokens",
+    "alpha_to_embeddings",
+    "base_checksums",
+    "base_fingerprint",
+    "get_expansion",
+    "remove_expansion",
+    "set_embeddings",
+]
+
+#: Attribute of the transformers model that holds its MarkovMemModel.
+_STATE_ATTR = "_markovmem_expansion"
+#: Name pattern of the placeholder tokens that name unnamed padding rows.
+RESERVED_TOKEN = "<|markovmem_reserved_{}|>"
+
+#: The single dispatch on layer type: (role, base type) -> wrapper type.
+_WRAPPERS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
+    "input": (nn.Embedding, NewTokenEmbeddingLayer),
+    "output": (nn.Linear, NewTokenOutputLayer),
+}
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"model must be a transformers PreTrainedModel (with .config); got {type(model).__name__}")
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _io_modules(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    for name in ("get_input_embeddings", "get_output_embeddings"):
+        if not callable(getattr(model, name, None)):
+            raise TypeError(f"model must be a transformers causal LM with {name}(); got {type(model).__name__}")
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None:
+        raise TypeError(f"{type(model).__name__} has no input embedding or no output head; expected a causal LM")
+    return inp, out
+
+
+def _locate(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every (parent, attribute) under which ``target`` is registered."""
+    sites = []
+    for _, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in parent.named_children():
+            if child is target:
+                sites.append((parent, child_name))
+    # named_modules(remove_duplicate=False) still visits each parent once per path;
+    # keep each (parent, attribute) once.
+    unique, seen = [], set()
+    for parent, child_name in sites:
+        key = (id(parent), child_name)
+        if key not in seen:
+            seen.add(key)
+            unique.append((parent, child_name))
+    if not unique:
+        raise TypeError(f"{type(target).__name__} returned by the model's accessor is not one of its submodules")
+    return unique
+
+
+def _dispatch(role: str, module: nn.Module) -> type[nn.Module]:
+    base_type, wrapper = _WRAPPERS[role]
+    if not isinstance(module, base_type):
+        what = "input embedding" if role == "input" else "output head"
+        raise TypeError(
+            f"the model's {what} is a {type(module).__name__}; markovmem supports {base_type.__module__}."
+            f"{base_type.__name__} there (Llama, Qwen2, GPT-2 and most decoder-only transformers)"
+        )
+    return wrapper
+
+
+def _model_n_base(model: nn.Module) -> int:
+    """Number of base tokens: the rows of the (unexpanded) input and output matrices."""
+    inp, out = _io_modules(model)
+    _dispatch("input", inp)
+    _dispatch("output", out)
+    n_in, n_out = int(inp.num_embeddings), int(out.out_features)
+    if n_in != n_out:
+        raise ValueError(
+            f"the input embedding has {n_in} rows but the output head has {n_out}; "
+            "markovmem needs one vocabulary for both"
+        )
+    return n_in
+
+
+def _init_rows(weight: torch.Tensor, m: int, init: str, seed: int) -> torch.Tensor:
+    """(m, d) initial rows in weight's dtype and device: 'mean', 'random' or 'zeros' of the base rows."""
+    w = weight.detach().float()
+    d = w.shape[1]
+    if init == "zeros":
+        rows = torch.zeros(m, d)
+    elif init == "mean":
+        rows = w.mean(0).cpu().expand(m, d).clone()
+    elif init == "random":
+        gen = torch.Generator().manual_seed(int(seed))
+        rows = w.mean(0).cpu() + torch.randn(m, d, generator=gen) * w.std().cpu()
+    else:
+        raise ValueError(f"init is {init!r}; expected 'mean', 'random' or 'zeros'")
+    return rows.to(device=weight.device, dtype=weight.dtype)
+
+
+def _as_rows(values: Any, shape: tuple[int, int], like: torch.Tensor, name: str) -> torch.Tensor:
+    """``values`` (tensor or array) checked to ``shape`` and cast to ``like``'s dtype and device."""
+    t = values if torch.is_tensor(values) else torch.as_tensor(np.asarray(values))
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must hold floating-point values; got {t.dtype}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} has non-finite entries")
+    return t.detach().to(device=like.device, dtype=like.dtype)
+
+
+class MarkovMemModel:
+    """Controller of one expansion of a transformers model by new tokens.
+
+    Attached to the model it expands (see :func:`get_expansion`); created by
+    :func:`add_tokens`.  The model keeps its class and is used as before; its
+    input embedding and output head are replaced by
+    :class:`~markovmem.llm.NewTokenEmbeddingLayer` and
+    :class:`~markovmem.llm.NewTokenOutputLayer`, which hold the new rows as
+    separate parameters and never touch a base tensor.
+
+    Attributes
+    ----------
+    config : MarkovMemConfig
+        Tokens (in id order), block_output, init.
+    n_base : int
+        Base vocabulary size; new token ``i`` has id ``n_base + i``.
+    base_fingerprint : str
+        :func:`base_fingerprint` of the model when the expansion was attached.
+    alpha : scipy.sparse.csr_array or None
+        (n_new, n_states) dictionary weights, when a fit produced the rows
+        (kept for save_expansion).
+    """
+
+    def __init__(self, model: nn.Module, config: MarkovMemConfig, new_rows: torch.Tensor,
+                 new_output_rows: torch.Tensor | None = None) -> None:
+        if get_expansion(model) is not None:
+            raise ValueError("model already carries a markovmem expansion; add tokens to it with add_tokens")
+        self.n_base = _model_n_base(model)
+        self.config = config
+        self.alpha: Any = None
+        tc = _text_config(model)
+        self._vocab_size_before = getattr(tc, "vocab_size", None)
+        self.base_fingerprint = base_fingerprint(model)
+        inp, out = _io_modules(model)
+        self.tied = inp.weight is out.weight
+        self._model_ref = model
+        self._sites: dict[str, list[tuple[nn.Module, str]]] = {
+            "input": _locate(model, inp), "output": _locate(model, out)}
+        self._originals = {"input": inp, "output": out}
+        in_wrapper = _dispatch("input", inp)(inp, new_rows)
+        out_weight = self._output_rows(in_wrapper, out, new_output_rows)
+        out_wrapper = _dispatch("output", out)(out, in_wrapper.n_new, config.block_output, out_weight)
+        self._wrappers = {"input": in_wrapper, "output": out_wrapper}
+        self._install("wrappers")
+        object.__setattr__(model, _STATE_ATTR, self)
+
+    # ------------------------------------------------------------------ wiring
+    def _output_rows(self, in_wrapper: NewTokenEmbeddingLayer, out: nn.Linear,
+                     new_output_rows: torch.Tensor | None) -> nn.Parameter | None:
+        if self.config.block_output:
+            return None
+        if self.tied:
+            # Tied like the base model: the new tokens' output rows are their input rows.
+            return in_wrapper.new_weight
+        rows = new_output_rows
+        if rows is None:
+            rows = _init_rows(out.weight, in_wrapper.n_new, self.config.init, self.config.seed)
+        return nn.Parameter(_as_rows(rows, (in_wrapper.n_new, out.in_features), out.weight, "output rows"))
+
+    def _install(self, which: str) -> None:
+        for role in ("input", "output"):
+            module = self._wrappers[role] if which == "wrappers" else self._originals[role]
+            for parent, name in self._sites[role]:
+                setattr(parent, name, module)
+        tc = _text_config(self._model_ref)
+        if self._vocab_size_before is not None:
+            # transformers' loss and generation read config.vocab_size as the logits width.
+            tc.vocab_size = self.n_base + self.n_new if which == "wrappers" else self._vocab_size_before
+
+    # ------------------------------------------------------------------ views
+    @property
+    def model(self) -> nn.Module:
+        """The expanded transformers model."""
+        return self._model_ref
+
+    @property
+    def input_layer(self) -> NewTokenEmbeddingLayer:
+        return self._wrappers["input"]
+
+    @property
+    def output_layer(self) -> NewTokenOutputLayer:
+        return self._wrappers["output"]
+
+    @property
+    def n_new(self) -> int:
+        return self.input_layer.n_new
+
+    @property
+    def tokens(self) -> list[str]:
+        return list(self.config.tokens)
+
+    @property
+    def new_ids(self) -> list[int]:
+        """Ids of the new tokens, ``n_base .. n_base + n_new - 1``."""
+        return list(range(self.n_base, self.n_base + self.n_new))
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """The expansion's own parameters (new input rows, and new output rows when not blocked)."""
+        params: list[nn.Parameter] = [self.input_layer.new_weight]
+        out = self.output_layer
+        for p in (out.new_weight, out.new_bias):
+            if p is not None and all(p is not q for q in params):
+                params.append(p)
+        return params
+
+    def __repr__(self) -> str:
+        return (
+            f"MarkovMemModel(n_base={self.n_base}, tokens={self.tokens!r}, "
+            f"block_output={self.config.block_output}, tied={self.tied})"
+        )
+
+    # ------------------------------------------------------------------ changes
+    def grow(self, tokens: Sequence[str], rows: torch.Tensor, output_rows: torch.Tensor | None = None) -> None:
+        """Append new tokens (rows (m, d)); earlier new rows keep their values."""
+        inp = self.input_layer
+        new_in = torch.cat([inp.new_weight.detach(), rows.to(inp.new_weight)], 0)
+        inp.new_weight = nn.Parameter(new_in)
+        self.config.tokens = list(self.config.tokens) + list(tokens)
+        out = self.output_layer
+        out.n_new = inp.n_new
+        if not self.config.block_output:
+            if self.tied:
+                out.new_weight = inp.new_weight
+            else:
+                if output_rows is None:
+                    output_rows = _init_rows(out.base_layer.weight, len(tokens), self.config.init, self.config.seed)
+                out.new_weight = nn.Parameter(torch.cat([out.new_weight.detach(), output_rows.to(out.new_weight)], 0))
+            if out.new_bias is not None:
+                out.new_bias = nn.Parameter(torch.cat([out.new_bias.detach(), out.new_bias.new_zeros(len(tokens))]))
+        self._install("wrappers")
+
+    def detach(self) -> nn.Module:
+        """Put the original modules and config.vocab_size back; the model is the base model again."""
+        self._install("originals")
+        model = self._model_ref
+        if getattr(model, _STATE_ATTR, None) is self:
+            object.__delattr__(model, _STATE_ATTR)
+        return model
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[nn.Module]:
+        """Context in which the model runs as the base model (originals swapped back in)."""
+        self._install("originals")
+        try:
+            yield self._model_ref
+        finally:
+            self._install("wrappers")
+
+
+def get_expansion(model: nn.Module) -> MarkovMemModel | None:
+    """The :class:`MarkovMemModel` attached to ``model``, or None if it has no new tokens."""
+    state = model.__dict__.get(_STATE_ATTR)
+    return state if isinstance(state, MarkovMemModel) else None
+
+
+def _require_expansion(model: nn.Module) -> MarkovMemModel:
+    state = get_expansion(model)
+    if state is None:
+        raise ValueError("model has no markovmem expansion; add tokens with markovmem.llm.add_tokens first")
+    return state
+
+
+# ---------------------------------------------------------------------- fingerprints
+def _base_named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every base parameter and buffer, named as in the unexpanded model."""
+    state = get_expansion(model)
+    skip: set[int] = set()
+    renames: list[tuple[str, str]] = []
+    if state is not None:
+        skip = {id(p) for p in state.new_parameters()}
+        for name, module in model.named_modules():
+            if module is state.input_layer or module is state.output_layer:
+                renames.append((f"{name}.base_layer.", f"{name}."))
+    out = []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in skip:
+            continue
+        for old, new in renames:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        out.append((name, t))
+    return out
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    data = t.detach().contiguous().reshape(-1)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if data.numel():
+        # The tensor -> bytes copy: raw bits, so -0.0, NaN payloads and bf16 all count.
+        h.update(data.view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def base_checksums(model: nn.Module) -> dict[str, str]:
+    """blake2b digest (hex) of every base parameter and buffer, by its base-model name.
+
+    New-token parameters are left out and wrapper names are mapped back
+    (``lm_head.base_layer.weight`` -> ``lm_head.weight``), so an expanded model
+    and its base give the same dict when no base tensor changed.  Tied weights
+    appear once.
+    """
+    return {name: _tensor_digest(t) for name, t in _base_named_tensors(model)}
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Content hash (32 hex digits) of every base tensor: dtype, shape and raw bytes.
+
+    Equal for an expanded model and its base exactly when no base tensor
+    changed, bit for bit.  Costs one pass over the weights (a device -> host copy).
+    """
+    return _fingerprint_of(base_checksums(model))
+
+
+def _fingerprint_of(checksums: dict[str, str]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, digest in sorted(checksums.items()):
+        h.update(f"{name}={digest};".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------- tokenizer
+def _tokenizer_ids(tokenizer: Any, tokens: Sequence[str]) -> list[int | None]:
+    vocab = tokenizer.get_vocab()
+    return [vocab.get(t) for t in tokens]
+
+
+def _prepare_tokenizer(tokenizer: Any, tokens: Sequence[str], first_id: int, n_base: int, pad: bool,
+                       expanded: bool) -> bool:
+    """Check ``tokenizer`` can give ``tokens`` ids ``first_id ..``; True if it already does."""
+    if tokenizer is None or not callable(getattr(tokenizer, "add_tokens", None)):
+        raise TypeError(f"tokenizer must be a transformers tokenizer; got {type(tokenizer).__name__}")
+    expected = list(range(first_id, first_id + len(tokens)))
+    present = _tokenizer_ids(tokenizer, tokens)
+    if present == expected and len(tokenizer) == first_id + len(tokens):
+        return True
+    for t, i in zip(tokens, present):
+        if i is not None:
+            raise ValueError(f"token {t!r} is already in the tokenizer's vocabulary (id {i}); new tokens must be new")
+    n_tok = len(tokenizer)
+    if n_tok > first_id:
+        raise ValueError(
+            f"tokenizer has {n_tok} tokens but the model has rows for {first_id}; the tokenizer "
+            "holds tokens the model cannot embed (pass the tokenizer that belongs to this model)"
+        )
+    if n_tok < first_id:
+        if expanded or not pad:
+            raise ValueError(
+                f"tokenizer has {n_tok} tokens but the model has {first_id} rows, so new tokens would get "
+                f"ids below n_base = {n_base}; use pad_tokenizer=True to name the unused rows first"
+            )
+        reserved = [RESERVED_TOKEN.format(i) for i in range(n_tok, first_id)]
+        tokenizer.add_tokens(reserved, special_tokens=True)
+        if len(tokenizer) != first_id:
+            raise ValueError(
+                f"could not pad the tokenizer to {first_id} tokens (it has {len(tokenizer)}); "
+                "some reserved names clash with its vocabulary"
+            )
+    return False
+
+
+# ---------------------------------------------------------------------- public API
+def add_tokens(
+    model: nn.Module,
+    tokenizer: Any,
+    tokens: Sequence[str],
+    embeddings: Any = None,
+    block_output: bool = True,
+    *,
+    init: str = "mean",
+    output_embeddings: Any = None,
+    pad_tokenizer: bool = True,
+    seed: int = 0,
+) -> list[int]:
+    """Add new tokens to a tokenizer and a transformers causal LM, in place, with zero forgetting.
+
+    The base weights are never written: the input embedding and the output
+    head are wrapped (see :class:`NewTokenEmbeddingLayer`,
+    :class:`NewTokenOutputLayer`), the new input rows live in their own
+    parameter, and the output head computes the base logits exactly as before
+    and appends the new tokens' logits.  For any input of old tokens only, the
+    logits over the old vocabulary are bitwise identical to the base model's,
+    tied embeddings included.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A causal LM whose input embedding is an ``nn.Embedding`` and whose
+        output head is an ``nn.Linear`` (Llama, Qwen2, GPT-2, ...).  It may
+        already be expanded; the tokens are then appended.
+    tokenizer : transformers tokenizer
+        Receives the tokens (``tokenizer.add_tokens``); must have one entry per
+        model row.  A padded vocabulary (more rows than tokens) is filled first
+        with reserved special tokens when ``pad_tokenizer`` (see Notes).
+    tokens : sequence of str
+        New, distinct token strings not in the vocabulary.
+    embeddings : (m, d) tensor or array, optional
+        Their input rows (e.g. ``alpha_to_embeddings(model, alpha)``); cast to
+        the embedding's dtype and device.  Default: ``init``.
+    block_output : bool
+        New tokens get logit ``-inf`` at every position (probability exactly 0),
+        the paper's p(u|v) = 0.  False computes their logits from output rows:
+        the input rows for tied models, ``output_embeddings`` (or ``init``) otherwise.
+        Must match the existing expansion when appending.
+    init : {'mean', 'random', 'zeros'}
+        Initial rows when ``embeddings`` is None.
+    output_embeddings : (m, d) tensor or array, optional
+        Output rows of untied models when ``block_output`` is False.
+    pad_tokenizer : bool
+        Allow filling a padded vocabulary with reserved tokens.
+    seed : int
+        Seed of ``init='random'``.
+
+    Returns
+    -------
+    list of int
+        The new ids, ``n_base + n_already_added + i``.
+
+    Raises
+    ------
+    ValueError
+        A token is empty, repeated or already in the vocabulary; the tokenizer
+        and the model disagree on the vocabulary size; a shape is wrong.
+    TypeError
+        The model's embedding or head is not a supported layer type.
+
+    Notes
+    -----
+    ``config.vocab_size`` becomes ``n_base + n_new`` (transformers reads it as
+    the logits width); :func:`remove_expansion` restores it.  Tokens added to a
+    tokenizer cannot be removed from it: reload the tokenizer to drop them.
+    Reserved tokens ``<|markovmem_reserved_N|>`` name padding rows the
+    tokenizer had no token for (e.g. Qwen2's 151,936 rows for 151,665 tokens);
+    they never occur in text.
+    """
+    state = get_expansion(model)
+    config = MarkovMemConfig(tokens=list(tokens), block_output=block_output, init=init,
+                             pad_tokenizer=pad_tokenizer, seed=seed)
+    m = len(config.tokens)
+    if m == 0:
+        raise ValueError("tokens is empty; expected at least one new token")
+    if state is not None:
+        if state.config.block_output != config.block_output:
+            raise ValueError(
+                f"block_output is {block_output} but the model's expansion has "
+                f"block_output={state.config.block_output}; one expansion has one setting"
+            )
+        clash = sorted(set(state.tokens) & set(config.tokens))
+        if clash:
+            raise ValueError(f"tokens {clash} were already added to this model")
+        n_base = state.n_base
+        first_id = n_base + state.n_new
+        emb_weight = state.input_layer.base_layer.weight
+        out_layer = state.output_layer.base_layer
+    else:
+        n_base = _model_n_base(model)
+        first_id = n_base
+        inp, out_layer = _io_modules(model)
+        emb_weight = inp.weight
+    d = emb_weight.shape[1]
+    rows = (_as_rows(embeddings, (m, d), emb_weight, "embeddings") if embeddings is not None
+            else _init_rows(emb_weight, m, config.init, config.seed))
+    out_rows = None
+    if output_embeddings is not None:
+        if config.block_output:
+            raise ValueError("output_embeddings needs block_output=False (blocked tokens have no output rows)")
+        out_rows = _as_rows(output_embeddings, (m, out_layer.in_features), out_layer.weight, "output_embeddings")
+    already = _prepare_tokenizer(tokenizer, config.tokens, first_id, n_base, config.pad_tokenizer, state is not None)
+    if not already:
+        n_added = tokenizer.add_tokens(list(config.tokens))
+        ids = _tokenizer_ids(tokenizer, config.tokens)
+        expected = list(range(first_id, first_id + m))
+        if n_added != m or ids != expected:
+            raise RuntimeError(
+                f"tokenizer gave the new tokens ids {ids}; expected {expected}. The tokenizer is now "
+                "changed; reload it before retrying"
+            )
+    if state is None:
+        MarkovMemModel(model, config, rows, out_rows)
+    else:
+        state.grow(config.tokens, rows, out_rows)
+    return list(range(first_id, first_id + m))
+
+
+def _positions(state: MarkovMemModel, ids: Sequence[int]) -> torch.Tensor:
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    lo, hi = state.n_base, state.n_base + state.n_new
+    for k, i in enumerate(ids):
+        if not lo <= i < hi:
+            raise IndexError(f"ids[{k}] = {i} is not a new token id; expected one in [{lo}, {hi})")
+    if len(set(ids)) != len(ids):
+        raise ValueError("ids has repeated entries")
+    return torch.tensor([i - lo for i in ids], dtype=torch.long)
+
+
+def set_embeddings(model: nn.Module, ids: Sequence[int], embeddings: Any, *, output_embeddings: Any = None) -> None:
+    """Overwrite the input rows of tokens already added (e.g. with E^T alpha).
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A model expanded by :func:`add_tokens`.
+    ids : sequence of int
+        New-token ids (``>= n_base``), distinct.
+    embeddings : (len(ids), d) tensor or array
+        Their rows; cast to the embedding's dtype and device.
+    output_embeddings : (len(ids), d) tensor or array, optional
+        Output rows, for an untied model with ``block_output=False``.
+
+    Raises
+    ------
+    ValueError
+        The model has no expansion, a shape is wrong, a value is not finite.
+    IndexError
+        An id is not one of the new tokens.
+    """
+    state = _require_expansion(model)
+    pos = _positions(state, ids)
+    layer = state.input_layer
+    rows = _as_rows(embeddings, (len(pos), layer.embedding_dim), layer.new_weight, "embeddings")
+    with torch.no_grad():
+        layer.new_weight[pos.to(layer.new_weight.device)] = rows
+    if output_embeddings is not None:
+        out = state.output_layer
+        if out.new_weight is None or state.tied:
+            raise ValueError("output_embeddings needs an untied model expanded with block_output=False")
+        orows = _as_rows(output_embeddings, (len(pos), out.in_features), out.new_weight, "output_embeddings")
+        with torch.no_grad():
+            out.new_weight[pos.to(out.new_weight.device)] = orows
+
+
+def alpha_to_embeddings(model: nn.Module, alpha: Any) -> torch.Tensor:
+    """Embeddings ``E^T alpha``: each new token as a sparse combination of base input rows.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        Expanded or not; ``E`` is its base input embedding matrix (n_base, d).
+    alpha : (m, n) scipy sparse matrix, dense array, or an AlphaFit (its ``.alpha``)
+        Dictionary weights over states, ``n >= n_base``; columns ``>= n_base``
+        must be empty (a new token is a combination of base tokens only).
+
+    Returns
+    -------
+    (m, d) tensor
+        In the embedding's dtype and on its device.  Computed sparsely
+        (gather of the nnz rows, float32 accumulation), never as a dense
+        (m, n_base) product.
+
+    Raises
+    ------
+    ValueError
+        ``alpha`` is not 2-D, has fewer than n_base columns, weights a state
+        ``>= n_base``, or holds non-finite values.
+    """
+    import scipy.sparse as sp
+
+    if hasattr(alpha, "alpha") and not isinstance(alpha, np.ndarray):
+        alpha = alpha.alpha
+    state = get_expansion(model)
+    weight = state.input_layer.base_layer.weight if state is not None else _io_modules(model)[0].weight
+    n_base = int(weight.shape[0])
+    csr = sp.csr_array(alpha) if not sp.issparse(alpha) else sp.csr_array(alpha)
+    if csr.ndim != 2:
+        raise ValueError(f"alpha must be 2-D (m, n_states); got shape {csr.shape}")
+    m, n = csr.shape
+    if n < n_base:
+        raise ValueError(f"alpha has shape {(m, n)}; expected at least n_base = {n_base} columns")
+    csr.sum_duplicates()
+    if csr.nnz and int(csr.indices.max()) >= n_base:
+        r = int(np.searchsorted(csr.indptr, int(np.flatnonzero(csr.indices >= n_base)[0]), side="right") - 1)
+        raise ValueError(f"alpha row {r} weights a state >= n_base = {n_base}; only base tokens have embeddings")
+    if not np.all(np.isfinite(csr.data)):
+        raise ValueError("alpha has non-finite weights")
+    # The scipy -> torch copy: nnz column ids, weights and their row ids.
+    rows = torch.from_numpy(np.repeat(np.arange(m, dtype=np.int64), np.diff(csr.indptr))).to(weight.device)
+    cols = torch.from_numpy(csr.indices.astype(np.int64)).to(weight.device)
+    vals = torch.from_numpy(csr.data.astype(np.float32)).to(weight.device)
+    with torch.no_grad():
+        gathered = weight.detach()[cols].float() * vals[:, None]
+        out = torch.zeros(m, weight.shape[1], dtype=torch.float32, device=weight.device)
+        out.index_add_(0, rows, gathered)
+    return out.to(weight.dtype)
+
+
+def remove_expansion(model: nn.Module) -> nn.Module:
+    """Take the new tokens out of the model: the original modules come back, bit for bit.
+
+    The base tensors were never written, so the result is the base model
+    exactly (same parameters, same state_dict keys, same ``config.vocab_size``).
+    The tokenizer keeps the tokens: reload it to drop them.
+
+    Returns
+    -------
+    The same model object, unexpanded.
+
+    Raises
+    ------
+    ValueError
+        The model has no expansion.
+    """
+    return _require_expansion(model).detach()

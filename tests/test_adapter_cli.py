@@ -1,0 +1,70 @@
+"""The model subcommands of the markovmem command on a tiny saved model:
+distill -> fit -> expand, and add-tokens (learn + save an expansion + merged export)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+torch = pytest.importorskip("torch")
+
+import markovmem as mm  # noqa: E402
+from markovmem import llm  # noqa: E402
+from markovmem.cli import main  # noqa: E402
+from markovmem.llm.testing import tiny_model, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    torch.set_num_threads(1)
+    path = tmp_path / "tiny"
+    tiny_model("llama", vocab_size=48, hidden_size=32).save_pretrained(path)
+    tiny_tokenizer(48).save_pretrained(path)
+    return path
+
+
+def test_distill_fit_expand(model_dir, tmp_path, capsys) -> None:
+    matrix = tmp_path / "P.safetensors"
+    assert main(["distill", str(model_dir), "-o", str(matrix), "--top-k", "8", "--quiet"]) == 0
+    P = mm.TransitionMatrix.load(matrix, verify=True)
+    assert (P.n_states, P.nnz) == (48, 48 * 8) and P.metadata["top_k"] == "8"
+    counts = sp.csr_array(np.random.default_rng(0).integers(0, 5, size=(2, 48)).astype(float))
+    sp.save_npz(tmp_path / "counts.npz", counts)
+    fitted = tmp_path / "fit.npz"
+    assert main(["fit", str(matrix), str(tmp_path / "counts.npz"), "-o", str(fitted), "--s", "4"]) == 0
+    with np.load(fitted) as z:
+        assert z["kl"].shape == (2,) and tuple(z["alpha_shape"]) == (2, 48)
+    expanded = tmp_path / "Q.safetensors"
+    capsys.readouterr()
+    assert main(["expand", str(matrix), str(fitted), "-o", str(expanded), "--json"]) == 0
+    cert = json.loads(capsys.readouterr().out.split("\nwrote")[0])
+    assert cert["ok"] and cert["n_new"] == 2
+    assert mm.verify_expansion(P, mm.TransitionMatrix.load(expanded)).ok
+
+
+def test_add_tokens_writes_an_expansion_that_reloads(model_dir, tmp_path, capsys) -> None:
+    rng = np.random.default_rng(1)
+    text = tmp_path / "train.txt"
+    text.write_text("\n\n".join(" ".join(["w5", "glorp"] + [f"w{int(i)}" for i in rng.integers(3, 48, 6)])
+                                for _ in range(12)))
+    out = tmp_path / "glorp.safetensors"
+    merged = tmp_path / "merged"
+    code = main(["add-tokens", str(model_dir), "--tokens", "glorp", "--text", str(text), "-o", str(out),
+                 "--s", "2", "--tune-steps", "2", "--merged", str(merged), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "glorp" in printed and "ids [48]" in printed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert llm.load_expansion(base, tok, out) == [48]
+    assert AutoModelForCausalLM.from_pretrained(merged).get_input_embeddings().weight.shape[0] == 49
+
+
+def test_model_commands_report_a_missing_directory(tmp_path, capsys) -> None:
+    assert main(["distill", str(tmp_path / "nope"), "-o", str(tmp_path / "P.safetensors")]) == 2
+    assert "error" in capsys.readouterr().err

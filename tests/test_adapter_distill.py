@@ -1,0 +1,221 @@
+"""markovmem.llm.distill and next_token_counts against direct per-token softmax and
+hand counts, sharded resume, corpus mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import numpy as np  # noqa: E402
+
+import markovmem as mm  # noqa: E402
+from markovmem import llm  # noqa: E402
+from markovmem.llm.testing import tiny_model, tiny_tokenizer  # noqa: E402
+
+V = 48
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine they spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def reference_rows(model, prefix, dtype=torch.float32):
+    """p(. | prefix + [v]) for every v, one forward pass per token."""
+    rows = []
+    with torch.no_grad():
+        for v in range(V):
+            logits = model(torch.tensor([list(prefix) + [v]])).logits[0, -1, :V]
+            rows.append(torch.softmax(logits.float(), -1).numpy())
+    return np.stack(rows)
+
+
+def assert_rows_match(P, ref, k, atol=2e-6):
+    assert P.n_states == V and P.nnz == V * k
+    for v in range(V):
+        row = P.row(v)
+        expected = np.sort(np.argsort(-ref[v], kind="stable")[:k])
+        # Near-ties at the cut could swap; every stored entry must be a top entry.
+        assert len(set(row.indices.tolist()) ^ set(expected.tolist())) <= 2, v
+        np.testing.assert_allclose(row.probs, ref[v, row.indices], rtol=1e-5, atol=atol)
+        assert row.tail == pytest.approx(1.0 - ref[v, row.indices].sum(), abs=1e-5)
+
+
+@pytest.mark.parametrize("arch, prefix", [("llama", [1]), ("gpt2", []), ("qwen2", [1, 2])])
+def test_rows_equal_direct_softmax(arch, prefix):
+    model = tiny_model(arch, V, hidden_size=16, seed=1)
+    with torch.no_grad():  # sharper distributions than the default init gives
+        model.get_output_embeddings().weight.mul_(20)
+    P = llm.distill(model, top_k=8, batch_size=7, prefix=prefix or None, progress=False)
+    assert_rows_match(P, reference_rows(model, prefix), 8)
+    P.validate()
+
+
+def test_full_k_rows_sum_to_one():
+    model = tiny_model("llama", V, hidden_size=16)
+    P = llm.distill(model, top_k=10_000, progress=False)
+    assert P.nnz == V * V
+    np.testing.assert_allclose(P.to_dense().sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(P.to_dense(), reference_rows(model, []), atol=1e-6)
+
+
+def test_bfloat16_model_float32_softmax():
+    model = tiny_model("qwen2", V, hidden_size=16, dtype=torch.bfloat16)
+    P = llm.distill(model, top_k=V, prefix=[1], progress=False)
+    ref = reference_rows(model, [1])
+    np.testing.assert_allclose(P.to_dense(), ref, atol=1e-6)
+    assert P.data.dtype == np.float32
+
+
+def test_autocast_dtype_and_device_arguments():
+    model = tiny_model("llama", V, hidden_size=16)
+    exact = llm.distill(model, top_k=V, prefix=[1], progress=False)
+    low = llm.distill(model, top_k=V, prefix=[1], progress=False, dtype=torch.bfloat16, device="cpu")
+    low.validate()
+    np.testing.assert_allclose(low.to_dense(), exact.to_dense(), atol=2e-2)
+    assert not np.array_equal(low.to_dense(), exact.to_dense())
+    with pytest.raises(ValueError, match="dtype is torch.float64"):
+        llm.distill(model, dtype=torch.float64, progress=False)
+
+
+def test_expanded_model_distils_its_base_rows():
+    model = tiny_model("llama", V, hidden_size=16)
+    P = llm.distill(model, top_k=5, prefix=[1], progress=False)
+    llm.add_tokens(model, tiny_tokenizer(V), ["glorp"])
+    Q = llm.distill(model, top_k=5, prefix=[1], progress=False)
+    assert Q.n_states == V
+    assert Q.fingerprint() == P.fingerprint()
+
+
+def test_token_subset_leaves_other_rows_empty():
+    model = tiny_model("llama", V, hidden_size=16)
+    P = llm.distill(model, top_k=4, token_ids=[9, 3, 20], prefix=[1], progress=False)
+    full = llm.distill(model, top_k=4, prefix=[1], progress=False)
+    assert P.n_states == V and P.nnz == 12
+    for v in (3, 9, 20):
+        np.testing.assert_array_equal(P.row(v).indices, np.sort(full.row(v).indices))
+    assert P.row(0).tail == 1.0 and P.row(0).indices.size == 0
+
+
+def test_out_dir_writes_shards_and_resumes(tmp_path):
+    model = tiny_model("llama", V, hidden_size=16)
+    out = tmp_path / "run"
+    P = llm.distill(model, top_k=6, batch_size=4, prefix=[1], progress=False, out=out, shard_rows=8)
+    shards = sorted(p.name for p in out.glob("shard-*.safetensors"))
+    assert len(shards) == 6
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["top_k"] == 6 and manifest["mode"] == "token"
+    assert mm.TransitionMatrix.load(out / "matrix.safetensors").fingerprint() == P.fingerprint()
+    (out / shards[2]).unlink()
+    (out / shards[5]).unlink()
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(1), with_kwargs=True)
+    again = llm.distill(model, top_k=6, batch_size=4, prefix=[1], progress=False, out=out, shard_rows=8)
+    hook.remove()
+    assert len(calls) == 4  # two missing shards of 8 rows, 4 rows per batch
+    assert again.fingerprint() == P.fingerprint()
+    with pytest.raises(ValueError, match="holds a distillation with other settings"):
+        llm.distill(model, top_k=7, batch_size=4, prefix=[1], progress=False, out=out, shard_rows=8)
+
+
+def test_corpus_mode_averages_over_occurrences(tmp_path):
+    model = tiny_model("gpt2", V, hidden_size=16)
+    seqs = [[1, 5, 6, 5, 7], [1, 6, 5], [3, 4]]
+    P = llm.distill(model, top_k=V, mode="corpus", sequences=seqs, batch_size=2, progress=False)
+    with torch.no_grad():
+        sums = {}
+        for s in seqs:
+            probs = torch.softmax(model(torch.tensor([s])).logits[0].float(), -1).numpy()
+            for t, v in enumerate(s):
+                sums.setdefault(v, []).append(probs[t])
+    for v, dists in sums.items():
+        np.testing.assert_allclose(P.to_dense()[v], np.mean(dists, 0), atol=1e-6)
+    assert P.row(10).tail == 1.0
+    sharded = llm.distill(model, top_k=V, mode="corpus", sequences=seqs, batch_size=1, progress=False,
+                          out=tmp_path / "c", shard_rows=1)
+    np.testing.assert_allclose(sharded.to_dense(), P.to_dense(), atol=1e-7)
+    top2 = llm.distill(model, top_k=2, mode="corpus", sequences=seqs, progress=False)
+    assert np.diff(top2.indptr).max() == 2
+
+
+def test_distill_errors():
+    model = tiny_model("llama", V, hidden_size=16)
+    with pytest.raises(ValueError, match="mode is 'bigram'"):
+        llm.distill(model, mode="bigram")
+    with pytest.raises(ValueError, match="top_k is 0"):
+        llm.distill(model, top_k=0)
+    with pytest.raises(ValueError, match="sequences is required"):
+        llm.distill(model, mode="corpus", progress=False)
+    with pytest.raises(TypeError, match="not a string"):
+        llm.distill(model, mode="corpus", sequences="some text", progress=False)
+    with pytest.raises(IndexError, match=r"token_ids\[1\] = 99 is out of range"):
+        llm.distill(model, token_ids=[1, 99], progress=False)
+    with pytest.raises(ValueError, match="only used with mode='corpus'"):
+        llm.distill(model, sequences=[[1, 2]], progress=False)
+
+
+def test_next_token_counts_against_hand_counts():
+    n_base = 10
+    seqs = [[1, 10, 3, 10, 3, 11], [10, 11, 10], [11, 4], np.array([10, 9])]
+    C = llm.next_token_counts(seqs, [10, 11], n_base)
+    assert C.shape == (2, n_base) and C.dtype == np.float64
+    expected = np.zeros((2, n_base))
+    expected[0, 3] = 2  # 10 -> 3 twice; 10 -> 11 is into a new token: not counted
+    expected[0, 9] = 1
+    expected[1, 4] = 1  # 11 -> 10 is not counted; 11 ends the first sequence
+    np.testing.assert_array_equal(C.toarray(), expected)
+    empty = llm.next_token_counts([[1, 2, 3]], [12], n_base)
+    assert empty.nnz == 0 and empty.shape == (1, n_base)
+    with pytest.raises(ValueError, match="repeated"):
+        llm.next_token_counts(seqs, [10, 10], n_base)
+    with pytest.raises(TypeError, match="tokenize the text first"):
+        llm.next_token_counts(["a text"], [10], n_base)
+
+
+def test_next_token_counts_accepts_tokenizer_output():
+    tok = tiny_tokenizer(V)
+    model = tiny_model("llama", V, hidden_size=16)
+    ids = llm.add_tokens(model, tok, ["glorp"])
+    enc = [tok("w5 glorp w7 w8 glorp w7"), tok("glorp w9")]
+    C = llm.next_token_counts(enc, ids, V)
+    assert C[0, 7] == 2 and C[0, 9] == 1 and C.sum() == 3
+
+
+@pytest.mark.parametrize("v, k", [(4099, 8), (8192, 16), (5000, 1)])
+def test_blocked_cpu_topk_is_exact(v, k):
+    from markovmem.llm.distillation import _topk_rows
+
+    gen = torch.Generator().manual_seed(v)
+    logits = torch.randn(13, v, generator=gen) * 4
+    logits[3] = 0.0  # all ties
+    logits[4, -3:] = 50.0  # the winners sit in the remainder after the last full block
+    values, ids = _topk_rows(logits, k)
+    probs = torch.softmax(logits, -1)
+    ref = torch.topk(probs, k, -1).values
+    assert ids.dtype == torch.int32 and values.dtype == torch.float32
+    assert torch.equal(values.sort(-1, descending=True).values, ref)
+    assert torch.equal(probs.gather(1, ids.long()), values)
+    assert all(len(set(r.tolist())) == k for r in ids)
+    assert set(ids[4].tolist()) <= {v - 3, v - 2, v - 1} if k < 3 else set(ids[4].tolist()) >= {v - 3, v - 2, v - 1}
+
+
+def test_large_vocab_distill_matches_direct_softmax():
+    model = tiny_model("qwen2", 4099, hidden_size=16)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)
+    P = llm.distill(model, top_k=8, token_ids=[5, 4000], prefix=[1], progress=False)
+    with torch.no_grad():
+        for v in (5, 4000):
+            ref = torch.softmax(model(torch.tensor([[1, v]])).logits[0, -1], -1)
+            top = torch.topk(ref, 8)
+            row = P.row(v)
+            np.testing.assert_array_equal(row.indices, np.sort(top.indices.numpy()))
+            np.testing.assert_allclose(row.probs, ref.numpy()[row.indices], rtol=1e-5, atol=1e-7)
