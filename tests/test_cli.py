@@ -24,7 +24,7 @@ def saved_pair(tmp_path):
 
 
 def test_demo_prints_an_ok_certificate(capsys) -> None:
-    assert main(["demo", "--sentences", "500", "--examples", "50"]) == 0
+    assert main(["demo", "--core", "--sentences", "500", "--examples", "50"]) == 0
     out = capsys.readouterr().out
     assert "certificate                   OK" in out
     assert "old block byte-identical      True" in out

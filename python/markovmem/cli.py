@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 __all__ = ["main"]
 
@@ -53,6 +53,135 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if cert.ok else 1
 
 
+def _save_csr_npz(path: str, **matrices: Any) -> None:
+    """Write named scipy CSR matrices (and plain arrays) to one .npz file."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    arrays: dict[str, Any] = {}
+    for name, m in matrices.items():
+        if sp.issparse(m):
+            m = sp.csr_array(m)
+            arrays.update({f"{name}_indptr": m.indptr, f"{name}_indices": m.indices, f"{name}_data": m.data,
+                           f"{name}_shape": np.array(m.shape)})
+        else:
+            arrays[name] = np.asarray(m)
+    np.savez(path, **arrays)
+
+
+def _load_rows(path: str, name: str = "rows") -> Any:
+    """A sparse (m, n) matrix from a ``markovmem fit`` output (its ``name`` block) or a scipy save_npz file."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    with np.load(path, allow_pickle=False) as z:
+        if f"{name}_indptr" in z.files:
+            return sp.csr_array((z[f"{name}_data"], z[f"{name}_indices"], z[f"{name}_indptr"]),
+                                shape=tuple(z[f"{name}_shape"]))
+    return sp.load_npz(path)
+
+
+def _load_model(path: str, device: str | None, dtype: str | None) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import torch
+
+    kwargs: dict[str, Any] = {}
+    if dtype:
+        kwargs["dtype"] = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if device:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def _read_texts(path: str) -> list[str]:
+    """Paragraphs (blank-line separated) of a UTF-8 text file."""
+    from pathlib import Path
+
+    texts = [t.strip() for t in Path(path).read_text(encoding="utf-8").split("\n\n")]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError(f"text file '{path}' holds no text")
+    return texts
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from . import llm
+
+    model, tokenizer = _load_model(args.model, args.device, args.dtype)
+    sequences = None
+    if args.mode == "corpus":
+        if not args.text:
+            raise ValueError("--mode corpus needs --text FILE")
+        sequences = [tokenizer(t)["input_ids"] for t in _read_texts(args.text)]
+    P = llm.distill(model, top_k=args.top_k, batch_size=args.batch_size, device=args.device,
+                    progress=not args.quiet, out=args.shards, mode=args.mode, sequences=sequences)
+    P.save(args.output, metadata={"model": str(args.model), "top_k": str(args.top_k), "mode": args.mode})
+    print(f"wrote {args.output}: {P}")
+    return 0
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import TransitionMatrix, fit_alpha
+
+    P = TransitionMatrix.load(args.matrix)
+    counts = _load_rows(args.counts, "counts")
+    fit = fit_alpha(P, counts, s=args.s, link=args.link, bound=args.bound)
+    _save_csr_npz(args.output, alpha=fit.alpha, rows=fit.predict(), kl=fit.kl, converged=fit.converged)
+    print(f"wrote {args.output}: {fit}")
+    print(f"KL(q || f(alpha)) per target: mean {float(np.mean(fit.kl)):.4g}, max {float(np.max(fit.kl)):.4g}; "
+          f"converged {int(np.sum(fit.converged))}/{len(fit.kl)}")
+    return 0
+
+
+def _cmd_expand(args: argparse.Namespace) -> int:
+    from . import TransitionMatrix
+
+    P = TransitionMatrix.load(args.matrix)
+    Q, cert = P.expand(_load_rows(args.rows, "rows"))
+    if cert.ok:
+        Q.save(args.output, metadata=P.metadata and {k: v for k, v in P.metadata.items()
+                                                      if k in ("model", "top_k", "mode")})
+    print(json.dumps(cert.to_dict(), indent=2) if args.json else cert)
+    if cert.ok:
+        print(f"wrote {args.output}: {Q}")
+    return 0 if cert.ok else 1
+
+
+def _cmd_add_tokens(args: argparse.Namespace) -> int:
+    from . import llm
+
+    model, tokenizer = _load_model(args.model, args.device, args.dtype)
+    texts = _read_texts(args.text)
+    result = llm.learn_tokens(model, tokenizer, args.tokens, texts, s=args.s, tune_steps=args.tune_steps,
+                              link=args.link, device=args.device, progress=not args.quiet)
+    llm.save_expansion(model, tokenizer, args.output, alpha=result.fit.alpha)
+    print(f"new tokens {args.tokens} -> ids {result.ids}")
+    for tok, pairs in result.decomposition(tokenizer).items():
+        print(f"  {tok} = " + " ".join(f"{w:+.3f} x {name!r}" for name, w in pairs))
+    print(result.report)
+    print(f"wrote {args.output} (apply with markovmem.llm.load_expansion(base_model, tokenizer, path))")
+    if args.merged:
+        out = llm.export_merged(model, tokenizer, args.merged)
+        print(f"wrote merged model directory {out}")
+    return 0 if result.report.ok else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.core:
+        return _cmd_demo_core(args)
+    from . import llm
+
+    result = llm.run_demo(args.examples or 32, cache_dir=args.cache_dir, seed=args.seed, progress=not args.quiet)
+    # Every method that leaves the base weights alone must have forgotten exactly nothing.
+    exact = all(r["max_abs_logit_diff"] == 0.0 for r in result.rows if r["method"] != "full fine-tuning")
+    return 0 if exact else 1
+
+
 def _cmd_demo_core(args: argparse.Namespace) -> int:
     import numpy as np
     import scipy.sparse as sp
@@ -72,15 +201,16 @@ def _cmd_demo_core(args: argparse.Namespace) -> int:
     # The new word behaves like a blend of two nouns; its row is its empirical next-word distribution.
     new_words = {"glorp": {"cat": 0.7, "dog": 0.3}, "zorp": {"tree": 0.5, "ball": 0.5}}
     rows = []
+    examples = args.examples or 200
     for j, (word, like) in enumerate(new_words.items()):
         counts = np.zeros(len(vocab))
-        for s in pseudo_sentences(word, like, args.examples, seed=args.seed + 10 + j):
+        for s in pseudo_sentences(word, like, examples, seed=args.seed + 10 + j):
             for a, b in zip(s, s[1:]):
                 if a == word:
                     counts[ids[b]] += 1
         rows.append(counts / counts.sum())
     Q, cert = P.expand(sp.csr_array(np.array(rows)))
-    print(f"expanded with {list(new_words)} from {args.examples} example sentences each: {Q}\n")
+    print(f"expanded with {list(new_words)} from {examples} example sentences each: {Q}\n")
     print(cert)
     print()
     for j, word in enumerate(new_words):
@@ -118,11 +248,59 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the certificate as JSON")
     q.set_defaults(func=_cmd_verify)
 
-    q = sub.add_parser("demo", help="the built-in demo (no downloads)")
-    q.add_argument("--sentences", type=int, default=5000, help="built-in training sentences (default 5000)")
-    q.add_argument("--examples", type=int, default=200, help="example sentences per new word (default 200)")
+    q = sub.add_parser("distill", help="distill a transformers model into a transition matrix file")
+    q.add_argument("model", help="a local transformers model directory (weights + tokenizer)")
+    q.add_argument("-o", "--output", required=True, help="matrix file to write (.safetensors)")
+    q.add_argument("--top-k", type=int, default=256, help="entries kept per row (default 256)")
+    q.add_argument("--batch-size", type=int, default=None, help="contexts per forward pass (default: from the vocabulary)")
+    q.add_argument("--mode", choices=("token", "corpus"), default="token",
+                   help="'token': p(.|v) for each one-token context; 'corpus': averaged over --text (default token)")
+    q.add_argument("--text", help="text file (blank-line separated paragraphs) for --mode corpus")
+    q.add_argument("--shards", help="directory for resumable shards (a rerun resumes)")
+    q.add_argument("--device", help="torch device, e.g. cuda (default: the model's)")
+    q.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="load the weights in this dtype")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=_cmd_distill)
+
+    q = sub.add_parser("fit", help="fit sparse alpha for new-token counts against a matrix")
+    q.add_argument("matrix", help="a matrix file (.safetensors)")
+    q.add_argument("counts", help="(m, n_base) next-token counts: a scipy save_npz file")
+    q.add_argument("-o", "--output", required=True, help=".npz to write (alpha, predicted rows, kl, converged)")
+    q.add_argument("--s", type=int, default=16, help="sparsity: dictionary rows per new token (default 16)")
+    q.add_argument("--link", choices=("logit", "mixture"), default="logit", help="link function (default logit)")
+    q.add_argument("--bound", type=float, default=10.0, help="||alpha||_2 bound of the logit link (default 10)")
+    q.set_defaults(func=_cmd_fit)
+
+    q = sub.add_parser("expand", help="grow a matrix with new rows and print the certificate")
+    q.add_argument("matrix", help="a matrix file (.safetensors)")
+    q.add_argument("rows", help="(m, n_base) new rows: the output of `markovmem fit`, or a scipy save_npz file")
+    q.add_argument("-o", "--output", required=True, help="expanded matrix file to write (only if certified)")
+    q.add_argument("--json", action="store_true", help="print the certificate as JSON")
+    q.set_defaults(func=_cmd_expand)
+
+    q = sub.add_parser("add-tokens", help="teach a model new tokens from text, with zero forgetting")
+    q.add_argument("model", help="a local transformers model directory (weights + tokenizer)")
+    q.add_argument("--tokens", nargs="+", required=True, help="the new tokens")
+    q.add_argument("--text", required=True, help="training text using them (blank-line separated paragraphs)")
+    q.add_argument("-o", "--output", required=True, help="expansion file to write (.safetensors)")
+    q.add_argument("--merged", help="also export a merged transformers model directory here")
+    q.add_argument("--s", type=int, default=16, help="sparsity of alpha (default 16)")
+    q.add_argument("--link", choices=("logit", "mixture"), default="logit", help="fit_alpha link (default logit)")
+    q.add_argument("--tune-steps", type=int, default=50, help="embedding-tuning steps, 0 for E^T alpha only (default 50)")
+    q.add_argument("--device", help="torch device, e.g. cuda")
+    q.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="load the weights in this dtype")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_add_tokens)
+
+    q = sub.add_parser("demo", help="the built-in demo: teach a tiny Llama a new operator (no downloads)")
+    q.add_argument("--core", action="store_true", help="the matrix-only demo on built-in text (no torch needed)")
+    q.add_argument("--examples", type=int, default=None,
+                   help="training examples of the new operator (default 32); with --core, sentences per new word (200)")
+    q.add_argument("--sentences", type=int, default=5000, help="--core: built-in training sentences (default 5000)")
+    q.add_argument("--cache-dir", help="where the trained base model is cached (default ~/.cache/markovmem)")
     q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    q.set_defaults(func=_cmd_demo_core)
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_demo)
     return p
 
 
@@ -131,6 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except ImportError as exc:
+        print(f"markovmem {args.command}: error: {exc} (install markovmem[llm] for the model commands)", file=sys.stderr)
+        return 2
     except (OSError, ValueError, IndexError, TypeError) as exc:
         print(f"markovmem {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -21,8 +21,10 @@ import numpy as np
 from ._errors import InvariantError
 from ._expansion import ExpansionCertificate, verify_expansion
 from ._matrix import DEFAULT_TOL, TransitionMatrix
+from .llm.testing import assert_no_forgetting  # needs torch only when called
 
 __all__ = [
+    "assert_no_forgetting",
     "MatrixLike",
     "as_matrix",
     "assert_expansion_preserves",
