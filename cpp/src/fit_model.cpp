@@ -648,26 +648,44 @@ Pick MixtureModel::best_addition(const std::vector<Index>& pool, const std::vect
   const double G0 = eval(alpha_, nullptr, nullptr);
   double mass = 0.0;
   for (Index i = 0; i < size(); ++i) mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
-  const double ga = -qsum_ + mass;  // g . alpha
+  // Screen every candidate by a lower bound on its exact gain along (1 - t) alpha + t e_c
+  // that reads only its hits on J: a token the candidate does not store keeps at
+  // least (1 - t) f.  Unlike a second-order estimate it stays faithful when the
+  // candidate explains tokens that f gives almost no mass (the gain is then large
+  // but the curvature at t = 0 is huge).
   Shortlist sl;
   for (std::size_t i = 0; i < pool.size(); ++i) {
     if (taken[i]) continue;
     const Index c = pool[i];
     const double u = c_.u[static_cast<std::size_t>(c)];
-    double s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    const double lin = c_.total[static_cast<std::size_t>(c)] - mass;
+    double q_hit = 0.0, d0 = -lin;
     for (Index h = hptr_[i]; h < hptr_[i + 1]; ++h) {
       const std::size_t p = static_cast<std::size_t>(hpos_[static_cast<std::size_t>(h)]);
-      const double d = hval_[static_cast<std::size_t>(h)];
-      s1 += w1_[p] * d;
-      s2 += w2_[p] * d;
-      s3 += w2_[p] * d * d;
+      q_hit += qJ_[p];
+      d0 += qJ_[p] * ((hval_[static_cast<std::size_t>(h)] + u) / fJ_[p] - 1.0);
     }
-    const double gc = -(u * W1_ + s1) + c_.total[static_cast<std::size_t>(c)];
-    const double d1 = gc - ga;
-    const double d2 = u * u * W2_ + 2.0 * u * s2 + s3 - 2.0 * (u * W1_ + s1) + qsum_;
-    if (!(d1 < 0)) continue;
-    const double t = d2 > 1e-300 ? std::clamp(-d1 / d2, 0.0, 1.0) : 1.0;
-    sl.offer(-(d1 * t + 0.5 * d2 * t * t), static_cast<Index>(i));
+    const double q0 = qsum_ - q_hit;
+    if (!(d0 - q0 > 0)) continue;  // the bound's slope at t = 0: no gain from this candidate
+    auto derivs = [&](double t, double& d1, double& d2) {  // of minus the bound
+      d1 = lin + q0 / (1.0 - t);
+      d2 = q0 / ((1.0 - t) * (1.0 - t));
+      for (Index h = hptr_[i]; h < hptr_[i + 1]; ++h) {
+        const std::size_t p = static_cast<std::size_t>(hpos_[static_cast<std::size_t>(h)]);
+        const double rho = (hval_[static_cast<std::size_t>(h)] + u) / fJ_[p];
+        const double den = 1.0 - t + t * rho;
+        d1 -= qJ_[p] * (rho - 1.0) / den;
+        d2 += qJ_[p] * (rho - 1.0) * (rho - 1.0) / (den * den);
+      }
+    };
+    const double t = minimise_1d(derivs, 0.0, 1.0 - 1e-9);
+    double bound = q0 * std::log1p(-t) - t * lin;
+    for (Index h = hptr_[i]; h < hptr_[i + 1]; ++h) {
+      const std::size_t p = static_cast<std::size_t>(hpos_[static_cast<std::size_t>(h)]);
+      const double rho = (hval_[static_cast<std::size_t>(h)] + u) / fJ_[p];
+      bound += qJ_[p] * std::log(1.0 - t + t * rho);
+    }
+    sl.offer(bound, static_cast<Index>(i));
   }
   for (int k = 0; k < sl.n; ++k) {
     const Index i = sl.best[static_cast<std::size_t>(k)].second;
