@@ -87,3 +87,35 @@ def read_metadata(path: str) -> list[tuple[str, str]]: ...
 def softmax_topk(
     logits: npt.NDArray[np.float32], k: int, n_threads: int
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]: ...
+
+# bindings/bind_fit.cpp: CSR parts in (targets int64/int32/float64, supports, alpha), tuples of arrays out.
+def fit_alpha(
+    P: TransitionMatrix,
+    indptr: npt.NDArray[np.int64],
+    indices: npt.NDArray[np.int32],
+    data: npt.NDArray[np.float64],
+    link: int,
+    s: int,
+    bound: float,
+    n_candidates: int,
+    oversize: float,
+    swap_passes: int,
+    max_iter: int,
+    tol: float,
+    n_threads: int,
+    seed: int,
+    allowed: npt.NDArray[Any],
+) -> tuple[Any, ...]: ...
+def fit_on_support(P: TransitionMatrix, indptr: npt.NDArray[np.int64], indices: npt.NDArray[np.int32],
+                   data: npt.NDArray[np.float64], support_indptr: npt.NDArray[np.int64],
+                   support_indices: npt.NDArray[np.int32], support_values: Any, link: int, bound: float,
+                   max_iter: int, tol: float, n_threads: int) -> tuple[Any, ...]: ...
+def closed_form_alpha(P: TransitionMatrix, indptr: npt.NDArray[np.int64], indices: npt.NDArray[np.int32],
+                      data: npt.NDArray[np.float64], support_indptr: npt.NDArray[np.int64],
+                      support_indices: npt.NDArray[np.int32], n_threads: int) -> tuple[Any, ...]: ...
+def fit_objective(P: TransitionMatrix, indptr: npt.NDArray[np.int64], indices: npt.NDArray[np.int32],
+                  data: npt.NDArray[np.float64], alpha_indptr: npt.NDArray[np.int64],
+                  alpha_indices: npt.NDArray[np.int32], alpha_values: npt.NDArray[np.float64], link: int,
+                  n_threads: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def predict_rows(P: TransitionMatrix, alpha_indptr: npt.NDArray[np.int64], alpha_indices: npt.NDArray[np.int32],
+                 alpha_values: npt.NDArray[np.float64], link: int, n_threads: int) -> tuple[Any, ...]: ...
