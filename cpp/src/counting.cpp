@@ -2,14 +2,15 @@
 // with one read of the tokens and no sort.
 //
 //   1. A sample of the transitions estimates how many each source row has; the
-//      rows are cut into a few dozen buckets of consecutive rows with about the
-//      same number of transitions (a frequent row gets a bucket of its own).
+//      rows are cut into buckets of consecutive rows: about kTargetBuckets of
+//      them with the same number of transitions, and a frequent row alone.
 //   2. One pass over the tokens checks the ids and scatters every transition
-//      (a, b), packed into one integer (a's position in its bucket, then b),
-//      into its bucket: per thread, chunks of a private pool.  Few write
-//      streams, so this runs at memory speed.
+//      (a, b), packed into one integer (a's position in its bucket, then b; just
+//      b, in 16 bits when it fits, in a one-row bucket), into its bucket's
+//      chunks.  The active chunks are few and close together, so this runs at
+//      memory speed.
 //   3. Per bucket (in parallel), the transitions are grouped by row in a
-//      thread-local buffer that stays in cache (a single-row bucket needs no
+//      thread-local buffer that stays in cache (a one-row bucket needs no
 //      grouping), counted with a dense per-thread counter and emitted in column
 //      order: a two-level bitmap of the touched columns, a sort for short rows, a
 //      scan of the counter for rows about as long as the vocabulary.  Thread 0
@@ -41,13 +42,21 @@
 namespace markovmem {
 namespace {
 
-/// About this many buckets of consecutive rows (more when the vocabulary needs it):
-/// few enough write streams for the scatter, small enough to group in cache.
+/// About this many buckets of consecutive rows share the transitions (a bucket is
+/// grouped by row in cache) ...
 constexpr Index kTargetBuckets = 64;
+/// ... and a row with more than 1/kSolo of a bucket's share gets a bucket of its
+/// own: it needs no grouping, and its codes are just the successors.
+constexpr Index kSolo = 64;
 /// Tokens per block of the id check (branch-free per block, a search only in a failing one).
 constexpr Index kBlock = 4096;
-/// Transitions per chunk of a bucket's storage.
-constexpr Index kChunk = 4096;
+/// Bytes per chunk of a bucket's storage.
+constexpr std::size_t kChunkBytes = 4096;
+#if defined(__BYTE_ORDER__) && defined(__ORDER_BIG_ENDIAN__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+constexpr bool kLittleEndian = false;
+#else
+constexpr bool kLittleEndian = true;
+#endif
 /// About this many transitions are sampled to place the bucket boundaries.
 constexpr Index kSample = Index{1} << 20;
 
@@ -96,12 +105,19 @@ inline void for_each_run(const Index* offsets, Index n_seq, Index lo, Index hi, 
   }
 }
 
-/// A piece of a bucket's transitions.
-template <class Code>
+/// A piece of a bucket's transitions: size codes of the bucket's width.
 struct Segment {
-  const Code* data;
+  const unsigned char* data;
   Index size;
 };
+
+/// The T at p (any alignment, any storage).
+template <class T>
+inline T load(const unsigned char* p) noexcept {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
 
 /// Per-thread dense counter over the columns; all zero between rows.
 template <class Count>
@@ -224,7 +240,9 @@ struct BucketOut {
 template <class Code, class Count, class Local>
 TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const Index* offsets, Index n_seq,
                             Index n_states, Index n_pairs, const CountOptions& opts, int nt) {
-  // Code: (a - first row of a's bucket) << b_bits | b.
+  // Code: (a - first row of a's bucket) << b_bits | b.  A bucket of one row (code b)
+  // stores it in solo_width bytes, the others in sizeof(Code): the scatter writes
+  // sizeof(Code) bytes and advances by the width (little-endian keeps the low bytes).
   const int b_bits = bits_for(n_states);
   const int fine_bits = static_cast<int>(8 * sizeof(Code)) - b_bits;
   const Index max_rows = fine_bits >= 40 ? n_states : std::min(n_states, Index{1} << fine_bits);
@@ -235,28 +253,27 @@ TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const In
   const Index stride = std::max<Index>(1, n_pairs / kSample);  // sample every stride-th block
 
   // 1 + 2 in one region; thread t handles tokens [lo_t, hi_t).  Chunks come from one
-  // pool, kChunk-aligned: each bucket's last chunk is partly used, every other one full.
-  // Buckets close when their (estimated) pairs pass target, every other one at least,
-  // or at max_rows rows: at most 2 n_pairs / target + 1 + n_states / max_rows + 1 of them.
-  const Index max_buckets = std::min<Index>(n_states, 2 * kTargetBuckets + 4 + n_states / max_rows);
-  const Index pool_chunks = n_pairs / kChunk + static_cast<Index>(nt) * (max_buckets + 1) + 1;
-  auto pool = detail::Buffer<Code>::uninitialized(static_cast<std::size_t>(pool_chunks * kChunk));
-  Code* const pool_start = reinterpret_cast<Code*>(
-      (reinterpret_cast<std::uintptr_t>(pool.data()) + kChunk * sizeof(Code) - 1) & ~(kChunk * sizeof(Code) - 1));
+  // pool, kChunkBytes-aligned: a bucket's last chunk of each thread is partly used, the
+  // others are full.
+  const std::size_t solo_width = kLittleEndian && b_bits <= 16 ? 2 : kLittleEndian ? 4 : sizeof(Code);
+  // Codes of width w a chunk holds: written while sizeof(Code) bytes still fit.
+  const auto per_chunk = [](std::size_t w) { return static_cast<Index>((kChunkBytes - sizeof(Code)) / w + 1); };
+  detail::Buffer<unsigned char> pool;
+  unsigned char* pool_start = nullptr;
   std::atomic<Index> pool_next{0};
   struct ChunkRec {
-    Code* data;
+    unsigned char* data;
     std::size_t bucket;
   };
   std::vector<std::vector<ChunkRec>> chunks(static_cast<std::size_t>(nt));
-  for (auto& c : chunks) c.reserve(static_cast<std::size_t>(pool_chunks));
-  std::vector<Code*> cursors(static_cast<std::size_t>(nt) * V);  // next free slot, per thread and bucket
+  std::vector<unsigned char*> cursors(static_cast<std::size_t>(nt) * V);  // next free byte, per thread and bucket
   std::vector<Count> sample(static_cast<std::size_t>(nt) * V, 0);
   std::vector<Index> first_bad(static_cast<std::size_t>(nt), n_tokens);
-  std::vector<std::uint64_t> place(V);  // row v: bucket << 32 | (v - first row of the bucket)
+  std::vector<std::uint64_t> place(V);  // row v: bucket << 36 | width << 32 | (v - first row of the bucket)
   std::vector<Index> bfirst;            // first row of each bucket, then n_states
   bfirst.reserve(V + 1);
   int team_used = 1;
+  detail::ExceptionCollector alloc_error;
 #pragma omp parallel num_threads(nt)
   {
     const int t = thread_num(), team = team_size();
@@ -280,54 +297,77 @@ TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const In
       for (std::size_t v = 0; v < V; ++v) sampled += static_cast<double>(sample[v]);
       const double scale = sampled > 0 ? static_cast<double>(n_pairs) / sampled : 0.0;
       // Buckets of consecutive rows, each closed before the row that would take it
-      // past `target` (estimated) pairs, so a longer row is alone, or past max_rows rows.
+      // past `target` (estimated) pairs, or past max_rows rows; a long row is alone.
       double in_bucket = 0;
       Index rows = 0;
+      bool alone = false;
       for (Index v = 0; v < n_states; ++v) {
         const double len = scale * static_cast<double>(sample[static_cast<std::size_t>(v)]);
-        if (rows > 0 && (in_bucket + len > target || rows == max_rows)) in_bucket = 0, rows = 0;
+        const bool long_row = len >= target / kSolo;
+        if (rows > 0 && (in_bucket + len > target || rows == max_rows || long_row || alone)) in_bucket = 0, rows = 0;
+        alone = long_row;
         if (rows == 0) bfirst.push_back(v);
-        place[static_cast<std::size_t>(v)] =
-            static_cast<std::uint64_t>(bfirst.size() - 1) << 32 | static_cast<std::uint64_t>(v - bfirst.back());
         in_bucket += len;
         ++rows;
       }
       bfirst.push_back(n_states);
-    }  // implicit barrier
-    const auto nb = static_cast<std::size_t>(bfirst.size() - 1);
-    auto& mine = chunks[ut];
-    Code** const cur = cursors.data() + ut * V;
-    auto new_chunk = [&](std::size_t c) {
-      Code* const p = pool_start + pool_next.fetch_add(1, std::memory_order_relaxed) * kChunk;
-      mine.push_back({p, c});
-      return p;
-    };
-    for (std::size_t c = 0; c < nb; ++c) cur[c] = new_chunk(c);
-    const std::uint64_t* const pl = place.data();
-    for (Index b = lo; b < hi; b += kBlock) {
-      const Index e = std::min(hi, b + kBlock);
-      unsigned any = 0;
-      for (Index i = b; i < e; ++i) any |= static_cast<unsigned>(static_cast<std::uint32_t>(tokens[i]) >= un);
-      if (any) {
-        Index i = b;
-        while (static_cast<std::uint32_t>(tokens[i]) < un) ++i;
-        first_bad[ut] = i;
-        break;
+      for (std::size_t c = 0; c + 1 < bfirst.size(); ++c) {
+        const Index r0 = bfirst[c], r1 = bfirst[c + 1];
+        const std::uint64_t w = r1 - r0 == 1 ? solo_width : sizeof(Code);
+        for (Index v = r0; v < r1; ++v)
+          place[static_cast<std::size_t>(v)] = static_cast<std::uint64_t>(c) << 36 | w << 32 | static_cast<std::uint64_t>(v - r0);
       }
-      // tokens[e] may not be checked yet: it is only stored, and a bad id stops everything.
-      for_each_run(offsets, n_seq, b, e, [&](Index rb, Index re) {
-        for (Index i = rb; i < re; ++i) {
-          const std::uint64_t p = pl[tokens[i]];
-          const auto c = static_cast<std::size_t>(p >> 32);
-          Code* w = cur[c];
-          *w++ = static_cast<Code>(static_cast<Code>(static_cast<std::uint32_t>(p)) << b_bits) |
-                 static_cast<Code>(static_cast<std::uint32_t>(tokens[i + 1]));
-          if ((reinterpret_cast<std::uintptr_t>(w) & (kChunk * sizeof(Code) - 1)) == 0) w = new_chunk(c);
-          cur[c] = w;
-        }
+      const auto nb = static_cast<Index>(bfirst.size()) - 1;
+      const Index pool_chunks = n_pairs / per_chunk(sizeof(Code)) + team * (nb + 1) + 1;
+      alloc_error.run([&] {
+        pool = detail::Buffer<unsigned char>::uninitialized(static_cast<std::size_t>(pool_chunks) * kChunkBytes);
+        for (int u = 0; u < team; ++u) chunks[static_cast<std::size_t>(u)].reserve(static_cast<std::size_t>(pool_chunks));
+        pool_start = reinterpret_cast<unsigned char*>(
+            (reinterpret_cast<std::uintptr_t>(pool.data()) + kChunkBytes - 1) & ~(kChunkBytes - 1));
       });
+    }  // implicit barrier
+    if (pool_start) {  // else the pool could not be allocated
+      const auto nb = static_cast<std::size_t>(bfirst.size() - 1);
+      auto& mine = chunks[ut];
+      unsigned char** const cur = cursors.data() + ut * V;
+      auto new_chunk = [&](std::size_t c) {
+        unsigned char* const p =
+            pool_start + static_cast<std::size_t>(pool_next.fetch_add(1, std::memory_order_relaxed)) * kChunkBytes;
+        mine.push_back({p, c});
+        return p;
+      };
+      for (std::size_t c = 0; c < nb; ++c) cur[c] = new_chunk(c);
+      const std::uint64_t* const pl = place.data();
+      for (Index b = lo; b < hi; b += kBlock) {
+        const Index e = std::min(hi, b + kBlock);
+        unsigned any = 0;
+        for (Index i = b; i < e; ++i) any |= static_cast<unsigned>(static_cast<std::uint32_t>(tokens[i]) >= un);
+        if (any) {
+          Index i = b;
+          while (static_cast<std::uint32_t>(tokens[i]) < un) ++i;
+          first_bad[ut] = i;
+          break;
+        }
+        // tokens[e] may not be checked yet: it is only stored, and a bad id stops everything.
+        for_each_run(offsets, n_seq, b, e, [&](Index rb, Index re) {
+          for (Index i = rb; i < re; ++i) {
+            const std::uint64_t p = pl[tokens[i]];
+            const auto c = static_cast<std::size_t>(p >> 36);
+            unsigned char* w = cur[c];
+            const Code code = static_cast<Code>(static_cast<Code>(static_cast<std::uint32_t>(p)) << b_bits) |
+                              static_cast<Code>(static_cast<std::uint32_t>(tokens[i + 1]));
+            std::memcpy(w, &code, sizeof(Code));
+            w += (p >> 32) & 15;
+            // Full when sizeof(Code) more bytes do not fit before the chunk's end (or w is at it).
+            if (((reinterpret_cast<std::uintptr_t>(w) - 1) & (kChunkBytes - 1)) >= kChunkBytes - sizeof(Code))
+              w = new_chunk(c);
+            cur[c] = w;
+          }
+        });
+      }
     }
   }
+  alloc_error.rethrow();
   Index bad = n_tokens;
   for (const Index b : first_bad) bad = std::min(bad, b);
   if (bad < n_tokens) throw_bad_token(tokens, bad, offsets, n_seq, n_states);
@@ -336,20 +376,22 @@ TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const In
   const auto n_buckets = static_cast<Index>(bfirst.size()) - 1;
 
   // Each bucket's pieces: a chunk is full unless its thread's cursor of the bucket is in it.
-  std::vector<std::vector<Segment<Code>>> segments(static_cast<std::size_t>(n_buckets));
+  std::vector<std::vector<Segment>> segments(static_cast<std::size_t>(n_buckets));
   std::vector<Index> bucket_size(static_cast<std::size_t>(n_buckets), 0);
   for (int u = 0; u < team_used; ++u) {
     const auto uu = static_cast<std::size_t>(u);
     for (const ChunkRec& r : chunks[uu]) {
-      const Code* c = cursors[uu * V + r.bucket];
-      const Index n = c >= r.data && c < r.data + kChunk ? c - r.data : kChunk;
+      const unsigned char* c = cursors[uu * V + r.bucket];
+      const std::size_t w = bfirst[r.bucket + 1] - bfirst[r.bucket] == 1 ? solo_width : sizeof(Code);
+      const Index n = c >= r.data && c < r.data + kChunkBytes ? static_cast<Index>(static_cast<std::size_t>(c - r.data) / w)
+                                                               : per_chunk(w);
       if (n == 0) continue;
       segments[r.bucket].push_back({r.data, n});
       bucket_size[r.bucket] += n;
     }
   }
   chunks = std::vector<std::vector<ChunkRec>>();
-  cursors = std::vector<Code*>();
+  cursors = std::vector<unsigned char*>();
 
   // 3. Per bucket: group by row, count, emit.  Thread 0 takes buckets from the
   //    front in row order and writes straight into the final arrays (its offsets
@@ -366,6 +408,8 @@ TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const In
   auto indptr = detail::Buffer<Index>::uninitialized(static_cast<std::size_t>(n_states + 1 + spare_rows));
   auto indices = detail::Buffer<StateIndex>::uninitialized(static_cast<std::size_t>(capacity));
   auto data = detail::Buffer<Prob>::uninitialized(static_cast<std::size_t>(capacity));
+  auto tail = detail::Buffer<double>::uninitialized(static_cast<std::size_t>(n_states + spare_rows));
+  double* const tails = tail.data();
   indptr[0] = 0;
   Index* const row_end = indptr.data() + 1;  // row v's nnz goes to indptr[v + 1], prefix-summed below
   std::vector<BucketOut> bout(static_cast<std::size_t>(n_buckets));
@@ -423,15 +467,31 @@ TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const In
             const double denom = static_cast<double>(len) + an;
             for (Index j = 0; j < nz; ++j) vals[j] = static_cast<Prob>((static_cast<double>(counts[j]) + a) / denom);
           }
+          // The tail exactly as detail::compute_tails (from_csr) computes it: the
+          // stored values summed in column order in double, max(0, 1 - sum).
+          double sum = 0.0;
+          for (Index j = 0; j < nz; ++j) sum += vals[j];
+          tails[v] = sum < 1.0 ? 1.0 - sum : 0.0;
           row_end[v] = nz;
           pos += nz;
         };
         if (n_rows == 1) {
           // The code of a single-row bucket is the successor itself.
-          do_row(r0, [&](auto&& f) {
-            for (const auto& sg : segs)
-              for (Index j = 0; j < sg.size; ++j) f(static_cast<std::uint32_t>(sg.data[j]));
-          }, bucket_size[c]);
+          if (solo_width == 2)
+            do_row(r0, [&](auto&& f) {
+              for (const auto& sg : segs)
+                for (Index j = 0; j < sg.size; ++j) f(static_cast<std::uint32_t>(load<std::uint16_t>(sg.data + 2 * j)));
+            }, bucket_size[c]);
+          else if (solo_width == 4)
+            do_row(r0, [&](auto&& f) {
+              for (const auto& sg : segs)
+                for (Index j = 0; j < sg.size; ++j) f(load<std::uint32_t>(sg.data + 4 * j));
+            }, bucket_size[c]);
+          else
+            do_row(r0, [&](auto&& f) {
+              for (const auto& sg : segs)
+                for (Index j = 0; j < sg.size; ++j) f(static_cast<std::uint32_t>(load<Code>(sg.data + sizeof(Code) * j)));
+            }, bucket_size[c]);
         } else {
           // Group by row: a counting sort.  Two independent chains of counter updates,
           // so a row that dominates the bucket does not serialise the loops: even and
@@ -445,11 +505,12 @@ TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const In
           Index* const back = head + n_rows;
           for (const auto& sg : segs) {
             const Index even = sg.size & ~Index{1};
+            const unsigned char* const d = sg.data;
             for (Index j = 0; j < even; j += 2) {
-              ++h0[sg.data[j] >> b_bits];
-              ++h1[sg.data[j + 1] >> b_bits];
+              ++h0[load<Code>(d + sizeof(Code) * j) >> b_bits];
+              ++h1[load<Code>(d + sizeof(Code) * (j + 1)) >> b_bits];
             }
-            if (sg.size & 1) ++h0[sg.data[even] >> b_bits];
+            if (sg.size & 1) ++h0[load<Code>(d + sizeof(Code) * even) >> b_bits];
           }
           for (Index r = 0, s = 0; r < n_rows; ++r) {
             h0[r] += h1[r];  // the row's length
@@ -459,15 +520,15 @@ TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const In
           }
           for (const auto& sg : segs) {
             const Index half = sg.size / 2;
-            const Code* const in = sg.data;
-            const Code* const in2 = in + half;
+            const unsigned char* const in = sg.data;
+            const unsigned char* const in2 = in + sizeof(Code) * half;
             for (Index j = 0; j < half; ++j) {
-              const Code p = in[j], q = in2[j];
+              const Code p = load<Code>(in + sizeof(Code) * j), q = load<Code>(in2 + sizeof(Code) * j);
               local[head[p >> b_bits]++] = static_cast<Local>(p & b_mask);
               local[--back[q >> b_bits]] = static_cast<Local>(q & b_mask);
             }
             if (sg.size & 1) {
-              const Code q = in[sg.size - 1];
+              const Code q = load<Code>(in + sizeof(Code) * (sg.size - 1));
               local[--back[q >> b_bits]] = static_cast<Local>(q & b_mask);
             }
           }
@@ -486,11 +547,11 @@ TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const In
     }
   }
   errors.rethrow();
-  pool = detail::Buffer<Code>();
+  pool = detail::Buffer<unsigned char>();
   counters.clear();
   locals.clear();
 
-  // 4. Row pointers, the back buckets' entries into place, tails.
+  // 4. Row pointers, the back buckets' entries into place.
   for (Index v = 0; v < n_states; ++v) row_end[v] += row_end[v - 1];
   const long long n_back = n_buckets - next_front;  // buckets next_front .. n_buckets - 1
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (n_back > 1)
@@ -505,8 +566,6 @@ TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const In
   }
   arena_idx.clear();
   arena_val.clear();
-  auto tail = detail::Buffer<double>::uninitialized(static_cast<std::size_t>(n_states + spare_rows));
-  detail::compute_tails(CsrView{n_states, indptr.data(), indices.data(), data.data()}, tail.data(), nt);
   // Valid by construction, so no check pass: columns are emitted strictly
   // increasing and in [0, n_states); values are float32((c + a) / (c_v + a n))
   // with the kept counts c summing to at most c_v, so they are finite, >= 0 and

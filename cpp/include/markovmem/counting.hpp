@@ -19,10 +19,12 @@ struct CountOptions {
 /// and the mass cut by top_k are the tail.  A state never followed by anything
 /// gets an empty row with tail 1 (uniform).  tokens holds the sequences end to end,
 /// offsets (n_seq + 1, non-decreasing, last <= n_tokens) delimits them.  Ids are
-/// checked first (std::out_of_range names sequence and position).  O(n_tokens +
-/// nnz), no sort of the pairs: a two-level parallel counting sort by source state,
-/// then per-thread dense counters; memory O(n_tokens + n_states * threads).  The
-/// result is the same bit for bit whatever the thread count.
+/// checked (std::out_of_range names sequence and position) before anything is
+/// counted.  O(n_tokens + nnz), no sort: one pass scatters the pairs into buckets of
+/// source rows (placed from a sample of the row lengths), then each bucket is
+/// grouped by row in cache and counted with per-thread dense counters; memory
+/// O(n_tokens + n_states * threads).  The result is the same bit for bit whatever
+/// the thread count.
 TransitionMatrix count_transitions(const std::int32_t* tokens, Index n_tokens, const Index* offsets,
                                    Index n_seq, Index n_states, const CountOptions& opts);
 
