@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -44,3 +46,18 @@ def expanded6() -> tuple[mm.TransitionMatrix, mm.TransitionMatrix]:
     )
     Q, _ = P.expand(np.array([[0.0, 0.5, 0.5, 0.0], [0.2, 0.0, 0.0, 0.0]]))
     return P, Q
+
+
+@pytest.fixture(autouse=True)
+def torch_one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine they spin.
+
+    Applies only when a test module has imported torch (the core tests never do)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,14 +19,6 @@ from markovmem.llm.testing import tiny_model, tiny_tokenizer  # noqa: E402
 V = 48
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine they spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def reference_rows(model, prefix, dtype=torch.float32):
     """p(. | prefix + [v]) for every v, one forward pass per token."""

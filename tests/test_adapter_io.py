@@ -19,14 +19,6 @@ V = 48
 PROBE = torch.tensor([[1, 5, V, 7, V + 1, 9], [1, 3, 4, 5, 6, 7]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine they spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def bits(t):
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])

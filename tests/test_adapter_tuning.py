@@ -19,14 +19,6 @@ V = 48
 CONTEXTS = [[1, 5, 6, 7], [1, 20, 21, 22, 23]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine they spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def training_sequences(new_id, n=24, seed=0):
     """'... glorp w7 w8 ...': the new token is always followed by w7 w8."""
