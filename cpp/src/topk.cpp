@@ -1,23 +1,25 @@
 // Fused row-wise softmax + top-k (see topk.hpp).
 //
-// Per row, one pass over chunks of kChunk logits:
-//   * the chunk max (vectorised over kLanes independent lanes);
-//   * the online log-sum-exp: when the chunk raises the running max m the
-//     running sum is rescaled by exp(m_old - m_new); then the chunk adds
-//     sum exp(x - m) computed with a vectorisable float exp into float lanes,
-//     which are folded into a double accumulator per chunk;
-//   * top-k candidates: once k entries are held, only entries strictly above
-//     the current k-th largest (the threshold) are collected, and a chunk whose
-//     max does not exceed the threshold is skipped without a scalar scan.
-//     Entries equal to the threshold arrive at larger indices than the held
-//     ones, so dropping them keeps ties broken by smaller index.  When the
-//     candidate buffer fills it is cut back to the best k (nth_element) and the
-//     threshold rises.
+// Per row, two passes over chunks of kChunk = kLanes x kLanes logits:
+//   1. streaming (vectorised): the maximum of each lane of a chunk (lane j
+//      holds entries j, j + kLanes, ...: a vertical max, no horizontal work),
+//      the chunk max, and the online log-sum-exp: when a chunk raises the
+//      running max m the running sum is rescaled by exp(m_old - m_new), then
+//      the chunk adds sum exp(x - m) computed with a vectorisable float exp,
+//      folded into a double accumulator per chunk;
+//   2. selection: the k-th largest chunk max (or lane max, when there are
+//      fewer than k chunks) is a threshold with at least k entries at or above
+//      it, so the top k are among the entries >= it.  Only chunks and lanes
+//      whose max reaches it are read again (the row is still in cache); about
+//      k chunks and one or two lanes each.  The candidates, a little over k,
+//      are cut to the exact top k by nth_element under (logit desc, index asc),
+//      so ties go to the smaller index whatever order they were found in.
 #include "markovmem/topk.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <string>
@@ -31,7 +33,8 @@ namespace markovmem {
 
 namespace {
 
-constexpr Index kChunk = 256;
+constexpr Index kLanes = 16;
+constexpr Index kChunk = kLanes * kLanes;
 
 struct Cand {
   float key;  // the logit, NaN mapped to -inf so the order is a strict weak order
@@ -85,6 +88,35 @@ MARKOVMEM_TOPK_CLONES float chunk_max(const float* x, Index len, int* any_nan) n
   return cm;
 }
 
+/// Per-lane maxima of a full chunk (lane j: x[j], x[j + kLanes], ...; NaN
+/// ignored) into lane_max[kLanes]; returns their max.  *any_nan set to 1 when
+/// some entry is NaN.
+MARKOVMEM_TOPK_CLONES float chunk_lane_max(const float* x, float* lane_max, int* any_nan) noexcept {
+  float lm[kLanes];
+  int nan[kLanes];
+  for (Index j = 0; j < kLanes; ++j) {
+    lm[j] = -std::numeric_limits<float>::infinity();
+    nan[j] = 0;
+  }
+  for (Index i = 0; i < kChunk; i += kLanes) {
+#pragma omp simd
+    for (Index j = 0; j < kLanes; ++j) {
+      const float v = x[i + j];
+      lm[j] = v > lm[j] ? v : lm[j];
+      nan[j] |= v != v ? 1 : 0;
+    }
+  }
+  float cm = lm[0];
+  int any = nan[0];
+  for (Index j = 0; j < kLanes; ++j) {
+    lane_max[j] = lm[j];
+    cm = lm[j] > cm ? lm[j] : cm;
+    any |= nan[j];
+  }
+  *any_nan = any;
+  return cm;
+}
+
 /// sum exp(x[j] - m) over [0, len) for finite m >= every x[j], in float.
 MARKOVMEM_TOPK_CLONES float chunk_expsum(const float* x, Index len, float m) noexcept {
   float part = 0.0f;
@@ -95,48 +127,58 @@ MARKOVMEM_TOPK_CLONES float chunk_expsum(const float* x, Index len, float m) noe
 
 class RowWorker {
  public:
-  explicit RowWorker(Index k) : k_(k), cap_(k + std::max<Index>(k, 512)) { buf_.reserve(cap_); }
+  explicit RowWorker(Index k) : k_(k) {}
 
   void run(const float* row, Index n, std::int32_t* out_idx, float* out_prob) {
-    buf_.clear();
     const float ninf = -std::numeric_limits<float>::infinity();
+    const Index n_full = n / kChunk;  // full chunks; the rest is the tail
+    if (static_cast<Index>(chunk_max_.size()) < n_full) {
+      chunk_max_.resize(static_cast<std::size_t>(n_full));
+      lane_max_.resize(static_cast<std::size_t>(n_full * kLanes));
+    }
+    // Pass 1: chunk and lane maxima, NaN check and the online log-sum-exp.
     float m = ninf;  // running max
     double sum = 0.0;  // sum exp(x - m) so far
     bool bad = false;  // +inf or NaN seen: probabilities are NaN
-    float thr = ninf;
-    bool full = false;  // buf_ has held k entries since the last cut
-    for (Index c0 = 0; c0 < n; c0 += kChunk) {
+    for (Index c0 = 0, c = 0; c0 < n; c0 += kChunk, ++c) {
       const Index len = std::min(kChunk, n - c0);
       const float* x = row + c0;
-      // Chunk max and NaN check.
       int any_nan = 0;
-      const float cm = chunk_max(x, len, &any_nan);
+      const float cm = c < n_full ? chunk_lane_max(x, &lane_max_[static_cast<std::size_t>(c * kLanes)], &any_nan)
+                                  : chunk_max(x, len, &any_nan);
+      if (c < n_full) chunk_max_[static_cast<std::size_t>(c)] = cm;
       if (any_nan) bad = true;
-      // Log-sum-exp.
       if (cm > m) {
         if (m != ninf) sum *= std::exp(static_cast<double>(m) - static_cast<double>(cm));
         m = cm;
       }
       if (m == std::numeric_limits<float>::infinity()) bad = true;
-      if (!bad && m != ninf) {
-        const float part = chunk_expsum(x, len, m);
-        sum += part;
-      }
-      // Candidates.
-      if (full && !(cm > thr)) continue;
-      for (Index j = 0; j < len; ++j) {
-        if (full && !(x[j] > thr)) continue;
-        buf_.push_back(Cand{sort_key(x[j]), static_cast<std::int32_t>(c0 + j)});
-        if (!full && static_cast<Index>(buf_.size()) == k_) {
-          cut();
-          full = true;
-          thr = buf_.back().key;
-        } else if (static_cast<Index>(buf_.size()) == cap_) {
-          cut();
-          thr = buf_.back().key;
-        }
+      if (!bad && m != ninf) sum += chunk_expsum(x, len, m);
+    }
+    // The threshold: the k-th largest of k or more maxima of disjoint groups is
+    // an entry value with at least k entries at or above it, so the top k are
+    // among the entries >= thr.  Chunks give a tighter group count when there
+    // are at least k of them; else lanes; else every entry is a candidate.
+    float thr = ninf;
+    if (n_full >= k_)
+      thr = kth_largest(chunk_max_.data(), n_full);
+    else if (n_full * kLanes >= k_)
+      thr = kth_largest(lane_max_.data(), n_full * kLanes);
+    // Pass 2: the entries >= thr, visiting only chunks and lanes whose max
+    // reaches it (sort_key maps NaN to -inf, a candidate only when thr is -inf).
+    buf_.clear();
+    for (Index c = 0; c < n_full; ++c) {
+      if (!(chunk_max_[static_cast<std::size_t>(c)] >= thr)) continue;  // maxima are never NaN
+      const float* x = row + c * kChunk;
+      const float* lm = &lane_max_[static_cast<std::size_t>(c * kLanes)];
+      for (Index j = 0; j < kLanes; ++j) {
+        if (!(lm[j] >= thr)) continue;
+        for (Index i = j; i < kChunk; i += kLanes)
+          if (sort_key(x[i]) >= thr) buf_.push_back(Cand{sort_key(x[i]), static_cast<std::int32_t>(c * kChunk + i)});
       }
     }
+    for (Index i = n_full * kChunk; i < n; ++i)
+      if (sort_key(row[i]) >= thr) buf_.push_back(Cand{sort_key(row[i]), static_cast<std::int32_t>(i)});
     // Exact top-k of the candidates, then probabilities.
     if (static_cast<Index>(buf_.size()) > k_)
       std::nth_element(buf_.begin(), buf_.begin() + (k_ - 1), buf_.end(), better);
@@ -169,19 +211,17 @@ class RowWorker {
   }
 
  private:
-  // Keeps the best k of buf_, with the k-th best last.
-  void cut() {
-    if (static_cast<Index>(buf_.size()) > k_) {
-      std::nth_element(buf_.begin(), buf_.begin() + (k_ - 1), buf_.end(), better);
-      buf_.resize(static_cast<std::size_t>(k_));
-    }
-    // Move the worst of the k to the back.
-    auto worst = std::min_element(buf_.begin(), buf_.end(), [](const Cand& a, const Cand& b) { return better(b, a); });
-    std::iter_swap(worst, buf_.end() - 1);
+  // The k-th largest of v[0, n) (n >= k), on a scratch copy.
+  float kth_largest(const float* v, Index n) {
+    scratch_.assign(v, v + n);
+    std::nth_element(scratch_.begin(), scratch_.begin() + (k_ - 1), scratch_.end(), std::greater<float>());
+    return scratch_[static_cast<std::size_t>(k_ - 1)];
   }
 
   Index k_;
-  Index cap_;
+  std::vector<float> chunk_max_;  // per full chunk
+  std::vector<float> lane_max_;  // kLanes per full chunk
+  std::vector<float> scratch_;
   std::vector<Cand> buf_;
   std::vector<float> probs_;
   std::vector<Index> order_;

@@ -189,71 +189,85 @@ def _progress(total: int, initial: int, desc: str, enabled: bool, unit: str) -> 
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
 
 
-#: CPU top-k: width of the blocks whose maxima preselect candidates, and the
-#: bytes of float32 probabilities processed per row group (kept cache-resident).
-_BLOCK = 32
-_GROUP_BYTES = 4 * 2**20
-
-
-def _blocked_topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k per row that reads the row once and sorts only ``k`` blocks of it.
-
-    Split a row into blocks of ``_BLOCK``; the ``k`` blocks with the largest
-    maxima contain the row's ``k`` largest entries (any entry above the k-th
-    largest block maximum lies in one of those blocks, and there are at least
-    ``k`` entries at or above it), so top-k runs on ``k * _BLOCK`` candidates
-    instead of the whole vocabulary.  The last ``V % _BLOCK`` entries are
-    always candidates.
-    """
-    b, v = probs.shape
-    g = v // _BLOCK
-    main = probs[:, : g * _BLOCK].view(b, g, _BLOCK)
-    _, blocks = main.amax(-1).topk(k, dim=-1, sorted=False)
-    rows = torch.arange(b, device=probs.device).unsqueeze(1)
-    cand = main[rows, blocks].reshape(b, k * _BLOCK)
-    cand_ids = (blocks.unsqueeze(-1) * _BLOCK + torch.arange(_BLOCK, device=probs.device)).reshape(b, k * _BLOCK)
-    if g * _BLOCK < v:
-        cand = torch.cat([cand, probs[:, g * _BLOCK :]], dim=1)
-        rest = torch.arange(g * _BLOCK, v, device=probs.device).expand(b, -1)
-        cand_ids = torch.cat([cand_ids, rest], dim=1)
-    values, pos = cand.topk(k, dim=-1, sorted=False)
-    return values, cand_ids.gather(1, pos)
-
-
-def _topk_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of softmax(logits) per row, on the logits' device: (probs float32, ids int32)."""
-    b, v = logits.shape
-    if logits.device.type != "cpu" or v < 8 * k * _BLOCK:
-        probs = torch.softmax(logits.float(), dim=-1)
-        values, ids = torch.topk(probs, k, dim=-1, sorted=False)
-        return values, ids.to(torch.int32)
-    # On CPU, a few rows at a time so softmax's passes and the block top-k hit a
-    # cache-resident row group instead of streaming the whole batch from memory.
-    step = max(1, _GROUP_BYTES // (4 * v))
-    values = torch.empty(b, k, dtype=torch.float32)
-    ids = torch.empty(b, k, dtype=torch.int32)
-    for i in range(0, b, step):
-        probs = torch.softmax(logits[i : i + step].float(), dim=-1)
-        values[i : i + step], idx = _blocked_topk(probs, k)
-        ids[i : i + step] = idx.to(torch.int32)
-    return values, ids
-
-
 def _select_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of softmax(logits) per row: (probs float32, ids int32), sorted by descending probability on CPU.
 
-    On CPU the fused C++ kernel (markovmem.softmax_topk: one pass per row, the
-    log-sum-exp in double, torch's thread count); elsewhere torch on the
-    logits' device (``_topk_rows``).
+    On CPU the fused C++ kernel (markovmem.softmax_topk: one streaming pass per
+    row for the log-sum-exp in double, then a selection that rereads only the
+    chunks that can hold a winner; torch's thread count); elsewhere softmax and
+    top-k in torch on the logits' device, so only k values per row leave it.
     """
     if logits.device.type != "cpu":
-        return _topk_rows(logits, k)
+        values, ids = torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1)
+        return values, ids.to(torch.int32)
     x = logits.detach()
     if x.dtype != torch.float32:
         x = x.float()
     # Zero-copy when each row is contiguous (a column slice of wider logits is fine).
     ids, values = softmax_topk(x.numpy(), k, n_threads=torch.get_num_threads())
     return torch.from_numpy(values), torch.from_numpy(ids)
+
+
+class _LastLogits:
+    """Last-position logits over the base vocabulary for a batch of token contexts.
+
+    In general the model's own forward (``logits_to_keep=1`` when supported).
+    On CPU in the model's dtype (no autocast), float32, when the output head is
+    a plain ``nn.Linear`` applied to the body's last hidden state (Llama, Qwen2,
+    GPT-2, ...), the head runs here instead, into one logits buffer reused
+    across batches: a fresh (batch x vocab) tensor per forward pays page faults
+    that cost as much as the head's GEMM itself at small hidden sizes, and new
+    tokens' columns are never computed.  The shortcut is checked once against
+    the model's forward on the first two contexts and dropped if they disagree
+    (soft-capped or scaled logits, a custom head).
+    """
+
+    def __init__(self, model: nn.Module, n_base: int, dev: torch.device, dtype: Any) -> None:
+        self.model = model
+        self.n_base = n_base
+        self.kwargs = _forward_kwargs(model)
+        self.buf: torch.Tensor | None = None
+        self.head: tuple[nn.Module, torch.Tensor, torch.Tensor | None] | None = None
+        self.checked = False
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        base = getattr(out, "base_layer", out)  # NewTokenOutputLayer wraps the base head
+        body = getattr(model, "base_model", None)
+        if (dev.type == "cpu" and (dtype is None or dtype == _model_dtype(model)) and isinstance(base, nn.Linear)
+                and base.weight.dtype == torch.float32 and isinstance(body, nn.Module) and body is not model
+                and base.weight.shape[0] >= n_base):
+            self.head = (body, base.weight, base.bias)
+
+    def _model_logits(self, inp: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=inp, use_cache=False, **self.kwargs).logits[:, -1, : self.n_base]
+
+    def _head_logits(self, inp: torch.Tensor) -> torch.Tensor:
+        assert self.head is not None
+        body, weight, bias = self.head
+        hidden = body(input_ids=inp, use_cache=False).last_hidden_state[:, -1]
+        b = inp.shape[0]
+        if self.buf is None or self.buf.shape[0] < b:
+            self.buf = torch.empty(b, self.n_base, dtype=torch.float32)
+        out = self.buf[:b]
+        w = weight[: self.n_base]
+        if bias is None:
+            torch.mm(hidden, w.t(), out=out)
+        else:
+            torch.addmm(bias[: self.n_base], hidden, w.t(), out=out)
+        return out
+
+    def __call__(self, inp: torch.Tensor) -> torch.Tensor:
+        if self.head is not None and not self.checked:
+            self.checked = True
+            ref = self._model_logits(inp[:2])
+            try:
+                got = self._head_logits(inp[:2])
+                same = got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-4,
+                                                                 atol=1e-5 * float(ref.abs().max()) + 1e-6)
+            except (TypeError, AttributeError, RuntimeError, ValueError):
+                same = False
+            if not same:
+                self.head = None
+        return self._head_logits(inp) if self.head is not None else self._model_logits(inp)
 
 
 def distill(
@@ -402,7 +416,7 @@ def _distill_tokens(model: nn.Module, rows: np.ndarray, pre: np.ndarray, k: int,
             done_rows += b - a
         else:
             todo.append(s)
-    kwargs = _forward_kwargs(model)
+    last_logits = _LastLogits(model, n_base, dev, dtype)
     prefix_t = torch.as_tensor(pre, dtype=torch.long, device=dev)
     rows_t = torch.as_tensor(rows, dtype=torch.long)
     bar = _progress(n, done_rows, "distill", progress, "row")
@@ -414,7 +428,7 @@ def _distill_tokens(model: nn.Module, rows: np.ndarray, pre: np.ndarray, k: int,
                     j = min(b, i + batch)
                     last = rows_t[i:j].to(dev).unsqueeze(1)
                     inp = torch.cat([prefix_t.expand(j - i, -1), last], dim=1) if pre.size else last
-                    logits = model(input_ids=inp, use_cache=False, **kwargs).logits[:, -1, :n_base]
+                    logits = last_logits(inp)
                     values, ids = _select_topk(logits, k)
                     # Drop this batch's logits before the next forward allocates its own,
                     # so at most one batch of logits is alive.
