@@ -157,8 +157,10 @@ class RowWorker {
     }
     // The threshold: the k-th largest of k or more maxima of disjoint groups is
     // an entry value with at least k entries at or above it, so the top k are
-    // among the entries >= thr.  Chunks give a tighter group count when there
-    // are at least k of them; else lanes; else every entry is a candidate.
+    // among the entries >= thr.  Chunk maxima are 16x fewer than lane maxima
+    // (cheaper to select from, a lower but still tight threshold at vocabulary
+    // scale); lanes serve when there are fewer than k chunks; with fewer than
+    // k lanes every entry is a candidate.
     float thr = ninf;
     if (n_full >= k_)
       thr = kth_largest(chunk_max_.data(), n_full);
