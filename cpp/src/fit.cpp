@@ -244,6 +244,7 @@ AlphaResult assemble(std::vector<RowOut>& rows) {
   return res;
 }
 
+constexpr Index kEmSteps = 4;  // mixture, fixed support: EM steps before projected Newton
 constexpr Index kWide = 32;  // logit: rows kept by the screen per pool slot, rescored at each round
 
 std::uint64_t splitmix64(std::uint64_t& x) {
@@ -466,45 +467,18 @@ VectorXd closed_form_row(const FitContext& c, Workspace& w, const StateIndex* id
     lbar += q[static_cast<std::size_t>(i)] * lq[static_cast<std::size_t>(i)];
     w.pos[static_cast<std::size_t>(ids[i])] = static_cast<std::int32_t>(i);
   }
-  // Coverage of J = supp(q_hat) by the support rows in CSR form by position (slots ascending).
-  std::vector<Index> cptr(static_cast<std::size_t>(nq) + 1, 0);
-  for (Index i = 0; i < n; ++i) {
-    const Index v = atoms[static_cast<std::size_t>(i)];
-    for (Index j = c.ip[v]; j < c.ip[v + 1]; ++j) {
-      const std::int32_t p = w.pos[static_cast<std::size_t>(c.ix[j])];
-      if (p >= 0) ++cptr[static_cast<std::size_t>(p) + 1];
-    }
-  }
-  for (Index p = 0; p < nq; ++p) cptr[static_cast<std::size_t>(p) + 1] += cptr[static_cast<std::size_t>(p)];
-  std::vector<std::int32_t> cslot(static_cast<std::size_t>(cptr.back()));
-  std::vector<double> cd(static_cast<std::size_t>(cptr.back()));
-  {
-    std::vector<Index> next(cptr.begin(), cptr.end() - 1);
-    for (Index i = 0; i < n; ++i) {
-      const Index v = atoms[static_cast<std::size_t>(i)];
-      for (Index j = c.ip[v]; j < c.ip[v + 1]; ++j) {
-        const std::int32_t p = w.pos[static_cast<std::size_t>(c.ix[j])];
-        if (p < 0) continue;
-        const std::size_t k = static_cast<std::size_t>(next[static_cast<std::size_t>(p)]++);
-        cslot[k] = static_cast<std::int32_t>(i);
-        cd[k] = c.d_of(j, v);
-      }
-    }
-  }
+  // Coverage of J = supp(q_hat) by the support rows, by position.
+  thread_local detail::SupportRows rows;
+  rows.build(
+      atoms, nq, c.ip, [&](Index j) { return w.pos[static_cast<std::size_t>(c.ix[j])]; },
+      [&](Index j, Index v) { return c.d_of(j, v); });
   for (Index i = 0; i < nq; ++i) w.pos[static_cast<std::size_t>(ids[i])] = -1;
-  detail::MatrixXd A = detail::MatrixXd::Zero(n, n);
-  VectorXd mu = VectorXd::Zero(n), b = VectorXd::Zero(n);
-  for (std::size_t p = 0; p < static_cast<std::size_t>(nq); ++p) {
-    const Index lo = cptr[p], hi = cptr[p + 1];
-    for (Index k = lo; k < hi; ++k) {
-      const std::int32_t sk = cslot[static_cast<std::size_t>(k)];
-      const double wd = q[p] * cd[static_cast<std::size_t>(k)];
-      mu(sk) += wd;
-      b(sk) += wd * lq[p];
-      for (Index l = k; l < hi; ++l) A(sk, cslot[static_cast<std::size_t>(l)]) += wd * cd[static_cast<std::size_t>(l)];
-    }
-  }
-  detail::MatrixXd full = A.selfadjointView<Eigen::Upper>();
+  detail::MatrixXd full;
+  VectorXd mu, b = VectorXd::Zero(n);
+  rows.weighted_gram(q.data(), full, &mu);
+  for (std::size_t p = 0; p < static_cast<std::size_t>(nq); ++p)
+    for (Index k = rows.ptr[p]; k < rows.ptr[p + 1]; ++k)
+      b(rows.slot[static_cast<std::size_t>(k)]) += q[p] * lq[p] * rows.val[static_cast<std::size_t>(k)];
   full -= mu * mu.transpose();
   b -= mu * lbar;
   if (n == 0) return VectorXd();
@@ -602,28 +576,32 @@ AlphaResult fit_on_support(const TransitionMatrix& P, const TargetsView& targets
     VectorXd start(sb - sa);
     if (support.values) {
       for (Index k = sa; k < sb; ++k) start(k - sa) = support.values[k];
-    } else {
+    } else if (o.link == Link::kLogit) {
       start = closed_form_row(ctx, ws, ids, cnt, nq, atoms);
+    } else {
+      // Mixture: the log-space closed form, clipped to the simplex, zeroes many true
+      // atoms and projected Newton then needs many short steps to revive them; the
+      // uniform blend refined by a few EM steps starts inside the simplex and near.
+      start = VectorXd::Constant(sb - sa, 1.0);
     }
     RowOut& out = rows[static_cast<std::size_t>(r)];
     out.n_candidates = sb - sa;
-    bool conv = false;
+    auto solve = [&](auto& model, bool em_start) {
+      model.load(ids, cnt, nq);
+      model.set_support(atoms, start);
+      if (em_start) model.em(kEmSteps);
+      bool conv = false;
+      out.n_iter = model.newton(o.max_iter, o.tol, conv);
+      out.converged = conv;
+      emit(model, ctx.n_base, out, false);
+      model.unload();
+    };
     if (o.link == Link::kLogit) {
       LogitModel model(ctx, ws, o.bound);
-      model.load(ids, cnt, nq);
-      model.set_support(atoms, start);
-      out.n_iter = model.newton(o.max_iter, o.tol, conv);
-      out.converged = conv;
-      emit(model, ctx.n_base, out, false);
-      model.unload();
+      solve(model, false);
     } else {
       MixtureModel model(ctx, ws);
-      model.load(ids, cnt, nq);
-      model.set_support(atoms, start);
-      out.n_iter = model.newton(o.max_iter, o.tol, conv);
-      out.converged = conv;
-      emit(model, ctx.n_base, out, false);
-      model.unload();
+      solve(model, !support.values);
     }
   });
   return assemble(rows);

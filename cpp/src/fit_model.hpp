@@ -57,6 +57,65 @@ struct FitContext {
   mutable std::unique_ptr<std::once_flag[]> grid_once_;
 };
 
+/// The support rows by position: for each position p (a token of the model's
+/// column set) the slots that store it, ascending, and their values.  Positions
+/// stored by at least a third of the slots (the frequent tokens every LM row
+/// shares) are also kept as a dense block, so a weighted Gram matrix costs one
+/// small GEMM for them and sparse pair updates only for the rest.
+struct SupportRows {
+  std::vector<Index> ptr;  ///< n_pos + 1
+  std::vector<std::int32_t> slot;
+  std::vector<double> val;
+  Index n_slots = 0;
+  std::vector<Index> heavy;  ///< positions of the dense block
+  std::vector<std::uint8_t> is_heavy;
+  MatrixXd dense;  ///< heavy.size() x n_slots, zero where a slot does not store the position
+  /// Fills the structure from the atoms' stored entries: pos_of(j) gives the
+  /// position of entry j of P (or -1 to skip it), val_of(j, v) its value.  O(entries).
+  template <class PosOf, class ValOf>
+  void build(const std::vector<Index>& atoms, Index n_pos, const Index* ip, PosOf pos_of, ValOf val_of) {
+    const std::size_t np = static_cast<std::size_t>(n_pos);
+    n_slots = static_cast<Index>(atoms.size());
+    ptr.assign(np + 1, 0);
+    // One pass over the atoms' entries (the position lookups are the cache misses),
+    // then a counting sort by position; slots stay ascending within a position.
+    hits_.clear();
+    for (std::size_t i = 0; i < atoms.size(); ++i) {
+      const Index v = atoms[i];
+      for (Index j = ip[v]; j < ip[v + 1]; ++j) {
+        const std::int32_t p = pos_of(j);
+        if (p < 0) continue;
+        hits_.push_back({p, static_cast<std::int32_t>(i), val_of(j, v)});
+        ++ptr[static_cast<std::size_t>(p) + 1];
+      }
+    }
+    for (std::size_t p = 0; p < np; ++p) ptr[p + 1] += ptr[p];
+    slot.resize(hits_.size());
+    val.resize(hits_.size());
+    next_.assign(ptr.begin(), ptr.end() - 1);
+    for (const Hit& h : hits_) {
+      const std::size_t k = static_cast<std::size_t>(next_[static_cast<std::size_t>(h.pos)]++);
+      slot[k] = h.slot;
+      val[k] = h.val;
+    }
+    finish();
+  }
+  /// G = sum_p w[p] v_p v_p^T (full, symmetric) and, when wsum is given,
+  /// wsum = sum_p w[p] v_p, with v_p the position's row over the slots.  w >= 0.
+  void weighted_gram(const double* w, MatrixXd& G, VectorXd* wsum) const;
+
+ private:
+  void finish();
+  struct Hit {
+    std::int32_t pos, slot;
+    double val;
+  };
+  std::vector<Hit> hits_;
+  std::vector<Index> next_;
+  mutable MatrixXd scaled_;
+  mutable VectorXd wh_;
+};
+
 /// Per-thread dense buffers over base states (kept zeroed / -1 between targets).
 struct Workspace {
   std::vector<std::int32_t> pos;  ///< base state -> position in the current token list, or -1
@@ -104,6 +163,7 @@ class LogitModel {
   double neg_entropy() const { return neg_h_; }
   /// Newton (ball-constrained); returns iterations, sets converged.
   Index newton(Index max_iter, double tol, bool& converged);
+  void em(Index) {}  ///< no EM phase for the logit link
   /// Best single addition among pool entries not flagged in `taken` (second-order screen, exact line on a shortlist).
   Pick best_addition(const std::vector<Index>& pool, const std::vector<std::uint8_t>& taken);
   void add(Index atom, double t);
@@ -135,10 +195,8 @@ class LogitModel {
   Index nq_ = 0;
   // Support matrix by position in the union U of the atoms' stored columns.
   std::vector<StateIndex> ulist_;
-  std::vector<Index> mptr_;
-  std::vector<std::int32_t> mslot_;
-  std::vector<double> mval_;
-  std::vector<double> qU_, zU_, eU_;
+  SupportRows rows_;
+  std::vector<double> qU_, zU_, eU_, fU_;
   VectorXd eq_;  ///< E_q_hat[d_i] per slot
   double zmax_ = 0.0, zs_ = 1.0;  ///< shift and shifted partition function of the last eval
 };
@@ -166,6 +224,9 @@ class MixtureModel {
   double value() { return eval(alpha_, nullptr, nullptr); }
   double neg_entropy() const { return neg_h_; }
   Index newton(Index max_iter, double tol, bool& converged);
+  /// `steps` EM (multiplicative) updates of alpha on the simplex: each costs one
+  /// objective and gradient, keeps alpha > 0 where it is, and never increases KL.
+  void em(Index steps);
   Pick best_addition(const std::vector<Index>& pool, const std::vector<std::uint8_t>& taken);
   void add(Index atom, double t);
   void remove(Index slot);
@@ -195,9 +256,10 @@ class MixtureModel {
   Index nq_ = 0;
   std::vector<double> qJ_;
   // Support matrix by position in J = supp(q_hat): entries p(x|v) - u_v.
-  std::vector<Index> mptr_;
-  std::vector<std::int32_t> mslot_;
-  std::vector<double> mval_;
+  SupportRows rows_;
+  std::vector<Index> covered_, uncovered_;  ///< positions of J some atom stores / none stores
+  std::vector<double> fc_, qc_;             ///< f and q_hat on covered_
+  double q_unc_ = 0.0;                      ///< q_hat mass on uncovered_ (their f is tau)
   std::vector<double> fJ_, w1_, w2_;
   std::vector<double> rbuf_;
   double W1_ = 0.0, W2_ = 0.0, qsum_ = 0.0;
