@@ -175,6 +175,9 @@ void bind_matrix(py::module_& m) {
           py::arg("start"), py::arg("length"), py::arg("seed"), "A sampled path.")
       .def("fingerprint", &TransitionMatrix::fingerprint, py::arg("n_rows") = -1,
            py::call_guard<py::gil_scoped_release>(), "Stable content hash (hex).")
+      .def("clear_derived", &TransitionMatrix::clear_derived, py::call_guard<py::gil_scoped_release>(),
+           "Forget the cached derived data (fit index, row constants).")
+      .def("derived_keys", &TransitionMatrix::derived_keys, "Keys of the cached derived data.")
       .def(
           "find_violation",
           [](const TransitionMatrix& P, double tol, int n_threads) -> py::object {

@@ -18,24 +18,21 @@ namespace markovmem::detail {
 using Eigen::MatrixXd;
 using Eigen::VectorXd;
 
-/// Read-only data shared by every target of one call.
-struct FitContext {
-  FitContext(const TransitionMatrix& P, Link link, bool with_dev, bool with_screening, const StateIndex* allowed,
-             Index n_allowed, int n_threads);
+/// Per-row constants of a matrix: p(x|v) of an unstored base state, its log, and
+/// stored mass + tail.  Cached on the matrix (TransitionMatrix::derived).
+struct RowConstants {
+  std::vector<double> u, logu, total;
+};
 
-  const TransitionMatrix& P;
-  Link link;
-  Index n_states, n_base;
-  const Index* ip;
-  const StateIndex* ix;
-  const Prob* px;
-  std::vector<double> u;      ///< p(x|v) of an unstored base state x
-  std::vector<double> logu;   ///< log(max(u, kLogFloor))
-  std::vector<double> total;  ///< stored mass + tail of each row (1 up to rounding)
-  std::vector<double> dev;    ///< logit: d_v(x) = log p(x|v) - logu_v per stored entry (empty if not asked)
+/// Logit: d_v(x) = log p(x|v) - logu_v per stored entry.  Cached on the matrix.
+struct LogDeviations {
+  std::vector<double> dev;
+};
 
-  // Screening: CSC of the eligible rows over base columns, with one value per entry
-  // (mixture: p - u_v; logit: d_v(x)), and the background model of each link.
+/// Screening data of one link: CSC of the eligible rows over base columns, with one
+/// value per entry (mixture: p - u_v; logit: d_v(x)), and the link's background model.
+/// Cached on the matrix when every row is eligible; built per call for a candidate subset.
+struct ScreenIndex {
   std::vector<std::uint8_t> eligible;
   std::vector<Index> cptr;
   std::vector<StateIndex> crow;
@@ -44,6 +41,37 @@ struct FitContext {
   std::vector<double> pbar;  ///< mixture: the average eligible row over base states
   std::vector<double> dbar;  ///< logit: the average eligible deviation row
   std::vector<double> grid_c, grid_logz;
+  mutable std::vector<std::vector<double>> grid_ebg;  ///< filled on first use of each grid point
+  mutable std::unique_ptr<std::once_flag[]> grid_once;
+};
+
+/// Read-only data shared by every target of one call (the heavy parts are shared
+/// across calls through the matrix's derived-data store).
+struct FitContext {
+  /// Whether the logit deviations are stored (else computed per use by d_of).
+  enum class Dev { kNo, kIfCached, kYes };
+  FitContext(const TransitionMatrix& P, Link link, Dev with_dev, bool with_screening, const StateIndex* allowed,
+             Index n_allowed, int n_threads);
+
+  const TransitionMatrix& P;
+  Link link;
+  Index n_states, n_base;
+  const Index* ip;
+  const StateIndex* ix;
+  const Prob* px;
+
+ private:
+  std::shared_ptr<const RowConstants> rows_;
+  std::shared_ptr<const LogDeviations> devs_;
+  std::shared_ptr<const ScreenIndex> screen_;
+  static const ScreenIndex& empty_screen();
+
+ public:
+  const std::vector<double>& u;      ///< p(x|v) of an unstored base state x
+  const std::vector<double>& logu;   ///< log(max(u, kLogFloor))
+  const std::vector<double>& total;  ///< stored mass + tail of each row (1 up to rounding)
+  const std::vector<double>& dev;    ///< logit: d_v(x) per stored entry (empty if not asked)
+  const ScreenIndex& scr;            ///< screening data (empty if not asked)
   /// E_{softmax(c dbar)}[d_v] for every state, computed on first use of grid point i.
   const std::vector<double>& background_mean(std::size_t i) const;
 
@@ -51,10 +79,6 @@ struct FitContext {
     return dev.empty() ? std::log(std::max<double>(px[j], kLogFloor)) - logu[static_cast<std::size_t>(v)]
                        : dev[static_cast<std::size_t>(j)];
   }
-
- private:
-  mutable std::vector<std::vector<double>> grid_ebg_;
-  mutable std::unique_ptr<std::once_flag[]> grid_once_;
 };
 
 /// The support rows by position: for each position p (a token of the model's
