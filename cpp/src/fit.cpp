@@ -300,7 +300,7 @@ AlphaResult assemble(std::vector<RowOut>& rows) {
   return res;
 }
 
-constexpr Index kEmSteps = 4;  // mixture, fixed support: EM steps before projected Newton
+constexpr Index kEmSteps = 3;  // mixture, fixed support: EM steps before projected Newton
 constexpr Index kWide = 32;  // logit: rows kept by the screen per pool slot, rescored at each round
 
 std::uint64_t splitmix64(std::uint64_t& x) {
@@ -522,13 +522,16 @@ VectorXd closed_form_row(const FitContext& c, Workspace& w, const StateIndex* id
     lq[static_cast<std::size_t>(i)] = std::log(std::max(q[static_cast<std::size_t>(i)], kLogFloor));
     lbar += q[static_cast<std::size_t>(i)] * lq[static_cast<std::size_t>(i)];
     w.pos[static_cast<std::size_t>(ids[i])] = static_cast<std::int32_t>(i);
+    w.set_bit(ids[i]);
   }
   // Coverage of J = supp(q_hat) by the support rows, by position.
   thread_local detail::SupportRows rows;
   rows.build(
-      atoms, nq, c.ip, [&](Index j) { return w.pos[static_cast<std::size_t>(c.ix[j])]; },
-      [&](Index j, Index v) { return c.d_of(j, v); });
-  for (Index i = 0; i < nq; ++i) w.pos[static_cast<std::size_t>(ids[i])] = -1;
+      atoms, nq, c.ip, [&](Index j) { return w.pos_if_set(c.ix[j]); }, [&](Index j, Index v) { return c.d_of(j, v); });
+  for (Index i = 0; i < nq; ++i) {
+    w.pos[static_cast<std::size_t>(ids[i])] = -1;
+    w.clear_bit(ids[i]);
+  }
   detail::MatrixXd full;
   VectorXd mu, b = VectorXd::Zero(n);
   rows.weighted_gram(q.data(), full, &mu);

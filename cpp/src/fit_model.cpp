@@ -139,16 +139,15 @@ void SupportRows::weighted_gram(const double* w, MatrixXd& G, VectorXd* wsum) co
       for (Index l = k; l < e; ++l) col[slot[static_cast<std::size_t>(l)]] += wv * val[static_cast<std::size_t>(l)];
     }
   }
-  MatrixXd full = G.selfadjointView<Eigen::Lower>();
   if (!heavy.empty()) {
     const Index nh = static_cast<Index>(heavy.size());
     wh_.resize(nh);
     for (Index h = 0; h < nh; ++h) wh_(h) = std::max(w[static_cast<std::size_t>(heavy[static_cast<std::size_t>(h)])], 0.0);
     if (wsum) wsum->noalias() += dense.transpose() * wh_;
     scaled_.noalias() = wh_.cwiseSqrt().asDiagonal() * dense;
-    full.noalias() += scaled_.transpose() * scaled_;
+    G.selfadjointView<Eigen::Lower>().rankUpdate(scaled_.transpose());  // lower triangle only: half a GEMM
   }
-  G.swap(full);
+  G.triangularView<Eigen::StrictlyUpper>() = G.transpose();
 }
 
 // ============================================================================ logit
@@ -441,6 +440,7 @@ void MixtureModel::load(const StateIndex* ids, const double* q, Index nq) {
     qsum_ += p;
     if (p > 0) neg_h_ += p * std::log(p);
     w_.pos[static_cast<std::size_t>(ids[i])] = static_cast<std::int32_t>(i);
+    w_.set_bit(ids[i]);
   }
   fJ_.assign(static_cast<std::size_t>(nq), 0.0);
   w1_.assign(static_cast<std::size_t>(nq), 0.0);
@@ -461,7 +461,7 @@ void MixtureModel::cache_pool(const std::vector<Index>& pool) {
     const Index c = pool[i];
     const double u = c_.u[static_cast<std::size_t>(c)];
     for (Index j = c_.ip[c]; j < c_.ip[c + 1]; ++j) {
-      const std::int32_t p = w_.pos[static_cast<std::size_t>(c_.ix[j])];
+      const std::int32_t p = w_.pos_if_set(c_.ix[j]);
       if (p < 0) continue;
       hpos_.push_back(p);
       hval_.push_back(static_cast<double>(c_.px[j]) - u);
@@ -475,7 +475,10 @@ void MixtureModel::cache_pool(const std::vector<Index>& pool) {
 void MixtureModel::unload() {
   pool_data_ = nullptr;
   pool_size_ = 0;
-  for (Index i = 0; i < nq_; ++i) w_.pos[static_cast<std::size_t>(ids_[i])] = -1;
+  for (Index i = 0; i < nq_; ++i) {
+    w_.pos[static_cast<std::size_t>(ids_[i])] = -1;
+    w_.clear_bit(ids_[i]);
+  }
   atoms_.clear();
   alpha_.resize(0);
 }
@@ -500,7 +503,7 @@ void MixtureModel::set_support(std::vector<Index> atoms, VectorXd alpha, bool pr
 
 void MixtureModel::rebuild() {
   rows_.build(
-      atoms_, nq_, c_.ip, [&](Index j) { return w_.pos[static_cast<std::size_t>(c_.ix[j])]; },
+      atoms_, nq_, c_.ip, [&](Index j) { return w_.pos_if_set(c_.ix[j]); },
       [&](Index j, Index v) { return static_cast<double>(c_.px[j]) - c_.u[static_cast<std::size_t>(v)]; });
   // Tokens of J no atom stores all get f = tau (the atoms' tails): one log serves them all.
   covered_.clear();
@@ -563,13 +566,42 @@ double MixtureModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H) {
     for (Index i = 0; i < n; ++i)
       (*g)(i) = -(uS(i) * W1 + s1(i)) + c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
   }
-  if (H) {
-    // f_p = tau + m_p . a with m_p = p(x_p|.) - u: H = sum_p w2_p (u + m_p)(u + m_p)^T.
-    VectorXd b;
-    rows_.weighted_gram(w2_.data(), *H, &b);
-    H->noalias() += W2 * uS * uS.transpose() + uS * b.transpose() + b * uS.transpose();
-  }
+  if (H) hessian_at_last_eval(*H);
   return value;
+}
+
+void MixtureModel::hessian_at_last_eval(MatrixXd& H) const {
+  // f_p = tau + m_p . a with m_p = p(x_p|.) - u: H = sum_p w2_p (u + m_p)(u + m_p)^T.
+  const Index n = size();
+  VectorXd uS(n), b;
+  for (Index i = 0; i < n; ++i) uS(i) = c_.u[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
+  rows_.weighted_gram(w2_.data(), H, &b);
+  H.noalias() += W2_ * uS * uS.transpose() + uS * b.transpose() + b * uS.transpose();
+}
+
+bool MixtureModel::converged_with(const VectorXd& g, const MatrixXd& H, double G, double tol) const {
+  // The projected Newton decrement of newton() at alpha_ with gradient g and Hessian H.
+  const Index n = size();
+  const double eps = std::min(1e-12, (alpha_ - (alpha_ - g).cwiseMax(0.0)).norm());
+  std::vector<Index> fr;
+  double dec = 0.0;
+  for (Index i = 0; i < n; ++i) {
+    if (alpha_(i) <= eps && g(i) > 0)
+      dec += g(i) * alpha_(i);
+    else
+      fr.push_back(i);
+  }
+  if (!fr.empty()) {
+    const Index nf = static_cast<Index>(fr.size());
+    MatrixXd Hf(nf, nf);
+    VectorXd gf(nf);
+    for (Index r = 0; r < nf; ++r) {
+      gf(r) = g(fr[static_cast<std::size_t>(r)]);
+      for (Index c = 0; c < nf; ++c) Hf(r, c) = H(fr[static_cast<std::size_t>(r)], fr[static_cast<std::size_t>(c)]);
+    }
+    dec += gf.dot(solve_spd(Hf, gf));
+  }
+  return !(dec > tol * std::max(1.0, std::abs(G)));
 }
 
 Index MixtureModel::newton(Index max_iter, double tol, bool& converged) {
@@ -577,7 +609,7 @@ Index MixtureModel::newton(Index max_iter, double tol, bool& converged) {
   const Index n = size();
   if (n == 0) return 0;
   VectorXd g, step, trial, gt;
-  MatrixXd H, Ht;
+  MatrixXd H;
   Index it = 0;
   converged = false;
   double G = eval(alpha_, &g, &H);
@@ -619,7 +651,7 @@ Index MixtureModel::newton(Index max_iter, double tol, bool& converged) {
     }
     // Armijo along the projection arc (Bertsekas 1982): predicted decrease of the free
     // step plus the first-order decrease of the variables pushed to the bound.  The
-    // full step is evaluated with its gradient and Hessian (the next iteration's).
+    // full step is evaluated with its gradient (the next iteration's).
     double t = 1.0;
     bool ok = false;
     while (t > 1e-14) {
@@ -629,14 +661,22 @@ Index MixtureModel::newton(Index max_iter, double tol, bool& converged) {
         pred += bind[static_cast<std::size_t>(i)] ? g(i) * (alpha_(i) - trial(i)) : 0.0;
       pred += t * dec_free;
       const bool full = t == 1.0;
-      const double Gt = full ? eval(trial, &gt, &Ht) : eval(trial, nullptr, nullptr);
+      const double Gt = full ? eval(trial, &gt, nullptr) : eval(trial, nullptr, nullptr);
       if (Gt <= G - 1e-4 * pred) {
         ok = true;
         alpha_.swap(trial);
         G = Gt;
         if (full) {
+          // The Hessian at the new point is needed only if this is not the last step:
+          // test convergence first with the previous one (near the optimum they agree
+          // to first order, and the test has a factor 1e4 of slack against the 1e-6
+          // objective bar), then build it from the state eval() left.
           g.swap(gt);
-          H.swap(Ht);
+          if (converged_with(g, H, G, tol)) {
+            converged = true;
+            break;
+          }
+          hessian_at_last_eval(H);
         } else {
           G = eval(alpha_, &g, &H);
         }
@@ -644,8 +684,8 @@ Index MixtureModel::newton(Index max_iter, double tol, bool& converged) {
       }
       t *= 0.5;
     }
-    if (!ok) {
-      converged = true;  // no representable decrease left
+    if (!ok || converged) {
+      converged = true;  // converged at the step just taken, or no representable decrease left
       ++it;
       break;
     }

@@ -147,10 +147,20 @@ struct Workspace {
   std::vector<double> acc;        ///< screening accumulator over states
   std::vector<std::uint8_t> mark; ///< states touched by the screening product
   std::vector<Index> touched;
+  /// One bit per base state, set where pos is (mixture / closed form: the target's
+  /// tokens).  16 KB at T = 131k: it stays in L1 and filters the pos lookups, which
+  /// miss cache, down to the hits.
+  std::vector<std::uint64_t> bits;
+  bool has(StateIndex x) const { return (bits[static_cast<std::size_t>(x) >> 6] >> (x & 63)) & 1U; }
+  void set_bit(StateIndex x) { bits[static_cast<std::size_t>(x) >> 6] |= std::uint64_t{1} << (x & 63); }
+  void clear_bit(StateIndex x) { bits[static_cast<std::size_t>(x) >> 6] &= ~(std::uint64_t{1} << (x & 63)); }
+  /// pos[x] for a state with its bit set, -1 otherwise.
+  std::int32_t pos_if_set(StateIndex x) const { return has(x) ? pos[static_cast<std::size_t>(x)] : -1; }
   void ensure(Index n_base, Index n_states) {
     if (static_cast<Index>(pos.size()) != n_base) {
       pos.assign(static_cast<std::size_t>(n_base), -1);
       q.assign(static_cast<std::size_t>(n_base), 0.0);
+      bits.assign(static_cast<std::size_t>(n_base) / 64 + 1, 0);
     }
     if (static_cast<Index>(acc.size()) != n_states) {
       acc.assign(static_cast<std::size_t>(n_states), 0.0);
@@ -262,6 +272,10 @@ class MixtureModel {
 
  private:
   void rebuild();
+  /// Hessian of G at the point of the last eval() that computed a gradient (its weights are kept).
+  void hessian_at_last_eval(MatrixXd& H) const;
+  /// newton()'s stopping test at alpha_ with gradient g and Hessian H.
+  bool converged_with(const VectorXd& g, const MatrixXd& H, double G, double tol) const;
   double line_value(Index atom, double t) const;
   // The pool's rows restricted to J = supp(q_hat), built once per target and pool
   // so that every gain sweep reads only the entries that matter, contiguously.
