@@ -440,3 +440,15 @@ def test_fixed_support_deterministic_whatever_the_thread_count(planted_P, link):
     for r in runs[1:]:
         np.testing.assert_array_equal(r.alpha.data, runs[0].alpha.data)
         np.testing.assert_array_equal(r.kl, runs[0].kl)
+
+
+def test_seed_only_orders_the_swap_pass(planted_P):
+    _, _, counts = planted(planted_P, 4, 800, 6, "mixture", seed=12)
+    no_swap = [mm.fit_alpha(planted_P, counts, s=4, link="mixture", swap_passes=0, seed=sd) for sd in (0, 1, 99)]
+    for r in no_swap[1:]:
+        np.testing.assert_array_equal(r.alpha.data, no_swap[0].alpha.data)
+        np.testing.assert_array_equal(r.alpha.indices, no_swap[0].alpha.indices)
+    for sd in (0, 5):
+        one = mm.fit_alpha(planted_P, counts, s=4, link="mixture", seed=sd, n_threads=1)
+        two = mm.fit_alpha(planted_P, counts, s=4, link="mixture", seed=sd, n_threads=2)
+        np.testing.assert_array_equal(one.alpha.data, two.alpha.data)

@@ -39,6 +39,22 @@ VectorXd inverse_diagonal(const MatrixXd& H) {
   return VectorXd::Constant(n, 1.0);
 }
 
+// Slot whose removal costs least under the quadratic model at alpha with Hessian H:
+// alpha_i^2 / (2 [H^-1]_ii), the smallest slot on ties.  Shared by both links.
+Index cheapest_slot(const VectorXd& alpha, const MatrixXd& H) {
+  const VectorXd hinv = inverse_diagonal(H);
+  Index best = 0;
+  double best_cost = INFINITY;
+  for (Index i = 0; i < alpha.size(); ++i) {
+    const double cost = alpha(i) * alpha(i) / (2.0 * std::max(hinv(i), 1e-300));
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = i;
+    }
+  }
+  return best;
+}
+
 // argmin over y of g.(y - a) + (y - a)' H (y - a) / 2 subject to ||y|| <= B, i.e. of
 // y' H y / 2 - b' y with b = H a - g: y(l) = (H + l I)^-1 b with l >= 0 found by bisection on ||y(l)|| = B.
 VectorXd ball_step(const MatrixXd& H, const VectorXd& g, const VectorXd& a, double B) {
@@ -327,6 +343,23 @@ double LogitModel::line_gain(Index atom, double t0, double tmax, double& t_out) 
   return std::log(zs_) - val;
 }
 
+void LogitModel::candidate_moments(Index c, double f0, double& g, double& h) const {
+  // Gradient and curvature of the objective along e_c at the last eval: E_f[d_c] - E_q[d_c]
+  // and Var_f[d_c], over c's stored columns (an unstored column has d_c = 0).
+  double mf = 0.0, mf2 = 0.0, mq = 0.0;
+  for (Index j = c_.ip[c]; j < c_.ip[c + 1]; ++j) {
+    const StateIndex x = c_.ix[j];
+    const double d = c_.d_of(j, c);
+    const std::int32_t p = w_.pos[static_cast<std::size_t>(x)];
+    const double f = p >= 0 ? eU_[static_cast<std::size_t>(p)] / zs_ : f0;
+    mf += f * d;
+    mf2 += f * d * d;
+    mq += w_.q[static_cast<std::size_t>(x)] * d;
+  }
+  g = mf - mq;
+  h = mf2 - mf * mf;
+}
+
 Pick LogitModel::best_addition(const std::vector<Index>& pool, const std::vector<std::uint8_t>& taken) {
   eval(alpha_, nullptr, nullptr);
   const double a2 = alpha_.squaredNorm();
@@ -337,17 +370,8 @@ Pick LogitModel::best_addition(const std::vector<Index>& pool, const std::vector
   for (std::size_t i = 0; i < pool.size(); ++i) {
     if (taken[i]) continue;
     const Index c = pool[i];
-    double mf = 0.0, mf2 = 0.0, mq = 0.0;
-    for (Index j = c_.ip[c]; j < c_.ip[c + 1]; ++j) {
-      const StateIndex x = c_.ix[j];
-      const double d = c_.d_of(j, c);
-      const std::int32_t p = w_.pos[static_cast<std::size_t>(x)];
-      const double f = p >= 0 ? eU_[static_cast<std::size_t>(p)] / zs_ : f0;
-      mf += f * d;
-      mf2 += f * d * d;
-      mq += w_.q[static_cast<std::size_t>(x)] * d;
-    }
-    const double g = mf - mq, h = mf2 - mf * mf;
+    double g, h;
+    candidate_moments(c, f0, g, h);
     if (!(h > 1e-300)) continue;
     const double t = std::clamp(-g / h, -rank_tmax, rank_tmax);
     sl.offer(-(g * t + 0.5 * h * t * t), static_cast<Index>(i));
@@ -383,17 +407,7 @@ Index LogitModel::cheapest_removal() {
   VectorXd g;
   MatrixXd H;
   eval(alpha_, &g, &H);
-  const VectorXd hinv = inverse_diagonal(H);
-  Index best = 0;
-  double best_cost = INFINITY;
-  for (Index i = 0; i < size(); ++i) {
-    const double cost = alpha_(i) * alpha_(i) / (2.0 * std::max(hinv(i), 1e-300));
-    if (cost < best_cost) {
-      best_cost = cost;
-      best = i;
-    }
-  }
-  return best;
+  return cheapest_slot(alpha_, H);
 }
 
 std::vector<Index> LogitModel::rescreen(const std::vector<Index>& wide, Index C) {
@@ -404,17 +418,8 @@ std::vector<Index> LogitModel::rescreen(const std::vector<Index>& wide, Index C)
   scored.reserve(wide.size());
   for (Index c : wide) {
     if (w_.mark[static_cast<std::size_t>(c)]) continue;
-    double mf = 0.0, mf2 = 0.0, mq = 0.0;
-    for (Index j = c_.ip[c]; j < c_.ip[c + 1]; ++j) {
-      const StateIndex x = c_.ix[j];
-      const double d = c_.d_of(j, c);
-      const std::int32_t p = w_.pos[static_cast<std::size_t>(x)];
-      const double f = p >= 0 ? eU_[static_cast<std::size_t>(p)] / zs_ : f0;
-      mf += f * d;
-      mf2 += f * d * d;
-      mq += w_.q[static_cast<std::size_t>(x)] * d;
-    }
-    const double g = mf - mq, h = mf2 - mf * mf;
+    double g, h;
+    candidate_moments(c, f0, g, h);
     scored.emplace_back(h > 1e-300 ? -g * g / h : 0.0, c);
   }
   for (Index v : atoms_) w_.mark[static_cast<std::size_t>(v)] = 0;
@@ -833,17 +838,7 @@ Index MixtureModel::cheapest_removal() {
   VectorXd g;
   MatrixXd H;
   eval(alpha_, &g, &H);
-  const VectorXd hinv = inverse_diagonal(H);
-  Index best = 0;
-  double best_cost = INFINITY;
-  for (Index i = 0; i < size(); ++i) {
-    const double cost = alpha_(i) * alpha_(i) / (2.0 * std::max(hinv(i), 1e-300));
-    if (cost < best_cost) {
-      best_cost = cost;
-      best = i;
-    }
-  }
-  return best;
+  return cheapest_slot(alpha_, H);
 }
 
 VectorXd MixtureModel::gradient_kl() {

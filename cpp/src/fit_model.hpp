@@ -218,6 +218,8 @@ class LogitModel {
 
  private:
   void rebuild();
+  /// Gradient g and curvature h of the objective along e_c at the last eval (f0: f of an unstored column).
+  void candidate_moments(Index c, double f0, double& g, double& h) const;
   double line_gain(Index atom, double t0, double tmax, double& t);
   const FitContext& c_;
   Workspace& w_;
