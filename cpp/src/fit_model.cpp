@@ -55,6 +55,48 @@ Index cheapest_slot(const VectorXd& alpha, const MatrixXd& H) {
   return best;
 }
 
+// The projected Newton direction of Bertsekas (1982) on alpha >= 0 at a with gradient g
+// and Hessian H: a variable at 0 (within eps) with a positive gradient is bound and
+// pushed to 0, the free ones take the Newton step on their block.  Returns the
+// decrement of each part; fills step and bind (1 for a bound variable).
+struct ProjectedStep {
+  double dec_free = 0.0, dec_bound = 0.0;
+};
+ProjectedStep projected_step(const VectorXd& a, const VectorXd& g, const MatrixXd& H, VectorXd& step,
+                             std::vector<std::uint8_t>& bind) {
+  const Index n = a.size();
+  const double eps = std::min(1e-12, (a - (a - g).cwiseMax(0.0)).norm());
+  std::vector<Index> fr;
+  bind.assign(static_cast<std::size_t>(n), 0);
+  for (Index i = 0; i < n; ++i) {
+    bind[static_cast<std::size_t>(i)] = a(i) <= eps && g(i) > 0;
+    if (!bind[static_cast<std::size_t>(i)]) fr.push_back(i);
+  }
+  ProjectedStep d;
+  step = VectorXd::Zero(n);
+  if (static_cast<Index>(fr.size()) == n) {
+    step = -solve_spd(H, g);
+    d.dec_free = -g.dot(step);
+  } else if (!fr.empty()) {
+    const Index nf = static_cast<Index>(fr.size());
+    MatrixXd Hf(nf, nf);
+    VectorXd gf(nf);
+    for (Index r = 0; r < nf; ++r) {
+      gf(r) = g(fr[static_cast<std::size_t>(r)]);
+      for (Index c = 0; c < nf; ++c) Hf(r, c) = H(fr[static_cast<std::size_t>(r)], fr[static_cast<std::size_t>(c)]);
+    }
+    const VectorXd sf = -solve_spd(Hf, gf);
+    for (Index r = 0; r < nf; ++r) step(fr[static_cast<std::size_t>(r)]) = sf(r);
+    d.dec_free = -gf.dot(sf);
+  }
+  for (Index i = 0; i < n; ++i)
+    if (bind[static_cast<std::size_t>(i)]) {
+      step(i) = -a(i);
+      d.dec_bound += g(i) * a(i);
+    }
+  return d;
+}
+
 // argmin over y of g.(y - a) + (y - a)' H (y - a) / 2 subject to ||y|| <= B, i.e. of
 // y' H y / 2 - b' y with b = H a - g: y(l) = (H + l I)^-1 b with l >= 0 found by bisection on ||y(l)|| = B.
 VectorXd ball_step(const MatrixXd& H, const VectorXd& g, const VectorXd& a, double B) {
@@ -585,28 +627,10 @@ void MixtureModel::hessian_at_last_eval(MatrixXd& H) const {
 }
 
 bool MixtureModel::converged_with(const VectorXd& g, const MatrixXd& H, double G, double tol) const {
-  // The projected Newton decrement of newton() at alpha_ with gradient g and Hessian H.
-  const Index n = size();
-  const double eps = std::min(1e-12, (alpha_ - (alpha_ - g).cwiseMax(0.0)).norm());
-  std::vector<Index> fr;
-  double dec = 0.0;
-  for (Index i = 0; i < n; ++i) {
-    if (alpha_(i) <= eps && g(i) > 0)
-      dec += g(i) * alpha_(i);
-    else
-      fr.push_back(i);
-  }
-  if (!fr.empty()) {
-    const Index nf = static_cast<Index>(fr.size());
-    MatrixXd Hf(nf, nf);
-    VectorXd gf(nf);
-    for (Index r = 0; r < nf; ++r) {
-      gf(r) = g(fr[static_cast<std::size_t>(r)]);
-      for (Index c = 0; c < nf; ++c) Hf(r, c) = H(fr[static_cast<std::size_t>(r)], fr[static_cast<std::size_t>(c)]);
-    }
-    dec += gf.dot(solve_spd(Hf, gf));
-  }
-  return !(dec > tol * std::max(1.0, std::abs(G)));
+  VectorXd step;
+  std::vector<std::uint8_t> bind;
+  const ProjectedStep d = projected_step(alpha_, g, H, step, bind);
+  return !(d.dec_free + d.dec_bound > tol * std::max(1.0, std::abs(G)));
 }
 
 Index MixtureModel::newton(Index max_iter, double tol, bool& converged) {
@@ -618,38 +642,10 @@ Index MixtureModel::newton(Index max_iter, double tol, bool& converged) {
   Index it = 0;
   converged = false;
   double G = eval(alpha_, &g, &H);
-  std::vector<Index> fr;
-  std::vector<std::uint8_t> bind(static_cast<std::size_t>(n), 0);
+  std::vector<std::uint8_t> bind;
   for (; it < max_iter; ++it) {
-    const double eps = std::min(1e-12, (alpha_ - (alpha_ - g).cwiseMax(0.0)).norm());
-    fr.clear();
-    for (Index i = 0; i < n; ++i) {
-      bind[static_cast<std::size_t>(i)] = alpha_(i) <= eps && g(i) > 0;
-      if (!bind[static_cast<std::size_t>(i)]) fr.push_back(i);
-    }
-    step = VectorXd::Zero(n);
-    double dec_free = 0.0;
-    if (static_cast<Index>(fr.size()) == n) {
-      step = -solve_spd(H, g);
-      dec_free = -g.dot(step);
-    } else if (!fr.empty()) {
-      const Index nf = static_cast<Index>(fr.size());
-      MatrixXd Hf(nf, nf);
-      VectorXd gf(nf);
-      for (Index r = 0; r < nf; ++r) {
-        gf(r) = g(fr[static_cast<std::size_t>(r)]);
-        for (Index c = 0; c < nf; ++c) Hf(r, c) = H(fr[static_cast<std::size_t>(r)], fr[static_cast<std::size_t>(c)]);
-      }
-      const VectorXd sf = -solve_spd(Hf, gf);
-      for (Index r = 0; r < nf; ++r) step(fr[static_cast<std::size_t>(r)]) = sf(r);
-      dec_free = -gf.dot(sf);
-    }
-    double dec_bound = 0.0;
-    for (Index i = 0; i < n; ++i)
-      if (bind[static_cast<std::size_t>(i)]) {
-        step(i) = -alpha_(i);
-        dec_bound += g(i) * alpha_(i);
-      }
+    const ProjectedStep d = projected_step(alpha_, g, H, step, bind);
+    const double dec_free = d.dec_free, dec_bound = d.dec_bound;
     if (!(dec_free + dec_bound > tol * std::max(1.0, std::abs(G)))) {
       converged = true;
       break;
