@@ -70,7 +70,7 @@ struct AlphaResult {
 void check_targets(const TransitionMatrix& P, const TargetsView& targets);
 
 /// Sparse fit with support selection.  Per target: screening through column
-/// access (a CSC of P built once per call; the product q_hat x P^T restricted to
+/// access (a CSC of P kept with P after the first call; the product q_hat x P^T restricted to
 /// the rows that store an observed token, scored by the gradient at a background
 /// model), greedy forward selection by gain with a Newton refit after each
 /// addition, pruning (logit: from 2 s) and a swap pass, for the logit link up to
