@@ -155,6 +155,15 @@ def fmt_row(r) -> str:
             f"{r['recall']:.3f} | {ratio:.2f}, {med:.2f} |")
 
 
+def loadavg() -> str:
+    """The 1/5/15-minute load averages (the machine is shared: timings depend on them)."""
+    try:
+        with open("/proc/loadavg") as fh:
+            return " ".join(fh.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def environment(threads) -> str:
     import scipy
 
@@ -182,7 +191,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows: list[dict] = []
+    load_start = loadavg()
     print(environment(args.threads))
+    print(f"load average at start: {load_start}")
     print(HEADER)
     print(SEP, flush=True)
     for k in [int(x) for x in args.k.split(",")]:
@@ -196,10 +207,13 @@ def main(argv=None) -> int:
         for s in [int(x) for x in args.s.split(",")]:
             for link in args.links.split(","):
                 run_config(P, D, k, s, link, args, rows)
+    load_end = loadavg()
+    print(f"load average at end: {load_end}")
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(f"Command: `python bench/bench_fit.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
             fh.write(environment(args.threads) + f", T = {args.T}\n\n")
+            fh.write(f"Load average (1/5/15 min) at start: {load_start}; at end: {load_end}\n\n")
             fh.write(HEADER + "\n" + SEP + "\n")
             for r in rows:
                 fh.write(fmt_row(r) + "\n")

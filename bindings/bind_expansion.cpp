@@ -33,16 +33,8 @@ void bind_expansion(py::module_& m) {
       "expand",
       [](const TransitionMatrix& P, const carray<Index>& indptr, const carray<StateIndex>& indices,
          const carray<Prob>& data, double tol, int n_threads) {
-        const Index n_rows = indptr.shape(0) - 1;
-        if (indptr.ndim() != 1 || n_rows < 1)
-          throw std::invalid_argument("new_rows indptr must be 1-D with at least 2 entries");
-        const Index* ip = ptr_1d(indptr, "indptr");
-        const StateIndex* ix = ptr_1d(indices, "indices");
-        const Prob* dp = ptr_1d(data, "data", indices.shape(0));
-        if (ip[n_rows] != indices.shape(0))
-          throw std::invalid_argument("new_rows indptr[-1] = " + std::to_string(ip[n_rows]) +
-                                      " but indices has " + std::to_string(indices.shape(0)) + " entries");
-        CsrView rows{n_rows, ip, ix, dp};
+        const CsrArg<Prob> a = csr_arg(indptr, indices, &data, "new_rows ");
+        const CsrView rows{a.n_rows, a.indptr, a.indices, a.data};
         std::optional<Expansion> e;
         {
           py::gil_scoped_release release;  // reads buffers alive in the caller and the immutable P

@@ -1,6 +1,8 @@
 // Binding of the sparse dictionary fit: fit_alpha, fit_on_support,
 // closed_form_alpha, fit_objective and predict_rows.  CSR inputs arrive as
 // (indptr, indices, data) arrays; results go back as capsule-owned arrays.
+#include <optional>
+
 #include "buffers.hpp"
 #include "markovmem/fit.hpp"
 
@@ -8,36 +10,20 @@ namespace markovmem::bindings {
 
 namespace {
 
-void check_csr(const Index* ip, Index n_rows, py::ssize_t n_indices, const char* what) {
-  // Memory safety: the core reads indptr[n_rows] entries of indices and data.
-  if (ip[0] != 0 || ip[n_rows] != n_indices)
-    throw std::invalid_argument(std::string(what) + " indptr must start at 0 and end at len(indices) = " +
-                                std::to_string(n_indices));
-  for (Index r = 0; r < n_rows; ++r)
-    if (ip[r + 1] < ip[r]) throw std::invalid_argument(std::string(what) + " indptr must be non-decreasing");
-}
-
 TargetsView targets_view(const carray<Index>& indptr, const carray<StateIndex>& indices, const carray<double>& data) {
-  if (indptr.ndim() != 1 || indptr.shape(0) < 2)
-    throw std::invalid_argument("targets indptr must be 1-D with at least 2 entries");
-  const Index n = indptr.shape(0) - 1;
-  TargetsView t{n, ptr_1d(indptr, "targets indptr"), ptr_1d(indices, "targets indices"),
-                ptr_1d(data, "targets data", indices.shape(0))};
-  check_csr(t.indptr, n, indices.shape(0), "targets");
-  return t;
+  const CsrArg<double> a = csr_arg(indptr, indices, &data, "targets ", -1, true);
+  return TargetsView{a.n_rows, a.indptr, a.indices, a.data};
 }
 
-SupportView support_view(const carray<Index>& indptr, const carray<StateIndex>& indices,
-                         const py::object& values) {
-  if (indptr.ndim() != 1 || indptr.shape(0) < 1) throw std::invalid_argument("support indptr must be 1-D");
-  const Index n = indptr.shape(0) - 1;
-  SupportView s{n, ptr_1d(indptr, "support indptr"), ptr_1d(indices, "support indices"), nullptr};
-  check_csr(s.indptr, n, indices.shape(0), "support");
+SupportView support_view(const carray<Index>& indptr, const carray<StateIndex>& indices, const py::object& values) {
+  std::optional<carray<double>> v;
   if (!values.is_none()) {
-    auto v = values.cast<carray<double>>();
-    s.values = ptr_1d(v, "support values", indices.shape(0));
+    // No converting cast: the core keeps a pointer into the caller's own array.
+    if (!carray<double>::check_(values)) throw py::type_error("support values must be a C-contiguous float64 array");
+    v = values.cast<carray<double>>();
   }
-  return s;
+  const CsrArg<double> a = csr_arg<double>(indptr, indices, v ? &*v : nullptr, "support ", -1, true);
+  return SupportView{a.n_rows, a.indptr, a.indices, a.data};
 }
 
 py::tuple to_py(AlphaResult&& r) {

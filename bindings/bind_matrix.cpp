@@ -9,16 +9,10 @@ namespace markovmem::bindings {
 
 namespace {
 
-CsrView csr_view(const carray<Index>& indptr, const carray<StateIndex>& indices,
-                 const carray<Prob>& data, Index n_rows) {
-  const Index* ip = ptr_1d(indptr, "indptr", n_rows + 1);
-  const StateIndex* ix = ptr_1d(indices, "indices");
-  const Prob* dp = ptr_1d(data, "data", indices.shape(0));
-  // Memory safety: the core reads indptr[n_rows] entries of indices and data.
-  if (ip[n_rows] != indices.shape(0))
-    throw std::invalid_argument("indptr[-1] = " + std::to_string(ip[n_rows]) + " but indices has " +
-                                std::to_string(indices.shape(0)) + " entries");
-  return CsrView{n_rows, ip, ix, dp};
+CsrView csr_view(const carray<Index>& indptr, const carray<StateIndex>& indices, const carray<Prob>& data,
+                 Index n_rows) {
+  const CsrArg<Prob> a = csr_arg(indptr, indices, &data, "", n_rows);
+  return CsrView{a.n_rows, a.indptr, a.indices, a.data};
 }
 
 template <class IndexT>
@@ -175,6 +169,9 @@ void bind_matrix(py::module_& m) {
           py::arg("start"), py::arg("length"), py::arg("seed"), "A sampled path.")
       .def("fingerprint", &TransitionMatrix::fingerprint, py::arg("n_rows") = -1,
            py::call_guard<py::gil_scoped_release>(), "Stable content hash (hex).")
+      .def("clear_derived", &TransitionMatrix::clear_derived, py::call_guard<py::gil_scoped_release>(),
+           "Forget the cached derived data (fit index, row constants).")
+      .def("derived_keys", &TransitionMatrix::derived_keys, "Keys of the cached derived data.")
       .def(
           "find_violation",
           [](const TransitionMatrix& P, double tol, int n_threads) -> py::object {

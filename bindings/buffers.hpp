@@ -12,6 +12,8 @@
 #include <utility>
 #include <vector>
 
+#include "markovmem/common.hpp"
+
 namespace markovmem::bindings {
 
 namespace py = pybind11;
@@ -33,6 +35,47 @@ const T* ptr_1d(const carray<T>& a, const char* name, py::ssize_t expected = -1)
     throw std::invalid_argument(os.str());
   }
   return a.data();
+}
+
+/// The parts of a CSR argument (indptr, indices, data) as core pointers.
+template <class V>
+struct CsrArg {
+  Index n_rows = 0;
+  const Index* indptr = nullptr;
+  const StateIndex* indices = nullptr;
+  const V* data = nullptr;  ///< null when the argument has no values
+};
+
+/// Checks what memory safety needs of a CSR argument and returns its pointers:
+/// indptr 1-D with n_rows + 1 entries (n_rows = expected_rows, or len(indptr) - 1
+/// and at least one row when expected_rows < 0), indptr[-1] == len(indices), data
+/// (when given) as long as indices; with `ordered` also indptr[0] == 0 and
+/// non-decreasing (otherwise the core reports those with the offending row).
+/// `prefix` starts every message ("targets ", "new_rows ", or "").  O(n_rows) with `ordered`.
+template <class V>
+CsrArg<V> csr_arg(const carray<Index>& indptr, const carray<StateIndex>& indices, const carray<V>* data,
+                  const std::string& prefix, Index expected_rows = -1, bool ordered = false) {
+  CsrArg<V> a;
+  if (expected_rows < 0) {
+    if (indptr.ndim() != 1 || indptr.shape(0) < 2)
+      throw std::invalid_argument(prefix + "indptr must be 1-D with at least 2 entries");
+    a.n_rows = indptr.shape(0) - 1;
+  } else {
+    a.n_rows = expected_rows;
+  }
+  a.indptr = ptr_1d(indptr, (prefix + "indptr").c_str(), a.n_rows + 1);
+  a.indices = ptr_1d(indices, (prefix + "indices").c_str());
+  if (data) a.data = ptr_1d(*data, (prefix + "data").c_str(), indices.shape(0));
+  // Memory safety: the core reads indptr[n_rows] entries of indices and data.
+  if (a.indptr[a.n_rows] != indices.shape(0))
+    throw std::invalid_argument(prefix + "indptr[-1] = " + std::to_string(a.indptr[a.n_rows]) + " but indices has " +
+                                std::to_string(indices.shape(0)) + " entries");
+  if (ordered) {
+    if (a.indptr[0] != 0) throw std::invalid_argument(prefix + "indptr[0] must be 0");
+    for (Index r = 0; r < a.n_rows; ++r)
+      if (a.indptr[r + 1] < a.indptr[r]) throw std::invalid_argument(prefix + "indptr must be non-decreasing");
+  }
+  return a;
 }
 
 /// Read-only 1-D view of core memory; `owner` (the Python object holding the

@@ -392,3 +392,63 @@ def test_support_with_unknown_state_is_rejected(small_P):
 def test_support_listing_a_state_twice_is_rejected(small_P):
     with pytest.raises(ValueError, match="lists a state twice"):
         mm.closed_form_alpha(small_P, np.ones((1, small_P.n_base)), [np.array([3, 3])])
+
+
+# ----------------------------------------------------------------------------- cached derived data
+def _fresh_copy(P: mm.TransitionMatrix) -> mm.TransitionMatrix:
+    return mm.TransitionMatrix.from_scipy(P.to_scipy().copy(), n_base=P.n_base)
+
+
+@pytest.mark.parametrize("link", ["logit", "mixture"])
+def test_fit_cache_is_reused_and_gives_the_fresh_result(link):
+    P = zipf_dictionary(300, 16, seed=5)
+    _, _, counts = planted(P, 3, 600, 5, link, seed=6)
+    first = mm.fit_alpha(P, counts, s=3, link=link)
+    keys = P._m.derived_keys()
+    assert "fit.row_constants" in keys and f"fit.screen.{link}" in keys
+    again = mm.fit_alpha(P, counts, s=3, link=link)
+    fresh = mm.fit_alpha(_fresh_copy(P), counts, s=3, link=link)
+    P.clear_cache()
+    assert P._m.derived_keys() == []
+    rebuilt = mm.fit_alpha(P, counts, s=3, link=link)
+    for other in (again, fresh, rebuilt):
+        np.testing.assert_array_equal(other.alpha.indices, first.alpha.indices)
+        np.testing.assert_array_equal(other.alpha.data, first.alpha.data)
+        np.testing.assert_array_equal(other.kl, first.kl)
+
+
+def test_expanded_matrix_does_not_reuse_the_parent_cache():
+    P = zipf_dictionary(300, 16, seed=8)
+    _, _, counts = planted(P, 2, 400, 3, "mixture", seed=9)
+    fit = mm.fit_alpha(P, counts, s=2, link="mixture")
+    Q, _ = P.expand(fit)  # may append in place: Q shares P's old rows
+    assert Q._m.derived_keys() == []
+    # The new states are atoms too: a target equal to a new row is fitted by that row alone.
+    target = sp.csr_array(fit.predict()[[0]].toarray() * 1e4)
+    on_q = mm.fit_alpha(Q, target, s=1, link="mixture")
+    on_fresh = mm.fit_alpha(_fresh_copy(Q), target, s=1, link="mixture")
+    np.testing.assert_array_equal(on_q.alpha.indices, on_fresh.alpha.indices)
+    np.testing.assert_array_equal(on_q.alpha.data, on_fresh.alpha.data)
+    # The parent's cache still describes the parent only.
+    np.testing.assert_array_equal(mm.fit_alpha(P, counts, s=2, link="mixture").alpha.data, fit.alpha.data)
+
+
+@pytest.mark.parametrize("link", ["logit", "mixture"])
+def test_fixed_support_deterministic_whatever_the_thread_count(planted_P, link):
+    S, _, counts = planted(planted_P, 8, 1600, 6, link, seed=11)
+    runs = [mm.fit_alpha(planted_P, counts, support=S, link=link, n_threads=n) for n in (1, 2, 3)]
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r.alpha.data, runs[0].alpha.data)
+        np.testing.assert_array_equal(r.kl, runs[0].kl)
+
+
+def test_seed_only_orders_the_swap_pass(planted_P):
+    _, _, counts = planted(planted_P, 4, 800, 6, "mixture", seed=12)
+    no_swap = [mm.fit_alpha(planted_P, counts, s=4, link="mixture", swap_passes=0, seed=sd) for sd in (0, 1, 99)]
+    for r in no_swap[1:]:
+        np.testing.assert_array_equal(r.alpha.data, no_swap[0].alpha.data)
+        np.testing.assert_array_equal(r.alpha.indices, no_swap[0].alpha.indices)
+    for sd in (0, 5):
+        one = mm.fit_alpha(planted_P, counts, s=4, link="mixture", seed=sd, n_threads=1)
+        two = mm.fit_alpha(planted_P, counts, s=4, link="mixture", seed=sd, n_threads=2)
+        np.testing.assert_array_equal(one.alpha.data, two.alpha.data)

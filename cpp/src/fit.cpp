@@ -33,22 +33,18 @@ constexpr double kGridStep = 0.05;  // background scales c = 0, 0.05, ..., 6 for
 constexpr int kGridSize = 121;
 }  // namespace
 
-FitContext::FitContext(const TransitionMatrix& P_, Link link_, bool with_dev, bool with_screening,
-                       const StateIndex* allowed, Index n_allowed, int n_threads)
-    : P(P_),
-      link(link_),
-      n_states(P_.n_states()),
-      n_base(P_.n_base()),
-      ip(P_.indptr()),
-      ix(P_.indices()),
-      px(P_.data()) {
-  const int nt = resolve_threads(n_threads);
-  (void)nt;  // unused without OpenMP
-  const std::size_t n = static_cast<std::size_t>(n_states);
-  u.resize(n);
-  logu.resize(n);
-  total.resize(n);
+namespace {
+
+std::shared_ptr<const RowConstants> make_row_constants(const TransitionMatrix& P, int nt) {
+  auto rc = std::make_shared<RowConstants>();
+  const Index n_states = P.n_states(), n_base = P.n_base();
+  const Index* ip = P.indptr();
+  const Prob* px = P.data();
   const double* tail = P.tail();
+  const std::size_t n = static_cast<std::size_t>(n_states);
+  rc->u.resize(n);
+  rc->logu.resize(n);
+  rc->total.resize(n);
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (Index v = 0; v < n_states; ++v) {
     const Index k = ip[v + 1] - ip[v];
@@ -56,23 +52,40 @@ FitContext::FitContext(const TransitionMatrix& P_, Link link_, bool with_dev, bo
     double stored = 0.0;
     for (Index j = ip[v]; j < ip[v + 1]; ++j) stored += px[j];
     const std::size_t sv = static_cast<std::size_t>(v);
-    u[sv] = free > 0 ? tail[v] / static_cast<double>(free) : 0.0;
-    logu[sv] = std::log(std::max(u[sv], kLogFloor));
-    total[sv] = stored + (free > 0 ? tail[v] : 0.0);
+    rc->u[sv] = free > 0 ? tail[v] / static_cast<double>(free) : 0.0;
+    rc->logu[sv] = std::log(std::max(rc->u[sv], kLogFloor));
+    rc->total[sv] = stored + (free > 0 ? tail[v] : 0.0);
   }
-  if (with_dev && link == Link::kLogit) {
-    dev.resize(static_cast<std::size_t>(P.nnz()));
+  return rc;
+}
+
+std::shared_ptr<const LogDeviations> make_log_deviations(const TransitionMatrix& P, const RowConstants& rc, int nt) {
+  auto ld = std::make_shared<LogDeviations>();
+  const Index* ip = P.indptr();
+  const Prob* px = P.data();
+  ld->dev.resize(static_cast<std::size_t>(P.nnz()));
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (Index v = 0; v < n_states; ++v) {
-      for (Index j = ip[v]; j < ip[v + 1]; ++j)
-        dev[static_cast<std::size_t>(j)] = std::log(std::max<double>(px[j], kLogFloor)) - logu[static_cast<std::size_t>(v)];
-    }
-  }
-  if (!with_screening) return;
-  eligible.assign(n, allowed ? 0 : 1);
-  for (Index i = 0; i < n_allowed; ++i) eligible[static_cast<std::size_t>(allowed[i])] = 1;
+  for (Index v = 0; v < P.n_states(); ++v)
+    for (Index j = ip[v]; j < ip[v + 1]; ++j)
+      ld->dev[static_cast<std::size_t>(j)] =
+          std::log(std::max<double>(px[j], kLogFloor)) - rc.logu[static_cast<std::size_t>(v)];
+  return ld;
+}
+
+std::shared_ptr<const ScreenIndex> make_screen(const TransitionMatrix& P, Link link, const RowConstants& rc,
+                                               const std::vector<double>& dev, const StateIndex* allowed,
+                                               Index n_allowed, int nt) {
+  auto si = std::make_shared<ScreenIndex>();
+  ScreenIndex& S = *si;
+  const Index n_states = P.n_states(), n_base = P.n_base();
+  const Index* ip = P.indptr();
+  const StateIndex* ix = P.indices();
+  const Prob* px = P.data();
+  const std::size_t n = static_cast<std::size_t>(n_states);
+  S.eligible.assign(n, allowed ? 0 : 1);
+  for (Index i = 0; i < n_allowed; ++i) S.eligible[static_cast<std::size_t>(allowed[i])] = 1;
   Index n_elig = 0;
-  for (std::uint8_t e : eligible) n_elig += e;
+  for (std::uint8_t e : S.eligible) n_elig += e;
   // CSC over base columns of the eligible rows, built by fixed row chunks (each with
   // its own column counters) so the result is the same for any thread count:
   // rows ascend within a column.
@@ -85,13 +98,13 @@ FitContext::FitContext(const TransitionMatrix& P_, Link link_, bool with_dev, bo
   for (Index ch = 0; ch < nchunk; ++ch) {
     Index* cc = cnt.data() + static_cast<std::size_t>(ch) * nb;
     for (Index v = chunk_begin(ch); v < chunk_begin(ch + 1); ++v)
-      if (eligible[static_cast<std::size_t>(v)])
+      if (S.eligible[static_cast<std::size_t>(v)])
         for (Index j = ip[v]; j < ip[v + 1]; ++j) ++cc[ix[j]];
   }
-  cptr.assign(nb + 1, 0);
+  S.cptr.assign(nb + 1, 0);
   Index total_entries = 0;
   for (std::size_t x = 0; x < nb; ++x) {
-    cptr[x] = total_entries;
+    S.cptr[x] = total_entries;
     for (Index ch = 0; ch < nchunk; ++ch) {
       Index& c = cnt[static_cast<std::size_t>(ch) * nb + x];
       const Index here = c;
@@ -99,72 +112,115 @@ FitContext::FitContext(const TransitionMatrix& P_, Link link_, bool with_dev, bo
       total_entries += here;
     }
   }
-  cptr[nb] = total_entries;
-  crow.resize(static_cast<std::size_t>(total_entries));
-  cval.resize(static_cast<std::size_t>(total_entries));
+  S.cptr[nb] = total_entries;
+  S.crow.resize(static_cast<std::size_t>(total_entries));
+  S.cval.resize(static_cast<std::size_t>(total_entries));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (Index ch = 0; ch < nchunk; ++ch) {
     Index* next = cnt.data() + static_cast<std::size_t>(ch) * nb;
     for (Index v = chunk_begin(ch); v < chunk_begin(ch + 1); ++v) {
       const std::size_t sv = static_cast<std::size_t>(v);
-      if (!eligible[sv]) continue;
+      if (!S.eligible[sv]) continue;
       for (Index j = ip[v]; j < ip[v + 1]; ++j) {
         const std::size_t k = static_cast<std::size_t>(next[ix[j]]++);
-        crow[k] = static_cast<StateIndex>(v);
-        cval[k] = static_cast<float>(logit ? d_of(j, v) : static_cast<double>(px[j]) - u[sv]);
+        S.crow[k] = static_cast<StateIndex>(v);
+        S.cval[k] = static_cast<float>(logit ? dev[static_cast<std::size_t>(j)] : static_cast<double>(px[j]) - rc.u[sv]);
       }
     }
   }
   // The background rows, column by column (sums in a fixed order).
-  (logit ? dbar : pbar).assign(nb, 0.0);
-  std::vector<double>& colsum = logit ? dbar : pbar;
+  std::vector<double>& colsum = logit ? S.dbar : S.pbar;
+  colsum.assign(nb, 0.0);
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (Index x = 0; x < n_base; ++x) {
     double acc = 0.0;
-    for (Index k = cptr[static_cast<std::size_t>(x)]; k < cptr[static_cast<std::size_t>(x) + 1]; ++k)
-      acc += cval[static_cast<std::size_t>(k)];
+    for (Index k = S.cptr[static_cast<std::size_t>(x)]; k < S.cptr[static_cast<std::size_t>(x) + 1]; ++k)
+      acc += S.cval[static_cast<std::size_t>(k)];
     colsum[static_cast<std::size_t>(x)] = acc;
   }
   double usum = 0.0;
   for (Index v = 0; v < n_states; ++v)
-    if (eligible[static_cast<std::size_t>(v)]) usum += u[static_cast<std::size_t>(v)];
-  heavy_len = std::max<Index>(256, n_elig / 8);
+    if (S.eligible[static_cast<std::size_t>(v)]) usum += rc.u[static_cast<std::size_t>(v)];
+  S.heavy_len = std::max<Index>(256, n_elig / 8);
   const double inv = n_elig > 0 ? 1.0 / static_cast<double>(n_elig) : 0.0;
   if (!logit) {
-    for (double& p : pbar) p = std::max((p + usum) * inv, kLogFloor);
-    return;
+    for (double& p : S.pbar) p = std::max((p + usum) * inv, kLogFloor);
+    return si;
   }
-  for (double& d : dbar) d *= inv;
-  const double dmax = dbar.empty() ? 0.0 : *std::max_element(dbar.begin(), dbar.end());
-  grid_c.resize(kGridSize);
-  grid_logz.resize(kGridSize);
+  for (double& d : S.dbar) d *= inv;
+  const double dmax = S.dbar.empty() ? 0.0 : *std::max_element(S.dbar.begin(), S.dbar.end());
+  S.grid_c.resize(kGridSize);
+  S.grid_logz.resize(kGridSize);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int i = 0; i < kGridSize; ++i) {
     const double c = kGridStep * i;
     double zs = 0.0;
-    for (double d : dbar) zs += std::exp(c * (d - dmax));
-    grid_c[static_cast<std::size_t>(i)] = c;
-    grid_logz[static_cast<std::size_t>(i)] = c * dmax + std::log(zs);
+    for (double d : S.dbar) zs += std::exp(c * (d - dmax));
+    S.grid_c[static_cast<std::size_t>(i)] = c;
+    S.grid_logz[static_cast<std::size_t>(i)] = c * dmax + std::log(zs);
   }
-  grid_ebg_.resize(kGridSize);
-  grid_once_ = std::make_unique<std::once_flag[]>(kGridSize);
+  S.grid_ebg.resize(kGridSize);
+  S.grid_once = std::make_unique<std::once_flag[]>(kGridSize);
+  return si;
 }
 
+// Fetches (or builds and stores) a derived entry of P with its concrete type.
+template <class T, class Make>
+std::shared_ptr<const T> cached(const TransitionMatrix& P, const std::string& key, Make make) {
+  return std::static_pointer_cast<const T>(P.derived(key, [&]() -> std::shared_ptr<const void> { return make(); }));
+}
+
+}  // namespace
+
+const ScreenIndex& FitContext::empty_screen() {
+  static const ScreenIndex empty;
+  return empty;
+}
+
+FitContext::FitContext(const TransitionMatrix& P_, Link link_, Dev with_dev, bool with_screening,
+                       const StateIndex* allowed, Index n_allowed, int n_threads)
+    : P(P_),
+      link(link_),
+      n_states(P_.n_states()),
+      n_base(P_.n_base()),
+      ip(P_.indptr()),
+      ix(P_.indices()),
+      px(P_.data()),
+      rows_(cached<RowConstants>(P_, "fit.row_constants",
+                                 [&] { return make_row_constants(P_, resolve_threads(n_threads)); })),
+      devs_(link_ != Link::kLogit || with_dev == Dev::kNo ? std::make_shared<const LogDeviations>()
+            : with_dev == Dev::kYes
+                ? cached<LogDeviations>(P_, "fit.log_deviations",
+                                        [&] { return make_log_deviations(P_, *rows_, resolve_threads(n_threads)); })
+                : std::static_pointer_cast<const LogDeviations>(P_.find_derived("fit.log_deviations"))),
+      screen_(!with_screening ? nullptr
+              : allowed       ? make_screen(P_, link_, *rows_, devs_->dev, allowed, n_allowed, resolve_threads(n_threads))
+                              : cached<ScreenIndex>(P_, link_ == Link::kLogit ? "fit.screen.logit" : "fit.screen.mixture",
+                                                    [&] {
+                                                      return make_screen(P_, link_, *rows_, devs_->dev, nullptr, 0,
+                                                                         resolve_threads(n_threads));
+                                                    })),
+      u(rows_->u),
+      logu(rows_->logu),
+      total(rows_->total),
+      dev(devs_ ? devs_->dev : empty_screen().dbar),  // dbar of the empty screen: an empty vector
+      scr(screen_ ? *screen_ : empty_screen()) {}
+
 const std::vector<double>& FitContext::background_mean(std::size_t i) const {
-  std::call_once(grid_once_[i], [&] {
+  std::call_once(scr.grid_once[i], [&] {
     std::vector<double> fbg(static_cast<std::size_t>(n_base));
     for (Index x = 0; x < n_base; ++x)
-      fbg[static_cast<std::size_t>(x)] = std::exp(grid_c[i] * dbar[static_cast<std::size_t>(x)] - grid_logz[i]);
+      fbg[static_cast<std::size_t>(x)] = std::exp(scr.grid_c[i] * scr.dbar[static_cast<std::size_t>(x)] - scr.grid_logz[i]);
     std::vector<double> e(static_cast<std::size_t>(n_states), 0.0);
     for (Index v = 0; v < n_states; ++v) {
-      if (!eligible[static_cast<std::size_t>(v)]) continue;
+      if (!scr.eligible[static_cast<std::size_t>(v)]) continue;
       double s = 0.0;
       for (Index j = ip[v]; j < ip[v + 1]; ++j) s += fbg[static_cast<std::size_t>(ix[j])] * d_of(j, v);
       e[static_cast<std::size_t>(v)] = s;
     }
-    grid_ebg_[i] = std::move(e);
+    scr.grid_ebg[i] = std::move(e);
   });
-  return grid_ebg_[i];
+  return scr.grid_ebg[i];
 }
 
 }  // namespace detail
@@ -244,6 +300,7 @@ AlphaResult assemble(std::vector<RowOut>& rows) {
   return res;
 }
 
+constexpr Index kEmSteps = 3;  // mixture, fixed support: EM steps before projected Newton
 constexpr Index kWide = 32;  // logit: rows kept by the screen per pool slot, rescored at each round
 
 std::uint64_t splitmix64(std::uint64_t& x) {
@@ -268,22 +325,22 @@ std::vector<Index> screen(const FitContext& c, Workspace& w, const StateIndex* i
   for (Index i = 0; i < nq; ++i) {
     const std::size_t x = static_cast<std::size_t>(ids[i]);
     const double q = counts[i] / total;
-    const double wt = logit ? q : q / c.pbar[x];
-    if (logit) mdbar += q * c.dbar[x];
+    const double wt = logit ? q : q / c.scr.pbar[x];
+    if (logit) mdbar += q * c.scr.dbar[x];
     else W += wt;
     // Mixture: columns stored by a large share of the rows (the most frequent
     // tokens) add nearly the same to every score and dominate the cost of the
     // product, so they are left out of the screen (never out of the objective)
     // unless too few rows remain.  The logit screen needs them: its background
     // model is fitted on exactly those tokens (measured: recall drops without them).
-    if (!with_heavy && !logit && c.cptr[x + 1] - c.cptr[x] > c.heavy_len) continue;
-    for (Index k = c.cptr[x]; k < c.cptr[x + 1]; ++k) {
-      const std::size_t v = static_cast<std::size_t>(c.crow[static_cast<std::size_t>(k)]);
+    if (!with_heavy && !logit && c.scr.cptr[x + 1] - c.scr.cptr[x] > c.scr.heavy_len) continue;
+    for (Index k = c.scr.cptr[x]; k < c.scr.cptr[x + 1]; ++k) {
+      const std::size_t v = static_cast<std::size_t>(c.scr.crow[static_cast<std::size_t>(k)]);
       if (!w.mark[v]) {
         w.mark[v] = 1;
         w.touched.push_back(static_cast<Index>(v));
       }
-      w.acc[v] += wt * c.cval[static_cast<std::size_t>(k)];
+      w.acc[v] += wt * c.scr.cval[static_cast<std::size_t>(k)];
     }
   }
   if (!with_heavy && static_cast<Index>(w.touched.size()) < C) {
@@ -298,8 +355,8 @@ std::vector<Index> screen(const FitContext& c, Workspace& w, const StateIndex* i
     // Background softmax(c dbar) with the scale c that fits q_hat best (the "scale-aware start").
     std::size_t best = 0;
     double best_val = INFINITY;
-    for (std::size_t i = 0; i < c.grid_c.size(); ++i) {
-      const double val = -c.grid_c[i] * mdbar + c.grid_logz[i];
+    for (std::size_t i = 0; i < c.scr.grid_c.size(); ++i) {
+      const double val = -c.scr.grid_c[i] * mdbar + c.scr.grid_logz[i];
       if (val < best_val) {
         best_val = val;
         best = i;
@@ -465,46 +522,22 @@ VectorXd closed_form_row(const FitContext& c, Workspace& w, const StateIndex* id
     lq[static_cast<std::size_t>(i)] = std::log(std::max(q[static_cast<std::size_t>(i)], kLogFloor));
     lbar += q[static_cast<std::size_t>(i)] * lq[static_cast<std::size_t>(i)];
     w.pos[static_cast<std::size_t>(ids[i])] = static_cast<std::int32_t>(i);
+    w.set_bit(ids[i]);
   }
-  // Coverage of J = supp(q_hat) by the support rows in CSR form by position (slots ascending).
-  std::vector<Index> cptr(static_cast<std::size_t>(nq) + 1, 0);
-  for (Index i = 0; i < n; ++i) {
-    const Index v = atoms[static_cast<std::size_t>(i)];
-    for (Index j = c.ip[v]; j < c.ip[v + 1]; ++j) {
-      const std::int32_t p = w.pos[static_cast<std::size_t>(c.ix[j])];
-      if (p >= 0) ++cptr[static_cast<std::size_t>(p) + 1];
-    }
+  // Coverage of J = supp(q_hat) by the support rows, by position.
+  thread_local detail::SupportRows rows;
+  rows.build(
+      atoms, nq, c.ip, [&](Index j) { return w.pos_if_set(c.ix[j]); }, [&](Index j, Index v) { return c.d_of(j, v); });
+  for (Index i = 0; i < nq; ++i) {
+    w.pos[static_cast<std::size_t>(ids[i])] = -1;
+    w.clear_bit(ids[i]);
   }
-  for (Index p = 0; p < nq; ++p) cptr[static_cast<std::size_t>(p) + 1] += cptr[static_cast<std::size_t>(p)];
-  std::vector<std::int32_t> cslot(static_cast<std::size_t>(cptr.back()));
-  std::vector<double> cd(static_cast<std::size_t>(cptr.back()));
-  {
-    std::vector<Index> next(cptr.begin(), cptr.end() - 1);
-    for (Index i = 0; i < n; ++i) {
-      const Index v = atoms[static_cast<std::size_t>(i)];
-      for (Index j = c.ip[v]; j < c.ip[v + 1]; ++j) {
-        const std::int32_t p = w.pos[static_cast<std::size_t>(c.ix[j])];
-        if (p < 0) continue;
-        const std::size_t k = static_cast<std::size_t>(next[static_cast<std::size_t>(p)]++);
-        cslot[k] = static_cast<std::int32_t>(i);
-        cd[k] = c.d_of(j, v);
-      }
-    }
-  }
-  for (Index i = 0; i < nq; ++i) w.pos[static_cast<std::size_t>(ids[i])] = -1;
-  detail::MatrixXd A = detail::MatrixXd::Zero(n, n);
-  VectorXd mu = VectorXd::Zero(n), b = VectorXd::Zero(n);
-  for (std::size_t p = 0; p < static_cast<std::size_t>(nq); ++p) {
-    const Index lo = cptr[p], hi = cptr[p + 1];
-    for (Index k = lo; k < hi; ++k) {
-      const std::int32_t sk = cslot[static_cast<std::size_t>(k)];
-      const double wd = q[p] * cd[static_cast<std::size_t>(k)];
-      mu(sk) += wd;
-      b(sk) += wd * lq[p];
-      for (Index l = k; l < hi; ++l) A(sk, cslot[static_cast<std::size_t>(l)]) += wd * cd[static_cast<std::size_t>(l)];
-    }
-  }
-  detail::MatrixXd full = A.selfadjointView<Eigen::Upper>();
+  detail::MatrixXd full;
+  VectorXd mu, b = VectorXd::Zero(n);
+  rows.weighted_gram(q.data(), full, &mu);
+  for (std::size_t p = 0; p < static_cast<std::size_t>(nq); ++p)
+    for (Index k = rows.ptr[p]; k < rows.ptr[p + 1]; ++k)
+      b(rows.slot[static_cast<std::size_t>(k)]) += q[p] * lq[p] * rows.val[static_cast<std::size_t>(k)];
   full -= mu * mu.transpose();
   b -= mu * lbar;
   if (n == 0) return VectorXd();
@@ -558,7 +591,7 @@ AlphaResult fit_alpha(const TransitionMatrix& P, const TargetsView& targets, con
   for (Index i = 0; i < o.n_allowed; ++i)
     if (o.allowed[i] < 0 || o.allowed[i] >= P.n_states() || (i > 0 && o.allowed[i] <= o.allowed[i - 1]))
       throw std::invalid_argument("candidates must be sorted, unique state ids in [0, n_states)");
-  const FitContext ctx(P, o.link, true, true, o.n_allowed > 0 ? o.allowed : nullptr, o.n_allowed, o.n_threads);
+  const FitContext ctx(P, o.link, FitContext::Dev::kYes, true, o.n_allowed > 0 ? o.allowed : nullptr, o.n_allowed, o.n_threads);
   const Index C = o.n_candidates > 0 ? o.n_candidates : std::max<Index>(256, 16 * o.s);
   std::vector<RowOut> rows(static_cast<std::size_t>(targets.n_rows));
   parallel_rows(targets.n_rows, o.n_threads, ctx, [&](Workspace& ws, Index r) {
@@ -591,7 +624,7 @@ AlphaResult fit_on_support(const TransitionMatrix& P, const TargetsView& targets
   check_options(o, false);
   check_targets(P, targets);
   check_support(P, support, targets.n_rows, false);
-  const FitContext ctx(P, o.link, false, false, nullptr, 0, o.n_threads);
+  const FitContext ctx(P, o.link, FitContext::Dev::kIfCached, false, nullptr, 0, o.n_threads);
   std::vector<RowOut> rows(static_cast<std::size_t>(targets.n_rows));
   parallel_rows(targets.n_rows, o.n_threads, ctx, [&](Workspace& ws, Index r) {
     const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
@@ -602,28 +635,32 @@ AlphaResult fit_on_support(const TransitionMatrix& P, const TargetsView& targets
     VectorXd start(sb - sa);
     if (support.values) {
       for (Index k = sa; k < sb; ++k) start(k - sa) = support.values[k];
-    } else {
+    } else if (o.link == Link::kLogit) {
       start = closed_form_row(ctx, ws, ids, cnt, nq, atoms);
+    } else {
+      // Mixture: the log-space closed form, clipped to the simplex, zeroes many true
+      // atoms and projected Newton then needs many short steps to revive them; the
+      // uniform blend refined by a few EM steps starts inside the simplex and near.
+      start = VectorXd::Constant(sb - sa, 1.0);
     }
     RowOut& out = rows[static_cast<std::size_t>(r)];
     out.n_candidates = sb - sa;
-    bool conv = false;
+    auto solve = [&](auto& model, bool em_start) {
+      model.load(ids, cnt, nq);
+      model.set_support(atoms, start);
+      if (em_start) model.em(kEmSteps);
+      bool conv = false;
+      out.n_iter = model.newton(o.max_iter, o.tol, conv);
+      out.converged = conv;
+      emit(model, ctx.n_base, out, false);
+      model.unload();
+    };
     if (o.link == Link::kLogit) {
       LogitModel model(ctx, ws, o.bound);
-      model.load(ids, cnt, nq);
-      model.set_support(atoms, start);
-      out.n_iter = model.newton(o.max_iter, o.tol, conv);
-      out.converged = conv;
-      emit(model, ctx.n_base, out, false);
-      model.unload();
+      solve(model, false);
     } else {
       MixtureModel model(ctx, ws);
-      model.load(ids, cnt, nq);
-      model.set_support(atoms, start);
-      out.n_iter = model.newton(o.max_iter, o.tol, conv);
-      out.converged = conv;
-      emit(model, ctx.n_base, out, false);
-      model.unload();
+      solve(model, !support.values);
     }
   });
   return assemble(rows);
@@ -633,7 +670,7 @@ AlphaResult closed_form_alpha(const TransitionMatrix& P, const TargetsView& targ
                               int n_threads) {
   check_targets(P, targets);
   check_support(P, support, targets.n_rows, false);
-  const FitContext ctx(P, Link::kLogit, false, false, nullptr, 0, n_threads);
+  const FitContext ctx(P, Link::kLogit, FitContext::Dev::kIfCached, false, nullptr, 0, n_threads);
   std::vector<RowOut> rows(static_cast<std::size_t>(targets.n_rows));
   parallel_rows(targets.n_rows, n_threads, ctx, [&](Workspace& ws, Index r) {
     const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
@@ -658,7 +695,7 @@ void fit_objective(const TransitionMatrix& P, const TargetsView& targets, const 
                    std::vector<double>& kl, std::vector<double>& grad, int n_threads) {
   check_targets(P, targets);
   check_support(P, alpha, targets.n_rows, true);
-  const FitContext ctx(P, link, false, false, nullptr, 0, n_threads);
+  const FitContext ctx(P, link, FitContext::Dev::kIfCached, false, nullptr, 0, n_threads);
   kl.assign(static_cast<std::size_t>(targets.n_rows), 0.0);
   grad.assign(static_cast<std::size_t>(alpha.indptr[alpha.n_rows]), 0.0);
   parallel_rows(targets.n_rows, n_threads, ctx, [&](Workspace& ws, Index r) {
@@ -691,7 +728,7 @@ void fit_objective(const TransitionMatrix& P, const TargetsView& targets, const 
 
 PredictedRows predict_rows(const TransitionMatrix& P, const SupportView& alpha, Link link, int n_threads) {
   check_support(P, alpha, alpha.n_rows, true);
-  const FitContext ctx(P, link, false, false, nullptr, 0, n_threads);
+  const FitContext ctx(P, link, FitContext::Dev::kIfCached, false, nullptr, 0, n_threads);
   const Index m = alpha.n_rows;
   std::vector<std::vector<std::pair<StateIndex, double>>> out(static_cast<std::size_t>(m));
   parallel_rows(m, n_threads, ctx, [&](Workspace& ws, Index r) {

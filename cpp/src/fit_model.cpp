@@ -39,6 +39,64 @@ VectorXd inverse_diagonal(const MatrixXd& H) {
   return VectorXd::Constant(n, 1.0);
 }
 
+// Slot whose removal costs least under the quadratic model at alpha with Hessian H:
+// alpha_i^2 / (2 [H^-1]_ii), the smallest slot on ties.  Shared by both links.
+Index cheapest_slot(const VectorXd& alpha, const MatrixXd& H) {
+  const VectorXd hinv = inverse_diagonal(H);
+  Index best = 0;
+  double best_cost = INFINITY;
+  for (Index i = 0; i < alpha.size(); ++i) {
+    const double cost = alpha(i) * alpha(i) / (2.0 * std::max(hinv(i), 1e-300));
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = i;
+    }
+  }
+  return best;
+}
+
+// The projected Newton direction of Bertsekas (1982) on alpha >= 0 at a with gradient g
+// and Hessian H: a variable at 0 (within eps) with a positive gradient is bound and
+// pushed to 0, the free ones take the Newton step on their block.  Returns the
+// decrement of each part; fills step and bind (1 for a bound variable).
+struct ProjectedStep {
+  double dec_free = 0.0, dec_bound = 0.0;
+};
+ProjectedStep projected_step(const VectorXd& a, const VectorXd& g, const MatrixXd& H, VectorXd& step,
+                             std::vector<std::uint8_t>& bind) {
+  const Index n = a.size();
+  const double eps = std::min(1e-12, (a - (a - g).cwiseMax(0.0)).norm());
+  std::vector<Index> fr;
+  bind.assign(static_cast<std::size_t>(n), 0);
+  for (Index i = 0; i < n; ++i) {
+    bind[static_cast<std::size_t>(i)] = a(i) <= eps && g(i) > 0;
+    if (!bind[static_cast<std::size_t>(i)]) fr.push_back(i);
+  }
+  ProjectedStep d;
+  step = VectorXd::Zero(n);
+  if (static_cast<Index>(fr.size()) == n) {
+    step = -solve_spd(H, g);
+    d.dec_free = -g.dot(step);
+  } else if (!fr.empty()) {
+    const Index nf = static_cast<Index>(fr.size());
+    MatrixXd Hf(nf, nf);
+    VectorXd gf(nf);
+    for (Index r = 0; r < nf; ++r) {
+      gf(r) = g(fr[static_cast<std::size_t>(r)]);
+      for (Index c = 0; c < nf; ++c) Hf(r, c) = H(fr[static_cast<std::size_t>(r)], fr[static_cast<std::size_t>(c)]);
+    }
+    const VectorXd sf = -solve_spd(Hf, gf);
+    for (Index r = 0; r < nf; ++r) step(fr[static_cast<std::size_t>(r)]) = sf(r);
+    d.dec_free = -gf.dot(sf);
+  }
+  for (Index i = 0; i < n; ++i)
+    if (bind[static_cast<std::size_t>(i)]) {
+      step(i) = -a(i);
+      d.dec_bound += g(i) * a(i);
+    }
+  return d;
+}
+
 // argmin over y of g.(y - a) + (y - a)' H (y - a) / 2 subject to ||y|| <= B, i.e. of
 // y' H y / 2 - b' y with b = H a - g: y(l) = (H + l I)^-1 b with l >= 0 found by bisection on ||y(l)|| = B.
 VectorXd ball_step(const MatrixXd& H, const VectorXd& g, const VectorXd& a, double B) {
@@ -100,6 +158,56 @@ double minimise_1d(Derivs derivs, double lo, double hi) {
 
 }  // namespace
 
+// ============================================================================ support rows
+void SupportRows::finish() {
+  const std::size_t np = ptr.size() - 1;
+  is_heavy.assign(np, 0);
+  heavy.clear();
+  // A dense row costs n^2 / 2 vectorised multiply-adds against c^2 / 2 scattered ones
+  // for c entries: worth it from about c >= n / 3 (measured on LM-like rows).
+  if (n_slots >= 8)
+    for (std::size_t p = 0; p < np; ++p)
+      if (3 * (ptr[p + 1] - ptr[p]) >= n_slots) {
+        is_heavy[p] = 1;
+        heavy.push_back(static_cast<Index>(p));
+      }
+  dense.setZero(static_cast<Index>(heavy.size()), n_slots);
+  for (std::size_t h = 0; h < heavy.size(); ++h) {
+    const std::size_t p = static_cast<std::size_t>(heavy[h]);
+    for (Index k = ptr[p]; k < ptr[p + 1]; ++k)
+      dense(static_cast<Index>(h), slot[static_cast<std::size_t>(k)]) = val[static_cast<std::size_t>(k)];
+  }
+}
+
+void SupportRows::weighted_gram(const double* w, MatrixXd& G, VectorXd* wsum) const {
+  const Index n = n_slots;
+  G.setZero(n, n);
+  if (wsum) wsum->setZero(n);
+  const std::size_t np = ptr.size() - 1;
+  for (std::size_t p = 0; p < np; ++p) {
+    if (is_heavy[p] || w[p] == 0.0) continue;
+    const Index b = ptr[p], e = ptr[p + 1];
+    for (Index k = b; k < e; ++k) {
+      const double wv = w[p] * val[static_cast<std::size_t>(k)];
+      const std::int32_t si = slot[static_cast<std::size_t>(k)];
+      if (wsum) (*wsum)(si) += wv;
+      // Slots ascend within a position: (slot[l], si) with l >= k is in the lower triangle,
+      // and column si is walked downwards (contiguous in column-major storage).
+      double* col = G.data() + static_cast<std::ptrdiff_t>(si) * n;
+      for (Index l = k; l < e; ++l) col[slot[static_cast<std::size_t>(l)]] += wv * val[static_cast<std::size_t>(l)];
+    }
+  }
+  if (!heavy.empty()) {
+    const Index nh = static_cast<Index>(heavy.size());
+    wh_.resize(nh);
+    for (Index h = 0; h < nh; ++h) wh_(h) = std::max(w[static_cast<std::size_t>(heavy[static_cast<std::size_t>(h)])], 0.0);
+    if (wsum) wsum->noalias() += dense.transpose() * wh_;
+    scaled_.noalias() = wh_.cwiseSqrt().asDiagonal() * dense;
+    G.selfadjointView<Eigen::Lower>().rankUpdate(scaled_.transpose());  // lower triangle only: half a GEMM
+  }
+  G.triangularView<Eigen::StrictlyUpper>() = G.transpose();
+}
+
 // ============================================================================ logit
 void LogitModel::load(const StateIndex* ids, const double* q, Index nq) {
   ids_ = ids;
@@ -136,43 +244,27 @@ void LogitModel::set_support(std::vector<Index> atoms, VectorXd alpha, bool proj
 void LogitModel::rebuild() {
   for (StateIndex x : ulist_) w_.pos[static_cast<std::size_t>(x)] = -1;
   ulist_.clear();
-  std::vector<Index> cnt;
-  for (Index v : atoms_) {
+  for (Index v : atoms_)
     for (Index j = c_.ip[v]; j < c_.ip[v + 1]; ++j) {
-      const StateIndex x = c_.ix[j];
-      std::int32_t& p = w_.pos[static_cast<std::size_t>(x)];
+      std::int32_t& p = w_.pos[static_cast<std::size_t>(c_.ix[j])];
       if (p < 0) {
         p = static_cast<std::int32_t>(ulist_.size());
-        ulist_.push_back(x);
-        cnt.push_back(0);
+        ulist_.push_back(c_.ix[j]);
       }
-      ++cnt[static_cast<std::size_t>(p)];
     }
-  }
   const std::size_t nU = ulist_.size();
-  mptr_.assign(nU + 1, 0);
-  for (std::size_t p = 0; p < nU; ++p) mptr_[p + 1] = mptr_[p] + cnt[p];
-  mslot_.resize(static_cast<std::size_t>(mptr_[nU]));
-  mval_.resize(static_cast<std::size_t>(mptr_[nU]));
-  std::vector<Index> next(mptr_.begin(), mptr_.end() - 1);
-  eq_ = VectorXd::Zero(static_cast<Index>(atoms_.size()));
-  for (std::size_t i = 0; i < atoms_.size(); ++i) {
-    const Index v = atoms_[i];
-    double e = 0.0;
-    for (Index j = c_.ip[v]; j < c_.ip[v + 1]; ++j) {
-      const StateIndex x = c_.ix[j];
-      const double d = c_.d_of(j, v);
-      const std::size_t k = static_cast<std::size_t>(next[static_cast<std::size_t>(w_.pos[static_cast<std::size_t>(x)])]++);
-      mslot_[k] = static_cast<std::int32_t>(i);
-      mval_[k] = d;
-      e += w_.q[static_cast<std::size_t>(x)] * d;
-    }
-    eq_(static_cast<Index>(i)) = e;
-  }
+  rows_.build(
+      atoms_, static_cast<Index>(nU), c_.ip, [&](Index j) { return w_.pos[static_cast<std::size_t>(c_.ix[j])]; },
+      [&](Index j, Index v) { return c_.d_of(j, v); });
   qU_.resize(nU);
   for (std::size_t p = 0; p < nU; ++p) qU_[p] = w_.q[static_cast<std::size_t>(ulist_[p])];
+  eq_ = VectorXd::Zero(static_cast<Index>(atoms_.size()));
+  for (std::size_t p = 0; p < nU; ++p)
+    for (Index k = rows_.ptr[p]; k < rows_.ptr[p + 1]; ++k)
+      eq_(rows_.slot[static_cast<std::size_t>(k)]) += qU_[p] * rows_.val[static_cast<std::size_t>(k)];
   zU_.assign(nU, 0.0);
   eU_.assign(nU, 0.0);
+  fU_.assign(nU, 0.0);
 }
 
 double LogitModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H) {
@@ -180,41 +272,33 @@ double LogitModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H) {
   double zmax = 0.0, qz = 0.0;
   for (std::size_t p = 0; p < nU; ++p) {
     double z = 0.0;
-    for (Index k = mptr_[p]; k < mptr_[p + 1]; ++k) z += a(mslot_[static_cast<std::size_t>(k)]) * mval_[static_cast<std::size_t>(k)];
+    for (Index k = rows_.ptr[p]; k < rows_.ptr[p + 1]; ++k)
+      z += a(rows_.slot[static_cast<std::size_t>(k)]) * rows_.val[static_cast<std::size_t>(k)];
     zU_[p] = z;
     zmax = std::max(zmax, z);
     qz += qU_[p] * z;
   }
-  double zs = static_cast<double>(c_.n_base - static_cast<Index>(nU)) * std::exp(-zmax);
-  for (std::size_t p = 0; p < nU; ++p) {
-    eU_[p] = std::exp(zU_[p] - zmax);
-    zs += eU_[p];
-  }
+  // Eigen's vectorised exp: the softmax over U is most of an evaluation's cost.
+  Eigen::Map<Eigen::ArrayXd> zs_map(zU_.data(), static_cast<Index>(nU)), e_map(eU_.data(), static_cast<Index>(nU));
+  e_map = (zs_map - zmax).exp();
+  const double zs = static_cast<double>(c_.n_base - static_cast<Index>(nU)) * std::exp(-zmax) + e_map.sum();
   zmax_ = zmax;
   zs_ = zs;
   const double value = -qz + zmax + std::log(zs);
   if (g || H) {
     const Index n = static_cast<Index>(atoms_.size());
-    VectorXd m = VectorXd::Zero(n);
-    if (H) H->setZero(n, n);
-    for (std::size_t p = 0; p < nU; ++p) {
-      const double f = eU_[p] / zs;
-      const Index b = mptr_[p], e = mptr_[p + 1];
-      for (Index k = b; k < e; ++k) {
-        const double fv = f * mval_[static_cast<std::size_t>(k)];
-        const std::int32_t si = mslot_[static_cast<std::size_t>(k)];
-        m(si) += fv;
-        if (H) {
-          for (Index l = k; l < e; ++l) (*H)(si, mslot_[static_cast<std::size_t>(l)]) += fv * mval_[static_cast<std::size_t>(l)];
-        }
-      }
+    for (std::size_t p = 0; p < nU; ++p) fU_[p] = eU_[p] / zs;
+    VectorXd m;
+    if (H) {
+      rows_.weighted_gram(fU_.data(), *H, &m);
+      H->noalias() -= m * m.transpose();
+    } else {
+      m = VectorXd::Zero(n);
+      for (std::size_t p = 0; p < nU; ++p)
+        for (Index k = rows_.ptr[p]; k < rows_.ptr[p + 1]; ++k)
+          m(rows_.slot[static_cast<std::size_t>(k)]) += fU_[p] * rows_.val[static_cast<std::size_t>(k)];
     }
     if (g) *g = m - eq_;
-    if (H) {
-      // Slots are ascending within a position, so only the upper triangle was filled.
-      MatrixXd full = H->selfadjointView<Eigen::Upper>();
-      *H = full - m * m.transpose();
-    }
   }
   return value;
 }
@@ -227,15 +311,26 @@ Index LogitModel::newton(Index max_iter, double tol, bool& converged) {
     const double nrm = alpha_.norm();
     if (nrm > bound_) alpha_ *= bound_ / nrm;
   }
-  VectorXd g, step, trial;
-  MatrixXd H;
+  VectorXd g, step, trial, gt;
+  MatrixXd H, Ht;
+  double F = eval(alpha_, &g, &H);
   for (Index it = 0; it < max_iter; ++it) {
-    const double F = eval(alpha_, &g, &H);
     step = -solve_spd(H, g);
     if ((alpha_ + step).norm() > bound_) step = ball_step(H, g, alpha_, bound_) - alpha_;
     const double dec = -g.dot(step);
     if (!(dec > tol * std::max(1.0, std::abs(F)))) return it;
-    double t = 1.0;
+    // The full step is taken almost always near the optimum, so it is evaluated with
+    // its gradient and Hessian at once: they are the next iteration's.
+    trial = alpha_ + step;
+    double Ft = eval(trial, &gt, &Ht);
+    if (Ft <= F - 1e-4 * dec) {
+      alpha_.swap(trial);
+      F = Ft;
+      g.swap(gt);
+      H.swap(Ht);
+      continue;
+    }
+    double t = 0.5;
     bool moved = false;
     while (t > 1e-12) {
       trial = alpha_ + t * step;
@@ -247,12 +342,11 @@ Index LogitModel::newton(Index max_iter, double tol, bool& converged) {
     }
     if (!moved) return it + 1;  // no representable decrease left: converged to rounding
     alpha_ = trial;
+    F = eval(alpha_, &g, &H);
   }
-  VectorXd gl;
-  const double F = eval(alpha_, &gl, &H);
-  step = -solve_spd(H, gl);
-  if ((alpha_ + step).norm() > bound_) step = ball_step(H, gl, alpha_, bound_) - alpha_;
-  converged = !(-gl.dot(step) > tol * std::max(1.0, std::abs(F)));
+  step = -solve_spd(H, g);
+  if ((alpha_ + step).norm() > bound_) step = ball_step(H, g, alpha_, bound_) - alpha_;
+  converged = !(-g.dot(step) > tol * std::max(1.0, std::abs(F)));
   return max_iter;
 }
 
@@ -291,6 +385,23 @@ double LogitModel::line_gain(Index atom, double t0, double tmax, double& t_out) 
   return std::log(zs_) - val;
 }
 
+void LogitModel::candidate_moments(Index c, double f0, double& g, double& h) const {
+  // Gradient and curvature of the objective along e_c at the last eval: E_f[d_c] - E_q[d_c]
+  // and Var_f[d_c], over c's stored columns (an unstored column has d_c = 0).
+  double mf = 0.0, mf2 = 0.0, mq = 0.0;
+  for (Index j = c_.ip[c]; j < c_.ip[c + 1]; ++j) {
+    const StateIndex x = c_.ix[j];
+    const double d = c_.d_of(j, c);
+    const std::int32_t p = w_.pos[static_cast<std::size_t>(x)];
+    const double f = p >= 0 ? eU_[static_cast<std::size_t>(p)] / zs_ : f0;
+    mf += f * d;
+    mf2 += f * d * d;
+    mq += w_.q[static_cast<std::size_t>(x)] * d;
+  }
+  g = mf - mq;
+  h = mf2 - mf * mf;
+}
+
 Pick LogitModel::best_addition(const std::vector<Index>& pool, const std::vector<std::uint8_t>& taken) {
   eval(alpha_, nullptr, nullptr);
   const double a2 = alpha_.squaredNorm();
@@ -301,17 +412,8 @@ Pick LogitModel::best_addition(const std::vector<Index>& pool, const std::vector
   for (std::size_t i = 0; i < pool.size(); ++i) {
     if (taken[i]) continue;
     const Index c = pool[i];
-    double mf = 0.0, mf2 = 0.0, mq = 0.0;
-    for (Index j = c_.ip[c]; j < c_.ip[c + 1]; ++j) {
-      const StateIndex x = c_.ix[j];
-      const double d = c_.d_of(j, c);
-      const std::int32_t p = w_.pos[static_cast<std::size_t>(x)];
-      const double f = p >= 0 ? eU_[static_cast<std::size_t>(p)] / zs_ : f0;
-      mf += f * d;
-      mf2 += f * d * d;
-      mq += w_.q[static_cast<std::size_t>(x)] * d;
-    }
-    const double g = mf - mq, h = mf2 - mf * mf;
+    double g, h;
+    candidate_moments(c, f0, g, h);
     if (!(h > 1e-300)) continue;
     const double t = std::clamp(-g / h, -rank_tmax, rank_tmax);
     sl.offer(-(g * t + 0.5 * h * t * t), static_cast<Index>(i));
@@ -347,17 +449,7 @@ Index LogitModel::cheapest_removal() {
   VectorXd g;
   MatrixXd H;
   eval(alpha_, &g, &H);
-  const VectorXd hinv = inverse_diagonal(H);
-  Index best = 0;
-  double best_cost = INFINITY;
-  for (Index i = 0; i < size(); ++i) {
-    const double cost = alpha_(i) * alpha_(i) / (2.0 * std::max(hinv(i), 1e-300));
-    if (cost < best_cost) {
-      best_cost = cost;
-      best = i;
-    }
-  }
-  return best;
+  return cheapest_slot(alpha_, H);
 }
 
 std::vector<Index> LogitModel::rescreen(const std::vector<Index>& wide, Index C) {
@@ -368,17 +460,8 @@ std::vector<Index> LogitModel::rescreen(const std::vector<Index>& wide, Index C)
   scored.reserve(wide.size());
   for (Index c : wide) {
     if (w_.mark[static_cast<std::size_t>(c)]) continue;
-    double mf = 0.0, mf2 = 0.0, mq = 0.0;
-    for (Index j = c_.ip[c]; j < c_.ip[c + 1]; ++j) {
-      const StateIndex x = c_.ix[j];
-      const double d = c_.d_of(j, c);
-      const std::int32_t p = w_.pos[static_cast<std::size_t>(x)];
-      const double f = p >= 0 ? eU_[static_cast<std::size_t>(p)] / zs_ : f0;
-      mf += f * d;
-      mf2 += f * d * d;
-      mq += w_.q[static_cast<std::size_t>(x)] * d;
-    }
-    const double g = mf - mq, h = mf2 - mf * mf;
+    double g, h;
+    candidate_moments(c, f0, g, h);
     scored.emplace_back(h > 1e-300 ? -g * g / h : 0.0, c);
   }
   for (Index v : atoms_) w_.mark[static_cast<std::size_t>(v)] = 0;
@@ -404,6 +487,7 @@ void MixtureModel::load(const StateIndex* ids, const double* q, Index nq) {
     qsum_ += p;
     if (p > 0) neg_h_ += p * std::log(p);
     w_.pos[static_cast<std::size_t>(ids[i])] = static_cast<std::int32_t>(i);
+    w_.set_bit(ids[i]);
   }
   fJ_.assign(static_cast<std::size_t>(nq), 0.0);
   w1_.assign(static_cast<std::size_t>(nq), 0.0);
@@ -424,7 +508,7 @@ void MixtureModel::cache_pool(const std::vector<Index>& pool) {
     const Index c = pool[i];
     const double u = c_.u[static_cast<std::size_t>(c)];
     for (Index j = c_.ip[c]; j < c_.ip[c + 1]; ++j) {
-      const std::int32_t p = w_.pos[static_cast<std::size_t>(c_.ix[j])];
+      const std::int32_t p = w_.pos_if_set(c_.ix[j]);
       if (p < 0) continue;
       hpos_.push_back(p);
       hval_.push_back(static_cast<double>(c_.px[j]) - u);
@@ -438,7 +522,10 @@ void MixtureModel::cache_pool(const std::vector<Index>& pool) {
 void MixtureModel::unload() {
   pool_data_ = nullptr;
   pool_size_ = 0;
-  for (Index i = 0; i < nq_; ++i) w_.pos[static_cast<std::size_t>(ids_[i])] = -1;
+  for (Index i = 0; i < nq_; ++i) {
+    w_.pos[static_cast<std::size_t>(ids_[i])] = -1;
+    w_.clear_bit(ids_[i]);
+  }
   atoms_.clear();
   alpha_.resize(0);
 }
@@ -462,29 +549,26 @@ void MixtureModel::set_support(std::vector<Index> atoms, VectorXd alpha, bool pr
 }
 
 void MixtureModel::rebuild() {
-  const std::size_t nJ = static_cast<std::size_t>(nq_);
-  std::vector<Index> cnt(nJ + 1, 0);
-  for (Index v : atoms_)
-    for (Index j = c_.ip[v]; j < c_.ip[v + 1]; ++j) {
-      const std::int32_t p = w_.pos[static_cast<std::size_t>(c_.ix[j])];
-      if (p >= 0) ++cnt[static_cast<std::size_t>(p) + 1];
-    }
-  mptr_.assign(nJ + 1, 0);
-  for (std::size_t p = 0; p < nJ; ++p) mptr_[p + 1] = mptr_[p] + cnt[p + 1];
-  mslot_.resize(static_cast<std::size_t>(mptr_[nJ]));
-  mval_.resize(static_cast<std::size_t>(mptr_[nJ]));
-  std::vector<Index> next(mptr_.begin(), mptr_.end() - 1);
-  for (std::size_t i = 0; i < atoms_.size(); ++i) {
-    const Index v = atoms_[i];
-    const double u = c_.u[static_cast<std::size_t>(v)];
-    for (Index j = c_.ip[v]; j < c_.ip[v + 1]; ++j) {
-      const std::int32_t p = w_.pos[static_cast<std::size_t>(c_.ix[j])];
-      if (p < 0) continue;
-      const std::size_t k = static_cast<std::size_t>(next[static_cast<std::size_t>(p)]++);
-      mslot_[k] = static_cast<std::int32_t>(i);
-      mval_[k] = static_cast<double>(c_.px[j]) - u;
+  rows_.build(
+      atoms_, nq_, c_.ip, [&](Index j) { return w_.pos_if_set(c_.ix[j]); },
+      [&](Index j, Index v) { return static_cast<double>(c_.px[j]) - c_.u[static_cast<std::size_t>(v)]; });
+  // Tokens of J no atom stores all get f = tau (the atoms' tails): one log serves them all.
+  covered_.clear();
+  uncovered_.clear();
+  qc_.clear();
+  q_unc_ = 0.0;
+  for (Index p = 0; p < nq_; ++p) {
+    const std::size_t sp = static_cast<std::size_t>(p);
+    w1_[sp] = w2_[sp] = 0.0;
+    if (rows_.ptr[sp + 1] > rows_.ptr[sp]) {
+      covered_.push_back(p);
+      qc_.push_back(qJ_[sp]);
+    } else {
+      uncovered_.push_back(p);
+      q_unc_ += qJ_[sp];
     }
   }
+  fc_.resize(covered_.size());
 }
 
 double MixtureModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H) {
@@ -497,95 +581,78 @@ double MixtureModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H) {
     tau += a(i) * c_.u[v];
     mass += a(i) * c_.total[v];
   }
-  double value = mass, W1 = 0.0, W2 = 0.0;
-  for (std::size_t p = 0; p < static_cast<std::size_t>(nq_); ++p) {
+  const std::size_t nc = covered_.size();
+  for (std::size_t c = 0; c < nc; ++c) {
+    const std::size_t p = static_cast<std::size_t>(covered_[c]);
     double f = tau;
-    for (Index k = mptr_[p]; k < mptr_[p + 1]; ++k) f += a(mslot_[static_cast<std::size_t>(k)]) * mval_[static_cast<std::size_t>(k)];
-    const double fl = std::max(f, kLogFloor);
-    fJ_[p] = fl;
-    value -= qJ_[p] * std::log(fl);
-    w1_[p] = qJ_[p] / fl;
-    w2_[p] = w1_[p] / fl;
+    for (Index k = rows_.ptr[p]; k < rows_.ptr[p + 1]; ++k)
+      f += a(rows_.slot[static_cast<std::size_t>(k)]) * rows_.val[static_cast<std::size_t>(k)];
+    fc_[c] = std::max(f, kLogFloor);
+  }
+  const Eigen::Map<const Eigen::ArrayXd> fmap(fc_.data(), static_cast<Index>(nc)), qmap(qc_.data(), static_cast<Index>(nc));
+  const double ft = std::max(tau, kLogFloor);
+  double value = mass - (qmap * fmap.log()).sum() - q_unc_ * std::log(ft);
+  double W1 = q_unc_ / ft, W2 = q_unc_ / (ft * ft);
+  for (std::size_t c = 0; c < nc; ++c) {
+    const std::size_t p = static_cast<std::size_t>(covered_[c]);
+    fJ_[p] = fc_[c];
+    w1_[p] = qc_[c] / fc_[c];
+    w2_[p] = w1_[p] / fc_[c];
     W1 += w1_[p];
     W2 += w2_[p];
   }
+  for (Index p : uncovered_) fJ_[static_cast<std::size_t>(p)] = ft;
   W1_ = W1;
   W2_ = W2;
-  if (g || H) {
-    VectorXd s1 = VectorXd::Zero(n), b = VectorXd::Zero(n);
-    if (H) H->setZero(n, n);
-    for (std::size_t p = 0; p < static_cast<std::size_t>(nq_); ++p) {
-      const Index lo = mptr_[p], hi = mptr_[p + 1];
-      for (Index k = lo; k < hi; ++k) {
-        const std::int32_t si = mslot_[static_cast<std::size_t>(k)];
-        const double v = mval_[static_cast<std::size_t>(k)];
-        s1(si) += w1_[p] * v;
-        b(si) += w2_[p] * v;
-        if (H) {
-          const double wv = w2_[p] * v;
-          for (Index l = k; l < hi; ++l) (*H)(si, mslot_[static_cast<std::size_t>(l)]) += wv * mval_[static_cast<std::size_t>(l)];
-        }
-      }
-    }
-    if (g) {
-      g->resize(n);
-      for (Index i = 0; i < n; ++i)
-        (*g)(i) = -(uS(i) * W1 + s1(i)) + c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
-    }
-    if (H) {
-      // Slots are ascending within a position, so only the upper triangle was filled.
-      MatrixXd full = H->selfadjointView<Eigen::Upper>();
-      *H = full + W2 * uS * uS.transpose() + uS * b.transpose() + b * uS.transpose();
-    }
+  if (g) {
+    VectorXd s1 = VectorXd::Zero(n);
+    for (std::size_t p = 0; p < static_cast<std::size_t>(nq_); ++p)
+      for (Index k = rows_.ptr[p]; k < rows_.ptr[p + 1]; ++k)
+        s1(rows_.slot[static_cast<std::size_t>(k)]) += w1_[p] * rows_.val[static_cast<std::size_t>(k)];
+    g->resize(n);
+    for (Index i = 0; i < n; ++i)
+      (*g)(i) = -(uS(i) * W1 + s1(i)) + c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
   }
+  if (H) hessian_at_last_eval(*H);
   return value;
+}
+
+void MixtureModel::hessian_at_last_eval(MatrixXd& H) const {
+  // f_p = tau + m_p . a with m_p = p(x_p|.) - u: H = sum_p w2_p (u + m_p)(u + m_p)^T.
+  const Index n = size();
+  VectorXd uS(n), b;
+  for (Index i = 0; i < n; ++i) uS(i) = c_.u[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
+  rows_.weighted_gram(w2_.data(), H, &b);
+  H.noalias() += W2_ * uS * uS.transpose() + uS * b.transpose() + b * uS.transpose();
+}
+
+bool MixtureModel::converged_with(const VectorXd& g, const MatrixXd& H, double G, double tol) const {
+  VectorXd step;
+  std::vector<std::uint8_t> bind;
+  const ProjectedStep d = projected_step(alpha_, g, H, step, bind);
+  return !(d.dec_free + d.dec_bound > tol * std::max(1.0, std::abs(G)));
 }
 
 Index MixtureModel::newton(Index max_iter, double tol, bool& converged) {
   converged = true;
   const Index n = size();
   if (n == 0) return 0;
-  VectorXd g, step, trial;
+  VectorXd g, step, trial, gt;
   MatrixXd H;
   Index it = 0;
   converged = false;
+  double G = eval(alpha_, &g, &H);
+  std::vector<std::uint8_t> bind;
   for (; it < max_iter; ++it) {
-    const double G = eval(alpha_, &g, &H);
-    const double eps = std::min(1e-12, (alpha_ - (alpha_ - g).cwiseMax(0.0)).norm());
-    std::vector<Index> fr;
-    std::vector<std::uint8_t> bind(static_cast<std::size_t>(n), 0);
-    for (Index i = 0; i < n; ++i) {
-      if (alpha_(i) <= eps && g(i) > 0)
-        bind[static_cast<std::size_t>(i)] = 1;
-      else
-        fr.push_back(i);
-    }
-    step = VectorXd::Zero(n);
-    double dec_free = 0.0;
-    if (!fr.empty()) {
-      const Index nf = static_cast<Index>(fr.size());
-      MatrixXd Hf(nf, nf);
-      VectorXd gf(nf);
-      for (Index r = 0; r < nf; ++r) {
-        gf(r) = g(fr[static_cast<std::size_t>(r)]);
-        for (Index c = 0; c < nf; ++c) Hf(r, c) = H(fr[static_cast<std::size_t>(r)], fr[static_cast<std::size_t>(c)]);
-      }
-      const VectorXd sf = -solve_spd(Hf, gf);
-      for (Index r = 0; r < nf; ++r) step(fr[static_cast<std::size_t>(r)]) = sf(r);
-      dec_free = -gf.dot(sf);
-    }
-    double dec_bound = 0.0;
-    for (Index i = 0; i < n; ++i)
-      if (bind[static_cast<std::size_t>(i)]) {
-        step(i) = -alpha_(i);
-        dec_bound += g(i) * alpha_(i);
-      }
+    const ProjectedStep d = projected_step(alpha_, g, H, step, bind);
+    const double dec_free = d.dec_free, dec_bound = d.dec_bound;
     if (!(dec_free + dec_bound > tol * std::max(1.0, std::abs(G)))) {
       converged = true;
       break;
     }
     // Armijo along the projection arc (Bertsekas 1982): predicted decrease of the free
-    // step plus the first-order decrease of the variables pushed to the bound.
+    // step plus the first-order decrease of the variables pushed to the bound.  The
+    // full step is evaluated with its gradient (the next iteration's).
     double t = 1.0;
     bool ok = false;
     while (t > 1e-14) {
@@ -594,23 +661,56 @@ Index MixtureModel::newton(Index max_iter, double tol, bool& converged) {
       for (Index i = 0; i < n; ++i)
         pred += bind[static_cast<std::size_t>(i)] ? g(i) * (alpha_(i) - trial(i)) : 0.0;
       pred += t * dec_free;
-      if (eval(trial, nullptr, nullptr) <= G - 1e-4 * pred) {
+      const bool full = t == 1.0;
+      const double Gt = full ? eval(trial, &gt, nullptr) : eval(trial, nullptr, nullptr);
+      if (Gt <= G - 1e-4 * pred) {
         ok = true;
+        alpha_.swap(trial);
+        G = Gt;
+        if (full) {
+          // The Hessian at the new point is needed only if this is not the last step:
+          // test convergence first with the previous one (near the optimum they agree
+          // to first order, and the test has a factor 1e4 of slack against the 1e-6
+          // objective bar), then build it from the state eval() left.
+          g.swap(gt);
+          if (converged_with(g, H, G, tol)) {
+            converged = true;
+            break;
+          }
+          hessian_at_last_eval(H);
+        } else {
+          G = eval(alpha_, &g, &H);
+        }
         break;
       }
       t *= 0.5;
     }
-    if (!ok) {
-      converged = true;  // no representable decrease left
+    if (!ok || converged) {
+      converged = true;  // converged at the step just taken, or no representable decrease left
       ++it;
       break;
     }
-    alpha_ = trial;
   }
   double mass = 0.0;
   for (Index i = 0; i < n; ++i) mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
   if (mass > 0) alpha_ /= mass;
   return it;
+}
+
+void MixtureModel::em(Index steps) {
+  VectorXd g;
+  for (Index it = 0; it < steps && size() > 0; ++it) {
+    eval(alpha_, &g, nullptr);
+    // g_i = total_i - sum_x q(x) p(x|v_i) / f(x): the EM update is alpha_i *= (total_i - g_i) / total_i.
+    double mass = 0.0;
+    for (Index i = 0; i < size(); ++i) {
+      const double tot = c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
+      alpha_(i) *= std::max(0.0, (tot - g(i)) / std::max(tot, 1e-300));
+      mass += alpha_(i) * tot;
+    }
+    if (!(mass > 0) || !std::isfinite(mass)) break;
+    alpha_ /= mass;
+  }
 }
 
 double MixtureModel::line_value(Index atom, double t) const {
@@ -734,17 +834,7 @@ Index MixtureModel::cheapest_removal() {
   VectorXd g;
   MatrixXd H;
   eval(alpha_, &g, &H);
-  const VectorXd hinv = inverse_diagonal(H);
-  Index best = 0;
-  double best_cost = INFINITY;
-  for (Index i = 0; i < size(); ++i) {
-    const double cost = alpha_(i) * alpha_(i) / (2.0 * std::max(hinv(i), 1e-300));
-    if (cost < best_cost) {
-      best_cost = cost;
-      best = i;
-    }
-  }
-  return best;
+  return cheapest_slot(alpha_, H);
 }
 
 VectorXd MixtureModel::gradient_kl() {

@@ -18,24 +18,21 @@ namespace markovmem::detail {
 using Eigen::MatrixXd;
 using Eigen::VectorXd;
 
-/// Read-only data shared by every target of one call.
-struct FitContext {
-  FitContext(const TransitionMatrix& P, Link link, bool with_dev, bool with_screening, const StateIndex* allowed,
-             Index n_allowed, int n_threads);
+/// Per-row constants of a matrix: p(x|v) of an unstored base state, its log, and
+/// stored mass + tail.  Cached on the matrix (TransitionMatrix::derived).
+struct RowConstants {
+  std::vector<double> u, logu, total;
+};
 
-  const TransitionMatrix& P;
-  Link link;
-  Index n_states, n_base;
-  const Index* ip;
-  const StateIndex* ix;
-  const Prob* px;
-  std::vector<double> u;      ///< p(x|v) of an unstored base state x
-  std::vector<double> logu;   ///< log(max(u, kLogFloor))
-  std::vector<double> total;  ///< stored mass + tail of each row (1 up to rounding)
-  std::vector<double> dev;    ///< logit: d_v(x) = log p(x|v) - logu_v per stored entry (empty if not asked)
+/// Logit: d_v(x) = log p(x|v) - logu_v per stored entry.  Cached on the matrix.
+struct LogDeviations {
+  std::vector<double> dev;
+};
 
-  // Screening: CSC of the eligible rows over base columns, with one value per entry
-  // (mixture: p - u_v; logit: d_v(x)), and the background model of each link.
+/// Screening data of one link: CSC of the eligible rows over base columns, with one
+/// value per entry (mixture: p - u_v; logit: d_v(x)), and the link's background model.
+/// Cached on the matrix when every row is eligible; built per call for a candidate subset.
+struct ScreenIndex {
   std::vector<std::uint8_t> eligible;
   std::vector<Index> cptr;
   std::vector<StateIndex> crow;
@@ -44,6 +41,37 @@ struct FitContext {
   std::vector<double> pbar;  ///< mixture: the average eligible row over base states
   std::vector<double> dbar;  ///< logit: the average eligible deviation row
   std::vector<double> grid_c, grid_logz;
+  mutable std::vector<std::vector<double>> grid_ebg;  ///< filled on first use of each grid point
+  mutable std::unique_ptr<std::once_flag[]> grid_once;
+};
+
+/// Read-only data shared by every target of one call (the heavy parts are shared
+/// across calls through the matrix's derived-data store).
+struct FitContext {
+  /// Whether the logit deviations are stored (else computed per use by d_of).
+  enum class Dev { kNo, kIfCached, kYes };
+  FitContext(const TransitionMatrix& P, Link link, Dev with_dev, bool with_screening, const StateIndex* allowed,
+             Index n_allowed, int n_threads);
+
+  const TransitionMatrix& P;
+  Link link;
+  Index n_states, n_base;
+  const Index* ip;
+  const StateIndex* ix;
+  const Prob* px;
+
+ private:
+  std::shared_ptr<const RowConstants> rows_;
+  std::shared_ptr<const LogDeviations> devs_;
+  std::shared_ptr<const ScreenIndex> screen_;
+  static const ScreenIndex& empty_screen();
+
+ public:
+  const std::vector<double>& u;      ///< p(x|v) of an unstored base state x
+  const std::vector<double>& logu;   ///< log(max(u, kLogFloor))
+  const std::vector<double>& total;  ///< stored mass + tail of each row (1 up to rounding)
+  const std::vector<double>& dev;    ///< logit: d_v(x) per stored entry (empty if not asked)
+  const ScreenIndex& scr;            ///< screening data (empty if not asked)
   /// E_{softmax(c dbar)}[d_v] for every state, computed on first use of grid point i.
   const std::vector<double>& background_mean(std::size_t i) const;
 
@@ -51,10 +79,65 @@ struct FitContext {
     return dev.empty() ? std::log(std::max<double>(px[j], kLogFloor)) - logu[static_cast<std::size_t>(v)]
                        : dev[static_cast<std::size_t>(j)];
   }
+};
+
+/// The support rows by position: for each position p (a token of the model's
+/// column set) the slots that store it, ascending, and their values.  Positions
+/// stored by at least a third of the slots (the frequent tokens every LM row
+/// shares) are also kept as a dense block, so a weighted Gram matrix costs one
+/// small GEMM for them and sparse pair updates only for the rest.
+struct SupportRows {
+  std::vector<Index> ptr;  ///< n_pos + 1
+  std::vector<std::int32_t> slot;
+  std::vector<double> val;
+  Index n_slots = 0;
+  std::vector<Index> heavy;  ///< positions of the dense block
+  std::vector<std::uint8_t> is_heavy;
+  MatrixXd dense;  ///< heavy.size() x n_slots, zero where a slot does not store the position
+  /// Fills the structure from the atoms' stored entries: pos_of(j) gives the
+  /// position of entry j of P (or -1 to skip it), val_of(j, v) its value.  O(entries).
+  template <class PosOf, class ValOf>
+  void build(const std::vector<Index>& atoms, Index n_pos, const Index* ip, PosOf pos_of, ValOf val_of) {
+    const std::size_t np = static_cast<std::size_t>(n_pos);
+    n_slots = static_cast<Index>(atoms.size());
+    ptr.assign(np + 1, 0);
+    // One pass over the atoms' entries (the position lookups are the cache misses),
+    // then a counting sort by position; slots stay ascending within a position.
+    hits_.clear();
+    for (std::size_t i = 0; i < atoms.size(); ++i) {
+      const Index v = atoms[i];
+      for (Index j = ip[v]; j < ip[v + 1]; ++j) {
+        const std::int32_t p = pos_of(j);
+        if (p < 0) continue;
+        hits_.push_back({p, static_cast<std::int32_t>(i), val_of(j, v)});
+        ++ptr[static_cast<std::size_t>(p) + 1];
+      }
+    }
+    for (std::size_t p = 0; p < np; ++p) ptr[p + 1] += ptr[p];
+    slot.resize(hits_.size());
+    val.resize(hits_.size());
+    next_.assign(ptr.begin(), ptr.end() - 1);
+    for (const Hit& h : hits_) {
+      const std::size_t k = static_cast<std::size_t>(next_[static_cast<std::size_t>(h.pos)]++);
+      slot[k] = h.slot;
+      val[k] = h.val;
+    }
+    finish();
+  }
+  /// G = sum_p w[p] v_p v_p^T (full, symmetric) and, when wsum is given,
+  /// wsum = sum_p w[p] v_p, with v_p the position's row over the slots.  w >= 0.
+  void weighted_gram(const double* w, MatrixXd& G, VectorXd* wsum) const;
 
  private:
-  mutable std::vector<std::vector<double>> grid_ebg_;
-  mutable std::unique_ptr<std::once_flag[]> grid_once_;
+  void finish();
+  struct Hit {
+    std::int32_t pos, slot;
+    double val;
+  };
+  std::vector<Hit> hits_;
+  std::vector<Index> next_;
+  mutable MatrixXd scaled_;
+  mutable VectorXd wh_;
 };
 
 /// Per-thread dense buffers over base states (kept zeroed / -1 between targets).
@@ -64,10 +147,20 @@ struct Workspace {
   std::vector<double> acc;        ///< screening accumulator over states
   std::vector<std::uint8_t> mark; ///< states touched by the screening product
   std::vector<Index> touched;
+  /// One bit per base state, set where pos is (mixture / closed form: the target's
+  /// tokens).  16 KB at T = 131k: it stays in L1 and filters the pos lookups, which
+  /// miss cache, down to the hits.
+  std::vector<std::uint64_t> bits;
+  bool has(StateIndex x) const { return (bits[static_cast<std::size_t>(x) >> 6] >> (x & 63)) & 1U; }
+  void set_bit(StateIndex x) { bits[static_cast<std::size_t>(x) >> 6] |= std::uint64_t{1} << (x & 63); }
+  void clear_bit(StateIndex x) { bits[static_cast<std::size_t>(x) >> 6] &= ~(std::uint64_t{1} << (x & 63)); }
+  /// pos[x] for a state with its bit set, -1 otherwise.
+  std::int32_t pos_if_set(StateIndex x) const { return has(x) ? pos[static_cast<std::size_t>(x)] : -1; }
   void ensure(Index n_base, Index n_states) {
     if (static_cast<Index>(pos.size()) != n_base) {
       pos.assign(static_cast<std::size_t>(n_base), -1);
       q.assign(static_cast<std::size_t>(n_base), 0.0);
+      bits.assign(static_cast<std::size_t>(n_base) / 64 + 1, 0);
     }
     if (static_cast<Index>(acc.size()) != n_states) {
       acc.assign(static_cast<std::size_t>(n_states), 0.0);
@@ -104,6 +197,7 @@ class LogitModel {
   double neg_entropy() const { return neg_h_; }
   /// Newton (ball-constrained); returns iterations, sets converged.
   Index newton(Index max_iter, double tol, bool& converged);
+  void em(Index) {}  ///< no EM phase for the logit link
   /// Best single addition among pool entries not flagged in `taken` (second-order screen, exact line on a shortlist).
   Pick best_addition(const std::vector<Index>& pool, const std::vector<std::uint8_t>& taken);
   void add(Index atom, double t);
@@ -124,6 +218,8 @@ class LogitModel {
 
  private:
   void rebuild();
+  /// Gradient g and curvature h of the objective along e_c at the last eval (f0: f of an unstored column).
+  void candidate_moments(Index c, double f0, double& g, double& h) const;
   double line_gain(Index atom, double t0, double tmax, double& t);
   const FitContext& c_;
   Workspace& w_;
@@ -135,10 +231,8 @@ class LogitModel {
   Index nq_ = 0;
   // Support matrix by position in the union U of the atoms' stored columns.
   std::vector<StateIndex> ulist_;
-  std::vector<Index> mptr_;
-  std::vector<std::int32_t> mslot_;
-  std::vector<double> mval_;
-  std::vector<double> qU_, zU_, eU_;
+  SupportRows rows_;
+  std::vector<double> qU_, zU_, eU_, fU_;
   VectorXd eq_;  ///< E_q_hat[d_i] per slot
   double zmax_ = 0.0, zs_ = 1.0;  ///< shift and shifted partition function of the last eval
 };
@@ -166,6 +260,9 @@ class MixtureModel {
   double value() { return eval(alpha_, nullptr, nullptr); }
   double neg_entropy() const { return neg_h_; }
   Index newton(Index max_iter, double tol, bool& converged);
+  /// `steps` EM (multiplicative) updates of alpha on the simplex: each costs one
+  /// objective and gradient, keeps alpha > 0 where it is, and never increases KL.
+  void em(Index steps);
   Pick best_addition(const std::vector<Index>& pool, const std::vector<std::uint8_t>& taken);
   void add(Index atom, double t);
   void remove(Index slot);
@@ -177,6 +274,10 @@ class MixtureModel {
 
  private:
   void rebuild();
+  /// Hessian of G at the point of the last eval() that computed a gradient (its weights are kept).
+  void hessian_at_last_eval(MatrixXd& H) const;
+  /// newton()'s stopping test at alpha_ with gradient g and Hessian H.
+  bool converged_with(const VectorXd& g, const MatrixXd& H, double G, double tol) const;
   double line_value(Index atom, double t) const;
   // The pool's rows restricted to J = supp(q_hat), built once per target and pool
   // so that every gain sweep reads only the entries that matter, contiguously.
@@ -195,9 +296,10 @@ class MixtureModel {
   Index nq_ = 0;
   std::vector<double> qJ_;
   // Support matrix by position in J = supp(q_hat): entries p(x|v) - u_v.
-  std::vector<Index> mptr_;
-  std::vector<std::int32_t> mslot_;
-  std::vector<double> mval_;
+  SupportRows rows_;
+  std::vector<Index> covered_, uncovered_;  ///< positions of J some atom stores / none stores
+  std::vector<double> fc_, qc_;             ///< f and q_hat on covered_
+  double q_unc_ = 0.0;                      ///< q_hat mass on uncovered_ (their f is tau)
   std::vector<double> fJ_, w1_, w2_;
   std::vector<double> rbuf_;
   double W1_ = 0.0, W2_ = 0.0, qsum_ = 0.0;

@@ -272,6 +272,7 @@ TransitionMatrix TransitionMatrix::extended(Extension ext, Index m) const {
   q.n_states_ = n_states_ + m;
   q.claim_ = std::move(ext.claim);
   q.hash_cache_ = std::make_shared<HashCache>();
+  q.derived_ = std::make_shared<DerivedStore>();  // more rows: nothing derived from the old ones applies
   return q;
 }
 
@@ -622,6 +623,35 @@ std::vector<std::int32_t> TransitionMatrix::sample(Index start, Index length, st
     v = next;
   }
   return path;
+}
+
+std::shared_ptr<const void> TransitionMatrix::derived(const std::string& key,
+                                                     const std::function<std::shared_ptr<const void>()>& make) const {
+  // Built under the lock so that concurrent callers of one key pay for one build.
+  std::lock_guard<std::mutex> lock(derived_->mutex);
+  auto it = derived_->entries.find(key);
+  if (it != derived_->entries.end()) return it->second;
+  std::shared_ptr<const void> value = make();
+  derived_->entries.emplace(key, value);
+  return value;
+}
+
+std::shared_ptr<const void> TransitionMatrix::find_derived(const std::string& key) const {
+  std::lock_guard<std::mutex> lock(derived_->mutex);
+  auto it = derived_->entries.find(key);
+  return it == derived_->entries.end() ? nullptr : it->second;
+}
+
+void TransitionMatrix::clear_derived() const {
+  std::lock_guard<std::mutex> lock(derived_->mutex);
+  derived_->entries.clear();
+}
+
+std::vector<std::string> TransitionMatrix::derived_keys() const {
+  std::lock_guard<std::mutex> lock(derived_->mutex);
+  std::vector<std::string> keys;
+  for (const auto& kv : derived_->entries) keys.push_back(kv.first);
+  return keys;
 }
 
 const std::array<ArrayHashes, 4>& TransitionMatrix::chunk_hashes() const {

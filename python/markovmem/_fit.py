@@ -248,8 +248,9 @@ def fit_alpha(
     Algorithm, per target (in parallel over targets, deterministic for a seed
     whatever the thread count):
 
-    1. *Screening by column access.*  An inverted index (CSC) of P is built once
-       per call.  The product of q_hat with it touches only the rows that store
+    1. *Screening by column access.*  An inverted index (CSC) of P is built on
+       the first call and kept with P (see :meth:`TransitionMatrix.clear_cache`;
+       a ``candidates`` array builds a restricted one per call instead).  The product of q_hat with it touches only the rows that store
        some observed token; each touched row is scored by minus the gradient of
        the objective at a background model (mixture: the uniform blend of all
        rows, with the columns stored by more than 1/8 of the rows left out of
@@ -295,14 +296,20 @@ def fit_alpha(
     n_threads : int, optional
         OpenMP threads (None: the OpenMP default).
     seed : int
-        Orders the swap pass; results depend on it, never on ``n_threads``.
+        Only sets the order in which the swap pass (step 3) visits the support
+        states of each row (a splitmix64 shuffle seeded by ``seed`` and the row
+        index).  Nothing else is random: with ``swap_passes=0`` the seed has no
+        effect, and two seeds can give different supports only where the swap
+        order matters.  Results are the same for every ``n_threads``.
     n_samples : float or (m,) array, optional
         When given, ``targets`` rows are probabilities and this is their sample
         count N (recorded as ``AlphaFit.n_samples``; the fit itself is the same).
     support : optional
         Skip selection and fit on this fixed support per row (an AlphaFit, a
-        sparse (m, n_states) pattern, or m arrays of state ids), starting from
-        :func:`closed_form_alpha`.
+        sparse (m, n_states) pattern, or m arrays of state ids).  The logit link
+        starts from :func:`closed_form_alpha`; the mixture link from the uniform
+        blend refined by three EM steps (the log-space closed form clipped to the
+        simplex zeroes atoms that projected Newton then revives only slowly).
     oversize : float, optional
         Forward selection grows to ``ceil(oversize * s)`` before pruning
         (default 2 for logit, 1 for mixture).

@@ -605,6 +605,18 @@ class TransitionMatrix:
         """Stable content hash (16 hex digits, XXH64 tree hash): same bytes, same value everywhere."""
         return self._m.fingerprint()
 
+    def clear_cache(self) -> None:
+        """Free the data that :func:`markovmem.fit_alpha` derives from this matrix and keeps.
+
+        The first fit on a matrix builds its per-row constants, the logit
+        deviations ``log p(x|v) - log u_v`` (8 bytes per stored entry) and, per
+        link, an inverted index (CSC, 8 bytes per stored entry); later calls reuse
+        them.  A matrix never changes, so they never go stale: an expanded or
+        reloaded matrix starts without any.  Call this to give the memory back;
+        the next fit builds them again.
+        """
+        self._m.clear_derived()
+
     # ------------------------------------------------------------------ expansion
     def expand(
         self, new_rows: Any, *, tol: float = DEFAULT_TOL, n_threads: int | None = None

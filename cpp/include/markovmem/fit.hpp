@@ -46,7 +46,7 @@ struct FitOptions {
   Index max_iter = 100;         ///< Newton iterations of the final refit
   double tol = 1e-10;           ///< stop when the Newton decrement is below tol * max(1, objective)
   int n_threads = 0;            ///< 0 = OpenMP default
-  std::uint64_t seed = 0;       ///< orders the swap pass (deterministic per target, any thread count)
+  std::uint64_t seed = 0;       ///< only orders the swap pass (a per-row shuffle); no other randomness
   const StateIndex* allowed = nullptr;  ///< sorted unique eligible states (null = every state)
   Index n_allowed = 0;
 };
@@ -70,19 +70,21 @@ struct AlphaResult {
 void check_targets(const TransitionMatrix& P, const TargetsView& targets);
 
 /// Sparse fit with support selection.  Per target: screening through column
-/// access (a CSC of P built once per call; the product q_hat x P^T restricted to
+/// access (a CSC of P kept with P after the first call; the product q_hat x P^T restricted to
 /// the rows that store an observed token, scored by the gradient at a background
 /// model), greedy forward selection by gain with a Newton refit after each
 /// addition, pruning (logit: from 2 s) and a swap pass, for the logit link up to
 /// three rounds that rescore a longer candidate list at the current fit, then a
 /// final refit to tol.
 /// Parallel over targets (OpenMP); results do not depend on the thread count.
-/// Memory: O(nnz(P)) for the CSC plus O(n_states) per thread.
+/// Memory: O(nnz(P)) for the CSC (kept with P, see TransitionMatrix::derived, unless
+/// opts.allowed restricts the atoms) plus O(n_states) per thread.
 AlphaResult fit_alpha(const TransitionMatrix& P, const TargetsView& targets, const FitOptions& opts);
 
 /// Fit on a fixed support per row (no selection): Newton (logit, ball constraint)
 /// or projected Newton on the simplex (mixture), started from support.values when
-/// given, else from closed_form_alpha (projected to the simplex for mixture).
+/// given, else from closed_form_alpha (logit) or the uniform blend after three EM
+/// steps (mixture).  Per-matrix data comes from P's derived-data store.
 AlphaResult fit_on_support(const TransitionMatrix& P, const TargetsView& targets, const SupportView& support,
                            const FitOptions& opts);
 

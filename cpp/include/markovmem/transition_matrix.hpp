@@ -11,6 +11,8 @@
 #include <vector>
 
 #include <array>
+#include <functional>
+#include <map>
 
 #include "markovmem/buffer.hpp"
 #include "markovmem/common.hpp"
@@ -171,6 +173,22 @@ class TransitionMatrix {
   /// Rows and entries of spare capacity to allocate after n_rows rows and nnz entries.
   static std::pair<Index, Index> headroom(Index n_rows, Index nnz) noexcept;
 
+  /// Data derived from this matrix's rows (the fit's per-row constants and
+  /// inverted index), built once by `make` and kept, under `key`, until this
+  /// matrix and its copies are gone or clear_derived() is called.  A matrix never
+  /// changes, so an entry never goes stale: every new matrix (an expansion, a
+  /// load, any constructor) starts with an empty store of its own.  Thread-safe:
+  /// concurrent callers of one key wait for a single `make`; `make` must not call
+  /// derived() itself.
+  std::shared_ptr<const void> derived(const std::string& key,
+                                      const std::function<std::shared_ptr<const void>()>& make) const;
+  /// The entry under `key` if it is held now, else null (never builds).
+  std::shared_ptr<const void> find_derived(const std::string& key) const;
+  /// Forgets every derived entry (their memory goes once no running call holds it).
+  void clear_derived() const;
+  /// Keys of the derived entries held now, sorted.
+  std::vector<std::string> derived_keys() const;
+
   /// First broken invariant (structure, values, tail) or nothing.
   std::optional<Violation> find_violation(double tol = kRowSumTolerance, int n_threads = 0,
                                           Index first_row = 0) const;
@@ -195,6 +213,11 @@ class TransitionMatrix {
     std::array<ArrayHashes, 4> hashes;
   };
   std::shared_ptr<HashCache> hash_cache_ = std::make_shared<HashCache>();
+  struct DerivedStore {
+    std::mutex mutex;
+    std::map<std::string, std::shared_ptr<const void>> entries;
+  };
+  std::shared_ptr<DerivedStore> derived_ = std::make_shared<DerivedStore>();
 };
 
 namespace detail {
