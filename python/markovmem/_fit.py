@@ -250,8 +250,9 @@ def fit_alpha(
 
     1. *Screening by column access.*  An inverted index (CSC) of P is built on
        the first call and kept with P (see :meth:`TransitionMatrix.clear_cache`;
-       a ``candidates`` array builds a restricted one per call instead).  The product of q_hat with it touches only the rows that store
-       some observed token; each touched row is scored by minus the gradient of
+       a ``candidates`` array builds a restricted one per call instead).  The
+       product of q_hat with it touches only the rows that store some observed
+       token; each touched row is scored by minus the gradient of
        the objective at a background model (mixture: the uniform blend of all
        rows, with the columns stored by more than 1/8 of the rows left out of
        this product for speed; logit: ``softmax(c * mean log-row)`` with the
