@@ -3,6 +3,7 @@
     python bench/paper/run.py table   # ET vs alpha only vs FFT / LoRA / prompt tuning at one N
     python bench/paper/run.py sweep   # sample efficiency: target loss and alpha recall vs N
     python bench/paper/run.py all     # both
+    python bench/paper/run.py report  # rebuild the markdown and figures from the JSON results
 
 The logic lives in markovmem.llm.pseudowords; this script parses arguments, runs it and
 writes markdown tables, JSON and PNG figures under bench/results/paper/.
@@ -23,11 +24,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinystories-sample.txt"
 SWEEP_METHODS = ("et_alpha", "et_mean", "fft")
+#: Learning rates tried at every N of the sweep (two or three per method to fit its time budget:
+#: around the table's choices at N = 100, lower for FFT, which over-fits small N).
+SWEEP_LRS = {"et_alpha": (1e-2, 3e-2), "et_mean": (3e-2, 1e-1), "fft": (3e-4, 1e-3, 3e-3)}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("table", "sweep", "all"), nargs="?", default="all", help="which experiment")
+    p.add_argument("what", choices=("table", "sweep", "all", "report"), nargs="?", default="all", help="which experiment")
     p.add_argument("--model", default=os.environ.get("MARKOVMEM_TEST_MODEL"),
                    help="transformers model directory (default: $MARKOVMEM_TEST_MODEL)")
     p.add_argument("--data", default=os.environ.get("MARKOVMEM_TEST_DATA", str(DEFAULT_DATA)),
@@ -39,9 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="draws of the train sentences per N in the sweep")
     p.add_argument("--methods", nargs="+", default=None, help="table methods (default: all)")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
-                   help="learning-rate grid of one method, e.g. fft=3e-4,1e-3 (repeatable; default: the module's grid)")
+                   help="learning-rate grid of one method, e.g. fft=3e-4,1e-3 (repeatable; default: the module's "
+                        "grid for the table, SWEEP_LRS for the sweep)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps of every trained method")
-    p.add_argument("--batch-size", type=int, default=16, help="sentences per step")
+    p.add_argument("--batch-size", type=int, default=32, help="sentences per step")
     p.add_argument("--seed", type=int, default=0, help="seed of corpus draws, batch order and initialisation")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this model size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -64,6 +69,16 @@ def _setup(args: argparse.Namespace) -> Any:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     corpus = build_corpus(Path(args.data).read_text(encoding="utf-8"), tokenizer, seed=args.seed)
+    try:
+        config = PseudoWordBenchConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                                       lrs=_lr_grids(args))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    return PseudoWordBench(model, tokenizer, corpus, config, progress=not args.no_progress)
+
+
+def _lr_grids(args: argparse.Namespace) -> dict[str, tuple[float, ...]]:
+    """The --lr options as {method: learning rates}."""
     lrs = {}
     for item in args.lr:
         method, _, values = item.partition("=")
@@ -71,11 +86,7 @@ def _setup(args: argparse.Namespace) -> Any:
             lrs[method] = tuple(float(v) for v in values.split(","))
         except ValueError:
             raise SystemExit(f"error: --lr {item!r}: expected METHOD=LR[,LR...] with numbers") from None
-    try:
-        config = PseudoWordBenchConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, lrs=lrs)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    return PseudoWordBench(model, tokenizer, corpus, config, progress=not args.no_progress)
+    return lrs
 
 
 def _environment(args: argparse.Namespace, bench: Any) -> dict[str, Any]:
@@ -134,7 +145,7 @@ def run_table(args: argparse.Namespace, bench: Any, env: dict[str, Any], out: Pa
     from markovmem.llm.pseudowords import METHODS
 
     methods = args.methods or list(METHODS)
-    rows = [bench.reference()]
+    rows = [bench.reference(), bench.start()]
     for m in methods:
         t0 = time.perf_counter()
         rows.append(bench.run(m, args.n))
@@ -155,7 +166,8 @@ def run_sweep(args: argparse.Namespace, bench: Any, env: dict[str, Any], out: Pa
         for n in ns:
             for m in ("alpha", *SWEEP_METHODS):
                 t0 = time.perf_counter()
-                row = bench.run(m, n, repeat=repeat, full=False)
+                lrs = None if m == "alpha" else _lr_grids(args).get(m, SWEEP_LRS[m])
+                row = bench.run(m, n, repeat=repeat, lrs=lrs, full=False)
                 if m == "alpha":
                     for link in ("logit", "mixture"):
                         fixed = bench.support(bench.fit(n, repeat, link=link, s=4).alpha)
@@ -193,6 +205,8 @@ def _sweep_md(rows: list[dict[str, Any]], ref: dict[str, Any], env: dict[str, An
             + f" | {settings} | {_mean(rows, 'support_recall', 'alpha', n):.2f} / "
             f"{_mean(rows, 'recall_mixture_s4', 'alpha', n):.2f} / {_mean(rows, 'recall_logit_s4', 'alpha', n):.2f} |")
     repeats = len({r["repeat"] for r in rows})
+    grids = {m: sorted({float(lr) for r in rows if r["key"] == m for lr in r["val_by_lr"]}) for m in SWEEP_METHODS}
+    grid_text = "; ".join(f"{METHOD_NAMES[m]} {', '.join(f'{x:g}' for x in v)}" for m, v in grids.items())
     return "\n".join([
         f"# Sample efficiency on {env['model']}: held-out loss after the pseudo-word vs N", "",
         f"`{env['command']}`", "",
@@ -200,7 +214,7 @@ def _sweep_md(rows: list[dict[str, Any]], ref: dict[str, Any], env: dict[str, An
         f"Mean over {repeats} draw(s) of the train sentences; learning rate (and alpha's link and s) "
         f"picked on validation at every N. Reference (base model with the real words in place): "
         f"{ref['test_after']:.3f}. {env['config']['steps']} steps of {env['config']['batch_size']} sentences "
-        "at every N.", "",
+        f"at every N. Learning rates tried: {grid_text}.", "",
         f"Environment: {json.dumps(env['versions'])}, {env['threads']} torch thread(s), {env['cpus']} CPUs.",
     ]) + "\n"
 
@@ -227,15 +241,34 @@ def _sweep_png(rows: list[dict[str, Any]], ref: dict[str, Any], ns: list[int], p
     ax2.set(xscale="log", ylim=(0, 1.02), xlabel="train sentences per pseudo-word (N)",
             ylabel="support recall of the source words", title="alpha recovers the words a pseudo-word stands for")
     ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def report(out: Path) -> None:
+    """Rewrite table.md, sample_efficiency.md and .png from the JSON files a run left in ``out``."""
+    if (out / "table.json").exists():
+        data = json.loads((out / "table.json").read_text())
+        (out / "table.md").write_text(_table_md(data["rows"], data["environment"], data["n"]))
+    if (out / "sample_efficiency.json").exists():
+        data = json.loads((out / "sample_efficiency.json").read_text())
+        rows = data["rows"]
+        ns = sorted({r["n"] for r in rows})
+        (out / "sample_efficiency.md").write_text(_sweep_md(rows, data["reference"], data["environment"], ns))
+        _sweep_png(rows, data["reference"], ns, out / "sample_efficiency.png")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.what == "report":
+        report(out)
+        return 0
     bench = _setup(args)
     env = _environment(args, bench)
     if args.what in ("table", "all"):

@@ -53,9 +53,9 @@ DEFAULT_LRS = {
     "et_alpha": (1e-2, 3e-2, 1e-1),
     "et_mean": (1e-2, 3e-2, 1e-1),
     "et_random": (1e-2, 3e-2, 1e-1),
-    "fft": (3e-4, 1e-3, 3e-3),
+    "fft": (1e-3, 3e-3, 1e-2),
     "lora": (1e-3, 3e-3, 1e-2),
-    "prompt": (3e-3, 1e-2, 3e-2),
+    "prompt": (1e-2, 3e-2, 1e-1),
 }
 _LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # A sentence ends at . ! or ? (optionally followed by a closing quote) and whitespace.
@@ -702,6 +702,16 @@ class PseudoWordBench:
         return {"method": "reference: base model, real words in place", "key": "reference", "lr": None,
                 "val_after": val["after"], "test_after": test["after"], "test_sentence": test["sentence"],
                 "delta_old_loss": 0.0, "max_abs_logit_diff": 0.0, "trainable": 0, "seconds": 0.0}
+
+    def start(self) -> dict[str, Any]:
+        """The expanded model before any fit or training (new rows at the mean base embedding):
+        where ET from mean and the three baselines start."""
+        forward = _model_forward(self.template)
+        val = self.target_loss(forward, self.sequences("val"))
+        test = self.target_loss(forward, self.sequences("test"))
+        return {"method": "start: new rows at the mean embedding, no training", "key": "start", "lr": None,
+                "val_after": val["after"], "test_after": test["after"], "test_sentence": test["sentence"],
+                **self.forgetting(forward), "trainable": 0, "seconds": 0.0}
 
     def run(self, method: str, n: int, *, repeat: int = 0, lrs: Sequence[float] | None = None,
             full: bool = True) -> dict[str, Any]:
