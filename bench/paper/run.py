@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=100, help="train sentences per pseudo-word for the table")
     p.add_argument("--ns", type=int, nargs="+", default=[3, 10, 30, 100, 300], help="N of the sweep")
     p.add_argument("--repeats", type=int, default=1, help="draws of the train sentences per N in the sweep")
-    p.add_argument("--methods", nargs="+", default=None, help="table methods (default: all)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="methods of the table (default: all) or of the sweep (default: et_alpha et_mean fft; "
+                        "alpha only always runs there)")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
                    help="learning-rate grid of one method, e.g. fft=3e-4,1e-3 (repeatable; default: the module's "
                         "grid for the table, SWEEP_LRS for the sweep)")
@@ -164,7 +166,7 @@ def run_sweep(args: argparse.Namespace, bench: Any, env: dict[str, Any], out: Pa
         print(f"[sweep] skipping N > {top}: not enough train sentences for every pseudo-word", flush=True)
     for repeat in range(args.repeats):
         for n in ns:
-            for m in ("alpha", *SWEEP_METHODS):
+            for m in ("alpha", *(args.methods or SWEEP_METHODS)):
                 t0 = time.perf_counter()
                 lrs = None if m == "alpha" else _lr_grids(args).get(m, SWEEP_LRS[m])
                 row = bench.run(m, n, repeat=repeat, lrs=lrs, full=False)
@@ -193,7 +195,7 @@ def _mean(rows: list[dict[str, Any]], key: str, m: str, n: int) -> float:
 def _sweep_md(rows: list[dict[str, Any]], ref: dict[str, Any], env: dict[str, Any], ns: list[int]) -> str:
     from markovmem.llm.pseudowords import METHOD_NAMES
 
-    methods = ("alpha", *SWEEP_METHODS)
+    methods = [m for m in ("alpha", *SWEEP_METHODS) if any(r["key"] == m for r in rows)]
     lines = ["| N per pseudo-word | " + " | ".join(METHOD_NAMES[m] for m in methods)
              + " | alpha (link, s) chosen | support recall: chosen / mixture s=4 / logit s=4 |",
              "|" + "---|" * (len(methods) + 3)]
@@ -205,7 +207,7 @@ def _sweep_md(rows: list[dict[str, Any]], ref: dict[str, Any], env: dict[str, An
             + f" | {settings} | {_mean(rows, 'support_recall', 'alpha', n):.2f} / "
             f"{_mean(rows, 'recall_mixture_s4', 'alpha', n):.2f} / {_mean(rows, 'recall_logit_s4', 'alpha', n):.2f} |")
     repeats = len({r["repeat"] for r in rows})
-    grids = {m: sorted({float(lr) for r in rows if r["key"] == m for lr in r["val_by_lr"]}) for m in SWEEP_METHODS}
+    grids = {m: sorted({float(lr) for r in rows if r["key"] == m for lr in r["val_by_lr"]}) for m in methods[1:]}
     grid_text = "; ".join(f"{METHOD_NAMES[m]} {', '.join(f'{x:g}' for x in v)}" for m, v in grids.items())
     return "\n".join([
         f"# Sample efficiency on {env['model']}: held-out loss after the pseudo-word vs N", "",
@@ -229,6 +231,8 @@ def _sweep_png(rows: list[dict[str, Any]], ref: dict[str, Any], ns: list[int], p
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for m, style in (("alpha", "k:o"), ("et_alpha", "C0-o"), ("et_mean", "C1-s"), ("fft", "C3-^")):
+        if not any(r["key"] == m for r in rows):
+            continue
         ax1.plot(ns, [_mean(rows, "test_after", m, n) for n in ns], style, label=METHOD_NAMES[m])
     ax1.axhline(ref["test_after"], color="grey", lw=1, ls="--", label="base model, real words")
     ax1.set(xscale="log", xlabel="train sentences per pseudo-word (N)", ylabel="held-out NLL after pseudo-word (nats)",

@@ -446,8 +446,10 @@ class PseudoWordBench:
     depend on a new row), at positions whose target is a base token.
 
     - ``alpha``: ``fit_alpha`` on the train sentences' next-token counts against
-      the base model distilled over the train stories (corpus mode), rows ``E^T alpha``.
-    - ``et_alpha`` / ``et_mean`` / ``et_random``: :func:`embedding_tune` of the new rows.
+      the base model distilled over the train stories (corpus mode), rows
+      ``E^T alpha``; link and s from ``config.alpha_grid``, best on validation.
+    - ``et_alpha`` / ``et_mean`` / ``et_random``: :func:`embedding_tune` of the new
+      rows, started at that ``E^T alpha``, the mean base row, or a random row.
     - ``fft``: every weight of the model plus the new rows.
     - ``lora``: peft LoRA on every attention and MLP projection, plus the new rows.
     - ``prompt``: peft prompt tuning (virtual tokens started at random base rows),
