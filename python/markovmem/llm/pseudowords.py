@@ -458,7 +458,7 @@ class PseudoWordBench:
     Parameters
     ----------
     model : transformers.PreTrainedModel
-        The base model (not modified).
+        The base model (put in eval mode; its weights are never written).
     tokenizer : transformers tokenizer
         Its tokenizer; receives the pseudo-words.
     corpus : PseudoWordCorpus
@@ -549,7 +549,6 @@ class PseudoWordBench:
         torch.manual_seed(cfg.seed)
         model = copy.deepcopy(self.template)
         seqs = self.train_sequences(n, repeat)
-        history = TuneHistory(steps=cfg.steps, batch_size=cfg.batch_size, lr=float(lr or 0.0), init=method)
         fitted, fit_seconds = None, 0.0
         if method in ("alpha", "et_alpha"):
             # Alpha's cost is the whole (link, s) selection, as a method's is one training run.
@@ -579,11 +578,15 @@ class PseudoWordBench:
         new_rows.requires_grad_(True)
         params = [p for p in runner.parameters() if p.requires_grad]
         runner.eval()
+        # The new rows start where add_tokens put them: the mean base row.
+        history = TuneHistory(steps=cfg.steps, batch_size=cfg.batch_size, lr=float(lr), init="mean",
+                              n_trainable=sum(p.numel() for p in params), n_sequences=len(seqs))
         _train_steps(forward, params, seqs, self._ids_arr, self.n_base, True, history=history, steps=cfg.steps,
                      lr=float(lr), batch_size=cfg.batch_size, seed=cfg.seed, progress=self.progress, desc=method)
         for p in runner.parameters():
             p.requires_grad_(False)
-        return _Trained(runner, forward, sum(p.numel() for p in params), time.perf_counter() - t0, None, history)
+        history.seconds = time.perf_counter() - t0
+        return _Trained(runner, forward, history.n_trainable, history.seconds, None, history)
 
     def _lora(self, model: nn.Module) -> tuple[nn.Module, Forward]:
         from peft import LoraConfig, get_peft_model
