@@ -35,6 +35,11 @@ _EXPORTS = {
     "save_expansion": "expansion_io",
     "LearnResult": "pipeline",
     "learn_tokens": "pipeline",
+    "PseudoWord": "pseudowords",
+    "PseudoWordBench": "pseudowords",
+    "PseudoWordBenchConfig": "pseudowords",
+    "PseudoWordCorpus": "pseudowords",
+    "build_corpus": "pseudowords",
     "DemoResult": "demo",
     "run_demo": "demo",
 }

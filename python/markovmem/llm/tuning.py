@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -86,6 +86,60 @@ def _pad_batch(seqs: list[np.ndarray], new_ids: np.ndarray, n_base: int, block_o
         targets[r, first : s.size - 1] = nxt
     return (torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device),
             torch.as_tensor(targets, device=device))
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``forward(input_ids, attention_mask) -> logits`` (batch, length, vocab) at the input positions."""
+
+
+def _model_forward(model: nn.Module) -> Forward:
+    def forward(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    return forward
+
+
+def _train_steps(forward: Forward, params: Sequence[torch.Tensor], seqs: list[np.ndarray], new_ids: np.ndarray,
+                n_base: int, block_output: bool, *, history: TuneHistory, steps: int, lr: float, batch_size: int,
+                weight_decay: float = 0.0, seed: int = 0, device: Any = None, progress: bool = True,
+                desc: str = "train") -> None:
+    """The training loop of :func:`embedding_tune`, open to any parameters (e.g. the baselines of
+    :mod:`markovmem.llm.pseudowords`): AdamW on next-token cross-entropy at the positions
+    ``_pad_batch`` scores (from the first new token on; new tokens never targets when blocked),
+    ``batch_size`` sequences per step drawn without replacement and reshuffled each epoch
+    (``seed``), so equal seeds give equal batches whatever is trained.  Appends each step's
+    loss and number of targets to ``history``; the caller sets requires_grad and the mode."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(seqs))
+    cursor = 0
+    bar = _progress(int(steps), 0, desc, progress, "step")
+    try:
+        opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=float(weight_decay))
+        for _ in range(int(steps)):
+            if cursor + batch_size > len(order):
+                tail = order[cursor:]
+                order = np.concatenate([tail, rng.permutation(len(seqs))])
+                cursor = 0
+            pick = order[cursor : cursor + batch_size]
+            cursor += batch_size
+            x, mask, targets = _pad_batch([seqs[i] for i in pick], new_ids, n_base, block_output, device)
+            n_targets = int((targets != -100).sum())
+            if n_targets == 0:
+                history.loss.append(float("nan"))
+                history.n_targets.append(0)
+                bar.update(1)
+                continue
+            logits = forward(x, mask)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            history.loss.append(float(loss.detach()))
+            history.n_targets.append(n_targets)
+            bar.set_postfix(loss=f"{history.loss[-1]:.4f}", refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 def embedding_tune(
@@ -216,10 +270,6 @@ def embedding_tune(
     row_mask[pos.to(master_in.device)] = 1.0
     hooks = [p.register_hook(lambda g: g * row_mask.to(g.dtype)) for p in params]
     history.n_trainable = int(len(pos) * master_in.shape[1] * len(params))
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(seqs))
-    cursor = 0
-    bar = _progress(int(steps), 0, "embedding_tune", progress, "step")
     start = time.perf_counter()
     try:
         for p in model.parameters():
@@ -228,32 +278,10 @@ def embedding_tune(
         if not block:
             out.new_weight = master_in if state.tied else master_out
         model.eval()
-        opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=float(weight_decay))
-        for _ in range(int(steps)):
-            if cursor + batch_size > len(order):
-                tail = order[cursor:]
-                order = np.concatenate([tail, rng.permutation(len(seqs))])
-                cursor = 0
-            pick = order[cursor : cursor + batch_size]
-            cursor += batch_size
-            x, mask, targets = _pad_batch([seqs[i] for i in pick], ids_arr, state.n_base, block, dev)
-            n_targets = int((targets != -100).sum())
-            if n_targets == 0:
-                history.loss.append(float("nan"))
-                history.n_targets.append(0)
-                bar.update(1)
-                continue
-            logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            history.loss.append(float(loss.detach()))
-            history.n_targets.append(n_targets)
-            bar.set_postfix(loss=f"{history.loss[-1]:.4f}", refresh=False)
-            bar.update(1)
+        _train_steps(_model_forward(model), params, seqs, ids_arr, state.n_base, block, history=history,
+                    steps=int(steps), lr=lr, batch_size=int(batch_size), weight_decay=weight_decay, seed=seed,
+                    device=dev, progress=progress, desc="embedding_tune")
     finally:
-        bar.close()
         history.seconds = time.perf_counter() - start
         for h in hooks:
             h.remove()
