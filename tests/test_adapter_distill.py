@@ -203,12 +203,15 @@ def test_cpu_topk_is_exact(v, k):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_last_logits_head_shortcut_matches_the_model(kind):
+def test_last_logits_head_shortcut_matches_the_model(kind, monkeypatch):
+    from markovmem.llm import distillation
     from markovmem.llm.distillation import _LastLogits
+
+    monkeypatch.setattr(distillation, "_HEAD_MIN_LOGITS", 0)  # a tiny vocabulary takes the shortcut too
 
     model = tiny_model(kind, V, hidden_size=16).eval()
     inp = torch.tensor([[1, 5], [1, 9], [1, 30]])
-    last = _LastLogits(model, V, torch.device("cpu"), None)
+    last = _LastLogits(model, V, torch.device("cpu"), None, 4)
     with torch.no_grad():
         got = last(inp).clone()
         assert last.head is not None  # the shortcut passed its check and is used
@@ -216,11 +219,16 @@ def test_last_logits_head_shortcut_matches_the_model(kind):
         ref = model(input_ids=inp).logits[:, -1]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(again, ref[:1], rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(distillation, "_HEAD_MIN_LOGITS", 10**9)
+    assert _LastLogits(model, V, torch.device("cpu"), None, 4).head is None  # small batches: the model's forward
 
 
-def test_last_logits_falls_back_when_the_head_is_not_plain():
+def test_last_logits_falls_back_when_the_head_is_not_plain(monkeypatch):
     """A model that post-processes its logits (soft-capping, scaling) is distilled through its own forward."""
+    from markovmem.llm import distillation
     from markovmem.llm.distillation import _LastLogits
+
+    monkeypatch.setattr(distillation, "_HEAD_MIN_LOGITS", 0)
 
     model = tiny_model("llama", V, hidden_size=16).eval()
     plain = model.forward
@@ -232,7 +240,7 @@ def test_last_logits_falls_back_when_the_head_is_not_plain():
 
     model.forward = capped
     inp = torch.tensor([[1, 5], [1, 9]])
-    last = _LastLogits(model, V, torch.device("cpu"), None)
+    last = _LastLogits(model, V, torch.device("cpu"), None, 4)
     with torch.no_grad():
         got = last(inp)
         assert last.head is None

@@ -185,30 +185,24 @@ class RowWorker {
     if (static_cast<Index>(buf_.size()) > k_)
       std::nth_element(buf_.begin(), buf_.begin() + (k_ - 1), buf_.end(), better);
     buf_.resize(static_cast<std::size_t>(k_));
+    // Logit order (desc, ties by smaller index) is probability order except where
+    // the float rounding of two different logits gives equal probabilities:
+    // those runs are put in index order afterwards.  NaN probabilities (a bad
+    // row) keep the logit order.
+    std::sort(buf_.begin(), buf_.end(), better);
     const double lse = static_cast<double>(m) + std::log(sum);
     const double nan = std::numeric_limits<double>::quiet_NaN();
-    probs_.resize(static_cast<std::size_t>(k_));
-    order_.resize(static_cast<std::size_t>(k_));
     for (Index i = 0; i < k_; ++i) {
       const Cand& c = buf_[static_cast<std::size_t>(i)];
-      const float xv = row[c.idx];
-      probs_[static_cast<std::size_t>(i)] =
-          static_cast<float>(bad || std::isnan(xv) ? nan : std::exp(static_cast<double>(xv) - lse));
-      order_[static_cast<std::size_t>(i)] = i;
+      out_idx[i] = c.idx;
+      out_prob[i] = static_cast<float>(bad ? nan : std::exp(static_cast<double>(row[c.idx]) - lse));
     }
-    // Descending probability, ties by smaller index (the float rounding of two
-    // different logits can tie).  NaN probabilities keep the logit order.
-    std::sort(order_.begin(), order_.end(), [&](Index a, Index b) {
-      const float pa = probs_[static_cast<std::size_t>(a)], pb = probs_[static_cast<std::size_t>(b)];
-      const std::int32_t ia = buf_[static_cast<std::size_t>(a)].idx, ib = buf_[static_cast<std::size_t>(b)].idx;
-      if (bad) return better(buf_[static_cast<std::size_t>(a)], buf_[static_cast<std::size_t>(b)]);
-      const float ka = std::isnan(pa) ? -1.0f : pa, kb = std::isnan(pb) ? -1.0f : pb;
-      return ka > kb || (ka == kb && ia < ib);
-    });
-    for (Index i = 0; i < k_; ++i) {
-      const Index o = order_[static_cast<std::size_t>(i)];
-      out_idx[i] = buf_[static_cast<std::size_t>(o)].idx;
-      out_prob[i] = probs_[static_cast<std::size_t>(o)];
+    if (bad) return;
+    for (Index i = 0; i < k_;) {
+      Index j = i + 1;
+      while (j < k_ && out_prob[j] == out_prob[i]) ++j;
+      if (j - i > 1) std::sort(out_idx + i, out_idx + j);
+      i = j;
     }
   }
 
@@ -225,8 +219,6 @@ class RowWorker {
   std::vector<float> lane_max_;  // kLanes per full chunk
   std::vector<float> scratch_;
   std::vector<Cand> buf_;
-  std::vector<float> probs_;
-  std::vector<Index> order_;
 };
 
 }  // namespace

@@ -208,6 +208,10 @@ def _select_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(values), torch.from_numpy(ids)
 
 
+#: Logits per batch (batch x base vocabulary) from which distill applies the head itself (see _LastLogits).
+_HEAD_MIN_LOGITS = 2**20
+
+
 class _LastLogits:
     """Last-position logits over the base vocabulary for a batch of token contexts.
 
@@ -219,10 +223,12 @@ class _LastLogits:
     that cost as much as the head's GEMM itself at small hidden sizes, and new
     tokens' columns are never computed.  The shortcut is checked once against
     the model's forward on the first two contexts and dropped if they disagree
-    (soft-capped or scaled logits, a custom head).
+    (soft-capped or scaled logits, a custom head).  Below ``_HEAD_MIN_LOGITS``
+    logits per batch (a small vocabulary) fresh logits are cheap and the check
+    would cost more than it saves, so the model's forward is used.
     """
 
-    def __init__(self, model: nn.Module, n_base: int, dev: torch.device, dtype: Any) -> None:
+    def __init__(self, model: nn.Module, n_base: int, dev: torch.device, dtype: Any, batch: int) -> None:
         self.model = model
         self.n_base = n_base
         self.kwargs = _forward_kwargs(model)
@@ -232,7 +238,8 @@ class _LastLogits:
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         base = getattr(out, "base_layer", out)  # NewTokenOutputLayer wraps the base head
         body = getattr(model, "base_model", None)
-        if (dev.type == "cpu" and (dtype is None or dtype == _model_dtype(model)) and isinstance(base, nn.Linear)
+        if (dev.type == "cpu" and n_base * batch >= _HEAD_MIN_LOGITS
+                and (dtype is None or dtype == _model_dtype(model)) and isinstance(base, nn.Linear)
                 and base.weight.dtype == torch.float32 and isinstance(body, nn.Module) and body is not model
                 and base.weight.shape[0] >= n_base):
             self.head = (body, base.weight, base.bias)
@@ -416,7 +423,7 @@ def _distill_tokens(model: nn.Module, rows: np.ndarray, pre: np.ndarray, k: int,
             done_rows += b - a
         else:
             todo.append(s)
-    last_logits = _LastLogits(model, n_base, dev, dtype)
+    last_logits = _LastLogits(model, n_base, dev, dtype, batch)
     prefix_t = torch.as_tensor(pre, dtype=torch.long, device=dev)
     rows_t = torch.as_tensor(rows, dtype=torch.long)
     bar = _progress(n, done_rows, "distill", progress, "row")
