@@ -120,3 +120,20 @@ def test_metadata_keys_in_the_markovmem_namespace_are_refused(tmp_path: Path):
     with pytest.raises(ValueError, match="markovmem."):
         P.save(tmp_path / "m.safetensors", metadata={"markovmem.version": "9"})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_logit_support_search_beats_the_best_single_state_on_the_demo_counts():
+    """The demo's 32 examples of a new operator '#' (a#b = a*b) against its distilled matrix: the logit
+    link's support search once stopped at {'=', '3'} (objective 0.225) although '*' alone reaches 0.152.
+    The file holds that matrix (``llm.distill(mode="corpus")`` of the demo's base model, seed 0, 17 tokens)
+    and the counts of what followed '#'."""
+    d = np.load(Path(__file__).parent / "data" / "demo_operator_fit.npz")
+    n = int(d["n_base"])
+    vocab = d["vocab"].tolist()
+    P = mm.TransitionMatrix.from_scipy(sp.csr_array((d["p_data"], d["p_indices"], d["p_indptr"]), shape=(n, n)))
+    C = sp.csr_array((d["c_data"], d["c_indices"], d["c_indptr"]), shape=(1, n))
+    fit = mm.fit_alpha(P, C, s=2, link="logit")
+    singles = {v: mm.fit_alpha(P, C, s=1, link="logit", support=[np.array([i])]).kl[0] for i, v in enumerate(vocab)}
+    assert singles["*"] == min(singles.values())
+    assert fit.kl[0] <= singles["*"] + 1e-9
+    assert vocab.index("*") in fit.support[0]
