@@ -39,6 +39,15 @@ VectorXd inverse_diagonal(const MatrixXd& H) {
   return VectorXd::Constant(n, 1.0);
 }
 
+/// Removes support slot `slot` from both the atoms and their coefficients.
+void erase_slot(std::vector<Index>& atoms, VectorXd& alpha, Index slot) {
+  atoms.erase(atoms.begin() + slot);
+  VectorXd a(static_cast<Index>(atoms.size()));
+  for (Index i = 0, k = 0; i < alpha.size(); ++i)
+    if (i != slot) a(k++) = alpha(i);
+  alpha = std::move(a);
+}
+
 // Slot whose removal costs least under the quadratic model at alpha with Hessian H:
 // alpha_i^2 / (2 [H^-1]_ii), the smallest slot on ties.  Shared by both links.
 Index cheapest_slot(const VectorXd& alpha, const MatrixXd& H) {
@@ -437,11 +446,7 @@ void LogitModel::add(Index atom, double t) {
 }
 
 void LogitModel::remove(Index slot) {
-  atoms_.erase(atoms_.begin() + slot);
-  VectorXd a(static_cast<Index>(atoms_.size()));
-  for (Index i = 0, k = 0; i < alpha_.size(); ++i)
-    if (i != slot) a(k++) = alpha_(i);
-  alpha_ = a;
+  erase_slot(atoms_, alpha_, slot);
   rebuild();
 }
 
@@ -823,11 +828,8 @@ void MixtureModel::add(Index atom, double t) {
 }
 
 void MixtureModel::remove(Index slot) {
-  atoms_.erase(atoms_.begin() + slot);
-  VectorXd a(static_cast<Index>(atoms_.size()));
-  for (Index i = 0, k = 0; i < alpha_.size(); ++i)
-    if (i != slot) a(k++) = alpha_(i);
-  set_support(std::move(atoms_), std::move(a));
+  erase_slot(atoms_, alpha_, slot);
+  set_support(std::move(atoms_), std::move(alpha_));
 }
 
 Index MixtureModel::cheapest_removal() {
