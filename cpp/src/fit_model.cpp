@@ -15,6 +15,22 @@ namespace {
 
 constexpr int kShortlist = 4;  // candidates whose gain is computed exactly after the second-order screen
 
+// Prefetches the stored entries of the atoms' rows in each of the given per-entry arrays
+// (indices, values, ...).  At vocabulary scale the rows are scattered over hundreds of MB,
+// so a support rebuild is bound by their cache misses; issued together they overlap.
+template <class... Arr>
+void prefetch_rows(const std::vector<Index>& atoms, const Index* ip, const Arr*... arrs) {
+#if defined(__GNUC__) || defined(__clang__)
+  auto range = [](const auto* b, const auto* e) {
+    for (const char* p = reinterpret_cast<const char*>(b); p < reinterpret_cast<const char*>(e); p += 64)
+      __builtin_prefetch(p);
+  };
+  for (Index v : atoms) (range(arrs + ip[v], arrs + ip[v + 1]), ...);
+#else
+  (void)atoms, (void)ip, ((void)arrs, ...);
+#endif
+}
+
 // Cholesky solve of (H + ridge I) x = b with a ridge that grows until H + ridge I factorises.
 VectorXd solve_spd(const MatrixXd& H, const VectorXd& b) {
   const Index n = H.rows();
@@ -251,6 +267,10 @@ void LogitModel::set_support(std::vector<Index> atoms, VectorXd alpha, bool proj
 }
 
 void LogitModel::rebuild() {
+  if (c_.dev.empty())
+    prefetch_rows(atoms_, c_.ip, c_.ix, c_.px);
+  else
+    prefetch_rows(atoms_, c_.ip, c_.ix, c_.dev.data());
   for (StateIndex x : ulist_) w_.pos[static_cast<std::size_t>(x)] = -1;
   ulist_.clear();
   for (Index v : atoms_)
@@ -268,48 +288,44 @@ void LogitModel::rebuild() {
   qU_.resize(nU);
   for (std::size_t p = 0; p < nU; ++p) qU_[p] = w_.q[static_cast<std::size_t>(ulist_[p])];
   eq_ = VectorXd::Zero(static_cast<Index>(atoms_.size()));
-  for (std::size_t p = 0; p < nU; ++p)
-    for (Index k = rows_.ptr[p]; k < rows_.ptr[p + 1]; ++k)
-      eq_(rows_.slot[static_cast<std::size_t>(k)]) += qU_[p] * rows_.val[static_cast<std::size_t>(k)];
+  rows_.scatter(qU_.data(), eq_);
   zU_.assign(nU, 0.0);
   eU_.assign(nU, 0.0);
   fU_.assign(nU, 0.0);
 }
 
 double LogitModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H) {
-  const std::size_t nU = ulist_.size();
-  double zmax = 0.0, qz = 0.0;
-  for (std::size_t p = 0; p < nU; ++p) {
-    double z = 0.0;
-    for (Index k = rows_.ptr[p]; k < rows_.ptr[p + 1]; ++k)
-      z += a(rows_.slot[static_cast<std::size_t>(k)]) * rows_.val[static_cast<std::size_t>(k)];
-    zU_[p] = z;
-    zmax = std::max(zmax, z);
-    qz += qU_[p] * z;
-  }
+  const Index nU = static_cast<Index>(ulist_.size());
+  rows_.gather(a, 0.0, zU_.data());
+  const Eigen::Map<const Eigen::ArrayXd> z(zU_.data(), nU), q(qU_.data(), nU);
+  Eigen::Map<Eigen::ArrayXd> e(eU_.data(), nU);
+  const double zmax = nU > 0 ? std::max(0.0, z.maxCoeff()) : 0.0;
+  const double qz = (q * z).sum();
   // Eigen's vectorised exp: the softmax over U is most of an evaluation's cost.
-  Eigen::Map<Eigen::ArrayXd> zs_map(zU_.data(), static_cast<Index>(nU)), e_map(eU_.data(), static_cast<Index>(nU));
-  e_map = (zs_map - zmax).exp();
-  const double zs = static_cast<double>(c_.n_base - static_cast<Index>(nU)) * std::exp(-zmax) + e_map.sum();
+  e = (z - zmax).exp();
+  const double zs = static_cast<double>(c_.n_base - nU) * std::exp(-zmax) + e.sum();
   zmax_ = zmax;
   zs_ = zs;
   const double value = -qz + zmax + std::log(zs);
   if (g || H) {
-    const Index n = static_cast<Index>(atoms_.size());
-    for (std::size_t p = 0; p < nU; ++p) fU_[p] = eU_[p] / zs;
-    VectorXd m;
+    Eigen::Map<Eigen::ArrayXd>(fU_.data(), nU) = e / zs;
     if (H) {
-      rows_.weighted_gram(fU_.data(), *H, &m);
-      H->noalias() -= m * m.transpose();
+      hessian_at_last_eval(*H, &m_);
     } else {
-      m = VectorXd::Zero(n);
-      for (std::size_t p = 0; p < nU; ++p)
-        for (Index k = rows_.ptr[p]; k < rows_.ptr[p + 1]; ++k)
-          m(rows_.slot[static_cast<std::size_t>(k)]) += fU_[p] * rows_.val[static_cast<std::size_t>(k)];
+      m_.setZero(size());
+      rows_.scatter(fU_.data(), m_);
     }
-    if (g) *g = m - eq_;
+    if (g) *g = m_ - eq_;
   }
   return value;
+}
+
+void LogitModel::hessian_at_last_eval(MatrixXd& H, VectorXd* m) const {
+  // H = sum_x f(x) d(x) d(x)^T - m m^T with m = sum_x f(x) d(x) (d(x): the slots' deviations at x).
+  VectorXd mm;
+  VectorXd& mv = m ? *m : mm;
+  rows_.weighted_gram(fU_.data(), H, &mv);
+  H.noalias() -= mv * mv.transpose();
 }
 
 Index LogitModel::newton(Index max_iter, double tol, bool& converged) {
@@ -321,22 +337,28 @@ Index LogitModel::newton(Index max_iter, double tol, bool& converged) {
     if (nrm > bound_) alpha_ *= bound_ / nrm;
   }
   VectorXd g, step, trial, gt;
-  MatrixXd H, Ht;
+  MatrixXd H;
+  auto newton_step = [&](VectorXd& st) {
+    st = -solve_spd(H, g);
+    if ((alpha_ + st).norm() > bound_) st = ball_step(H, g, alpha_, bound_) - alpha_;
+    return -g.dot(st);  // the Newton decrement
+  };
   double F = eval(alpha_, &g, &H);
   for (Index it = 0; it < max_iter; ++it) {
-    step = -solve_spd(H, g);
-    if ((alpha_ + step).norm() > bound_) step = ball_step(H, g, alpha_, bound_) - alpha_;
-    const double dec = -g.dot(step);
+    const double dec = newton_step(step);
     if (!(dec > tol * std::max(1.0, std::abs(F)))) return it;
-    // The full step is taken almost always near the optimum, so it is evaluated with
-    // its gradient and Hessian at once: they are the next iteration's.
+    // The full step is taken almost always near the optimum, so it is evaluated with its
+    // gradient; its Hessian is built from the same evaluation only if another step follows.
     trial = alpha_ + step;
-    double Ft = eval(trial, &gt, &Ht);
+    const double Ft = eval(trial, &gt, nullptr);
     if (Ft <= F - 1e-4 * dec) {
       alpha_.swap(trial);
       F = Ft;
       g.swap(gt);
-      H.swap(Ht);
+      // Convergence is tested first with the previous Hessian (near the optimum they agree
+      // to first order, and the test has a wide margin against the 1e-6 objective bar).
+      if (!(newton_step(step) > tol * std::max(1.0, std::abs(F)))) return it + 1;
+      hessian_at_last_eval(H, nullptr);
       continue;
     }
     double t = 0.5;
@@ -353,9 +375,7 @@ Index LogitModel::newton(Index max_iter, double tol, bool& converged) {
     alpha_ = trial;
     F = eval(alpha_, &g, &H);
   }
-  step = -solve_spd(H, g);
-  if ((alpha_ + step).norm() > bound_) step = ball_step(H, g, alpha_, bound_) - alpha_;
-  converged = !(-g.dot(step) > tol * std::max(1.0, std::abs(F)));
+  converged = !(newton_step(step) > tol * std::max(1.0, std::abs(F)));
   return max_iter;
 }
 
@@ -484,19 +504,15 @@ void MixtureModel::load(const StateIndex* ids, const double* q, Index nq) {
   double total = 0.0;
   for (Index i = 0; i < nq; ++i) total += q[i];
   qJ_.resize(static_cast<std::size_t>(nq));
-  neg_h_ = 0.0;
-  qsum_ = 0.0;
   for (Index i = 0; i < nq; ++i) {
-    const double p = q[i] / total;
-    qJ_[static_cast<std::size_t>(i)] = p;
-    qsum_ += p;
-    if (p > 0) neg_h_ += p * std::log(p);
+    qJ_[static_cast<std::size_t>(i)] = q[i] / total;
     w_.pos[static_cast<std::size_t>(ids[i])] = static_cast<std::int32_t>(i);
     w_.set_bit(ids[i]);
   }
+  const Eigen::Map<const Eigen::ArrayXd> qa(qJ_.data(), nq);
+  qsum_ = qa.sum();
+  neg_h_ = (qa * qa.max(1e-300).log()).sum();  // a zero weight contributes 0
   fJ_.assign(static_cast<std::size_t>(nq), 0.0);
-  w1_.assign(static_cast<std::size_t>(nq), 0.0);
-  w2_.assign(static_cast<std::size_t>(nq), 0.0);
   rbuf_.assign(static_cast<std::size_t>(nq), 0.0);
   pool_data_ = nullptr;
   pool_size_ = 0;
@@ -554,81 +570,71 @@ void MixtureModel::set_support(std::vector<Index> atoms, VectorXd alpha, bool pr
 }
 
 void MixtureModel::rebuild() {
+  prefetch_rows(atoms_, c_.ip, c_.ix, c_.px);
   rows_.build(
       atoms_, nq_, c_.ip, [&](Index j) { return w_.pos_if_set(c_.ix[j]); },
-      [&](Index j, Index v) { return static_cast<double>(c_.px[j]) - c_.u[static_cast<std::size_t>(v)]; });
-  // Tokens of J no atom stores all get f = tau (the atoms' tails): one log serves them all.
-  covered_.clear();
-  uncovered_.clear();
-  qc_.clear();
+      [&](Index j, Index v) { return static_cast<double>(c_.px[j]) - c_.u[static_cast<std::size_t>(v)]; }, true,
+      &covered_);
+  const std::size_t nc = covered_.size();
+  qc_.resize(nc);
+  fc_.resize(nc);
+  w1c_.resize(nc);
+  w2c_.resize(nc);
   q_unc_ = 0.0;
-  for (Index p = 0; p < nq_; ++p) {
-    const std::size_t sp = static_cast<std::size_t>(p);
-    w1_[sp] = w2_[sp] = 0.0;
-    if (rows_.ptr[sp + 1] > rows_.ptr[sp]) {
-      covered_.push_back(p);
-      qc_.push_back(qJ_[sp]);
-    } else {
-      uncovered_.push_back(p);
-      q_unc_ += qJ_[sp];
-    }
+  for (std::size_t c = 0, p = 0; p < static_cast<std::size_t>(nq_); ++p) {
+    if (c < nc && static_cast<std::size_t>(covered_[c]) == p)
+      qc_[c++] = qJ_[p];
+    else
+      q_unc_ += qJ_[p];
   }
-  fc_.resize(covered_.size());
+  const Index n = size();
+  uS_.resize(n);
+  tS_.resize(n);
+  for (Index i = 0; i < n; ++i) {
+    const std::size_t v = static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)]);
+    uS_(i) = c_.u[v];
+    tS_(i) = c_.total[v];
+  }
 }
 
 double MixtureModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H) {
   const Index n = size();
-  double tau = 0.0, mass = 0.0;
-  VectorXd uS(n);
-  for (Index i = 0; i < n; ++i) {
-    const std::size_t v = static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)]);
-    uS(i) = c_.u[v];
-    tau += a(i) * c_.u[v];
-    mass += a(i) * c_.total[v];
-  }
-  const std::size_t nc = covered_.size();
-  for (std::size_t c = 0; c < nc; ++c) {
-    const std::size_t p = static_cast<std::size_t>(covered_[c]);
-    double f = tau;
-    for (Index k = rows_.ptr[p]; k < rows_.ptr[p + 1]; ++k)
-      f += a(rows_.slot[static_cast<std::size_t>(k)]) * rows_.val[static_cast<std::size_t>(k)];
-    fc_[c] = std::max(f, kLogFloor);
-  }
-  const Eigen::Map<const Eigen::ArrayXd> fmap(fc_.data(), static_cast<Index>(nc)), qmap(qc_.data(), static_cast<Index>(nc));
+  const double tau = a.dot(uS_), mass = a.dot(tS_);
+  const Index nc = static_cast<Index>(covered_.size());
+  rows_.gather(a, tau, fc_.data());
+  Eigen::Map<Eigen::ArrayXd> f(fc_.data(), nc);
+  const Eigen::Map<const Eigen::ArrayXd> q(qc_.data(), nc);
+  f = f.max(kLogFloor);
   const double ft = std::max(tau, kLogFloor);
-  double value = mass - (qmap * fmap.log()).sum() - q_unc_ * std::log(ft);
-  double W1 = q_unc_ / ft, W2 = q_unc_ / (ft * ft);
-  for (std::size_t c = 0; c < nc; ++c) {
-    const std::size_t p = static_cast<std::size_t>(covered_[c]);
-    fJ_[p] = fc_[c];
-    w1_[p] = qc_[c] / fc_[c];
-    w2_[p] = w1_[p] / fc_[c];
-    W1 += w1_[p];
-    W2 += w2_[p];
+  ft_ = ft;
+  const double value = mass - (q * f.log()).sum() - q_unc_ * std::log(ft);
+  if (g || H) {
+    Eigen::Map<Eigen::ArrayXd> w1(w1c_.data(), nc), w2(w2c_.data(), nc);
+    w1 = q / f;
+    w2 = w1 / f;
+    W1_ = q_unc_ / ft + w1.sum();
+    W2_ = q_unc_ / (ft * ft) + w2.sum();
   }
-  for (Index p : uncovered_) fJ_[static_cast<std::size_t>(p)] = ft;
-  W1_ = W1;
-  W2_ = W2;
   if (g) {
-    VectorXd s1 = VectorXd::Zero(n);
-    for (std::size_t p = 0; p < static_cast<std::size_t>(nq_); ++p)
-      for (Index k = rows_.ptr[p]; k < rows_.ptr[p + 1]; ++k)
-        s1(rows_.slot[static_cast<std::size_t>(k)]) += w1_[p] * rows_.val[static_cast<std::size_t>(k)];
-    g->resize(n);
-    for (Index i = 0; i < n; ++i)
-      (*g)(i) = -(uS(i) * W1 + s1(i)) + c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
+    s1_.setZero(n);
+    rows_.scatter(w1c_.data(), s1_);
+    *g = tS_ - uS_ * W1_ - s1_;
   }
   if (H) hessian_at_last_eval(*H);
   return value;
 }
 
 void MixtureModel::hessian_at_last_eval(MatrixXd& H) const {
-  // f_p = tau + m_p . a with m_p = p(x_p|.) - u: H = sum_p w2_p (u + m_p)(u + m_p)^T.
-  const Index n = size();
-  VectorXd uS(n), b;
-  for (Index i = 0; i < n; ++i) uS(i) = c_.u[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
-  rows_.weighted_gram(w2_.data(), H, &b);
-  H.noalias() += W2_ * uS * uS.transpose() + uS * b.transpose() + b * uS.transpose();
+  // f_p = tau + m_p . a with m_p = p(x_p|.) - u: H = sum_p w2_p (u + m_p)(u + m_p)^T
+  // over J, where an uncovered position has m_p = 0 and weight q / tau^2.
+  VectorXd b;
+  rows_.weighted_gram(w2c_.data(), H, &b);
+  H.noalias() += W2_ * uS_ * uS_.transpose() + uS_ * b.transpose() + b * uS_.transpose();
+}
+
+void MixtureModel::fill_fJ() {
+  std::fill(fJ_.begin(), fJ_.end(), ft_);
+  for (std::size_t c = 0; c < covered_.size(); ++c) fJ_[static_cast<std::size_t>(covered_[c])] = fc_[c];
 }
 
 bool MixtureModel::converged_with(const VectorXd& g, const MatrixXd& H, double G, double tol) const {
@@ -751,6 +757,7 @@ Pick MixtureModel::best_addition(const std::vector<Index>& pool, const std::vect
     return best;
   }
   const double G0 = eval(alpha_, nullptr, nullptr);
+  fill_fJ();
   double mass = 0.0;
   for (Index i = 0; i < size(); ++i) mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
   // Screen every candidate by a lower bound on its exact gain along (1 - t) alpha + t e_c

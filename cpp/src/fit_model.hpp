@@ -96,8 +96,11 @@ struct SupportRows {
   MatrixXd dense;  ///< heavy.size() x n_slots, zero where a slot does not store the position
   /// Fills the structure from the atoms' stored entries: pos_of(j) gives the
   /// position of entry j of P (or -1 to skip it), val_of(j, v) its value.  O(entries).
+  /// With `drop_empty` the positions no slot stores are dropped and the rest renumbered
+  /// 0, 1, ... in order; `kept` (when given) receives the original position of each.
   template <class PosOf, class ValOf>
-  void build(const std::vector<Index>& atoms, Index n_pos, const Index* ip, PosOf pos_of, ValOf val_of) {
+  void build(const std::vector<Index>& atoms, Index n_pos, const Index* ip, PosOf pos_of, ValOf val_of,
+             bool drop_empty = false, std::vector<Index>* kept = nullptr) {
     const std::size_t np = static_cast<std::size_t>(n_pos);
     n_slots = static_cast<Index>(atoms.size());
     ptr.assign(np + 1, 0);
@@ -122,8 +125,42 @@ struct SupportRows {
       slot[k] = h.slot;
       val[k] = h.val;
     }
+    if (kept) kept->clear();
+    if (drop_empty) {
+      // In place: position p's range is read before ptr[w], w <= p, is written.
+      std::size_t w = 0;
+      for (std::size_t p = 0; p < np; ++p)
+        if (ptr[p + 1] > ptr[p]) {
+          if (kept) kept->push_back(static_cast<Index>(p));
+          ptr[w++] = ptr[p];
+        }
+      ptr[w] = ptr[np];
+      ptr.resize(w + 1);
+    }
     finish();
   }
+  /// out[p] = offset + sum over the position's slots of a[slot] * val (one entry per position).
+  void gather(const VectorXd& a, double offset, double* out) const {
+    const std::size_t np = ptr.size() - 1;
+    const std::int32_t* sl = slot.data();
+    const double* vl = val.data();
+    for (std::size_t p = 0; p < np; ++p) {
+      double z = offset;
+      for (Index k = ptr[p]; k < ptr[p + 1]; ++k) z += a(sl[k]) * vl[k];
+      out[p] = z;
+    }
+  }
+  /// out[slot] += sum over positions p of w[p] * val (the transpose of gather).
+  void scatter(const double* w, VectorXd& out) const {
+    const std::size_t np = ptr.size() - 1;
+    const std::int32_t* sl = slot.data();
+    const double* vl = val.data();
+    for (std::size_t p = 0; p < np; ++p) {
+      const double wp = w[p];
+      for (Index k = ptr[p]; k < ptr[p + 1]; ++k) out(sl[k]) += wp * vl[k];
+    }
+  }
+  Index n_pos() const { return static_cast<Index>(ptr.size()) - 1; }
   /// G = sum_p w[p] v_p v_p^T (full, symmetric) and, when wsum is given,
   /// wsum = sum_p w[p] v_p, with v_p the position's row over the slots.  w >= 0.
   void weighted_gram(const double* w, MatrixXd& G, VectorXd* wsum) const;
@@ -218,6 +255,9 @@ class LogitModel {
 
  private:
   void rebuild();
+  /// Hessian at the point of the last eval() that computed a gradient (f over U is kept);
+  /// m, when given, receives E_f[d] there.
+  void hessian_at_last_eval(MatrixXd& H, VectorXd* m) const;
   /// Gradient g and curvature h of the objective along e_c at the last eval (f0: f of an unstored column).
   void candidate_moments(Index c, double f0, double& g, double& h) const;
   double line_gain(Index atom, double t0, double tmax, double& t);
@@ -234,6 +274,7 @@ class LogitModel {
   SupportRows rows_;
   std::vector<double> qU_, zU_, eU_, fU_;
   VectorXd eq_;  ///< E_q_hat[d_i] per slot
+  VectorXd m_;   ///< E_f[d_i] per slot at the last eval with a gradient
   double zmax_ = 0.0, zs_ = 1.0;  ///< shift and shifted partition function of the last eval
 };
 
@@ -295,14 +336,20 @@ class MixtureModel {
   const StateIndex* ids_ = nullptr;
   Index nq_ = 0;
   std::vector<double> qJ_;
-  // Support matrix by position in J = supp(q_hat): entries p(x|v) - u_v.
+  // Support matrix over the covered positions (the tokens of J = supp(q_hat) some atom
+  // stores), renumbered 0 .. nc - 1; covered_[c] is the position in J.  Entries p(x|v) - u_v.
+  // The uncovered tokens all have f = tau (the atoms' tails), so they never enter a loop.
   SupportRows rows_;
-  std::vector<Index> covered_, uncovered_;  ///< positions of J some atom stores / none stores
-  std::vector<double> fc_, qc_;             ///< f and q_hat on covered_
-  double q_unc_ = 0.0;                      ///< q_hat mass on uncovered_ (their f is tau)
-  std::vector<double> fJ_, w1_, w2_;
+  std::vector<Index> covered_;
+  std::vector<double> qc_, fc_, w1c_, w2c_;  ///< q_hat, f, q/f, q/f^2 on the covered positions
+  double q_unc_ = 0.0;                       ///< q_hat mass on the uncovered positions
+  double ft_ = 1.0;                          ///< f of an uncovered position at the last eval
+  VectorXd uS_, tS_, s1_;                    ///< per slot: u_v, total_v; gradient scratch
+  std::vector<double> fJ_;                   ///< f over J at the last eval, filled by fill_fJ()
   std::vector<double> rbuf_;
   double W1_ = 0.0, W2_ = 0.0, qsum_ = 0.0;
+  /// fJ_ from the last eval (the candidate gains read f by position in J).
+  void fill_fJ();
 };
 
 }  // namespace markovmem::detail

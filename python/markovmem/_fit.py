@@ -173,27 +173,40 @@ def _support(P: TransitionMatrix, support: Any, m: int) -> tuple[np.ndarray, np.
         csr.sort_indices()
         return np.ascontiguousarray(csr.indptr, np.int64), np.ascontiguousarray(csr.indices, np.int32)
     if isinstance(support, np.ndarray) and support.ndim == 2:
-        rows: Sequence[Any] = list(support)
-    elif isinstance(support, np.ndarray) and support.ndim == 1 and m == 1 and support.dtype != object:
-        rows = [support]
+        if support.shape[0] != m:
+            raise ValueError(f"support has {support.shape[0]} rows; expected {m} (one per target)")
+        arrs = [support[0]]  # one dtype for every row: row 0 names it in an error
+        flat = support.reshape(-1)
+        lens = np.full(m, support.shape[1], np.int64)
     else:
-        rows = list(support)
-    if len(rows) != m:
-        raise ValueError(f"support has {len(rows)} rows; expected {m} (one per target)")
-    arrs = []
-    for i, r in enumerate(rows):
-        a = np.asarray(r)
-        if a.ndim != 1:
-            raise ValueError(f"support[{i}] must be 1-D; got shape {a.shape}")
-        if a.size and not np.issubdtype(a.dtype, np.integer):
-            raise TypeError(f"support[{i}] must hold integer state ids; got dtype {a.dtype}")
-        if a.size and (a.min() < 0 or a.max() >= P.n_states):
-            raise IndexError(f"support[{i}] holds a state outside [0, n_states = {P.n_states})")
-        arrs.append(np.sort(a.astype(np.int32)))
+        if isinstance(support, np.ndarray) and support.ndim == 1 and m == 1 and support.dtype != object:
+            rows: Sequence[Any] = [support]
+        else:
+            rows = list(support)
+        if len(rows) != m:
+            raise ValueError(f"support has {len(rows)} rows; expected {m} (one per target)")
+        arrs = [np.asarray(r) for r in rows]
+        for i, a in enumerate(arrs):
+            if a.ndim != 1:
+                raise ValueError(f"support[{i}] must be 1-D; got shape {a.shape}")
+        lens = np.fromiter((a.size for a in arrs), np.int64, m)
+        flat = np.concatenate(arrs) if m else np.zeros(0, np.int64)
+    if flat.size and not np.issubdtype(flat.dtype, np.integer):
+        # name the first row at fault (a float row makes the concatenation float)
+        i = next((i for i, a in enumerate(arrs) if a.size and not np.issubdtype(a.dtype, np.integer)), 0)
+        raise TypeError(f"support[{i}] must hold integer state ids; got dtype {arrs[i].dtype}")
     indptr = np.zeros(m + 1, np.int64)
-    np.cumsum([len(a) for a in arrs], out=indptr[1:])
-    indices = np.concatenate(arrs) if arrs else np.zeros(0, np.int32)
-    return indptr, np.ascontiguousarray(indices, np.int32)
+    np.cumsum(lens, out=indptr[1:])
+    flat = flat.astype(np.int64, copy=False)
+    if flat.size:
+        bad = (flat < 0) | (flat >= P.n_states)
+        if bad.any():
+            i = int(np.searchsorted(indptr, int(np.argmax(bad)), side="right") - 1)
+            raise IndexError(f"support[{i}] holds a state outside [0, n_states = {P.n_states})")
+        # sort within rows with one sort over (row, state) keys
+        row_of = np.repeat(np.arange(m, dtype=np.int64), lens)
+        flat = np.sort(row_of * P.n_states + flat) - row_of * P.n_states
+    return indptr, np.ascontiguousarray(flat, np.int32)
 
 
 def _link(link: str) -> int:
