@@ -597,7 +597,7 @@ void MixtureModel::rebuild() {
   }
 }
 
-double MixtureModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H) {
+double MixtureModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H, bool with_value) {
   const Index n = size();
   const double tau = a.dot(uS_), mass = a.dot(tS_);
   const Index nc = static_cast<Index>(covered_.size());
@@ -607,7 +607,7 @@ double MixtureModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H) {
   f = f.max(kLogFloor);
   const double ft = std::max(tau, kLogFloor);
   ft_ = ft;
-  const double value = mass - (q * f.log()).sum() - q_unc_ * std::log(ft);
+  const double value = with_value ? mass - (q * f.log()).sum() - q_unc_ * std::log(ft) : NAN;
   if (g || H) {
     Eigen::Map<Eigen::ArrayXd> w1(w1c_.data(), nc), w2(w2c_.data(), nc);
     w1 = q / f;
@@ -711,7 +711,7 @@ Index MixtureModel::newton(Index max_iter, double tol, bool& converged) {
 void MixtureModel::em(Index steps) {
   VectorXd g;
   for (Index it = 0; it < steps && size() > 0; ++it) {
-    eval(alpha_, &g, nullptr);
+    eval(alpha_, &g, nullptr, false);
     // g_i = total_i - sum_x q(x) p(x|v_i) / f(x): the EM update is alpha_i *= (total_i - g_i) / total_i.
     double mass = 0.0;
     for (Index i = 0; i < size(); ++i) {

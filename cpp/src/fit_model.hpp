@@ -296,8 +296,9 @@ class MixtureModel {
     return neg_h_ + value() - mass;
   }
   /// G(a) = -sum q log f + sum a_v total_v (its minimiser over a >= 0 lies on the simplex;
-  /// on the simplex it equals KL(q_hat || f) - sum q log q + 1).
-  double eval(const VectorXd& a, VectorXd* g, MatrixXd* H);
+  /// on the simplex it equals KL(q_hat || f) - sum q log q + 1).  Without `with_value`
+  /// (only the gradient or Hessian is wanted) the logs are skipped and NaN is returned.
+  double eval(const VectorXd& a, VectorXd* g, MatrixXd* H, bool with_value = true);
   double value() { return eval(alpha_, nullptr, nullptr); }
   double neg_entropy() const { return neg_h_; }
   Index newton(Index max_iter, double tol, bool& converged);
