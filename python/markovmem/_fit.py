@@ -282,18 +282,20 @@ def fit_alpha(
        split into two folds by thinning (each observed sample goes to either
        fold by a seeded fair coin); steps 1-5 are run on each fold within the
        radii ``bound``, ``rho / 2`` and ``rho / 4`` (``rho`` the norm of the
-       fit of step 5) and scored by the objective on the other fold.  When a
-       smaller radius scores better, the target is refitted on all counts
-       within it, so the returned alpha minimises KL(q_hat || f(alpha)) with
-       ``||alpha||_2 <= r`` for the chosen ``r <= bound``.  Why: with many
-       candidate rows and few samples the search finds rows that explain single
-       observations of rare tokens with a large coefficient, which lowers the
-       objective on the counts but raises the KL to the true distribution;
-       held-out counts do not reward that (bench/results/logit_vs_greedy.md).
-       It costs three to five times the fit without it (T = 131,072, s = 4
-       and 16).  Targets given as
-       probabilities without ``n_samples`` cannot be thinned into folds that
-       differ, so for them the radius stays ``bound``.
+       fit of step 5) and scored by the log-likelihood of the other fold.  A
+       smaller radius is taken only when its held-out gain over ``bound``
+       exceeds three standard errors (half-size folds favour small radii);
+       the target is then refitted on all counts within it, so the returned
+       alpha minimises KL(q_hat || f(alpha)) with ``||alpha||_2 <= r`` for the
+       chosen ``r <= bound``.  Why: with many candidate rows and few samples
+       the search finds rows that explain single observations of rare tokens
+       with a large coefficient, which lowers the objective on the counts but
+       raises the KL to the true distribution; held-out counts do not reward
+       that (bench/results/logit_vs_greedy.md).  It costs three to five times
+       the fit without it (T = 131,072, s = 4 and 16).  Probabilities given
+       without ``n_samples`` split into two equal folds, so the comparison is
+       then in-sample and keeps ``bound`` unless a smaller radius also fits
+       the counts better.
 
     Parameters
     ----------
