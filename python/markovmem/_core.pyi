@@ -107,6 +107,7 @@ def fit_alpha(
     n_threads: int,
     seed: int,
     allowed: npt.NDArray[Any],
+    cv_bound: bool,
 ) -> tuple[Any, ...]: ...
 def fit_on_support(P: TransitionMatrix, indptr: npt.NDArray[np.int64], indices: npt.NDArray[np.int32],
                    data: npt.NDArray[np.float64], support_indptr: npt.NDArray[np.int64],

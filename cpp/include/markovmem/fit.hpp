@@ -43,10 +43,13 @@ struct FitOptions {
   Index n_candidates = 0;       ///< screened pool size per target; 0 = max(256, 16 s)
   double oversize = 0.0;        ///< forward selection grows to ceil(oversize * s) then prunes; 0 = link default
   Index swap_passes = 1;        ///< swap passes after selection (0 = none)
+  /// logit: choose the ball radius among bound, rho / 2, rho / 4 (rho = ||alpha|| of the fit
+  /// within bound) by two-fold cross-validation of the whole fit on thinned counts
+  bool cv_bound = true;
   Index max_iter = 100;         ///< Newton iterations of the final refit
   double tol = 1e-10;           ///< stop when the Newton decrement is below tol * max(1, objective)
   int n_threads = 0;            ///< 0 = OpenMP default
-  std::uint64_t seed = 0;       ///< only orders the swap pass (a per-row shuffle); no other randomness
+  std::uint64_t seed = 0;       ///< orders the swap pass and draws the cross-validation folds (per-row streams)
   const StateIndex* allowed = nullptr;  ///< sorted unique eligible states (null = every state)
   Index n_allowed = 0;
 };
@@ -75,7 +78,10 @@ void check_targets(const TransitionMatrix& P, const TargetsView& targets);
 /// model), greedy forward selection by gain with a Newton refit after each
 /// addition, pruning (logit: from 2 s) and a swap pass, for the logit link up to
 /// three rounds that rescore a longer candidate list at the current fit, then a
-/// final refit to tol.
+/// final refit to tol.  The logit link runs the selection from two screens (the
+/// scale-aware background and the uniform one) and keeps the lower objective; with
+/// opts.cv_bound it then picks the ball radius by two-fold cross-validation (6 more
+/// selections on half the counts, and a refit when a smaller radius wins).
 /// Parallel over targets (OpenMP); results do not depend on the thread count.
 /// Memory: O(nnz(P)) for the CSC (kept with P, see TransitionMatrix::derived, unless
 /// opts.allowed restricts the atoms) plus O(n_states) per thread.
