@@ -164,7 +164,7 @@ def fmt_row(r) -> str:
           else f"{r['gr_ratio']:.0f}x ({r['gr_n']})")
     ratio = r["kl_hat"] / r["kl_pl"] if r["kl_pl"] > 0 else float("nan")
     med = r["kl_med_ratio"]
-    return (f"| {r['k']} | {r['s']} | {r['link']} | {r['m']} | {r['fit_tps']:.1f} | {r['fixed_tps']:.0f} | "
+    return (f"| {r['k']} | {r['s']} | {r['link']} | {r['m']} | {r['fit_tps']:.3g} | {r['fixed_tps']:.0f} | "
             f"{r['mem_mb']:.0f} | {r['lb_ratio']:.0f}x ({r['lb_n']}) | {r['lb_gap']:+.1e} | {gr} | "
             f"{r['ours_kl']:.4g} / {r['gr_kl']:.4g} | {r['ours_rec']:.2f} / {r['gr_rec']:.2f} | "
             f"{r['recall']:.3f} | {ratio:.2f}, {med:.2f} |")
