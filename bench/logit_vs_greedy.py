@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fit_reference as ref  # noqa: E402
+from bench_fit import loadavg  # noqa: E402
 
 import markovmem as mm  # noqa: E402
 
@@ -125,14 +126,6 @@ def fmt(k, s, r) -> str:
             f"| {r['ours_obj']:.4f} / {r['gr_obj']:.4f} | {r['ours_norm']:.2f} / {r['gr_norm']:.2f} "
             f"| {r['ours_size']:.1f} / {r['gr_size']:.1f} "
             f"| {r['ours_t'] * 1e3:.2f} ms / {r['gr_t']:.1f} s ({r['gr_t'] / r['ours_t']:.0f}x) |")
-
-
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as fh:
-            return " ".join(fh.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def main(argv=None) -> int:

@@ -547,9 +547,8 @@ VectorXd closed_form_row(const FitContext& c, Workspace& w, const StateIndex* id
   detail::MatrixXd full;
   VectorXd mu, b = VectorXd::Zero(n);
   rows.weighted_gram(q.data(), full, &mu);
-  for (std::size_t p = 0; p < static_cast<std::size_t>(nq); ++p)
-    for (Index k = rows.ptr[p]; k < rows.ptr[p + 1]; ++k)
-      b(rows.slot[static_cast<std::size_t>(k)]) += q[p] * lq[p] * rows.val[static_cast<std::size_t>(k)];
+  for (Index i = 0; i < nq; ++i) lq[static_cast<std::size_t>(i)] *= q[static_cast<std::size_t>(i)];  // q log q
+  rows.scatter(lq.data(), b);
   full -= mu * mu.transpose();
   b -= mu * lbar;
   if (n == 0) return VectorXd();
@@ -663,12 +662,13 @@ void split_counts(const StateIndex* ids, const double* cnt, Index nq, std::uint6
 // the fit within o.bound, of norm rho; the radii o.bound, rho / 2 and rho / 4 are
 // each used to fit one fold (selection included) and scored by the objective on the
 // other fold, summed over both ways.  When a smaller radius scores better, the row is
-// refitted on all counts within it.  Why: with many candidate rows and few samples the
+// refitted on all counts within it, from `pool` (the screen of all counts, already
+// computed by the caller).  Why: with many candidate rows and few samples the
 // search finds atoms that explain single observations of rare tokens with a large
 // coefficient (the fitted norm grows to 3-4x the planted one at s = 16), which lowers
 // KL(q_hat || f) and raises the true KL; held-out counts do not reward that.
 void cross_validate_radius(const FitContext& ctx, Workspace& ws, const StateIndex* ids, const double* cnt, Index nq,
-                           const FitOptions& o, Index r, Index C, RowOut& out) {
+                           const FitOptions& o, Index r, Index C, const std::vector<Index>& pool, RowOut& out) {
   double rho = 0.0;
   for (const auto& e : out.entries) rho += e.second * e.second;
   rho = std::sqrt(rho);
@@ -724,7 +724,6 @@ void cross_validate_radius(const FitContext& ctx, Workspace& ws, const StateInde
     const Index n_cand = out.n_candidates;
     // One start only: the second one costs a full selection and gained nothing measurable
     // in the noise-dominated targets where a smaller radius wins.
-    const std::vector<Index> pool = screen(ctx, ws, ids, cnt, nq, C);
     fit_logit_row(ctx, ws, ids, cnt, nq, o, r, C, radii[best], pool, none, out);
     out.n_candidates = n_cand;
   }
@@ -784,7 +783,7 @@ AlphaResult fit_alpha(const TransitionMatrix& P, const TargetsView& targets, con
       std::vector<Index> plain;
       const std::vector<Index> pool = screen(ctx, ws, ids, cnt, nq, C, false, &plain);
       fit_logit_row(ctx, ws, ids, cnt, nq, o, r, C, o.bound, pool, plain, out);
-      if (o.cv_bound) cross_validate_radius(ctx, ws, ids, cnt, nq, o, r, C, out);
+      if (o.cv_bound) cross_validate_radius(ctx, ws, ids, cnt, nq, o, r, C, pool, out);
       return;
     }
     const std::vector<Index> pool = screen(ctx, ws, ids, cnt, nq, C);
