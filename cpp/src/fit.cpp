@@ -506,59 +506,64 @@ void emit(Model& model, Index n_base, RowOut& out, bool drop_zeros) {
   }
 }
 
-template <class Body>
-void parallel_rows(Index m, int n_threads, const FitContext& ctx, Body body) {
+// Runs body(ws, local, r) for every row r in parallel.  Each thread owns a Workspace and
+// a `local` made by make_local(ws) once (models whose buffers then serve all its rows).
+// Rows are handed out `chunk` at a time, in order within a chunk, so a body can prefetch
+// the data of row r + 1.  Results must not depend on which thread runs a row.
+template <class MakeLocal, class Body>
+void parallel_rows_with(Index m, int n_threads, const FitContext& ctx, Index chunk, MakeLocal make_local, Body body) {
   detail::ExceptionCollector errors;
   const int nt = detail::resolve_threads(n_threads);
   (void)nt;  // unused without OpenMP
+  (void)chunk;
 #pragma omp parallel num_threads(nt)
   {
     Workspace ws;
     errors.run([&] { ws.ensure(ctx.n_base, ctx.n_states); });
-#pragma omp for schedule(dynamic, 1)
-    for (Index r = 0; r < m; ++r) errors.run([&] { body(ws, r); });
+    auto local = make_local(ws);
+#pragma omp for schedule(dynamic, chunk)
+    for (Index r = 0; r < m; ++r) errors.run([&] { body(ws, local, r); });
   }
   errors.rethrow();
 }
 
-// Closed form for one row; leaves ws clean.
-VectorXd closed_form_row(const FitContext& c, Workspace& w, const StateIndex* ids, const double* counts, Index nq,
-                         const std::vector<Index>& atoms) {
-  const Index n = static_cast<Index>(atoms.size());
-  double total = 0.0;
-  for (Index i = 0; i < nq; ++i) total += counts[i];
-  std::vector<double> q(static_cast<std::size_t>(nq)), lq(static_cast<std::size_t>(nq));
-  double lbar = 0.0;
-  for (Index i = 0; i < nq; ++i) {
-    q[static_cast<std::size_t>(i)] = counts[i] / total;
-    lq[static_cast<std::size_t>(i)] = std::log(std::max(q[static_cast<std::size_t>(i)], kLogFloor));
-    lbar += q[static_cast<std::size_t>(i)] * lq[static_cast<std::size_t>(i)];
-    w.pos[static_cast<std::size_t>(ids[i])] = static_cast<std::int32_t>(i);
-    w.set_bit(ids[i]);
+template <class Body>
+void parallel_rows(Index m, int n_threads, const FitContext& ctx, Body body) {
+  parallel_rows_with(m, n_threads, ctx, 1, [](Workspace&) { return 0; },
+                     [&](Workspace& ws, int, Index r) { body(ws, r); });
+}
+
+// One model of each link per thread, reused across the rows of a fixed-support call.
+struct ThreadModels {
+  LogitModel logit;
+  MixtureModel mixture;
+  ThreadModels(const FitContext& ctx, Workspace& ws, double bound) : logit(ctx, ws, bound), mixture(ctx, ws) {}
+};
+
+// Rows per scheduling chunk of the fixed-support calls (each row prefetches the next).
+constexpr Index kFixedChunk = 16;
+
+// Prefetches what fitting `targets` row r on support row r will read first: the
+// support rows' stored entries (the cache misses of building the support structure)
+// and the workspace slots of the target's tokens.
+void prefetch_row(const FitContext& ctx, const Workspace& ws, const TargetsView& targets,
+                  const SupportView& support, Index r) {
+#if defined(__GNUC__) || defined(__clang__)
+  if (r >= targets.n_rows) return;
+  const StateIndex* sb = support.indices + support.indptr[r];
+  const StateIndex* se = support.indices + support.indptr[r + 1];
+  if (ctx.link == Link::kLogit && !ctx.dev.empty())
+    detail::prefetch_rows(sb, se, ctx.ip, ctx.ix, ctx.dev.data());
+  else
+    detail::prefetch_rows(sb, se, ctx.ip, ctx.ix, ctx.px);
+  for (Index k = targets.indptr[r]; k < targets.indptr[r + 1]; ++k) {
+    const std::size_t x = static_cast<std::size_t>(targets.indices[k]);
+    __builtin_prefetch(ws.pos.data() + x, 1);
+    if (ctx.link == Link::kLogit) __builtin_prefetch(ws.q.data() + x, 1);
   }
-  // Coverage of J = supp(q_hat) by the support rows, by position.
-  thread_local detail::SupportRows rows;
-  rows.build(
-      atoms, nq, c.ip, [&](Index j) { return w.pos_if_set(c.ix[j]); }, [&](Index j, Index v) { return c.d_of(j, v); });
-  for (Index i = 0; i < nq; ++i) {
-    w.pos[static_cast<std::size_t>(ids[i])] = -1;
-    w.clear_bit(ids[i]);
-  }
-  detail::MatrixXd full;
-  VectorXd mu, b = VectorXd::Zero(n);
-  rows.weighted_gram(q.data(), full, &mu);
-  for (Index i = 0; i < nq; ++i) lq[static_cast<std::size_t>(i)] *= q[static_cast<std::size_t>(i)];  // q log q
-  rows.scatter(lq.data(), b);
-  full -= mu * mu.transpose();
-  b -= mu * lbar;
-  if (n == 0) return VectorXd();
-  double ridge = 1e-10 * (std::abs(full.trace()) / static_cast<double>(n)) + 1e-300;
-  for (int k = 0; k < 12; ++k) {
-    Eigen::LLT<detail::MatrixXd> llt(full + ridge * detail::MatrixXd::Identity(n, n));
-    if (llt.info() == Eigen::Success) return llt.solve(b);
-    ridge *= 100.0;
-  }
-  return VectorXd::Zero(n);
+#else
+  (void)ctx, (void)ws, (void)targets, (void)support, (void)r;
+#endif
 }
 
 // One logit selection on the given counts within the ball ||alpha|| <= radius, from
@@ -805,43 +810,46 @@ AlphaResult fit_on_support(const TransitionMatrix& P, const TargetsView& targets
   check_support(P, support, targets.n_rows, false);
   const FitContext ctx(P, o.link, FitContext::Dev::kIfCached, false, nullptr, 0, o.n_threads);
   std::vector<RowOut> rows(static_cast<std::size_t>(targets.n_rows));
-  parallel_rows(targets.n_rows, o.n_threads, ctx, [&](Workspace& ws, Index r) {
-    const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
-    const StateIndex* ids = targets.indices + a;
-    const double* cnt = targets.data + a;
-    const Index sa = support.indptr[r], sb = support.indptr[r + 1];
-    std::vector<Index> atoms(support.indices + sa, support.indices + sb);
-    VectorXd start(sb - sa);
-    if (support.values) {
-      for (Index k = sa; k < sb; ++k) start(k - sa) = support.values[k];
-    } else if (o.link == Link::kLogit) {
-      start = closed_form_row(ctx, ws, ids, cnt, nq, atoms);
-    } else {
-      // Mixture: the log-space closed form, clipped to the simplex, zeroes many true
-      // atoms and projected Newton then needs many short steps to revive them; the
-      // uniform blend refined by a few EM steps starts inside the simplex and near.
-      start = VectorXd::Constant(sb - sa, 1.0);
-    }
-    RowOut& out = rows[static_cast<std::size_t>(r)];
-    out.n_candidates = sb - sa;
-    auto solve = [&](auto& model, bool em_start) {
-      model.load(ids, cnt, nq);
-      model.set_support(atoms, start);
-      if (em_start) model.em(kEmSteps);
-      bool conv = false;
-      out.n_iter = model.newton(o.max_iter, o.tol, conv);
-      out.converged = conv;
-      emit(model, ctx.n_base, out, false);
-      model.unload();
-    };
-    if (o.link == Link::kLogit) {
-      LogitModel model(ctx, ws, o.bound);
-      solve(model, false);
-    } else {
-      MixtureModel model(ctx, ws);
-      solve(model, !support.values);
-    }
-  });
+  parallel_rows_with(
+      targets.n_rows, o.n_threads, ctx, kFixedChunk, [&](Workspace& ws) { return ThreadModels(ctx, ws, o.bound); },
+      [&](Workspace& ws, ThreadModels& models, Index r) {
+        prefetch_row(ctx, ws, targets, support, r + 1);
+        const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
+        const StateIndex* ids = targets.indices + a;
+        const double* cnt = targets.data + a;
+        const Index sa = support.indptr[r], sb = support.indptr[r + 1];
+        std::vector<Index> atoms(support.indices + sa, support.indices + sb);
+        VectorXd start(sb - sa);
+        if (support.values) {
+          for (Index k = sa; k < sb; ++k) start(k - sa) = support.values[k];
+        } else {
+          // Logit: the closed form is computed by the model once the support is set.
+          // Mixture: the log-space closed form, clipped to the simplex, zeroes many true
+          // atoms and projected Newton then needs many short steps to revive them; the
+          // uniform blend refined by a few EM steps starts inside the simplex and near.
+          start.setConstant(1.0);
+        }
+        RowOut& out = rows[static_cast<std::size_t>(r)];
+        out.n_candidates = sb - sa;
+        auto solve = [&](auto& model, bool from_scratch) {
+          model.load(ids, cnt, nq);
+          model.set_support(std::move(atoms), std::move(start));
+          if constexpr (std::is_same_v<std::decay_t<decltype(model)>, LogitModel>) {
+            if (from_scratch) model.set_alpha(model.closed_form());
+          } else {
+            if (from_scratch) model.em(kEmSteps);
+          }
+          bool conv = false;
+          out.n_iter = model.newton(o.max_iter, o.tol, conv);
+          out.converged = conv;
+          emit(model, ctx.n_base, out, false);
+          model.unload();
+        };
+        if (o.link == Link::kLogit)
+          solve(models.logit, !support.values);
+        else
+          solve(models.mixture, !support.values);
+      });
   return assemble(rows);
 }
 
@@ -851,22 +859,21 @@ AlphaResult closed_form_alpha(const TransitionMatrix& P, const TargetsView& targ
   check_support(P, support, targets.n_rows, false);
   const FitContext ctx(P, Link::kLogit, FitContext::Dev::kIfCached, false, nullptr, 0, n_threads);
   std::vector<RowOut> rows(static_cast<std::size_t>(targets.n_rows));
-  parallel_rows(targets.n_rows, n_threads, ctx, [&](Workspace& ws, Index r) {
-    const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
-    const StateIndex* ids = targets.indices + a;
-    const double* cnt = targets.data + a;
-    const Index sa = support.indptr[r], sb = support.indptr[r + 1];
-    std::vector<Index> atoms(support.indices + sa, support.indices + sb);
-    const VectorXd alpha = closed_form_row(ctx, ws, ids, cnt, nq, atoms);
-    LogitModel model(ctx, ws, INFINITY);
-    model.load(ids, cnt, nq);
-    model.set_support(atoms, alpha);
-    RowOut& out = rows[static_cast<std::size_t>(r)];
-    out.n_candidates = sb - sa;
-    out.converged = true;
-    emit(model, ctx.n_base, out, false);
-    model.unload();
-  });
+  parallel_rows_with(
+      targets.n_rows, n_threads, ctx, kFixedChunk, [&](Workspace& ws) { return LogitModel(ctx, ws, INFINITY); },
+      [&](Workspace& ws, LogitModel& model, Index r) {
+        prefetch_row(ctx, ws, targets, support, r + 1);
+        const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
+        const Index sa = support.indptr[r], sb = support.indptr[r + 1];
+        model.load(targets.indices + a, targets.data + a, nq);
+        model.set_support(std::vector<Index>(support.indices + sa, support.indices + sb), VectorXd::Zero(sb - sa));
+        model.set_alpha(model.closed_form());
+        RowOut& out = rows[static_cast<std::size_t>(r)];
+        out.n_candidates = sb - sa;
+        out.converged = true;
+        emit(model, ctx.n_base, out, false);
+        model.unload();
+      });
   return assemble(rows);
 }
 

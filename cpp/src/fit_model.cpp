@@ -11,36 +11,33 @@
 
 namespace markovmem::detail {
 
+bool try_solve_spd(const MatrixXd& H, const VectorXd& b, double rel_ridge, VectorXd& x) {
+  // One factorisation object per thread: its storage is reused across the many small
+  // solves of a batch (same size from one target to the next) instead of allocated per call.
+  thread_local Eigen::LLT<MatrixXd> llt;
+  const Index n = H.rows();
+  double ridge = rel_ridge * (std::abs(H.trace()) / static_cast<double>(std::max<Index>(n, 1))) + 1e-300;
+  for (int k = 0; k < 12; ++k) {
+    llt.compute(H + ridge * MatrixXd::Identity(n, n));
+    if (llt.info() == Eigen::Success) {
+      x = b;
+      llt.solveInPlace(x);
+      return true;
+    }
+    ridge *= 100.0;
+  }
+  return false;
+}
+
 namespace {
 
 constexpr int kShortlist = 4;  // candidates whose gain is computed exactly after the second-order screen
 
-// Prefetches the stored entries of the atoms' rows in each of the given per-entry arrays
-// (indices, values, ...).  At vocabulary scale the rows are scattered over hundreds of MB,
-// so a support rebuild is bound by their cache misses; issued together they overlap.
-template <class... Arr>
-void prefetch_rows(const std::vector<Index>& atoms, const Index* ip, const Arr*... arrs) {
-#if defined(__GNUC__) || defined(__clang__)
-  auto range = [](const auto* b, const auto* e) {
-    for (const char* p = reinterpret_cast<const char*>(b); p < reinterpret_cast<const char*>(e); p += 64)
-      __builtin_prefetch(p);
-  };
-  for (Index v : atoms) (range(arrs + ip[v], arrs + ip[v + 1]), ...);
-#else
-  (void)atoms, (void)ip, ((void)arrs, ...);
-#endif
-}
-
-// Cholesky solve of (H + ridge I) x = b with a ridge that grows until H + ridge I factorises.
-VectorXd solve_spd(const MatrixXd& H, const VectorXd& b) {
-  const Index n = H.rows();
-  double ridge = 1e-12 * (std::abs(H.trace()) / static_cast<double>(std::max<Index>(n, 1)) + 1e-300);
-  for (int k = 0; k < 12; ++k) {
-    Eigen::LLT<MatrixXd> llt(H + ridge * MatrixXd::Identity(n, n));
-    if (llt.info() == Eigen::Success) return llt.solve(b);
-    ridge *= 100.0;
-  }
-  return b / std::max(H.diagonal().maxCoeff(), 1e-300);
+// x = -(H + ridge I)^-1 b (a Newton direction for gradient b) with a ridge that grows until
+// H + ridge I factorises; a scaled gradient step if it never does.
+void newton_direction(const MatrixXd& H, const VectorXd& b, VectorXd& x) {
+  if (!try_solve_spd(H, b, 1e-12, x)) x = b / std::max(H.diagonal().maxCoeff(), 1e-300);
+  x = -x;
 }
 
 // Diagonal of (H + ridge I)^-1 (for the removal estimate).
@@ -91,18 +88,19 @@ ProjectedStep projected_step(const VectorXd& a, const VectorXd& g, const MatrixX
                              std::vector<std::uint8_t>& bind) {
   const Index n = a.size();
   const double eps = std::min(1e-12, (a - (a - g).cwiseMax(0.0)).norm());
-  std::vector<Index> fr;
+  thread_local std::vector<Index> fr;
+  fr.clear();
   bind.assign(static_cast<std::size_t>(n), 0);
   for (Index i = 0; i < n; ++i) {
     bind[static_cast<std::size_t>(i)] = a(i) <= eps && g(i) > 0;
     if (!bind[static_cast<std::size_t>(i)]) fr.push_back(i);
   }
   ProjectedStep d;
-  step = VectorXd::Zero(n);
   if (static_cast<Index>(fr.size()) == n) {
-    step = -solve_spd(H, g);
+    newton_direction(H, g, step);
     d.dec_free = -g.dot(step);
   } else if (!fr.empty()) {
+    step = VectorXd::Zero(n);
     const Index nf = static_cast<Index>(fr.size());
     MatrixXd Hf(nf, nf);
     VectorXd gf(nf);
@@ -110,9 +108,12 @@ ProjectedStep projected_step(const VectorXd& a, const VectorXd& g, const MatrixX
       gf(r) = g(fr[static_cast<std::size_t>(r)]);
       for (Index c = 0; c < nf; ++c) Hf(r, c) = H(fr[static_cast<std::size_t>(r)], fr[static_cast<std::size_t>(c)]);
     }
-    const VectorXd sf = -solve_spd(Hf, gf);
+    VectorXd sf;
+    newton_direction(Hf, gf, sf);
     for (Index r = 0; r < nf; ++r) step(fr[static_cast<std::size_t>(r)]) = sf(r);
     d.dec_free = -gf.dot(sf);
+  } else {
+    step = VectorXd::Zero(n);
   }
   for (Index i = 0; i < n; ++i)
     if (bind[static_cast<std::size_t>(i)]) {
@@ -260,17 +261,15 @@ void LogitModel::unload() {
 
 void LogitModel::set_support(std::vector<Index> atoms, VectorXd alpha, bool project) {
   atoms_ = std::move(atoms);
-  alpha_ = std::move(alpha);
-  const double n = alpha_.norm();
-  if (project && n > bound_) alpha_ *= bound_ / n;
+  set_alpha(std::move(alpha), project);
   rebuild();
 }
 
 void LogitModel::rebuild() {
   if (c_.dev.empty())
-    prefetch_rows(atoms_, c_.ip, c_.ix, c_.px);
+    prefetch_rows(atoms_.begin(), atoms_.end(), c_.ip, c_.ix, c_.px);
   else
-    prefetch_rows(atoms_, c_.ip, c_.ix, c_.dev.data());
+    prefetch_rows(atoms_.begin(), atoms_.end(), c_.ip, c_.ix, c_.dev.data());
   for (StateIndex x : ulist_) w_.pos[static_cast<std::size_t>(x)] = -1;
   ulist_.clear();
   for (Index v : atoms_)
@@ -292,6 +291,36 @@ void LogitModel::rebuild() {
   zU_.assign(nU, 0.0);
   eU_.assign(nU, 0.0);
   fU_.assign(nU, 0.0);
+}
+
+VectorXd LogitModel::closed_form() {
+  // DESIGN §1: min over alpha, c of sum_{x in J} q(x) (log q(x) - c - sum_v alpha_v d_v(x))^2.
+  // With weights summing to one, eliminating c centres the problem:
+  //   (sum q d d^T - mu mu^T) alpha = sum q log q d - mu sum q log q,  mu = sum q d.
+  // Only the tokens of J in U (stored by some atom) have d != 0; the rest add nothing but
+  // their share of sum q log q, which is -H(q_hat) over all of J.  So the support rows over
+  // U weighted by q_hat restricted to U give the whole system.
+  const Index n = size();
+  if (n == 0) return VectorXd();
+  const std::size_t nU = ulist_.size();
+  // zU_ is scratch here (eval overwrites it before reading; f over U, which the Hessian reads, is kept).
+  for (std::size_t p = 0; p < nU; ++p) zU_[p] = qU_[p] > 0 ? qU_[p] * std::log(std::max(qU_[p], kLogFloor)) : 0.0;
+  MatrixXd& G = nw_.H;
+  VectorXd& mu = nw_.b;
+  rows_.weighted_gram(qU_.data(), G, &mu);
+  VectorXd b = VectorXd::Zero(n);
+  rows_.scatter(zU_.data(), b);
+  G.noalias() -= mu * mu.transpose();
+  b -= mu * neg_h_;
+  VectorXd x;
+  if (!try_solve_spd(G, b, 1e-10, x)) x = VectorXd::Zero(n);
+  return x;
+}
+
+void LogitModel::set_alpha(VectorXd alpha, bool project) {
+  alpha_ = std::move(alpha);
+  const double n = alpha_.norm();
+  if (project && n > bound_) alpha_ *= bound_ / n;
 }
 
 double LogitModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H) {
@@ -322,8 +351,7 @@ double LogitModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H) {
 
 void LogitModel::hessian_at_last_eval(MatrixXd& H, VectorXd* m) const {
   // H = sum_x f(x) d(x) d(x)^T - m m^T with m = sum_x f(x) d(x) (d(x): the slots' deviations at x).
-  VectorXd mm;
-  VectorXd& mv = m ? *m : mm;
+  VectorXd& mv = m ? *m : nw_.b;
   rows_.weighted_gram(fU_.data(), H, &mv);
   H.noalias() -= mv * mv.transpose();
 }
@@ -336,10 +364,11 @@ Index LogitModel::newton(Index max_iter, double tol, bool& converged) {
     const double nrm = alpha_.norm();
     if (nrm > bound_) alpha_ *= bound_ / nrm;
   }
-  VectorXd g, step, trial, gt;
-  MatrixXd H;
+  // Scratch kept with the model: a batch reuses it from one target to the next.
+  VectorXd &g = nw_.g, &step = nw_.step, &trial = nw_.trial, &gt = nw_.gt;
+  MatrixXd& H = nw_.H;
   auto newton_step = [&](VectorXd& st) {
-    st = -solve_spd(H, g);
+    newton_direction(H, g, st);
     if ((alpha_ + st).norm() > bound_) st = ball_step(H, g, alpha_, bound_) - alpha_;
     return -g.dot(st);  // the Newton decrement
   };
@@ -570,7 +599,7 @@ void MixtureModel::set_support(std::vector<Index> atoms, VectorXd alpha, bool pr
 }
 
 void MixtureModel::rebuild() {
-  prefetch_rows(atoms_, c_.ip, c_.ix, c_.px);
+  prefetch_rows(atoms_.begin(), atoms_.end(), c_.ip, c_.ix, c_.px);
   rows_.build(
       atoms_, nq_, c_.ip, [&](Index j) { return w_.pos_if_set(c_.ix[j]); },
       [&](Index j, Index v) { return static_cast<double>(c_.px[j]) - c_.u[static_cast<std::size_t>(v)]; }, true,
@@ -627,9 +656,11 @@ double MixtureModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H, bool with
 void MixtureModel::hessian_at_last_eval(MatrixXd& H) const {
   // f_p = tau + m_p . a with m_p = p(x_p|.) - u: H = sum_p w2_p (u + m_p)(u + m_p)^T
   // over J, where an uncovered position has m_p = 0 and weight q / tau^2.
-  VectorXd b;
+  VectorXd& b = nw_.b;
   rows_.weighted_gram(w2c_.data(), H, &b);
-  H.noalias() += W2_ * uS_ * uS_.transpose() + uS_ * b.transpose() + b * uS_.transpose();
+  H.noalias() += W2_ * uS_ * uS_.transpose();
+  H.noalias() += uS_ * b.transpose();
+  H.noalias() += b * uS_.transpose();
 }
 
 void MixtureModel::fill_fJ() {
@@ -638,9 +669,7 @@ void MixtureModel::fill_fJ() {
 }
 
 bool MixtureModel::converged_with(const VectorXd& g, const MatrixXd& H, double G, double tol) const {
-  VectorXd step;
-  std::vector<std::uint8_t> bind;
-  const ProjectedStep d = projected_step(alpha_, g, H, step, bind);
+  const ProjectedStep d = projected_step(alpha_, g, H, nw_.step2, nw_.bind2);
   return !(d.dec_free + d.dec_bound > tol * std::max(1.0, std::abs(G)));
 }
 
@@ -648,12 +677,12 @@ Index MixtureModel::newton(Index max_iter, double tol, bool& converged) {
   converged = true;
   const Index n = size();
   if (n == 0) return 0;
-  VectorXd g, step, trial, gt;
-  MatrixXd H;
+  VectorXd &g = nw_.g, &step = nw_.step, &trial = nw_.trial, &gt = nw_.gt;
+  MatrixXd& H = nw_.H;
   Index it = 0;
   converged = false;
   double G = eval(alpha_, &g, &H);
-  std::vector<std::uint8_t> bind;
+  std::vector<std::uint8_t>& bind = nw_.bind;
   for (; it < max_iter; ++it) {
     const ProjectedStep d = projected_step(alpha_, g, H, step, bind);
     const double dec_free = d.dec_free, dec_bound = d.dec_bound;

@@ -81,6 +81,30 @@ struct FitContext {
   }
 };
 
+/// Prefetches the stored entries of the atoms' rows in each of the given per-entry arrays
+/// (indices, values, ...).  At vocabulary scale the rows are scattered over hundreds of MB,
+/// so building a support's structure is bound by their cache misses; issued together (or
+/// one target ahead) they overlap.
+template <class AtomIt, class... Arr>
+void prefetch_rows(AtomIt first, AtomIt last, const Index* ip, const Arr*... arrs) {
+#if defined(__GNUC__) || defined(__clang__)
+  auto range = [](const auto* b, const auto* e) {
+    for (const char* p = reinterpret_cast<const char*>(b); p < reinterpret_cast<const char*>(e); p += 64)
+      __builtin_prefetch(p);
+  };
+  for (; first != last; ++first) {
+    const Index v = static_cast<Index>(*first);
+    (range(arrs + ip[v], arrs + ip[v + 1]), ...);
+  }
+#else
+  (void)first, (void)last, (void)ip, ((void)arrs, ...);
+#endif
+}
+
+/// x = (H + ridge I)^-1 b by Cholesky, with ridge = rel_ridge * trace(H) / n growing
+/// 100-fold until the matrix factorises; false (x unset) if it never does.
+bool try_solve_spd(const MatrixXd& H, const VectorXd& b, double rel_ridge, VectorXd& x);
+
 /// The support rows by position: for each position p (a token of the model's
 /// column set) the slots that store it, ascending, and their values.  Positions
 /// stored by at least a third of the slots (the frequent tokens every LM row
@@ -213,6 +237,14 @@ struct Pick {
   double gain = -INFINITY;
 };
 
+/// Scratch of the Newton solvers, kept with a model so that a batch of targets of one
+/// support size allocates it once.
+struct NewtonScratch {
+  VectorXd g, step, trial, gt, b, step2;
+  MatrixXd H;
+  std::vector<std::uint8_t> bind, bind2;
+};
+
 /// Common interface of the two link models (static polymorphism in the driver).
 /// A model holds one target (q_hat) and a support (atoms, alpha); every method
 /// leaves the workspace clean for the next target after unload().
@@ -223,6 +255,12 @@ class LogitModel {
   void unload();
   /// Replaces the support; with `project` alpha is scaled into the ball ||alpha|| <= bound.
   void set_support(std::vector<Index> atoms, VectorXd alpha, bool project = true);
+  /// Replaces alpha on the current support (projected into the ball with `project`).
+  void set_alpha(VectorXd alpha, bool project = true);
+  /// DESIGN §1's closed form on the current support: weighted least squares in centred
+  /// log-probability space (normal equations, Cholesky with a 1e-10 relative ridge; zero
+  /// if even a grown ridge does not factorise).  Does not change alpha.
+  VectorXd closed_form();
   const std::vector<Index>& atoms() const { return atoms_; }
   const VectorXd& alpha() const { return alpha_; }
   Index size() const { return static_cast<Index>(atoms_.size()); }
@@ -275,6 +313,7 @@ class LogitModel {
   std::vector<double> qU_, zU_, eU_, fU_;
   VectorXd eq_;  ///< E_q_hat[d_i] per slot
   VectorXd m_;   ///< E_f[d_i] per slot at the last eval with a gradient
+  mutable NewtonScratch nw_;
   double zmax_ = 0.0, zs_ = 1.0;  ///< shift and shifted partition function of the last eval
 };
 
@@ -349,6 +388,7 @@ class MixtureModel {
   std::vector<double> fJ_;                   ///< f over J at the last eval, filled by fill_fJ()
   std::vector<double> rbuf_;
   double W1_ = 0.0, W2_ = 0.0, qsum_ = 0.0;
+  mutable NewtonScratch nw_;
   /// fJ_ from the last eval (the candidate gains read f by position in J).
   void fill_fJ();
 };
