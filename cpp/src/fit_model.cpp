@@ -248,6 +248,7 @@ void LogitModel::load(const StateIndex* ids, const double* q, Index nq) {
   }
   atoms_.clear();
   alpha_.resize(0);
+  pool_cached_ = false;
   rebuild();
 }
 
@@ -460,18 +461,59 @@ void LogitModel::candidate_moments(Index c, double f0, double& g, double& h) con
   h = mf2 - mf * mf;
 }
 
+void LogitModel::cache_pool(const std::vector<Index>& pool) {
+  cpool_ = pool;
+  cptr_.assign(pool.size() + 1, 0);
+  cw_.clear();
+  cd_.clear();
+  cmq_.assign(pool.size(), 0.0);
+  wlist_.clear();
+  for (std::size_t i = 0; i < pool.size(); ++i) {
+    const Index c = pool[i];
+    double mq = 0.0;
+    for (Index j = c_.ip[c]; j < c_.ip[c + 1]; ++j) {
+      const StateIndex x = c_.ix[j];
+      std::int32_t& w = w_.wpos[static_cast<std::size_t>(x)];
+      if (w < 0) {
+        w = static_cast<std::int32_t>(wlist_.size());
+        wlist_.push_back(x);
+      }
+      const double d = c_.d_of(j, c);
+      cw_.push_back(w);
+      cd_.push_back(d);
+      mq += w_.q[static_cast<std::size_t>(x)] * d;
+    }
+    cmq_[i] = mq;
+    cptr_[i + 1] = static_cast<Index>(cw_.size());
+  }
+  for (StateIndex x : wlist_) w_.wpos[static_cast<std::size_t>(x)] = -1;
+  fW_.resize(wlist_.size());
+  pool_cached_ = true;
+}
+
 Pick LogitModel::best_addition(const std::vector<Index>& pool, const std::vector<std::uint8_t>& taken) {
+  if (!pool_cached_ || cpool_ != pool) cache_pool(pool);
   eval(alpha_, nullptr, nullptr);
   const double a2 = alpha_.squaredNorm();
   const double tmax = std::sqrt(std::max(0.0, bound_ * bound_ - a2));
   const double rank_tmax = std::max(tmax, 0.25 * bound_);
   const double f0 = std::exp(-zmax_) / zs_;
+  for (std::size_t w = 0; w < wlist_.size(); ++w) {
+    const std::int32_t p = w_.pos[static_cast<std::size_t>(wlist_[w])];
+    fW_[w] = p >= 0 ? eU_[static_cast<std::size_t>(p)] / zs_ : f0;
+  }
   Shortlist sl;
   for (std::size_t i = 0; i < pool.size(); ++i) {
     if (taken[i]) continue;
-    const Index c = pool[i];
-    double g, h;
-    candidate_moments(c, f0, g, h);
+    // candidate_moments() over the cache: the same sums in the same order.
+    double mf = 0.0, mf2 = 0.0;
+    for (Index k = cptr_[i]; k < cptr_[i + 1]; ++k) {
+      const double f = fW_[static_cast<std::size_t>(cw_[static_cast<std::size_t>(k)])];
+      const double d = cd_[static_cast<std::size_t>(k)];
+      mf += f * d;
+      mf2 += f * d * d;
+    }
+    const double g = mf - cmq_[i], h = mf2 - mf * mf;
     if (!(h > 1e-300)) continue;
     const double t = std::clamp(-g / h, -rank_tmax, rank_tmax);
     sl.offer(-(g * t + 0.5 * h * t * t), static_cast<Index>(i));
@@ -601,7 +643,7 @@ void MixtureModel::set_support(std::vector<Index> atoms, VectorXd alpha, bool pr
 void MixtureModel::rebuild() {
   prefetch_rows(atoms_.begin(), atoms_.end(), c_.ip, c_.ix, c_.px);
   rows_.build(
-      atoms_, nq_, c_.ip, [&](Index j) { return w_.pos_if_set(c_.ix[j]); },
+      atoms_, nq_, c_.ip, [&](Index j) { return w_.pos[static_cast<std::size_t>(c_.ix[j])]; },
       [&](Index j, Index v) { return static_cast<double>(c_.px[j]) - c_.u[static_cast<std::size_t>(v)]; }, true,
       &covered_);
   const std::size_t nc = covered_.size();

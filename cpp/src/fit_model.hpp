@@ -128,23 +128,32 @@ struct SupportRows {
     const std::size_t np = static_cast<std::size_t>(n_pos);
     n_slots = static_cast<Index>(atoms.size());
     ptr.assign(np + 1, 0);
-    // One pass over the atoms' entries (the position lookups are the cache misses),
-    // then a counting sort by position; slots stay ascending within a position.
-    hits_.clear();
+    // One pass over the atoms' entries, then a counting sort by position; slots stay
+    // ascending within a position.  The pass is branch-free: every entry is written and
+    // only a hit advances the cursor (a miss counts in ptr[0], reset after), since whether
+    // a stored token is in the column set is a coin flip the branch predictor loses.
+    std::size_t total = 0;
+    for (Index v : atoms) total += static_cast<std::size_t>(ip[v + 1] - ip[v]);
+    if (hits_.size() < total + 1) hits_.resize(total + 1);
+    Hit* out = hits_.data();
+    std::size_t nh = 0;
+    Index* cnt = ptr.data();
     for (std::size_t i = 0; i < atoms.size(); ++i) {
       const Index v = atoms[i];
       for (Index j = ip[v]; j < ip[v + 1]; ++j) {
         const std::int32_t p = pos_of(j);
-        if (p < 0) continue;
-        hits_.push_back({p, static_cast<std::int32_t>(i), val_of(j, v)});
-        ++ptr[static_cast<std::size_t>(p) + 1];
+        out[nh] = {p, static_cast<std::int32_t>(i), val_of(j, v)};
+        nh += p >= 0;
+        ++cnt[p + 1];
       }
     }
+    ptr[0] = 0;
     for (std::size_t p = 0; p < np; ++p) ptr[p + 1] += ptr[p];
-    slot.resize(hits_.size());
-    val.resize(hits_.size());
+    slot.resize(nh);
+    val.resize(nh);
     next_.assign(ptr.begin(), ptr.end() - 1);
-    for (const Hit& h : hits_) {
+    for (std::size_t n = 0; n < nh; ++n) {
+      const Hit& h = out[n];
       const std::size_t k = static_cast<std::size_t>(next_[static_cast<std::size_t>(h.pos)]++);
       slot[k] = h.slot;
       val[k] = h.val;
@@ -208,6 +217,7 @@ struct Workspace {
   std::vector<double> acc;        ///< screening accumulator over states
   std::vector<std::uint8_t> mark; ///< states touched by the screening product
   std::vector<Index> touched;
+  std::vector<std::int32_t> wpos;  ///< base state -> index in a model's pool column set W, or -1
   /// One bit per base state, set where pos is (mixture / closed form: the target's
   /// tokens).  16 KB at T = 131k: it stays in L1 and filters the pos lookups, which
   /// miss cache, down to the hits.
@@ -222,6 +232,7 @@ struct Workspace {
       pos.assign(static_cast<std::size_t>(n_base), -1);
       q.assign(static_cast<std::size_t>(n_base), 0.0);
       bits.assign(static_cast<std::size_t>(n_base) / 64 + 1, 0);
+      wpos.assign(static_cast<std::size_t>(n_base), -1);
     }
     if (static_cast<Index>(acc.size()) != n_states) {
       acc.assign(static_cast<std::size_t>(n_states), 0.0);
@@ -315,6 +326,19 @@ class LogitModel {
   VectorXd m_;   ///< E_f[d_i] per slot at the last eval with a gradient
   mutable NewtonScratch nw_;
   double zmax_ = 0.0, zs_ = 1.0;  ///< shift and shifted partition function of the last eval
+  // The pool's rows over W, the union of their stored columns, built once per target and
+  // pool (best_addition runs dozens of times on one pool): the screen then reads f once
+  // per column of W instead of looking up the U position of every stored entry, and
+  // E_q[d_c] is computed once per candidate.
+  void cache_pool(const std::vector<Index>& pool);
+  bool pool_cached_ = false;
+  std::vector<Index> cpool_;        ///< the pool the cache describes (compared by content)
+  std::vector<Index> cptr_;         ///< per pool entry: its range in cw_ / cd_
+  std::vector<std::int32_t> cw_;    ///< per stored entry: the column's index in W
+  std::vector<double> cd_;          ///< per stored entry: d_c(x)
+  std::vector<double> cmq_;         ///< per pool entry: E_q_hat[d_c]
+  std::vector<StateIndex> wlist_;   ///< W
+  std::vector<double> fW_;          ///< f over W at the last screen
 };
 
 class MixtureModel {
