@@ -32,6 +32,12 @@ py::tuple to_py(AlphaResult&& r) {
                         to_numpy(std::move(r.n_candidates)));
 }
 
+// The FitControl behind a Python argument (None = no control).  The caller keeps the
+// object alive for the call, which is what lets the core use it without the GIL.
+FitControl* control_of(const py::object& control) {
+  return control.is_none() ? nullptr : control.cast<FitControl*>();
+}
+
 Link to_link(int link) {
   if (link != 0 && link != 1) throw std::invalid_argument("link must be 0 (logit) or 1 (mixture)");
   return static_cast<Link>(link);
@@ -40,12 +46,22 @@ Link to_link(int link) {
 }  // namespace
 
 void bind_fit(py::module_& m) {
+  py::class_<FitControl>(m, "FitControl",
+                         "Progress and cancellation of a running fit, shared with another Python thread.")
+      .def(py::init<>())
+      .def_property_readonly(
+          "done", [](const FitControl& c) { return c.done.load(std::memory_order_relaxed); },
+          "Rows finished so far.")
+      .def(
+          "cancel", [](FitControl& c) { c.cancel.store(true); },
+          "Skip the rows not yet started; the fit then raises FitCancelled.");
+  py::register_exception<FitCancelled>(m, "FitCancelled", PyExc_RuntimeError);
   m.def(
       "fit_alpha",
       [](const TransitionMatrix& P, const carray<Index>& t_indptr, const carray<StateIndex>& t_indices,
          const carray<double>& t_data, int link, Index s, double bound, Index n_candidates, double oversize,
          Index swap_passes, Index max_iter, double tol, int n_threads, std::uint64_t seed,
-         const carray<StateIndex>& allowed, bool cv_bound) {
+         const carray<StateIndex>& allowed, bool cv_bound, const py::object& control) {
         const TargetsView t = targets_view(t_indptr, t_indices, t_data);
         FitOptions o;
         o.link = to_link(link);
@@ -61,6 +77,7 @@ void bind_fit(py::module_& m) {
         o.allowed = allowed.shape(0) > 0 ? ptr_1d(allowed, "candidates") : nullptr;
         o.n_allowed = allowed.shape(0);
         o.cv_bound = cv_bound;
+        o.control = control_of(control);
         AlphaResult r;
         {
           py::gil_scoped_release release;  // reads numpy buffers kept alive by the caller and the immutable P
@@ -71,13 +88,14 @@ void bind_fit(py::module_& m) {
       py::arg("P"), py::arg("indptr").noconvert(), py::arg("indices").noconvert(), py::arg("data").noconvert(),
       py::arg("link"), py::arg("s"), py::arg("bound"), py::arg("n_candidates"), py::arg("oversize"),
       py::arg("swap_passes"), py::arg("max_iter"), py::arg("tol"), py::arg("n_threads"), py::arg("seed"),
-      py::arg("allowed").noconvert(), py::arg("cv_bound"),
+      py::arg("allowed").noconvert(), py::arg("cv_bound"), py::arg("control") = py::none(),
       "Sparse KL fit with support selection (CSR parts and per-row figures).");
   m.def(
       "fit_on_support",
       [](const TransitionMatrix& P, const carray<Index>& t_indptr, const carray<StateIndex>& t_indices,
          const carray<double>& t_data, const carray<Index>& s_indptr, const carray<StateIndex>& s_indices,
-         const py::object& s_values, int link, double bound, Index max_iter, double tol, int n_threads) {
+         const py::object& s_values, int link, double bound, Index max_iter, double tol, int n_threads,
+         const py::object& control) {
         const TargetsView t = targets_view(t_indptr, t_indices, t_data);
         const SupportView sv = support_view(s_indptr, s_indices, s_values);
         FitOptions o;
@@ -86,6 +104,7 @@ void bind_fit(py::module_& m) {
         o.max_iter = max_iter;
         o.tol = tol;
         o.n_threads = n_threads;
+        o.control = control_of(control);
         AlphaResult r;
         {
           py::gil_scoped_release release;  // reads numpy buffers kept alive by the caller and the immutable P
@@ -96,7 +115,7 @@ void bind_fit(py::module_& m) {
       py::arg("P"), py::arg("indptr").noconvert(), py::arg("indices").noconvert(), py::arg("data").noconvert(),
       py::arg("support_indptr").noconvert(), py::arg("support_indices").noconvert(), py::arg("support_values"),
       py::arg("link"), py::arg("bound"), py::arg("max_iter"), py::arg("tol"), py::arg("n_threads"),
-      "KL fit on a fixed support per row.");
+      py::arg("control") = py::none(), "KL fit on a fixed support per row.");
   m.def(
       "closed_form_alpha",
       [](const TransitionMatrix& P, const carray<Index>& t_indptr, const carray<StateIndex>& t_indices,

@@ -25,7 +25,7 @@ class NearestRowsFit:
     """Hand-made stand-in for AlphaFit: alpha spreads 1/s over the s rows of P
     closest to q_hat in KL.  Same shapes as the real thing: alpha (m, n_states) CSR."""
 
-    def __init__(self, P, counts, s=2, link="logit"):
+    def __init__(self, P, counts, s=2, link="logit", progress=True):
         dense = P.to_dense()
         q = counts.toarray()
         q = q / q.sum(1, keepdims=True)

@@ -313,6 +313,88 @@ def test_same_result_from_several_python_threads(planted_P):
         np.testing.assert_array_equal(r.alpha.toarray(), expected.alpha.toarray())
 
 
+# ----------------------------------------------------------------------------- progress and Ctrl-C
+@pytest.mark.parametrize("fixed", [False, True])
+def test_progress_thread_gives_the_same_fit(planted_P, fixed):
+    S, _, counts = planted(planted_P, 4, 800, 6, "logit", seed=5)
+    kw = dict(support=S) if fixed else {}
+    a = mm.fit_alpha(planted_P, counts, s=4, n_threads=2, progress=False, **kw)
+    b = mm.fit_alpha(planted_P, counts, s=4, n_threads=2, progress=True, **kw)
+    np.testing.assert_array_equal(a.alpha.indices, b.alpha.indices)
+    np.testing.assert_array_equal(a.alpha.data, b.alpha.data)
+    np.testing.assert_array_equal(a.kl, b.kl)
+
+
+def test_progress_thread_passes_errors_to_the_caller(small_P):
+    counts = sp.csr_array(np.ones((3, small_P.n_base)))
+    counts[1, :] = 0.0
+    with pytest.raises(ValueError, match="row 1"):
+        mm.fit_alpha(small_P, sp.csr_array(counts.toarray()), s=2, progress=True)
+
+
+def _core_args(P, counts, s=4):
+    c = sp.csr_array(counts)
+    return (P._m, np.ascontiguousarray(c.indptr, np.int64), np.ascontiguousarray(c.indices, np.int32),
+            np.ascontiguousarray(c.data, np.float64), 0, s, 10.0, 0, 0.0, 1, 100, 1e-10, 2, 0,
+            np.zeros(0, np.int32), True)
+
+
+def test_cancelled_control_skips_every_row_and_raises(planted_P):
+    _, _, counts = planted(planted_P, 4, 800, 5, "logit", seed=6)
+    control = mm._core.FitControl()
+    control.cancel()
+    with pytest.raises(mm._core.FitCancelled, match="after 0 of 5 rows"):
+        mm._core.fit_alpha(*_core_args(planted_P, counts), control)
+    assert control.done == 0
+
+
+def test_cancel_from_another_thread_stops_a_running_fit(planted_P):
+    # 400 logit targets (20 distinct ones, repeated) take tens of seconds; the cancel comes
+    # after the first finished row.
+    _, _, counts = planted(planted_P, 8, 1600, 20, "logit", seed=7)
+    counts = sp.csr_array(sp.vstack([counts] * 20))
+    control = mm._core.FitControl()
+    outcome = {}
+
+    def work():
+        try:
+            mm._core.fit_alpha(*_core_args(planted_P, counts, s=8), control)
+        except mm._core.FitCancelled as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    while worker.is_alive() and control.done == 0:
+        worker.join(0.01)
+    control.cancel()
+    worker.join()
+    assert "error" in outcome
+    assert 1 <= control.done < 400
+
+
+def test_ctrl_c_during_a_fit_cancels_it_and_leaves_no_worker(planted_P):
+    import _thread
+    import time
+
+    # 2,000 logit targets (20 distinct ones, repeated): about a minute of fitting here.
+    _, _, counts = planted(planted_P, 8, 1600, 20, "logit", seed=8)
+    counts = sp.csr_array(sp.vstack([counts] * 100))
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    timer.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            mm.fit_alpha(planted_P, counts, s=8, n_threads=2, progress=True)
+    finally:
+        timer.cancel()
+    assert time.perf_counter() - t0 < 20.0  # the rows in flight finish, the rest are skipped
+    assert not any(t.name == "markovmem-fit" for t in threading.enumerate())
+    # The per-thread workspaces of the cancelled call left nothing behind.
+    a = mm.fit_alpha(planted_P, counts[:3], s=8, n_threads=2, progress=False)
+    b = mm.fit_alpha(planted_P, counts[:3], s=8, n_threads=1, progress=False)
+    np.testing.assert_array_equal(a.alpha.data, b.alpha.data)
+
+
 def test_candidate_ids_restrict_the_support(small_P, rng):
     counts = sp.csr_array(rng.poisson(0.5, (3, small_P.n_base)).astype(float))
     allowed = np.arange(0, small_P.n_states, 3)

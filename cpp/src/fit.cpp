@@ -509,9 +509,11 @@ void emit(Model& model, Index n_base, RowOut& out, bool drop_zeros) {
 // Runs body(ws, local, r) for every row r in parallel.  Each thread owns a Workspace and
 // a `local` made by make_local(ws) once (models whose buffers then serve all its rows).
 // Rows are handed out `chunk` at a time, in order within a chunk, so a body can prefetch
-// the data of row r + 1.  Results must not depend on which thread runs a row.
+// the data of row r + 1.  Results must not depend on which thread runs a row.  With a
+// control, each finished row is counted and a cancel skips the rows not yet started.
 template <class MakeLocal, class Body>
-void parallel_rows_with(Index m, int n_threads, const FitContext& ctx, Index chunk, MakeLocal make_local, Body body) {
+void parallel_rows_with(Index m, int n_threads, const FitContext& ctx, Index chunk, FitControl* control,
+                        MakeLocal make_local, Body body) {
   detail::ExceptionCollector errors;
   const int nt = detail::resolve_threads(n_threads);
   (void)nt;  // unused without OpenMP
@@ -522,14 +524,22 @@ void parallel_rows_with(Index m, int n_threads, const FitContext& ctx, Index chu
     errors.run([&] { ws.ensure(ctx.n_base, ctx.n_states); });
     auto local = make_local(ws);
 #pragma omp for schedule(dynamic, chunk)
-    for (Index r = 0; r < m; ++r) errors.run([&] { body(ws, local, r); });
+    for (Index r = 0; r < m; ++r) {
+      if (control && control->cancel.load(std::memory_order_relaxed)) continue;
+      errors.run([&] { body(ws, local, r); });
+      if (control) control->done.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  if (control && control->cancel.load()) {
+    throw FitCancelled("fit cancelled after " + std::to_string(control->done.load()) + " of " + std::to_string(m) +
+                       " rows");
   }
   errors.rethrow();
 }
 
 template <class Body>
-void parallel_rows(Index m, int n_threads, const FitContext& ctx, Body body) {
-  parallel_rows_with(m, n_threads, ctx, 1, [](Workspace&) { return 0; },
+void parallel_rows(Index m, int n_threads, const FitContext& ctx, Body body, FitControl* control = nullptr) {
+  parallel_rows_with(m, n_threads, ctx, 1, control, [](Workspace&) { return 0; },
                      [&](Workspace& ws, int, Index r) { body(ws, r); });
 }
 
@@ -799,7 +809,7 @@ AlphaResult fit_alpha(const TransitionMatrix& P, const TargetsView& targets, con
     emit(model, ctx.n_base, out, true);
     model.unload();
     if (pool.empty()) out.converged = false;
-  });
+  }, o.control);
   return assemble(rows);
 }
 
@@ -811,7 +821,8 @@ AlphaResult fit_on_support(const TransitionMatrix& P, const TargetsView& targets
   const FitContext ctx(P, o.link, FitContext::Dev::kIfCached, false, nullptr, 0, o.n_threads);
   std::vector<RowOut> rows(static_cast<std::size_t>(targets.n_rows));
   parallel_rows_with(
-      targets.n_rows, o.n_threads, ctx, kFixedChunk, [&](Workspace& ws) { return ThreadModels(ctx, ws, o.bound); },
+      targets.n_rows, o.n_threads, ctx, kFixedChunk, o.control,
+      [&](Workspace& ws) { return ThreadModels(ctx, ws, o.bound); },
       [&](Workspace& ws, ThreadModels& models, Index r) {
         prefetch_row(ctx, ws, targets, support, r + 1);
         const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
@@ -860,7 +871,8 @@ AlphaResult closed_form_alpha(const TransitionMatrix& P, const TargetsView& targ
   const FitContext ctx(P, Link::kLogit, FitContext::Dev::kIfCached, false, nullptr, 0, n_threads);
   std::vector<RowOut> rows(static_cast<std::size_t>(targets.n_rows));
   parallel_rows_with(
-      targets.n_rows, n_threads, ctx, kFixedChunk, [&](Workspace& ws) { return LogitModel(ctx, ws, INFINITY); },
+      targets.n_rows, n_threads, ctx, kFixedChunk, nullptr,
+      [&](Workspace& ws) { return LogitModel(ctx, ws, INFINITY); },
       [&](Workspace& ws, LogitModel& model, Index r) {
         prefetch_row(ctx, ws, targets, support, r + 1);
         const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;

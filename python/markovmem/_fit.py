@@ -8,9 +8,10 @@ The work runs in the C++ core, in parallel over targets, without the GIL.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -229,6 +230,48 @@ def _check_matrix(P: Any) -> None:
         raise TypeError(f"P must be a markovmem.TransitionMatrix; got {type(P).__name__}")
 
 
+def _run_rows(call: Callable[[Any], Any], m: int, progress: bool, desc: str) -> Any:
+    """``call(control)`` for a fit of ``m`` rows.  With ``progress`` (and m > 1) the fit runs
+    in a worker thread while this one shows a tqdm bar of the rows done (it appears once the
+    fit has taken 2 s) and stays interruptible: Ctrl-C cancels the rows not yet started and
+    raises KeyboardInterrupt once the running ones finish.  Without it the call runs here."""
+    if not progress or m < 2:
+        return call(None)
+    from tqdm.auto import tqdm
+
+    control = _core.FitControl()
+    box: dict[str, Any] = {}
+    finished = threading.Event()
+
+    def work() -> None:
+        try:
+            box["result"] = call(control)
+        except BaseException as exc:  # handed to the caller's thread below
+            box["error"] = exc
+        finally:
+            finished.set()
+
+    # Waiting is on an Event, not Thread.join: an interrupted join can leave the thread
+    # marked as stopped while it still runs (CPython bpo-45274).
+    worker = threading.Thread(target=work, name="markovmem-fit", daemon=True)
+    bar = tqdm(total=m, desc=desc, unit="target", delay=2.0, dynamic_ncols=True, leave=False)
+    try:
+        worker.start()
+        while not finished.wait(0.2):
+            bar.update(control.done - bar.n)
+    except KeyboardInterrupt:
+        control.cancel()
+        finished.wait()
+        worker.join()
+        raise
+    finally:
+        bar.close()
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 # ----------------------------------------------------------------------------- public API
 def fit_alpha(
     P: TransitionMatrix,
@@ -247,6 +290,7 @@ def fit_alpha(
     oversize: float | None = None,
     swap_passes: int = 1,
     cv_bound: bool = True,
+    progress: bool = True,
 ) -> AlphaFit:
     """Fit each target as a sparse combination of P's rows, minimising KL(q_hat || f(alpha)).
 
@@ -353,6 +397,11 @@ def fit_alpha(
     cv_bound : bool
         Logit link: choose the radius of the ball on alpha by cross-validation
         (step 6 above).  False fits within ``bound`` only.
+    progress : bool
+        Show a tqdm bar of the targets done once the fit has run for 2 s, and
+        let Ctrl-C stop it (the targets not yet started are skipped and
+        KeyboardInterrupt is raised; a logit fit at s = 64 takes seconds per
+        target).  False runs the fit in the calling thread with no bar.
 
     Returns
     -------
@@ -393,8 +442,9 @@ def fit_alpha(
     m = len(indptr) - 1
     if support is not None:
         sp_ip, sp_ix = _support(P, support, m)
-        res = _core.fit_on_support(P._m, indptr, indices, data, sp_ip, sp_ix, None, lk, bound, int(max_iter),
-                                   float(tol), _threads(n_threads))
+        res = _run_rows(lambda control: _core.fit_on_support(
+            P._m, indptr, indices, data, sp_ip, sp_ix, None, lk, bound, int(max_iter), float(tol),
+            _threads(n_threads), control), m, progress, f"fit_alpha ({link}, fixed support)")
         return _make_fit(P, res, link, totals)
     n_cand = 0
     allowed = np.zeros(0, np.int32)
@@ -416,9 +466,10 @@ def fit_alpha(
         raise ValueError(f"oversize is {oversize}; expected >= 1")
     if int(swap_passes) < 0:
         raise ValueError(f"swap_passes is {swap_passes}; expected >= 0")
-    res = _core.fit_alpha(P._m, indptr, indices, data, lk, int(s), bound, n_cand,
-                          0.0 if oversize is None else float(oversize), int(swap_passes), int(max_iter), float(tol),
-                          _threads(n_threads), int(seed) & (2**64 - 1), allowed, bool(cv_bound))
+    res = _run_rows(lambda control: _core.fit_alpha(
+        P._m, indptr, indices, data, lk, int(s), bound, n_cand, 0.0 if oversize is None else float(oversize),
+        int(swap_passes), int(max_iter), float(tol), _threads(n_threads), int(seed) & (2**64 - 1), allowed,
+        bool(cv_bound), control), m, progress, f"fit_alpha ({link}, s = {s})")
     fit = _make_fit(P, res, link, totals)
     short = fit.n_candidates < s
     if short.any():

@@ -4,7 +4,9 @@
 // KL(q_hat || f(alpha)) under the "logit" or the "mixture" link, with the tail rule.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 #include "markovmem/transition_matrix.hpp"
@@ -35,6 +37,20 @@ struct SupportView {
   const double* values = nullptr;  ///< nnz entries or null
 };
 
+/// Progress and cancellation of a long fit, shared with a caller on another thread:
+/// `done` counts finished rows; setting `cancel` makes the remaining rows be skipped,
+/// and the call then throws FitCancelled (rows already running finish first).
+struct FitControl {
+  std::atomic<std::int64_t> done{0};
+  std::atomic<bool> cancel{false};
+};
+
+/// Thrown by a fit whose FitControl was cancelled.
+class FitCancelled : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 /// Options of fit_alpha and fit_on_support.
 struct FitOptions {
   Link link = Link::kLogit;
@@ -52,6 +68,7 @@ struct FitOptions {
   std::uint64_t seed = 0;       ///< orders the swap pass and draws the cross-validation folds (per-row streams)
   const StateIndex* allowed = nullptr;  ///< sorted unique eligible states (null = every state)
   Index n_allowed = 0;
+  FitControl* control = nullptr;  ///< progress counter and cancel flag (null = none); not owned
 };
 
 /// Result: alpha as CSR over states (support in selection order sorted by state

@@ -155,6 +155,8 @@ def learn_tokens(
         Separate base model for the check (default: the model with its expansion off).
     device : str or torch.device, optional
     progress : bool
+        tqdm bars for distillation, the fit (shown after 2 s; Ctrl-C stops it
+        cleanly) and embedding tuning.
 
     Returns
     -------
@@ -204,7 +206,7 @@ def learn_tokens(
         empty = [tok for tok, n in zip(tokens, np.diff(counts.indptr)) if n == 0]
         if empty:
             raise ValueError(f"tokens {empty} are never followed by a base token in texts; add examples using them")
-        fit = fit_alpha(matrix, counts, s=cfg.s, link=cfg.link)
+        fit = fit_alpha(matrix, counts, s=cfg.s, link=cfg.link, progress=progress)
         set_embeddings(model, ids, alpha_to_embeddings(model, fit.alpha))
         get_expansion(model).alpha = fit.alpha
         history = None
