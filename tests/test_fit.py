@@ -315,11 +315,24 @@ def test_same_result_from_several_python_threads(planted_P):
 
 # ----------------------------------------------------------------------------- progress and Ctrl-C
 @pytest.mark.parametrize("fixed", [False, True])
-def test_progress_thread_gives_the_same_fit(planted_P, fixed):
+def test_progress_thread_gives_the_same_fit(planted_P, fixed, monkeypatch):
+    from markovmem import _fit
+
+    monkeypatch.setitem(_fit._WORKER_ROWS, "fixed", 2)  # the worker thread for these 6 rows too
+    started = []
+
+    class Spy(threading.Thread):
+        def start(self):
+            started.append(self.name)
+            super().start()
+
+    monkeypatch.setattr(_fit.threading, "Thread", Spy)
     S, _, counts = planted(planted_P, 4, 800, 6, "logit", seed=5)
     kw = dict(support=S) if fixed else {}
     a = mm.fit_alpha(planted_P, counts, s=4, n_threads=2, progress=False, **kw)
+    assert "markovmem-fit" not in started
     b = mm.fit_alpha(planted_P, counts, s=4, n_threads=2, progress=True, **kw)
+    assert "markovmem-fit" in started
     np.testing.assert_array_equal(a.alpha.indices, b.alpha.indices)
     np.testing.assert_array_equal(a.alpha.data, b.alpha.data)
     np.testing.assert_array_equal(a.kl, b.kl)

@@ -230,12 +230,19 @@ def _check_matrix(P: Any) -> None:
         raise TypeError(f"P must be a markovmem.TransitionMatrix; got {type(P).__name__}")
 
 
-def _run_rows(call: Callable[[Any], Any], m: int, progress: bool, desc: str) -> Any:
-    """``call(control)`` for a fit of ``m`` rows.  With ``progress`` (and m > 1) the fit runs
-    in a worker thread while this one shows a tqdm bar of the rows done (it appears once the
-    fit has taken 2 s) and stays interruptible: Ctrl-C cancels the rows not yet started and
-    raises KeyboardInterrupt once the running ones finish.  Without it the call runs here."""
-    if not progress or m < 2:
+# Rows from which a fit runs in a worker thread with a bar (about a second of work at the
+# speeds of bench/results/fit_bench.md).  Below that the fit runs in the calling thread: a
+# worker thread costs milliseconds (its OpenMP team is created anew), as much as a short fit.
+_WORKER_ROWS = {"fixed": 20_000, "mixture": 100, "logit": 1}
+
+
+def _run_rows(call: Callable[[Any], Any], m: int, progress: bool, desc: str, min_rows: int) -> Any:
+    """``call(control)`` for a fit of ``m`` rows.  With ``progress`` and at least ``min_rows``
+    rows the fit runs in a worker thread while this one shows a tqdm bar of the rows done (it
+    appears once the fit has taken 2 s) and stays interruptible: Ctrl-C cancels the rows not
+    yet started and raises KeyboardInterrupt once the running ones finish.  Otherwise the
+    call runs in this thread."""
+    if not progress or m < min_rows:
         return call(None)
     from tqdm.auto import tqdm
 
@@ -398,10 +405,12 @@ def fit_alpha(
         Logit link: choose the radius of the ball on alpha by cross-validation
         (step 6 above).  False fits within ``bound`` only.
     progress : bool
-        Show a tqdm bar of the targets done once the fit has run for 2 s, and
-        let Ctrl-C stop it (the targets not yet started are skipped and
-        KeyboardInterrupt is raised; a logit fit at s = 64 takes seconds per
-        target).  False runs the fit in the calling thread with no bar.
+        For a long fit (any logit selection, a mixture selection of 100 targets
+        or more, a fixed-support fit of 20,000 or more), show a tqdm bar of the
+        targets done once the fit has run for 2 s, and let Ctrl-C stop it: the
+        targets not yet started are skipped and KeyboardInterrupt is raised (a
+        logit fit at s = 64 takes seconds per target).  Shorter fits, and all
+        fits with False, run in the calling thread with no bar.
 
     Returns
     -------
@@ -444,7 +453,7 @@ def fit_alpha(
         sp_ip, sp_ix = _support(P, support, m)
         res = _run_rows(lambda control: _core.fit_on_support(
             P._m, indptr, indices, data, sp_ip, sp_ix, None, lk, bound, int(max_iter), float(tol),
-            _threads(n_threads), control), m, progress, f"fit_alpha ({link}, fixed support)")
+            _threads(n_threads), control), m, progress, f"fit_alpha ({link}, fixed support)", _WORKER_ROWS["fixed"])
         return _make_fit(P, res, link, totals)
     n_cand = 0
     allowed = np.zeros(0, np.int32)
@@ -469,7 +478,7 @@ def fit_alpha(
     res = _run_rows(lambda control: _core.fit_alpha(
         P._m, indptr, indices, data, lk, int(s), bound, n_cand, 0.0 if oversize is None else float(oversize),
         int(swap_passes), int(max_iter), float(tol), _threads(n_threads), int(seed) & (2**64 - 1), allowed,
-        bool(cv_bound), control), m, progress, f"fit_alpha ({link}, s = {s})")
+        bool(cv_bound), control), m, progress, f"fit_alpha ({link}, s = {s})", _WORKER_ROWS[link])
     fit = _make_fit(P, res, link, totals)
     short = fit.n_candidates < s
     if short.any():
