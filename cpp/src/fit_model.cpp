@@ -391,19 +391,27 @@ Index LogitModel::newton(Index max_iter, double tol, bool& converged) {
       hessian_at_last_eval(H, nullptr);
       continue;
     }
-    double t = 0.5;
+    // Backtracking.  The objective is convex along the step, so the secant root of its
+    // slope, -dec at t = 0 and gt . step at t = 1, is a good first trial (from the closed-form
+    // start the full step often overshoots several-fold); halving after that.  Trials are
+    // evaluated with their gradient, so the accepted one needs only its Hessian.
+    const double slope1 = gt.dot(step);
+    double t = slope1 > 0 && std::isfinite(slope1) ? std::clamp(dec / (dec + slope1), 1e-3, 0.9) : 0.5;
     bool moved = false;
     while (t > 1e-12) {
       trial = alpha_ + t * step;
-      if (eval(trial, nullptr, nullptr) <= F - 1e-4 * t * dec) {
+      const double Fv = eval(trial, &gt, nullptr);
+      if (Fv <= F - 1e-4 * t * dec) {
         moved = true;
+        F = Fv;
         break;
       }
       t *= 0.5;
     }
     if (!moved) return it + 1;  // no representable decrease left: converged to rounding
-    alpha_ = trial;
-    F = eval(alpha_, &g, &H);
+    alpha_.swap(trial);
+    g.swap(gt);
+    hessian_at_last_eval(H, nullptr);
   }
   converged = !(newton_step(step) > tol * std::max(1.0, std::abs(F)));
   return max_iter;

@@ -261,11 +261,13 @@ def _run_rows(call: Callable[[Any], Any], m: int, progress: bool, desc: str, min
     # Waiting is on an Event, not Thread.join: an interrupted join can leave the thread
     # marked as stopped while it still runs (CPython bpo-45274).
     worker = threading.Thread(target=work, name="markovmem-fit", daemon=True)
-    bar = tqdm(total=m, desc=desc, unit="target", delay=2.0, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=m, desc=desc, unit="target", delay=2.0, mininterval=0.5, dynamic_ncols=True, leave=False)
     try:
         worker.start()
         while not finished.wait(0.2):
-            bar.update(control.done - bar.n)
+            done = control.done
+            if done > bar.n:  # redraw on progress only (a log file gets one line per redraw)
+                bar.update(done - bar.n)
     except KeyboardInterrupt:
         control.cancel()
         finished.wait()
