@@ -258,8 +258,9 @@ def _run_rows(call: Callable[[Any], Any], m: int, progress: bool, desc: str, min
         finally:
             finished.set()
 
-    # Waiting is on an Event, not Thread.join: an interrupted join can leave the thread
-    # marked as stopped while it still runs (CPython bpo-45274).
+    # Waiting is on an Event, not Thread.join: with CPython 3.11 a join interrupted by
+    # Ctrl-C left the worker still running after the next join returned (seen in
+    # tests/test_fit.py; the interrupted-join handling of bpo-45274 is the likely cause).
     worker = threading.Thread(target=work, name="markovmem-fit", daemon=True)
     bar = tqdm(total=m, desc=desc, unit="target", delay=2.0, mininterval=0.5, dynamic_ncols=True, leave=False)
     try:
