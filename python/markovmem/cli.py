@@ -130,7 +130,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     P = TransitionMatrix.load(args.matrix)
     counts = _load_rows(args.counts, "counts")
-    fit = fit_alpha(P, counts, s=args.s, link=args.link, bound=args.bound)
+    fit = fit_alpha(P, counts, s=args.s, link=args.link, bound=args.bound, progress=not args.quiet)
     _save_csr_npz(args.output, alpha=fit.alpha, rows=fit.predict(), kl=fit.kl, converged=fit.converged)
     print(f"wrote {args.output}: {fit}")
     print(f"KL(q || f(alpha)) per target: mean {float(np.mean(fit.kl)):.4g}, max {float(np.max(fit.kl)):.4g}; "
@@ -269,6 +269,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--s", type=int, default=16, help="sparsity: dictionary rows per new token (default 16)")
     q.add_argument("--link", choices=("logit", "mixture"), default="logit", help="link function (default logit)")
     q.add_argument("--bound", type=float, default=10.0, help="||alpha||_2 bound of the logit link (default 10)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_fit)
 
     q = sub.add_parser("expand", help="grow a matrix with new rows and print the certificate")

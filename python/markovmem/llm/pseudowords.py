@@ -515,7 +515,7 @@ class PseudoWordBench:
     def fit(self, n: int, repeat: int = 0, *, link: str = "mixture", s: int = 4) -> Any:
         """``fit_alpha`` of every pseudo-word from ``n`` train sentences each, against the distilled matrix."""
         counts = next_token_counts(self.train_sequences(n, repeat), self.ids, self.n_base)
-        return self._fit_alpha(self.matrix, counts, s=s, link=link)
+        return self._fit_alpha(self.matrix, counts, s=s, link=link, progress=self.progress)
 
     def select_alpha(self, n: int, repeat: int = 0) -> dict[str, Any]:
         """Fit every (link, s) of ``config.alpha_grid``, keep the best validation target loss of
