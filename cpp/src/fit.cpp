@@ -550,8 +550,13 @@ struct ThreadModels {
   ThreadModels(const FitContext& ctx, Workspace& ws, double bound) : logit(ctx, ws, bound), mixture(ctx, ws) {}
 };
 
-// Rows per scheduling chunk of the fixed-support calls (each row prefetches the next).
-constexpr Index kFixedChunk = 16;
+// Rows per scheduling chunk of the fixed-support calls (each row prefetches the next, which
+// helps only within a chunk): up to 16, but at least 16 chunks per thread so that a small
+// batch still spreads over every thread (10 rows in one chunk ran on one thread).
+Index fixed_chunk(Index m, int n_threads) {
+  const Index nt = std::max<Index>(1, detail::resolve_threads(n_threads));
+  return std::clamp<Index>(m / (16 * nt), 1, 16);
+}
 
 // Prefetches what fitting `targets` row r on support row r will read first: the
 // support rows' stored entries (the cache misses of building the support structure)
@@ -821,7 +826,7 @@ AlphaResult fit_on_support(const TransitionMatrix& P, const TargetsView& targets
   const FitContext ctx(P, o.link, FitContext::Dev::kIfCached, false, nullptr, 0, o.n_threads);
   std::vector<RowOut> rows(static_cast<std::size_t>(targets.n_rows));
   parallel_rows_with(
-      targets.n_rows, o.n_threads, ctx, kFixedChunk, o.control,
+      targets.n_rows, o.n_threads, ctx, fixed_chunk(targets.n_rows, o.n_threads), o.control,
       [&](Workspace& ws) { return ThreadModels(ctx, ws, o.bound); },
       [&](Workspace& ws, ThreadModels& models, Index r) {
         prefetch_row(ctx, ws, targets, support, r + 1);
@@ -871,7 +876,7 @@ AlphaResult closed_form_alpha(const TransitionMatrix& P, const TargetsView& targ
   const FitContext ctx(P, Link::kLogit, FitContext::Dev::kIfCached, false, nullptr, 0, n_threads);
   std::vector<RowOut> rows(static_cast<std::size_t>(targets.n_rows));
   parallel_rows_with(
-      targets.n_rows, n_threads, ctx, kFixedChunk, nullptr,
+      targets.n_rows, n_threads, ctx, fixed_chunk(targets.n_rows, n_threads), nullptr,
       [&](Workspace& ws) { return LogitModel(ctx, ws, INFINITY); },
       [&](Workspace& ws, LogitModel& model, Index r) {
         prefetch_row(ctx, ws, targets, support, r + 1);
