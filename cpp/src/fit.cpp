@@ -581,6 +581,24 @@ void prefetch_row(const FitContext& ctx, const Workspace& ws, const TargetsView&
 #endif
 }
 
+// Loads target row r into `model` with support row r as its atoms; alpha is the
+// support's values when it has them, else `fill` in every slot (then set_support's
+// projection applies when `project`).  The fixed-support calls all start this way.
+template <class Model>
+void load_row(Model& model, const TargetsView& targets, const SupportView& support, Index r, double fill,
+              bool project = true) {
+  const Index a = targets.indptr[r];
+  const Index sa = support.indptr[r], sb = support.indptr[r + 1];
+  VectorXd alpha(sb - sa);
+  if (support.values) {
+    for (Index k = sa; k < sb; ++k) alpha(k - sa) = support.values[k];
+  } else {
+    alpha.setConstant(fill);
+  }
+  model.load(targets.indices + a, targets.data + a, targets.indptr[r + 1] - a);
+  model.set_support(std::vector<Index>(support.indices + sa, support.indices + sb), std::move(alpha), project);
+}
+
 // One logit selection on the given counts within the ball ||alpha|| <= radius, from
 // the screened lists `pool` (scale-aware background) and, when not empty, `plain`
 // (uniform background; the lower objective is kept), with the final refit; fills
@@ -830,26 +848,14 @@ AlphaResult fit_on_support(const TransitionMatrix& P, const TargetsView& targets
       [&](Workspace& ws) { return ThreadModels(ctx, ws, o.bound); },
       [&](Workspace& ws, ThreadModels& models, Index r) {
         prefetch_row(ctx, ws, targets, support, r + 1);
-        const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
-        const StateIndex* ids = targets.indices + a;
-        const double* cnt = targets.data + a;
-        const Index sa = support.indptr[r], sb = support.indptr[r + 1];
-        std::vector<Index> atoms(support.indices + sa, support.indices + sb);
-        VectorXd start(sb - sa);
-        if (support.values) {
-          for (Index k = sa; k < sb; ++k) start(k - sa) = support.values[k];
-        } else {
-          // Logit: the closed form is computed by the model once the support is set.
-          // Mixture: the log-space closed form, clipped to the simplex, zeroes many true
-          // atoms and projected Newton then needs many short steps to revive them; the
-          // uniform blend refined by a few EM steps starts inside the simplex and near.
-          start.setConstant(1.0);
-        }
         RowOut& out = rows[static_cast<std::size_t>(r)];
-        out.n_candidates = sb - sa;
+        out.n_candidates = support.indptr[r + 1] - support.indptr[r];
         auto solve = [&](auto& model, bool from_scratch) {
-          model.load(ids, cnt, nq);
-          model.set_support(std::move(atoms), std::move(start));
+          // Without start values: logit computes its closed form once the support is set;
+          // mixture starts from the uniform blend refined by a few EM steps (the log-space
+          // closed form, clipped to the simplex, zeroes many true atoms and projected Newton
+          // then needs many short steps to revive them).
+          load_row(model, targets, support, r, 1.0);
           if constexpr (std::is_same_v<std::decay_t<decltype(model)>, LogitModel>) {
             if (from_scratch) model.set_alpha(model.closed_form());
           } else {
@@ -880,13 +886,10 @@ AlphaResult closed_form_alpha(const TransitionMatrix& P, const TargetsView& targ
       [&](Workspace& ws) { return LogitModel(ctx, ws, INFINITY); },
       [&](Workspace& ws, LogitModel& model, Index r) {
         prefetch_row(ctx, ws, targets, support, r + 1);
-        const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
-        const Index sa = support.indptr[r], sb = support.indptr[r + 1];
-        model.load(targets.indices + a, targets.data + a, nq);
-        model.set_support(std::vector<Index>(support.indices + sa, support.indices + sb), VectorXd::Zero(sb - sa));
+        load_row(model, targets, support, r, 0.0);
         model.set_alpha(model.closed_form());
         RowOut& out = rows[static_cast<std::size_t>(r)];
-        out.n_candidates = sb - sa;
+        out.n_candidates = model.size();
         out.converged = true;
         emit(model, ctx.n_base, out, false);
         model.unload();
@@ -901,32 +904,24 @@ void fit_objective(const TransitionMatrix& P, const TargetsView& targets, const 
   const FitContext ctx(P, link, FitContext::Dev::kIfCached, false, nullptr, 0, n_threads);
   kl.assign(static_cast<std::size_t>(targets.n_rows), 0.0);
   grad.assign(static_cast<std::size_t>(alpha.indptr[alpha.n_rows]), 0.0);
-  parallel_rows(targets.n_rows, n_threads, ctx, [&](Workspace& ws, Index r) {
-    const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
-    const StateIndex* ids = targets.indices + a;
-    const double* cnt = targets.data + a;
-    const Index sa = alpha.indptr[r], sb = alpha.indptr[r + 1];
-    std::vector<Index> atoms(alpha.indices + sa, alpha.indices + sb);
-    VectorXd av(sb - sa);
-    for (Index k = sa; k < sb; ++k) av(k - sa) = alpha.values[k];
-    VectorXd g;
-    if (link == Link::kLogit) {
-      LogitModel model(ctx, ws, INFINITY);
-      model.load(ids, cnt, nq);
-      model.set_support(atoms, av);
-      kl[static_cast<std::size_t>(r)] = model.kl();
-      g = model.gradient_kl();
-      model.unload();
-    } else {
-      MixtureModel model(ctx, ws);
-      model.load(ids, cnt, nq);
-      model.set_support(atoms, av, false);
-      kl[static_cast<std::size_t>(r)] = model.kl();
-      g = model.gradient_kl();
-      model.unload();
-    }
-    for (Index k = sa; k < sb; ++k) grad[static_cast<std::size_t>(k)] = g(k - sa);
-  });
+  parallel_rows_with(
+      targets.n_rows, n_threads, ctx, fixed_chunk(targets.n_rows, n_threads), nullptr,
+      [&](Workspace& ws) { return ThreadModels(ctx, ws, INFINITY); },
+      [&](Workspace& ws, ThreadModels& models, Index r) {
+        prefetch_row(ctx, ws, targets, alpha, r + 1);
+        auto evaluate = [&](auto& model) {
+          load_row(model, targets, alpha, r, 0.0, false);  // alpha as given: no projection
+          kl[static_cast<std::size_t>(r)] = model.kl();
+          const VectorXd g = model.gradient_kl();
+          for (Index k = alpha.indptr[r]; k < alpha.indptr[r + 1]; ++k)
+            grad[static_cast<std::size_t>(k)] = g(k - alpha.indptr[r]);
+          model.unload();
+        };
+        if (link == Link::kLogit)
+          evaluate(models.logit);
+        else
+          evaluate(models.mixture);
+      });
 }
 
 PredictedRows predict_rows(const TransitionMatrix& P, const SupportView& alpha, Link link, int n_threads) {

@@ -11,22 +11,31 @@
 
 namespace markovmem::detail {
 
-bool try_solve_spd(const MatrixXd& H, const VectorXd& b, double rel_ridge, VectorXd& x) {
-  // One factorisation object per thread: its storage is reused across the many small
-  // solves of a batch (same size from one target to the next) instead of allocated per call.
+namespace {
+
+// Cholesky factor of H + ridge I, ridge = rel_ridge * trace(H) / n growing 100-fold until
+// it factorises; null if it never does.  One factorisation object per thread: its storage
+// is reused across the many small solves of a batch instead of allocated per call.
+const Eigen::LLT<MatrixXd>* factor_spd(const MatrixXd& H, double rel_ridge) {
   thread_local Eigen::LLT<MatrixXd> llt;
   const Index n = H.rows();
   double ridge = rel_ridge * (std::abs(H.trace()) / static_cast<double>(std::max<Index>(n, 1))) + 1e-300;
   for (int k = 0; k < 12; ++k) {
     llt.compute(H + ridge * MatrixXd::Identity(n, n));
-    if (llt.info() == Eigen::Success) {
-      x = b;
-      llt.solveInPlace(x);
-      return true;
-    }
+    if (llt.info() == Eigen::Success) return &llt;
     ridge *= 100.0;
   }
-  return false;
+  return nullptr;
+}
+
+}  // namespace
+
+bool try_solve_spd(const MatrixXd& H, const VectorXd& b, double rel_ridge, VectorXd& x) {
+  const Eigen::LLT<MatrixXd>* llt = factor_spd(H, rel_ridge);
+  if (!llt) return false;
+  x = b;
+  llt->solveInPlace(x);
+  return true;
 }
 
 namespace {
@@ -43,12 +52,7 @@ void newton_direction(const MatrixXd& H, const VectorXd& b, VectorXd& x) {
 // Diagonal of (H + ridge I)^-1 (for the removal estimate).
 VectorXd inverse_diagonal(const MatrixXd& H) {
   const Index n = H.rows();
-  double ridge = 1e-10 * (std::abs(H.trace()) / static_cast<double>(std::max<Index>(n, 1)) + 1e-300);
-  for (int k = 0; k < 12; ++k) {
-    Eigen::LLT<MatrixXd> llt(H + ridge * MatrixXd::Identity(n, n));
-    if (llt.info() == Eigen::Success) return llt.solve(MatrixXd::Identity(n, n)).diagonal();
-    ridge *= 100.0;
-  }
+  if (const Eigen::LLT<MatrixXd>* llt = factor_spd(H, 1e-10)) return llt->solve(MatrixXd::Identity(n, n)).diagonal();
   return VectorXd::Constant(n, 1.0);
 }
 
