@@ -12,6 +12,7 @@ void bind_expansion(py::module_& m);
 void bind_io(py::module_& m);
 void bind_fit(py::module_& m);
 void bind_topk(py::module_& m);
+void bind_vector_math(py::module_& m);
 }  // namespace markovmem::bindings
 
 PYBIND11_MODULE(_core, m) {
@@ -57,4 +58,5 @@ PYBIND11_MODULE(_core, m) {
   markovmem::bindings::bind_io(m);
   markovmem::bindings::bind_fit(m);
   markovmem::bindings::bind_topk(m);
+  markovmem::bindings::bind_vector_math(m);
 }

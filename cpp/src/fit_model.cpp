@@ -4,6 +4,8 @@
 // the per-candidate gains that drive greedy selection.
 #include "fit_model.hpp"
 
+#include "markovmem/vector_math.hpp"
+
 #include <algorithm>
 #include <array>
 #include <limits>
@@ -332,12 +334,12 @@ double LogitModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H) {
   const Index nU = static_cast<Index>(ulist_.size());
   rows_.gather(a, 0.0, zU_.data());
   const Eigen::Map<const Eigen::ArrayXd> z(zU_.data(), nU), q(qU_.data(), nU);
-  Eigen::Map<Eigen::ArrayXd> e(eU_.data(), nU);
+  const Eigen::Map<const Eigen::ArrayXd> e(eU_.data(), nU);
   const double zmax = nU > 0 ? std::max(0.0, z.maxCoeff()) : 0.0;
   const double qz = (q * z).sum();
-  // Eigen's vectorised exp: the softmax over U is most of an evaluation's cost.
-  e = (z - zmax).exp();
-  const double zs = static_cast<double>(c_.n_base - nU) * std::exp(-zmax) + e.sum();
+  // The softmax over U is most of an evaluation's cost: vectorised for the CPU at hand.
+  const double esum = exp_shifted_sum(zU_.data(), zmax, eU_.data(), static_cast<std::size_t>(nU));
+  const double zs = static_cast<double>(c_.n_base - nU) * std::exp(-zmax) + esum;
   zmax_ = zmax;
   zs_ = zs;
   const double value = -qz + zmax + std::log(zs);
@@ -421,26 +423,46 @@ Index LogitModel::newton(Index max_iter, double tol, bool& converged) {
   return max_iter;
 }
 
-double LogitModel::line_gain(Index atom, double t0, double tmax, double& t_out) {
-  // phi(t) = -t E_q[d_c] + log Z(t): only the atom's stored columns change.
+double LogitModel::line_gain(Index atom, double tmax, double& t_out) {
+  // phi(t) = -t E_q[d_c] + log Z(t): only the atom's stored columns change, so
+  // Z(t) = rest + sum over them of e(x) exp(t d_c(x)), rest being the mass of the others.
   thread_local std::vector<double> ee, dd;
+  thread_local std::vector<std::int32_t> in_u;
   ee.clear();
   dd.clear();
-  double mq = 0.0;
+  in_u.clear();
+  double mq = 0.0, stored = 0.0;
   const double e0 = std::exp(-zmax_);
   for (Index j = c_.ip[atom]; j < c_.ip[atom + 1]; ++j) {
     const StateIndex x = c_.ix[j];
     const double d = c_.d_of(j, atom);
     const std::int32_t p = w_.pos[static_cast<std::size_t>(x)];
     ee.push_back(p >= 0 ? eU_[static_cast<std::size_t>(p)] : e0);
+    stored += ee.back();
+    if (p >= 0) in_u.push_back(p);
     dd.push_back(d);
     mq += w_.q[static_cast<std::size_t>(x)] * d;
   }
+  double rest = zs_ - stored;
+  if (!(rest > 0.5 * zs_)) {
+    // Most of the mass is on the atom's columns (a row storing nearly every token of a
+    // small vocabulary): the difference would cancel, and a rounding error of 1e-16 Z
+    // made phi look unbounded below (a spurious gain of hundreds at t = -bound).
+    // Sum the other columns instead: U minus the atom's columns, and the unstored ones.
+    const std::size_t nU = ulist_.size();
+    thread_local std::vector<std::uint8_t> mark;
+    mark.assign(nU, 0);
+    for (std::int32_t p : in_u) mark[static_cast<std::size_t>(p)] = 1;
+    const Index n_new = static_cast<Index>(ee.size() - in_u.size());  // the atom's columns outside U
+    rest = static_cast<double>(c_.n_base - static_cast<Index>(nU) - n_new) * e0;
+    for (std::size_t p = 0; p < nU; ++p)
+      if (!mark[p]) rest += eU_[p];
+  }
   auto phi = [&](double t, double* d1, double* d2) {
-    double zs = zs_, s1 = 0.0, s2 = 0.0;
+    double zs = rest, s1 = 0.0, s2 = 0.0;
     for (std::size_t i = 0; i < ee.size(); ++i) {
       const double w = ee[i] * std::exp(t * dd[i]);
-      zs += w - ee[i];
+      zs += w;
       s1 += w * dd[i];
       s2 += w * dd[i] * dd[i];
     }
@@ -449,7 +471,6 @@ double LogitModel::line_gain(Index atom, double t0, double tmax, double& t_out) 
     if (d2) *d2 = s2 / zs - (s1 / zs) * (s1 / zs);
     return -t * mq + std::log(zs);
   };
-  (void)t0;
   const double t = minimise_1d([&](double tt, double& d1, double& d2) { phi(tt, &d1, &d2); }, -tmax, tmax);
   const double val = phi(t, nullptr, nullptr);
   t_out = t;
@@ -534,7 +555,7 @@ Pick LogitModel::best_addition(const std::vector<Index>& pool, const std::vector
   for (int k = 0; k < sl.n; ++k) {
     const Index i = sl.best[static_cast<std::size_t>(k)].second;
     double t = 0.0;
-    const double gain = tmax > 0 ? line_gain(pool[static_cast<std::size_t>(i)], 0.0, tmax, t)
+    const double gain = tmax > 0 ? line_gain(pool[static_cast<std::size_t>(i)], tmax, t)
                                  : sl.best[static_cast<std::size_t>(k)].first;
     if (gain > best.gain || (gain == best.gain && i < best.index)) best = {i, t, gain};
   }
@@ -685,18 +706,15 @@ double MixtureModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H, bool with
   const double tau = a.dot(uS_), mass = a.dot(tS_);
   const Index nc = static_cast<Index>(covered_.size());
   rows_.gather(a, tau, fc_.data());
-  Eigen::Map<Eigen::ArrayXd> f(fc_.data(), nc);
-  const Eigen::Map<const Eigen::ArrayXd> q(qc_.data(), nc);
-  f = f.max(kLogFloor);
   const double ft = std::max(tau, kLogFloor);
   ft_ = ft;
-  const double value = with_value ? mass - (q * f.log()).sum() - q_unc_ * std::log(ft) : NAN;
-  if (g || H) {
-    Eigen::Map<Eigen::ArrayXd> w1(w1c_.data(), nc), w2(w2c_.data(), nc);
-    w1 = q / f;
-    w2 = w1 / f;
-    W1_ = q_unc_ / ft + w1.sum();
-    W2_ = q_unc_ / (ft * ft) + w2.sum();
+  const bool grad = g || H;
+  const MixtureTerms t = mixture_terms(qc_.data(), fc_.data(), static_cast<std::size_t>(nc), with_value,
+                                       grad ? w1c_.data() : nullptr, grad ? w2c_.data() : nullptr);
+  const double value = with_value ? mass - t.qlogf - q_unc_ * std::log(ft) : NAN;
+  if (grad) {
+    W1_ = q_unc_ / ft + t.w1;
+    W2_ = q_unc_ / (ft * ft) + t.w2;
   }
   if (g) {
     s1_.setZero(n);

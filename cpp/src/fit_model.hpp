@@ -309,7 +309,7 @@ class LogitModel {
   void hessian_at_last_eval(MatrixXd& H, VectorXd* m) const;
   /// Gradient g and curvature h of the objective along e_c at the last eval (f0: f of an unstored column).
   void candidate_moments(Index c, double f0, double& g, double& h) const;
-  double line_gain(Index atom, double t0, double tmax, double& t);
+  double line_gain(Index atom, double tmax, double& t);
   const FitContext& c_;
   Workspace& w_;
   double bound_;
