@@ -203,6 +203,9 @@ void SupportRows::finish() {
         is_heavy[p] = 1;
         heavy.push_back(static_cast<Index>(p));
       }
+  shared_.clear();
+  for (std::size_t p = 0; p < np; ++p)
+    if (!is_heavy[p] && ptr[p + 1] - ptr[p] >= 2) shared_.push_back(static_cast<Index>(p));
   dense.setZero(static_cast<Index>(heavy.size()), n_slots);
   for (std::size_t h = 0; h < heavy.size(); ++h) {
     const std::size_t p = static_cast<std::size_t>(heavy[h]);
@@ -214,27 +217,40 @@ void SupportRows::finish() {
 void SupportRows::weighted_gram(const double* w, MatrixXd& G, VectorXd* wsum) const {
   const Index n = n_slots;
   G.setZero(n, n);
-  if (wsum) wsum->setZero(n);
-  const std::size_t np = ptr.size() - 1;
-  for (std::size_t p = 0; p < np; ++p) {
-    if (is_heavy[p] || w[p] == 0.0) continue;
-    const Index b = ptr[p], e = ptr[p + 1];
+  if (wsum) wsum->resize(n);
+  // Diagonal (and wsum) by slot, every entry.
+  const std::int32_t* sp = spos_.data();
+  const double* sv = sval_.data();
+  for (Index i = 0; i < n; ++i) {
+    double d = 0.0, ws = 0.0;
+    for (Index k = sptr_[static_cast<std::size_t>(i)]; k < sptr_[static_cast<std::size_t>(i) + 1]; ++k) {
+      const double wv = w[sp[k]] * sv[k];
+      ws += wv;
+      d += wv * sv[k];
+    }
+    G(i, i) = d;
+    if (wsum) (*wsum)(i) = ws;
+  }
+  // Off-diagonal pairs of the shared positions outside the dense block.
+  for (Index p : shared_) {
+    const double wp = w[p];
+    if (wp == 0.0) continue;
+    const Index b = ptr[static_cast<std::size_t>(p)], e = ptr[static_cast<std::size_t>(p) + 1];
     for (Index k = b; k < e; ++k) {
-      const double wv = w[p] * val[static_cast<std::size_t>(k)];
-      const std::int32_t si = slot[static_cast<std::size_t>(k)];
-      if (wsum) (*wsum)(si) += wv;
-      // Slots ascend within a position: (slot[l], si) with l >= k is in the lower triangle,
+      const double wv = wp * val[static_cast<std::size_t>(k)];
+      // Slots ascend within a position: (slot[l], si) with l > k is in the lower triangle,
       // and column si is walked downwards (contiguous in column-major storage).
-      double* col = G.data() + static_cast<std::ptrdiff_t>(si) * n;
-      for (Index l = k; l < e; ++l) col[slot[static_cast<std::size_t>(l)]] += wv * val[static_cast<std::size_t>(l)];
+      double* col = G.data() + static_cast<std::ptrdiff_t>(slot[static_cast<std::size_t>(k)]) * n;
+      for (Index l = k + 1; l < e; ++l) col[slot[static_cast<std::size_t>(l)]] += wv * val[static_cast<std::size_t>(l)];
     }
   }
   if (!heavy.empty()) {
+    // The dense block's pairs; its diagonal is already in (it was counted by slot).
     const Index nh = static_cast<Index>(heavy.size());
     wh_.resize(nh);
     for (Index h = 0; h < nh; ++h) wh_(h) = std::max(w[static_cast<std::size_t>(heavy[static_cast<std::size_t>(h)])], 0.0);
-    if (wsum) wsum->noalias() += dense.transpose() * wh_;
     scaled_.noalias() = wh_.cwiseSqrt().asDiagonal() * dense;
+    G.diagonal() -= scaled_.colwise().squaredNorm().transpose();
     G.selfadjointView<Eigen::Lower>().rankUpdate(scaled_.transpose());  // lower triangle only: half a GEMM
   }
   G.triangularView<Eigen::StrictlyUpper>() = G.transpose();

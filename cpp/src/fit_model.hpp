@@ -105,11 +105,17 @@ void prefetch_rows(AtomIt first, AtomIt last, const Index* ip, const Arr*... arr
 /// 100-fold until the matrix factorises; false (x unset) if it never does.
 bool try_solve_spd(const MatrixXd& H, const VectorXd& b, double rel_ridge, VectorXd& x);
 
-/// The support rows by position: for each position p (a token of the model's
-/// column set) the slots that store it, ascending, and their values.  Positions
-/// stored by at least a third of the slots (the frequent tokens every LM row
-/// shares) are also kept as a dense block, so a weighted Gram matrix costs one
-/// small GEMM for them and sparse pair updates only for the rest.
+/// The support rows twice: by slot (each atom's entries as positions and values, in
+/// the row's order) and by position (for each position p, a token of the model's
+/// column set, the slots that store it, ascending, and their values).  The products
+/// with a vector over slots or positions run by slot: a slot's entries hit distinct
+/// positions, so gather's updates are independent and scatter's sums stay in a
+/// register (by position, LM rows give 1.1-1.5 entries per position: short loops the
+/// branch predictor loses, and sums into a handful of slots that wait on each
+/// other's stores).  The Gram matrix takes its diagonal by slot and its off-diagonal
+/// pairs from the positions shared by several slots.  Positions stored by at least a
+/// third of the slots (the frequent tokens every LM row shares) are also kept as a
+/// dense block, so their pairs cost one small GEMM.
 struct SupportRows {
   std::vector<Index> ptr;  ///< n_pos + 1
   std::vector<std::int32_t> slot;
@@ -138,7 +144,9 @@ struct SupportRows {
     Hit* out = hits_.data();
     std::size_t nh = 0;
     Index* cnt = ptr.data();
+    sptr_.resize(atoms.size() + 1);
     for (std::size_t i = 0; i < atoms.size(); ++i) {
+      sptr_[i] = static_cast<Index>(nh);
       const Index v = atoms[i];
       for (Index j = ip[v]; j < ip[v + 1]; ++j) {
         const std::int32_t p = pos_of(j);
@@ -147,6 +155,7 @@ struct SupportRows {
         ++cnt[p + 1];
       }
     }
+    sptr_[atoms.size()] = static_cast<Index>(nh);
     ptr[0] = 0;
     for (std::size_t p = 0; p < np; ++p) ptr[p + 1] += ptr[p];
     slot.resize(nh);
@@ -159,38 +168,57 @@ struct SupportRows {
       val[k] = h.val;
     }
     if (kept) kept->clear();
+    spos_.resize(nh);
+    sval_.resize(nh);
     if (drop_empty) {
       // In place: position p's range is read before ptr[w], w <= p, is written.
+      std::vector<Index>& renum = next_;  // old position -> new (its cursor role is over)
       std::size_t w = 0;
       for (std::size_t p = 0; p < np; ++p)
         if (ptr[p + 1] > ptr[p]) {
           if (kept) kept->push_back(static_cast<Index>(p));
+          renum[p] = static_cast<Index>(w);
           ptr[w++] = ptr[p];
         }
       ptr[w] = ptr[np];
       ptr.resize(w + 1);
+      for (std::size_t n = 0; n < nh; ++n) {
+        spos_[n] = static_cast<std::int32_t>(renum[static_cast<std::size_t>(out[n].pos)]);
+        sval_[n] = out[n].val;
+      }
+    } else {
+      for (std::size_t n = 0; n < nh; ++n) {
+        spos_[n] = out[n].pos;
+        sval_[n] = out[n].val;
+      }
     }
     finish();
   }
   /// out[p] = offset + sum over the position's slots of a[slot] * val (one entry per position).
   void gather(const VectorXd& a, double offset, double* out) const {
-    const std::size_t np = ptr.size() - 1;
-    const std::int32_t* sl = slot.data();
-    const double* vl = val.data();
-    for (std::size_t p = 0; p < np; ++p) {
-      double z = offset;
-      for (Index k = ptr[p]; k < ptr[p + 1]; ++k) z += a(sl[k]) * vl[k];
-      out[p] = z;
+    std::fill(out, out + (ptr.size() - 1), offset);
+    const std::int32_t* sp = spos_.data();
+    const double* sv = sval_.data();
+    for (Index i = 0; i < n_slots; ++i) {
+      const double ai = a(i);
+      for (Index k = sptr_[static_cast<std::size_t>(i)]; k < sptr_[static_cast<std::size_t>(i) + 1]; ++k)
+        out[sp[k]] += ai * sv[k];
     }
   }
   /// out[slot] += sum over positions p of w[p] * val (the transpose of gather).
   void scatter(const double* w, VectorXd& out) const {
-    const std::size_t np = ptr.size() - 1;
-    const std::int32_t* sl = slot.data();
-    const double* vl = val.data();
-    for (std::size_t p = 0; p < np; ++p) {
-      const double wp = w[p];
-      for (Index k = ptr[p]; k < ptr[p + 1]; ++k) out(sl[k]) += wp * vl[k];
+    const std::int32_t* sp = spos_.data();
+    const double* sv = sval_.data();
+    for (Index i = 0; i < n_slots; ++i) {
+      const Index b = sptr_[static_cast<std::size_t>(i)], e = sptr_[static_cast<std::size_t>(i) + 1];
+      double s0 = 0.0, s1 = 0.0;  // two chains of additions
+      Index k = b;
+      for (; k + 1 < e; k += 2) {
+        s0 += w[sp[k]] * sv[k];
+        s1 += w[sp[k + 1]] * sv[k + 1];
+      }
+      if (k < e) s0 += w[sp[k]] * sv[k];
+      out(i) += s0 + s1;
     }
   }
   Index n_pos() const { return static_cast<Index>(ptr.size()) - 1; }
@@ -206,6 +234,10 @@ struct SupportRows {
   };
   std::vector<Hit> hits_;
   std::vector<Index> next_;
+  std::vector<Index> sptr_;           ///< n_slots + 1: each slot's range in spos_ / sval_
+  std::vector<std::int32_t> spos_;    ///< by slot: the entry's position
+  std::vector<double> sval_;          ///< by slot: the entry's value
+  std::vector<Index> shared_;         ///< positions stored by two slots or more, outside the dense block
   mutable MatrixXd scaled_;
   mutable VectorXd wh_;
 };
