@@ -20,11 +20,12 @@ void bind_vector_math(py::module_& m) {
       py::arg("z").noconvert(), py::arg("shift"), "(exp(z - shift), its sum).");
   m.def(
       "dot_log",
-      [](const carray<double>& q, const carray<double>& x) {
+      [](const carray<double>& q, const carray<double>& x, double floor) {
+        if (!(floor >= 2.2250738585072014e-308)) throw std::invalid_argument("floor must be a positive normal number");
         const double* qp = ptr_1d(q, "q");
-        return dot_log(qp, ptr_1d(x, "x", q.shape(0)), static_cast<std::size_t>(q.shape(0)));
+        return dot_log(qp, ptr_1d(x, "x", q.shape(0)), static_cast<std::size_t>(q.shape(0)), floor);
       },
-      py::arg("q").noconvert(), py::arg("x").noconvert(), "sum q log max(x, 1e-12).");
+      py::arg("q").noconvert(), py::arg("x").noconvert(), py::arg("floor") = kLogFloor, "sum q log max(x, floor).");
   m.def(
       "mixture_terms",
       [](const carray<double>& q, const carray<double>& f) {

@@ -134,3 +134,12 @@ def test_fits_agree_across_instruction_sets(link):
         # near-tie; on these targets every support is the same and the objectives agree.
         np.testing.assert_array_equal(fit.alpha.indices, ref.alpha.indices, err_msg=name)
         np.testing.assert_allclose(fit.kl, ref.kl, rtol=1e-9, atol=1e-13, err_msg=name)
+
+
+def test_dot_log_floor(level):
+    q = np.array([0.0, 0.5, 0.5])
+    x = np.array([0.0, 1e-200, 0.25])
+    assert _core.dot_log(q, x, 1e-300) == pytest.approx(0.5 * np.log(1e-200) + 0.5 * np.log(0.25), rel=4 * ULP)
+    assert _core.dot_log(q, x) == pytest.approx(0.5 * np.log(1e-12) + 0.5 * np.log(0.25), rel=4 * ULP)
+    with pytest.raises(ValueError, match="floor must be a positive normal number"):
+        _core.dot_log(q, x, 0.0)

@@ -262,12 +262,13 @@ void LogitModel::load(const StateIndex* ids, const double* q, Index nq) {
   nq_ = nq;
   double total = 0.0;
   for (Index i = 0; i < nq; ++i) total += q[i];
-  neg_h_ = 0.0;
+  qn_.resize(static_cast<std::size_t>(nq));
   for (Index i = 0; i < nq; ++i) {
     const double p = q[i] / total;
     w_.q[static_cast<std::size_t>(ids[i])] = p;
-    if (p > 0) neg_h_ += p * std::log(p);
+    qn_[static_cast<std::size_t>(i)] = p;
   }
+  neg_h_ = dot_log(qn_.data(), qn_.data(), qn_.size(), 1e-300);  // a zero weight contributes 0
   atoms_.clear();
   alpha_.resize(0);
   pool_cached_ = false;
@@ -629,9 +630,8 @@ void MixtureModel::load(const StateIndex* ids, const double* q, Index nq) {
     w_.pos[static_cast<std::size_t>(ids[i])] = static_cast<std::int32_t>(i);
     w_.set_bit(ids[i]);
   }
-  const Eigen::Map<const Eigen::ArrayXd> qa(qJ_.data(), nq);
-  qsum_ = qa.sum();
-  neg_h_ = (qa * qa.max(1e-300).log()).sum();  // a zero weight contributes 0
+  qsum_ = Eigen::Map<const Eigen::ArrayXd>(qJ_.data(), nq).sum();
+  neg_h_ = dot_log(qJ_.data(), qJ_.data(), static_cast<std::size_t>(nq), 1e-300);  // a zero weight contributes 0
   fJ_.assign(static_cast<std::size_t>(nq), 0.0);
   rbuf_.assign(static_cast<std::size_t>(nq), 0.0);
   pool_data_ = nullptr;

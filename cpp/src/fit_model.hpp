@@ -353,6 +353,7 @@ class LogitModel {
   // Support matrix by position in the union U of the atoms' stored columns.
   std::vector<StateIndex> ulist_;
   SupportRows rows_;
+  std::vector<double> qn_;  ///< q_hat over the target's tokens (load)
   std::vector<double> qU_, zU_, eU_, fU_;
   VectorXd eq_;  ///< E_q_hat[d_i] per slot
   VectorXd m_;   ///< E_f[d_i] per slot at the last eval with a gradient

@@ -31,9 +31,9 @@ double exp_shifted_sum(const double* z, double shift, double* e, std::size_t n) 
   return ea.sum();
 }
 
-double dot_log(const double* q, const double* x, std::size_t n) {
+double dot_log(const double* q, const double* x, std::size_t n, double floor) {
   const Eigen::Index m = static_cast<Eigen::Index>(n);
-  return (Eigen::Map<const Eigen::ArrayXd>(q, m) * Eigen::Map<const Eigen::ArrayXd>(x, m).max(kLogFloor).log()).sum();
+  return (Eigen::Map<const Eigen::ArrayXd>(q, m) * Eigen::Map<const Eigen::ArrayXd>(x, m).max(floor).log()).sum();
 }
 
 MixtureTerms mixture_terms(const double* q, double* f, std::size_t n, bool value, double* w1, double* w2) {
@@ -82,7 +82,7 @@ namespace {
 struct Kernels {
   const char* name;
   double (*exp_shifted_sum)(const double*, double, double*, std::size_t);
-  double (*dot_log)(const double*, const double*, std::size_t);
+  double (*dot_log)(const double*, const double*, std::size_t, double);
   MixtureTerms (*mixture_terms)(const double*, double*, std::size_t, bool, double*, double*);
 };
 
@@ -132,7 +132,9 @@ double exp_shifted_sum(const double* z, double shift, double* e, std::size_t n) 
   return kernels().exp_shifted_sum(z, shift, e, n);
 }
 
-double dot_log(const double* q, const double* x, std::size_t n) { return kernels().dot_log(q, x, n); }
+double dot_log(const double* q, const double* x, std::size_t n, double floor) {
+  return kernels().dot_log(q, x, n, floor);
+}
 
 MixtureTerms mixture_terms(const double* q, double* f, std::size_t n, bool value, double* w1, double* w2) {
   return kernels().mixture_terms(q, f, n, value, w1, w2);

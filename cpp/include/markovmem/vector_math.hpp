@@ -6,13 +6,15 @@
 #include <cstddef>
 #include <string>
 
+#include "markovmem/common.hpp"
+
 namespace markovmem {
 
 /// e[i] = exp(z[i] - shift) for i < n; returns the sum of e.
 double exp_shifted_sum(const double* z, double shift, double* e, std::size_t n);
 
-/// sum_i q[i] log max(x[i], kLogFloor).
-double dot_log(const double* q, const double* x, std::size_t n);
+/// sum_i q[i] log max(x[i], floor); floor must be a positive normal number (>= 2.3e-308).
+double dot_log(const double* q, const double* x, std::size_t n, double floor = kLogFloor);
 
 /// The mixture link's per-position terms: f is clamped at kLogFloor in place; with `value`,
 /// qlogf = sum q log f; with w1 (and w2) given, w1 = q / f, w2 = w1 / f and their sums.
