@@ -185,7 +185,7 @@ def environment(threads) -> str:
     nt = threads or os.cpu_count()
     return (f"markovmem {mm.__version__}, numpy {np.__version__}, scipy {scipy.__version__}, "
             f"Python {platform.python_version()}, {platform.machine()}, os.cpu_count() = {os.cpu_count()}, "
-            f"markovmem threads = {nt} (OpenMP: {mm._core.has_openmp})")
+            f"markovmem threads = {nt} (OpenMP: {mm._core.has_openmp}), exp/log loops: {mm._core.simd_level()}")
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,15 @@ has_openmp: bool
 class InvariantError(ValueError):
     row: int | None
 
+class FitCancelled(RuntimeError): ...
+
+class FitControl:
+    """Progress and cancellation of a running fit, shared with another Python thread."""
+    def __init__(self) -> None: ...
+    @property
+    def done(self) -> int: ...
+    def cancel(self) -> None: ...
+
 class TransitionMatrix:
     @staticmethod
     def copy_csr(
@@ -108,11 +117,12 @@ def fit_alpha(
     seed: int,
     allowed: npt.NDArray[Any],
     cv_bound: bool,
+    control: FitControl | None = None,
 ) -> tuple[Any, ...]: ...
 def fit_on_support(P: TransitionMatrix, indptr: npt.NDArray[np.int64], indices: npt.NDArray[np.int32],
                    data: npt.NDArray[np.float64], support_indptr: npt.NDArray[np.int64],
                    support_indices: npt.NDArray[np.int32], support_values: Any, link: int, bound: float,
-                   max_iter: int, tol: float, n_threads: int) -> tuple[Any, ...]: ...
+                   max_iter: int, tol: float, n_threads: int, control: FitControl | None = None) -> tuple[Any, ...]: ...
 def closed_form_alpha(P: TransitionMatrix, indptr: npt.NDArray[np.int64], indices: npt.NDArray[np.int32],
                       data: npt.NDArray[np.float64], support_indptr: npt.NDArray[np.int64],
                       support_indices: npt.NDArray[np.int32], n_threads: int) -> tuple[Any, ...]: ...
