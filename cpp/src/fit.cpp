@@ -547,7 +547,8 @@ void parallel_rows(Index m, int n_threads, const FitContext& ctx, Body body, Fit
 struct ThreadModels {
   LogitModel logit;
   MixtureModel mixture;
-  ThreadModels(const FitContext& ctx, Workspace& ws, double bound) : logit(ctx, ws, bound), mixture(ctx, ws) {}
+  ThreadModels(const FitContext& ctx, Workspace& ws, double bound)
+      : logit(ctx, ws, bound, false), mixture(ctx, ws) {}
 };
 
 // Rows per scheduling chunk of the fixed-support calls (each row prefetches the next, which
@@ -574,7 +575,6 @@ void prefetch_row(const FitContext& ctx, const Workspace& ws, const TargetsView&
   for (Index k = targets.indptr[r]; k < targets.indptr[r + 1]; ++k) {
     const std::size_t x = static_cast<std::size_t>(targets.indices[k]);
     __builtin_prefetch(ws.pos.data() + x, 1);
-    if (ctx.link == Link::kLogit) __builtin_prefetch(ws.q.data() + x, 1);
   }
 #else
   (void)ctx, (void)ws, (void)targets, (void)support, (void)r;
@@ -883,7 +883,7 @@ AlphaResult closed_form_alpha(const TransitionMatrix& P, const TargetsView& targ
   std::vector<RowOut> rows(static_cast<std::size_t>(targets.n_rows));
   parallel_rows_with(
       targets.n_rows, n_threads, ctx, fixed_chunk(targets.n_rows, n_threads), nullptr,
-      [&](Workspace& ws) { return LogitModel(ctx, ws, INFINITY); },
+      [&](Workspace& ws) { return LogitModel(ctx, ws, INFINITY, false); },
       [&](Workspace& ws, LogitModel& model, Index r) {
         prefetch_row(ctx, ws, targets, support, r + 1);
         load_row(model, targets, support, r, 0.0);

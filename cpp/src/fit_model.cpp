@@ -265,7 +265,7 @@ void LogitModel::load(const StateIndex* ids, const double* q, Index nq) {
   qn_.resize(static_cast<std::size_t>(nq));
   for (Index i = 0; i < nq; ++i) {
     const double p = q[i] / total;
-    w_.q[static_cast<std::size_t>(ids[i])] = p;
+    if (selection_) w_.q[static_cast<std::size_t>(ids[i])] = p;
     qn_[static_cast<std::size_t>(i)] = p;
   }
   neg_h_ = dot_log(qn_.data(), qn_.data(), qn_.size(), 1e-300);  // a zero weight contributes 0
@@ -276,7 +276,8 @@ void LogitModel::load(const StateIndex* ids, const double* q, Index nq) {
 }
 
 void LogitModel::unload() {
-  for (Index i = 0; i < nq_; ++i) w_.q[static_cast<std::size_t>(ids_[i])] = 0.0;
+  if (selection_)
+    for (Index i = 0; i < nq_; ++i) w_.q[static_cast<std::size_t>(ids_[i])] = 0.0;
   for (StateIndex x : ulist_) w_.pos[static_cast<std::size_t>(x)] = -1;
   ulist_.clear();
   atoms_.clear();
@@ -309,7 +310,15 @@ void LogitModel::rebuild() {
       atoms_, static_cast<Index>(nU), c_.ip, [&](Index j) { return w_.pos[static_cast<std::size_t>(c_.ix[j])]; },
       [&](Index j, Index v) { return c_.d_of(j, v); });
   qU_.resize(nU);
-  for (std::size_t p = 0; p < nU; ++p) qU_[p] = w_.q[static_cast<std::size_t>(ulist_[p])];
+  if (selection_) {
+    for (std::size_t p = 0; p < nU; ++p) qU_[p] = w_.q[static_cast<std::size_t>(ulist_[p])];
+  } else {
+    std::fill(qU_.begin(), qU_.end(), 0.0);
+    for (Index i = 0; i < nq_; ++i) {
+      const std::int32_t p = w_.pos[static_cast<std::size_t>(ids_[i])];
+      if (p >= 0) qU_[static_cast<std::size_t>(p)] = qn_[static_cast<std::size_t>(i)];
+    }
+  }
   eq_ = VectorXd::Zero(static_cast<Index>(atoms_.size()));
   rows_.scatter(qU_.data(), eq_);
   zU_.assign(nU, 0.0);

@@ -293,7 +293,11 @@ struct NewtonScratch {
 /// leaves the workspace clean for the next target after unload().
 class LogitModel {
  public:
-  LogitModel(const FitContext& c, Workspace& w, double bound) : c_(c), w_(w), bound_(bound) {}
+  /// Without `selection` (a fixed support) q_hat is not scattered over the base states:
+  /// only the candidate gains read it there, and the 1 MB of random writes and their
+  /// reset was a tenth of a fixed-support target.
+  LogitModel(const FitContext& c, Workspace& w, double bound, bool selection = true)
+      : c_(c), w_(w), bound_(bound), selection_(selection) {}
   void load(const StateIndex* ids, const double* q, Index nq);
   void unload();
   /// Replaces the support; with `project` alpha is scaled into the ball ||alpha|| <= bound.
@@ -345,6 +349,7 @@ class LogitModel {
   const FitContext& c_;
   Workspace& w_;
   double bound_;
+  bool selection_;
   std::vector<Index> atoms_;
   VectorXd alpha_;
   double neg_h_ = 0.0;
