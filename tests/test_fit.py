@@ -479,6 +479,12 @@ def test_nan_and_negative_counts_are_rejected(small_P):
     counts[1, 7] = -1
     with pytest.raises(ValueError, match="targets row 1 holds a negative count"):
         mm.fit_alpha(small_P, counts)
+    for value in (np.inf, -np.inf):  # +inf passes the all-positive fast path and is caught by its row total
+        counts[1, 7] = value
+        with pytest.raises(ValueError, match=rf"targets row 1 holds a non-finite value \({value}\) at state 7"):
+            mm.fit_alpha(small_P, counts)
+        with pytest.raises(ValueError, match=rf"targets row 1 holds a non-finite value \({value}\) at state 7"):
+            mm.fit_alpha(small_P, counts, support=[np.array([0])] * 2, link="mixture")
 
 
 def test_unknown_link_is_rejected(small_P):

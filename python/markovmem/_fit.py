@@ -121,16 +121,14 @@ def _targets(P: TransitionMatrix, targets: Any, n_samples: Any) -> tuple[np.ndar
     indptr = np.ascontiguousarray(csr.indptr, dtype=np.int64)
     indices = np.ascontiguousarray(csr.indices, dtype=np.int32)
     data = np.ascontiguousarray(csr.data, dtype=np.float64)
-    if data.size and not np.all(np.isfinite(data)):
-        k = int(np.flatnonzero(~np.isfinite(data))[0])
-        r = int(np.searchsorted(indptr, k, side="right") - 1)
-        raise ValueError(f"targets row {r} holds a non-finite value ({data[k]}) at state {int(indices[k])}")
-    if data.size and data.min() < 0:
-        k = int(np.argmin(data))
-        r = int(np.searchsorted(indptr, k, side="right") - 1)
-        raise ValueError(f"targets row {r} holds a negative count ({data[k]}) at state {int(indices[k])}")
-    nz = data > 0
-    if not nz.all():  # explicit zeros carry no information; drop them so they are not "observed"
+    nz = data > 0  # False for NaN, negatives and zeros: one pass clears the usual all-positive input
+    if not nz.all():
+        _check_finite(data, indices, indptr)
+        if data.min() < 0:
+            k = int(np.argmin(data))
+            r = int(np.searchsorted(indptr, k, side="right") - 1)
+            raise ValueError(f"targets row {r} holds a negative count ({data[k]}) at state {int(indices[k])}")
+        # explicit zeros carry no information; drop them so they are not "observed"
         keep_rows = np.repeat(np.arange(m), np.diff(indptr))[nz]
         indices, data = np.ascontiguousarray(indices[nz]), np.ascontiguousarray(data[nz])
         indptr = np.zeros(m + 1, np.int64)
@@ -146,6 +144,8 @@ def _targets(P: TransitionMatrix, targets: Any, n_samples: Any) -> tuple[np.ndar
         raise ValueError(f"targets row {r} has no counts; every target needs at least one observed next token")
     # Every row has an entry, so reduceat sums exactly each row's range (10x faster than bincount of a repeat).
     totals = np.add.reduceat(data, indptr[:-1])
+    if not np.all(np.isfinite(totals)):  # an infinite count (NaN and negatives were refused above)
+        _check_finite(data, indices, indptr)
     if n_samples is not None:
         ns = np.broadcast_to(np.asarray(n_samples, dtype=np.float64), (m,))
         if not np.all(np.isfinite(ns)) or np.any(ns <= 0):
@@ -158,6 +158,15 @@ def _targets(P: TransitionMatrix, targets: Any, n_samples: Any) -> tuple[np.ndar
         data = np.ascontiguousarray(data * np.repeat(ns, np.diff(indptr)))
         totals = ns.astype(np.float64).copy()
     return indptr, indices, data, totals
+
+
+def _check_finite(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray) -> None:
+    """ValueError naming the row and state of the first non-finite count, if any."""
+    bad = ~np.isfinite(data)
+    if bad.any():
+        k = int(np.argmax(bad))
+        r = int(np.searchsorted(indptr, k, side="right") - 1)
+        raise ValueError(f"targets row {r} holds a non-finite value ({data[k]}) at state {int(indices[k])}")
 
 
 def _support(P: TransitionMatrix, support: Any, m: int) -> tuple[np.ndarray, np.ndarray]:
