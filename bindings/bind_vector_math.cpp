@@ -19,6 +19,14 @@ void bind_vector_math(py::module_& m) {
       },
       py::arg("z").noconvert(), py::arg("shift"), "(exp(z - shift), its sum).");
   m.def(
+      "max_dot",
+      [](const carray<double>& z, const carray<double>& q) {
+        const double* zp = ptr_1d(z, "z");
+        const MaxDot r = max_dot(zp, ptr_1d(q, "q", z.shape(0)), static_cast<std::size_t>(z.shape(0)));
+        return py::make_tuple(r.max, r.dot);
+      },
+      py::arg("z").noconvert(), py::arg("q").noconvert(), "(max z, q . z).");
+  m.def(
       "dot_log",
       [](const carray<double>& q, const carray<double>& x, double floor) {
         if (!(floor >= 2.2250738585072014e-308)) throw std::invalid_argument("floor must be a positive normal number");

@@ -143,3 +143,13 @@ def test_dot_log_floor(level):
     assert _core.dot_log(q, x) == pytest.approx(0.5 * np.log(1e-12) + 0.5 * np.log(0.25), rel=4 * ULP)
     with pytest.raises(ValueError, match="floor must be a positive normal number"):
         _core.dot_log(q, x, 0.0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000])
+def test_max_dot_matches_numpy(level, n):
+    rng = np.random.default_rng(200 + n)
+    z = rng.normal(-5.0, 3.0, n)  # all negative-ish: the padding lanes must not win the max
+    q = rng.random(n)
+    mx, dot = _core.max_dot(z, q)
+    assert mx == (z.max() if n else -np.inf)
+    assert dot == pytest.approx(q @ z, rel=1e-13, abs=1e-300)

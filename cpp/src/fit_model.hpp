@@ -125,7 +125,8 @@ struct SupportRows {
   std::vector<std::uint8_t> is_heavy;
   MatrixXd dense;  ///< heavy.size() x n_slots, zero where a slot does not store the position
   /// Fills the structure from the atoms' stored entries: pos_of(j) gives the
-  /// position of entry j of P (or -1 to skip it), val_of(j, v) its value.  O(entries).
+  /// position of entry j of P (or -1 to skip it), val_of(j, v) its value; both are
+  /// called once per entry, atoms in order and each atom's entries in order.  O(entries).
   /// With `drop_empty` the positions no slot stores are dropped and the rest renumbered
   /// 0, 1, ... in order; `kept` (when given) receives the original position of each.
   template <class PosOf, class ValOf>
@@ -359,6 +360,7 @@ class LogitModel {
   std::vector<StateIndex> ulist_;
   SupportRows rows_;
   std::vector<double> qn_;  ///< q_hat over the target's tokens (load)
+  std::vector<std::int32_t> epos_;  ///< rebuild: the U position of each atom entry, in build order
   std::vector<double> qU_, zU_, eU_, fU_;
   VectorXd eq_;  ///< E_q_hat[d_i] per slot
   VectorXd m_;   ///< E_f[d_i] per slot at the last eval with a gradient

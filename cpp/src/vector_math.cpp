@@ -31,6 +31,12 @@ double exp_shifted_sum(const double* z, double shift, double* e, std::size_t n) 
   return ea.sum();
 }
 
+MaxDot max_dot(const double* z, const double* q, std::size_t n) {
+  const Eigen::Index m = static_cast<Eigen::Index>(n);
+  const Eigen::Map<const Eigen::ArrayXd> za(z, m);
+  return {n ? za.maxCoeff() : -INFINITY, (za * Eigen::Map<const Eigen::ArrayXd>(q, m)).sum()};
+}
+
 double dot_log(const double* q, const double* x, std::size_t n, double floor) {
   const Eigen::Index m = static_cast<Eigen::Index>(n);
   return (Eigen::Map<const Eigen::ArrayXd>(q, m) * Eigen::Map<const Eigen::ArrayXd>(x, m).max(floor).log()).sum();
@@ -82,15 +88,17 @@ namespace {
 struct Kernels {
   const char* name;
   double (*exp_shifted_sum)(const double*, double, double*, std::size_t);
+  MaxDot (*max_dot)(const double*, const double*, std::size_t);
   double (*dot_log)(const double*, const double*, std::size_t, double);
   MixtureTerms (*mixture_terms)(const double*, double*, std::size_t, bool, double*, double*);
 };
 
-constexpr Kernels kGeneric{"generic", detail::generic::exp_shifted_sum, detail::generic::dot_log,
-                           detail::generic::mixture_terms};
+constexpr Kernels kGeneric{"generic", detail::generic::exp_shifted_sum, detail::generic::max_dot,
+                           detail::generic::dot_log, detail::generic::mixture_terms};
 #ifdef MARKOVMEM_SIMD_X86
-constexpr Kernels kAvx2{"avx2", detail::avx2::exp_shifted_sum, detail::avx2::dot_log, detail::avx2::mixture_terms};
-constexpr Kernels kAvx512{"avx512", detail::avx512::exp_shifted_sum, detail::avx512::dot_log,
+constexpr Kernels kAvx2{"avx2", detail::avx2::exp_shifted_sum, detail::avx2::max_dot, detail::avx2::dot_log,
+                        detail::avx2::mixture_terms};
+constexpr Kernels kAvx512{"avx512", detail::avx512::exp_shifted_sum, detail::avx512::max_dot, detail::avx512::dot_log,
                           detail::avx512::mixture_terms};
 #endif
 
@@ -131,6 +139,8 @@ const Kernels& kernels() { return *active().load(std::memory_order_relaxed); }
 double exp_shifted_sum(const double* z, double shift, double* e, std::size_t n) {
   return kernels().exp_shifted_sum(z, shift, e, n);
 }
+
+MaxDot max_dot(const double* z, const double* q, std::size_t n) { return kernels().max_dot(z, q, n); }
 
 double dot_log(const double* q, const double* x, std::size_t n, double floor) {
   return kernels().dot_log(q, x, n, floor);

@@ -13,6 +13,12 @@ namespace markovmem {
 /// e[i] = exp(z[i] - shift) for i < n; returns the sum of e.
 double exp_shifted_sum(const double* z, double shift, double* e, std::size_t n);
 
+/// max_i z[i] (-inf when n = 0) and sum_i q[i] z[i].
+struct MaxDot {
+  double max = 0.0, dot = 0.0;
+};
+MaxDot max_dot(const double* z, const double* q, std::size_t n);
+
 /// sum_i q[i] log max(x[i], floor); floor must be a positive normal number (>= 2.3e-308).
 double dot_log(const double* q, const double* x, std::size_t n, double floor = kLogFloor);
 
