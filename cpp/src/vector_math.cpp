@@ -65,9 +65,7 @@ MixtureTerms mixture_terms(const double* q, double* f, std::size_t n, bool value
 #pragma GCC push_options
 #pragma GCC target("avx2")
 namespace detail::avx2 {
-constexpr int W = 4;
 typedef double V __attribute__((vector_size(32)));
-typedef long long VI __attribute__((vector_size(32)));
 #include "vector_math_kernels.inc"
 }  // namespace detail::avx2
 #pragma GCC pop_options
@@ -75,9 +73,7 @@ typedef long long VI __attribute__((vector_size(32)));
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 namespace detail::avx512 {
-constexpr int W = 8;
 typedef double V __attribute__((vector_size(64)));
-typedef long long VI __attribute__((vector_size(64)));
 #include "vector_math_kernels.inc"
 }  // namespace detail::avx512
 #pragma GCC pop_options
@@ -87,44 +83,30 @@ namespace {
 
 struct Kernels {
   const char* name;
+  bool (*cpu_has)();
   double (*exp_shifted_sum)(const double*, double, double*, std::size_t);
   MaxDot (*max_dot)(const double*, const double*, std::size_t);
   double (*dot_log)(const double*, const double*, std::size_t, double);
   MixtureTerms (*mixture_terms)(const double*, double*, std::size_t, bool, double*, double*);
 };
 
-constexpr Kernels kGeneric{"generic", detail::generic::exp_shifted_sum, detail::generic::max_dot,
-                           detail::generic::dot_log, detail::generic::mixture_terms};
+// The levels this build has, widest first (libgcc's CPU checks include the OS's support
+// for the wider registers, XGETBV).
+constexpr Kernels kLevels[] = {
 #ifdef MARKOVMEM_SIMD_X86
-constexpr Kernels kAvx2{"avx2", detail::avx2::exp_shifted_sum, detail::avx2::max_dot, detail::avx2::dot_log,
-                        detail::avx2::mixture_terms};
-constexpr Kernels kAvx512{"avx512", detail::avx512::exp_shifted_sum, detail::avx512::max_dot, detail::avx512::dot_log,
-                          detail::avx512::mixture_terms};
+    {"avx512", [] { return __builtin_cpu_supports("avx512f") != 0; }, detail::avx512::exp_shifted_sum,
+     detail::avx512::max_dot, detail::avx512::dot_log, detail::avx512::mixture_terms},
+    {"avx2", [] { return __builtin_cpu_supports("avx2") != 0; }, detail::avx2::exp_shifted_sum,
+     detail::avx2::max_dot, detail::avx2::dot_log, detail::avx2::mixture_terms},
 #endif
-
-bool cpu_has(const std::string& name) {
-  if (name == "generic") return true;
-#ifdef MARKOVMEM_SIMD_X86
-  // libgcc's check includes the OS's support for the wider registers (XGETBV).
-  if (name == "avx2") return __builtin_cpu_supports("avx2");
-  if (name == "avx512") return __builtin_cpu_supports("avx512f");
-#endif
-  return false;
-}
-
-const Kernels* by_name(const std::string& name) {
-  if (name == "generic") return &kGeneric;
-#ifdef MARKOVMEM_SIMD_X86
-  if (name == "avx2") return &kAvx2;
-  if (name == "avx512") return &kAvx512;
-#endif
-  return nullptr;
-}
+    {"generic", [] { return true; }, detail::generic::exp_shifted_sum, detail::generic::max_dot,
+     detail::generic::dot_log, detail::generic::mixture_terms},
+};
 
 const Kernels* best() {
-  for (const char* name : {"avx512", "avx2"})
-    if (by_name(name) && cpu_has(name)) return by_name(name);
-  return &kGeneric;
+  for (const Kernels& k : kLevels)
+    if (k.cpu_has()) return &k;
+  return nullptr;  // unreachable: generic is always there
 }
 
 std::atomic<const Kernels*>& active() {
@@ -157,12 +139,14 @@ void set_simd_level(const std::string& name) {
     active().store(best());
     return;
   }
-  const Kernels* k = by_name(name);
-  if (!k && name != "avx2" && name != "avx512")
+  if (name != "avx512" && name != "avx2" && name != "generic")
     throw std::invalid_argument("unknown instruction set '" + name + "'; expected 'auto', 'avx512', 'avx2' or 'generic'");
-  if (!k || !cpu_has(name))
-    throw std::invalid_argument("instruction set '" + name + "' is not available on this CPU or build");
-  active().store(k);
+  for (const Kernels& k : kLevels)
+    if (name == k.name && k.cpu_has()) {
+      active().store(&k);
+      return;
+    }
+  throw std::invalid_argument("instruction set '" + name + "' is not available on this CPU or build");
 }
 
 }  // namespace markovmem
