@@ -291,6 +291,7 @@ void LogitModel::set_support(std::vector<Index> atoms, VectorXd alpha, bool proj
 }
 
 void LogitModel::rebuild() {
+  memo_.valid = false;
   if (c_.dev.empty())
     prefetch_rows(atoms_.begin(), atoms_.end(), c_.ip, c_.ix, c_.px);
   else
@@ -373,6 +374,7 @@ double LogitModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H) {
   zmax_ = zmax;
   zs_ = zs;
   const double value = -qz + zmax + std::log(zs);
+  memo_.set(a, value);
   if (g || H) {
     Eigen::Map<Eigen::ArrayXd>(fU_.data(), nU) = e * (1.0 / zs);  // a multiply: a division costs 4-8x more
     if (H) {
@@ -645,8 +647,9 @@ void MixtureModel::load(const StateIndex* ids, const double* q, Index nq) {
   }
   qsum_ = Eigen::Map<const Eigen::ArrayXd>(qJ_.data(), nq).sum();
   neg_h_ = dot_log(qJ_.data(), qJ_.data(), static_cast<std::size_t>(nq), 1e-300);  // a zero weight contributes 0
-  fJ_.assign(static_cast<std::size_t>(nq), 0.0);
-  rbuf_.assign(static_cast<std::size_t>(nq), 0.0);
+  // Selection-only buffers, written in full before they are read (fill_fJ, best_addition).
+  fJ_.resize(static_cast<std::size_t>(nq));
+  rbuf_.resize(static_cast<std::size_t>(nq));
   pool_data_ = nullptr;
   pool_size_ = 0;
   atoms_.clear();
@@ -703,6 +706,7 @@ void MixtureModel::set_support(std::vector<Index> atoms, VectorXd alpha, bool pr
 }
 
 void MixtureModel::rebuild() {
+  memo_.valid = false;
   prefetch_rows(atoms_.begin(), atoms_.end(), c_.ip, c_.ix, c_.px);
   rows_.build(
       atoms_, nq_, c_.ip, [&](Index j) { return w_.pos[static_cast<std::size_t>(c_.ix[j])]; },
@@ -713,13 +717,18 @@ void MixtureModel::rebuild() {
   fc_.resize(nc);
   w1c_.resize(nc);
   w2c_.resize(nc);
-  q_unc_ = 0.0;
+  // Branch-free (whether a token is covered is a coin flip to the predictor); adding 0.0
+  // for a covered one leaves the sum exactly what the branchy loop gave.
+  qc_.push_back(0.0);  // a landing slot for the writes past the last covered position
+  double q_unc = 0.0;
   for (std::size_t c = 0, p = 0; p < static_cast<std::size_t>(nq_); ++p) {
-    if (c < nc && static_cast<std::size_t>(covered_[c]) == p)
-      qc_[c++] = qJ_[p];
-    else
-      q_unc_ += qJ_[p];
+    const bool cov = c < nc && static_cast<std::size_t>(covered_[c]) == p;
+    qc_[c] = qJ_[p];
+    q_unc += cov ? 0.0 : qJ_[p];
+    c += cov;
   }
+  qc_.resize(nc);
+  q_unc_ = q_unc;
   const Index n = size();
   uS_.resize(n);
   tS_.resize(n);
@@ -741,6 +750,7 @@ double MixtureModel::eval(const VectorXd& a, VectorXd* g, MatrixXd* H, bool with
   const MixtureTerms t = mixture_terms(qc_.data(), fc_.data(), static_cast<std::size_t>(nc), with_value,
                                        grad ? w1c_.data() : nullptr, grad ? w2c_.data() : nullptr);
   const double value = with_value ? mass - t.qlogf - q_unc_ * std::log(ft) : NAN;
+  if (with_value) memo_.set(a, value);
   if (grad) {
     W1_ = q_unc_ / ft + t.w1;
     W2_ = q_unc_ / (ft * ft) + t.w2;

@@ -168,19 +168,23 @@ struct SupportRows {
       slot[k] = h.slot;
       val[k] = h.val;
     }
-    if (kept) kept->clear();
     spos_.resize(nh);
     sval_.resize(nh);
     if (drop_empty) {
       // In place: position p's range is read before ptr[w], w <= p, is written.
+      // Branch-free: every position writes its slots and only a stored one advances w
+      // (an empty position's writes land where the next stored one overwrites them).
       std::vector<Index>& renum = next_;  // old position -> new (its cursor role is over)
+      std::vector<Index>& keep = kept ? *kept : kept_;
+      keep.resize(np + 1);
       std::size_t w = 0;
-      for (std::size_t p = 0; p < np; ++p)
-        if (ptr[p + 1] > ptr[p]) {
-          if (kept) kept->push_back(static_cast<Index>(p));
-          renum[p] = static_cast<Index>(w);
-          ptr[w++] = ptr[p];
-        }
+      for (std::size_t p = 0; p < np; ++p) {
+        keep[w] = static_cast<Index>(p);
+        renum[p] = static_cast<Index>(w);
+        ptr[w] = ptr[p];
+        w += ptr[p + 1] > ptr[p];
+      }
+      keep.resize(w);
       ptr[w] = ptr[np];
       ptr.resize(w + 1);
       for (std::size_t n = 0; n < nh; ++n) {
@@ -188,6 +192,7 @@ struct SupportRows {
         sval_[n] = out[n].val;
       }
     } else {
+      if (kept) kept->clear();
       for (std::size_t n = 0; n < nh; ++n) {
         spos_[n] = out[n].pos;
         sval_[n] = out[n].val;
@@ -235,6 +240,7 @@ struct SupportRows {
   };
   std::vector<Hit> hits_;
   std::vector<Index> next_;
+  std::vector<Index> kept_;            ///< build's renumbering when the caller does not ask for it
   std::vector<Index> sptr_;           ///< n_slots + 1: each slot's range in spos_ / sval_
   std::vector<std::int32_t> spos_;    ///< by slot: the entry's position
   std::vector<double> sval_;          ///< by slot: the entry's value
@@ -289,6 +295,23 @@ struct NewtonScratch {
   std::vector<std::uint8_t> bind, bind2;
 };
 
+/// The objective at the point of the last evaluation that computed it.  The KL reported
+/// after a solve is taken at the point the solver evaluated last, so kl() reads it here
+/// instead of repeating a pass over the support (a tenth of a small fixed-support fit).
+/// Only kl() reads it: an evaluation also leaves state (f, the last shift) that other
+/// methods rely on.  Cleared whenever the support structure is rebuilt.
+struct ValueMemo {
+  VectorXd a;
+  double value = NAN;
+  bool valid = false;
+  bool holds(const VectorXd& x) const { return valid && a.size() == x.size() && a == x; }
+  void set(const VectorXd& x, double v) {
+    a = x;
+    value = v;
+    valid = true;
+  }
+};
+
 /// Common interface of the two link models (static polymorphism in the driver).
 /// A model holds one target (q_hat) and a support (atoms, alpha); every method
 /// leaves the workspace clean for the next target after unload().
@@ -313,7 +336,7 @@ class LogitModel {
   const VectorXd& alpha() const { return alpha_; }
   Index size() const { return static_cast<Index>(atoms_.size()); }
   /// KL(q_hat || f(alpha)) at the current alpha.
-  double kl() { return neg_h_ + value(); }
+  double kl() { return neg_h_ + (memo_.holds(alpha_) ? memo_.value : value()); }
   /// Objective (KL(q_hat || f) up to the constant sum q log q) at a; optional gradient and Hessian.
   double eval(const VectorXd& a, VectorXd* g, MatrixXd* H);
   double value() { return eval(alpha_, nullptr, nullptr); }
@@ -365,6 +388,7 @@ class LogitModel {
   VectorXd eq_;  ///< E_q_hat[d_i] per slot
   VectorXd m_;   ///< E_f[d_i] per slot at the last eval with a gradient
   mutable NewtonScratch nw_;
+  ValueMemo memo_;
   double zmax_ = 0.0, zs_ = 1.0;  ///< shift and shifted partition function of the last eval
   // The pool's rows over W, the union of their stored columns, built once per target and
   // pool (best_addition runs dozens of times on one pool): the screen then reads f once
@@ -396,7 +420,7 @@ class MixtureModel {
   double kl() {
     double mass = 0.0;
     for (Index i = 0; i < size(); ++i) mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
-    return neg_h_ + value() - mass;
+    return neg_h_ + (memo_.holds(alpha_) ? memo_.value : value()) - mass;
   }
   /// G(a) = -sum q log f + sum a_v total_v (its minimiser over a >= 0 lies on the simplex;
   /// on the simplex it equals KL(q_hat || f) - sum q log q + 1).  Without `with_value`
@@ -453,6 +477,7 @@ class MixtureModel {
   std::vector<double> rbuf_;
   double W1_ = 0.0, W2_ = 0.0, qsum_ = 0.0;
   mutable NewtonScratch nw_;
+  ValueMemo memo_;
   /// fJ_ from the last eval (the candidate gains read f by position in J).
   void fill_fJ();
 };
