@@ -65,16 +65,26 @@ class PeakRSS:
         self.peak = max(self.peak, self._p.memory_info().rss)
 
 
-def best_time(fn, repeats: int):
-    """(smallest wall time of `repeats` calls of fn, its result).  Both sides of the fixed-support
-    ratio are deterministic computations timed this way: the minimum is the run least disturbed
-    by other work on the machine, and a single ~30 ms call is at the mercy of any of it."""
-    best, out = float("inf"), None
-    for _ in range(max(1, repeats)):
+def paired_rounds(ours, baselines, rounds: int):
+    """Times `ours` and then each of `baselines`, `rounds` times over, alternating.
+
+    Returns (ours' times (rounds,), the baselines' times (len(baselines), rounds), ours'
+    last result, each baseline's last result).  A per-target time on this shared machine
+    moves by tens of percent with its state; timed back to back in every round, both
+    sides of a ratio see the same state, and the median over rounds of the per-round
+    ratios takes out what the two sides do not share."""
+    t_ours = np.empty(max(1, rounds))
+    t_base = np.empty((len(baselines), max(1, rounds)))
+    out, outs = None, [None] * len(baselines)
+    for r in range(max(1, rounds)):
         t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+        out = ours()
+        t_ours[r] = time.perf_counter() - t0
+        for i, fn in enumerate(baselines):
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            t_base[i, r] = time.perf_counter() - t0
+    return t_ours, t_base, out, outs
 
 
 def recall(S, sup) -> float:
@@ -93,24 +103,30 @@ def run_config(P, D, k, s, link, args, rows):
         t0 = time.perf_counter()
         fit = mm.fit_alpha(P, C, s=s, link=link, n_threads=nt)
         t_fit = time.perf_counter() - t0
-    t_fixed, fixed = best_time(lambda: mm.fit_alpha(P, C, support=list(S), link=link, n_threads=nt), args.repeats)
+    # Fixed support: ours on all m targets and (a) scipy L-BFGS-B on the first n_lb, per
+    # target, timed in paired rounds.
+    n_lb = min(args.lbfgs_targets, m)
+    problems = []
+    for i in range(n_lb):
+        row = C[[i]]
+        problems.append(ref.Problem(D, row.indices, row.data / row.data.sum(), S[i], link))
+    lbfgs = [lambda pb=pb: pb.lbfgs(np.arange(s), np.full(s, 1.0 / s)) for pb in problems]
+    t_ours, t_lbs, fixed, lb_out = paired_rounds(
+        lambda: mm.fit_alpha(P, C, support=S, link=link, n_threads=nt), lbfgs, args.repeats)
+    t_fixed = float(t_ours.min())
     f_hat = ref.tail_rows(fit.predict(), D.n_base)
     f_pl = ref.tail_rows(fixed.predict(), D.n_base)
     kl_hat = np.array([ref.kl_rows(qs[i], f_hat[i]) for i in range(m)])
     kl_pl = np.array([ref.kl_rows(qs[i], f_pl[i]) for i in range(m)])
     rec = np.array([recall(S[i], fit.support[i]) for i in range(m)])
 
-    # (a) scipy L-BFGS-B on the planted support, per target
-    n_lb = min(args.lbfgs_targets, m)
-    gaps, t_lb = [], 0.0
-    for i in range(n_lb):
-        row = C[[i]]
-        pb = ref.Problem(D, row.indices, row.data / row.data.sum(), S[i], link)
-        t_i, (a, _) = best_time(lambda: pb.lbfgs(np.arange(s), np.full(s, 1.0 / s)), args.repeats)
+    # (a) the objective gap on the L-BFGS-B targets; the ratio per round, and of the best times
+    gaps = []
+    for i, (pb, (a, _)) in enumerate(zip(problems, lb_out)):
         v = pb.kl(np.arange(s), a)
-        t_lb += t_i
         gaps.append((fixed.kl[i] - v) / max(abs(v), 1e-300))
-    per_lb = t_lb / max(n_lb, 1)
+    round_ratios = t_lbs.mean(axis=0) / (t_ours / m) if n_lb else np.array([np.nan])
+    per_lb = float(t_lbs.min(axis=1).mean()) if n_lb else np.nan
 
     # (b) numpy greedy gain + swap over a screened pool, per target, within a time budget
     pool_size = max(256, 16 * s)  # the default pool of fit_alpha
@@ -142,7 +158,9 @@ def run_config(P, D, k, s, link, args, rows):
     row = dict(
         k=k, s=s, link=link, m=m, N=N,
         fit_tps=m / t_fit, fixed_tps=m / t_fixed, mem_mb=(mem.peak - mem.start) / 2**20,
-        lb_n=n_lb, lb_ratio=per_lb / per_fixed, lb_gap=float(np.max(gaps)) if gaps else np.nan,
+        lb_n=n_lb, lb_ratio=float(np.median(round_ratios)), lb_lo=float(np.min(round_ratios)),
+        lb_hi=float(np.max(round_ratios)), lb_best_ratio=per_lb / per_fixed, lb_ms=per_lb * 1e3,
+        lb_gap=float(np.max(gaps)) if gaps else np.nan,
         gr_n=n_gr, gr_timeout=timed_out, gr_ratio=(t_gr / max(n_gr, 1)) / per_fit if not timed_out else t_gr / per_fit,
         ours_kl=float(np.mean(ours_kl)) if ours_kl else np.nan, gr_kl=float(np.mean(gr_kl)) if gr_kl else np.nan,
         ours_rec=float(np.mean(ours_rec)) if ours_rec else np.nan, gr_rec=float(np.mean(gr_rec)) if gr_rec else np.nan,
@@ -154,9 +172,10 @@ def run_config(P, D, k, s, link, args, rows):
 
 
 HEADER = ("| k | s | link | targets | fit targets/s | fixed-support targets/s | fit memory (MB) "
-          "| vs L-BFGS-B (n) | objective gap | vs numpy greedy (n) | KL(q‖f̂) ours / greedy | recall ours / greedy "
+          "| vs L-BFGS-B: median of paired rounds [range] (n) | L-BFGS-B ms / target | objective gap "
+          "| vs numpy greedy (n) | KL(q‖f̂) ours / greedy | recall ours / greedy "
           "| recall (all) | KL(q‖f̂) / KL(q‖f_planted): ratio of means, median ratio |")
-SEP = "|" + "---|" * 14
+SEP = "|" + "---|" * 15
 
 
 def fmt_row(r) -> str:
@@ -165,7 +184,8 @@ def fmt_row(r) -> str:
     ratio = r["kl_hat"] / r["kl_pl"] if r["kl_pl"] > 0 else float("nan")
     med = r["kl_med_ratio"]
     return (f"| {r['k']} | {r['s']} | {r['link']} | {r['m']} | {r['fit_tps']:.3g} | {r['fixed_tps']:.0f} | "
-            f"{r['mem_mb']:.0f} | {r['lb_ratio']:.0f}x ({r['lb_n']}) | {r['lb_gap']:+.1e} | {gr} | "
+            f"{r['mem_mb']:.0f} | {r['lb_ratio']:.0f}x [{r['lb_lo']:.0f}-{r['lb_hi']:.0f}x] ({r['lb_n']}) | "
+            f"{r['lb_ms']:.2f} | {r['lb_gap']:+.1e} | {gr} | "
             f"{r['ours_kl']:.4g} / {r['gr_kl']:.4g} | {r['ours_rec']:.2f} / {r['gr_rec']:.2f} | "
             f"{r['recall']:.3f} | {ratio:.2f}, {med:.2f} |")
 
@@ -203,7 +223,8 @@ def main(argv=None) -> int:
                     help="seconds of numpy greedy baseline per config (targets run until it is spent)")
     ap.add_argument("--threads", type=int, default=None, help="markovmem threads (default: all cores)")
     ap.add_argument("--repeats", type=int, default=5,
-                    help="fixed-support timings (ours and each L-BFGS-B target) take the best of this many runs")
+                    help="paired rounds of the fixed-support timing (ours on every target, then L-BFGS-B on each "
+                         "of its targets); the ratio is the median of the per-round ratios")
     ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     args = ap.parse_args(argv)
     rows: list[dict] = []
