@@ -170,6 +170,21 @@ def test_fixed_support_reaches_reference_optimum(small_P, rng, link):
         assert fit.kl[i] == pytest.approx(ref, rel=1e-6)
 
 
+@pytest.mark.parametrize("link", ["logit", "mixture"])
+def test_reported_kl_is_the_kl_at_the_reported_alpha(small_P, rng, link):
+    # The models report the objective their solver last computed when it was at the final
+    # alpha (not a rejected line-search trial): it must be the KL at that alpha to rounding.
+    T = small_P.n_base
+    counts = rng.poisson(0.5, (12, T)).astype(float)
+    supports = [np.sort(rng.choice(T, 5, replace=False)) for _ in range(12)]
+    fixed = mm.fit_alpha(small_P, sp.csr_array(counts), support=supports, link=link)
+    full = mm.fit_alpha(small_P, sp.csr_array(counts), s=3, link=link)
+    for fit in (fixed, full):
+        for i in range(12):
+            a = fit.alpha[[i]].toarray().ravel()
+            assert fit.kl[i] == pytest.approx(kl(counts[i] / counts[i].sum(), f_dense(small_P, a, link)), rel=1e-9)
+
+
 def test_logit_ball_constraint_is_active_and_kkt_holds(small_P, rng):
     T = small_P.n_base
     counts = sp.csr_array(rng.poisson(0.5, (3, T)).astype(float))
