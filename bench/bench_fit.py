@@ -72,7 +72,9 @@ def paired_rounds(ours, baselines, rounds: int):
     last result, each baseline's last result).  A per-target time on this shared machine
     moves by tens of percent with its state; timed back to back in every round, both
     sides of a ratio see the same state, and the median over rounds of the per-round
-    ratios takes out what the two sides do not share."""
+    ratios is not moved by one round that something disturbed on one side only.  (Load
+    from other processes is not taken out: it slows ours on every core more than the
+    single-threaded baseline.)"""
     t_ours = np.empty(max(1, rounds))
     t_base = np.empty((len(baselines), max(1, rounds)))
     out, outs = None, [None] * len(baselines)
