@@ -713,13 +713,12 @@ void MixtureModel::rebuild() {
       [&](Index j, Index v) { return static_cast<double>(c_.px[j]) - c_.u[static_cast<std::size_t>(v)]; }, true,
       &covered_);
   const std::size_t nc = covered_.size();
-  qc_.resize(nc);
+  qc_.resize(nc + 1);  // one landing slot for the writes past the last covered position (below)
   fc_.resize(nc);
   w1c_.resize(nc);
   w2c_.resize(nc);
   // Branch-free (whether a token is covered is a coin flip to the predictor); adding 0.0
   // for a covered one leaves the sum exactly what the branchy loop gave.
-  qc_.push_back(0.0);  // a landing slot for the writes past the last covered position
   double q_unc = 0.0;
   for (std::size_t c = 0, p = 0; p < static_cast<std::size_t>(nq_); ++p) {
     const bool cov = c < nc && static_cast<std::size_t>(covered_[c]) == p;

@@ -305,6 +305,11 @@ struct ValueMemo {
   double value = NAN;
   bool valid = false;
   bool holds(const VectorXd& x) const { return valid && a.size() == x.size() && a == x; }
+  /// The memo if it holds x, else compute().
+  template <class Compute>
+  double at(const VectorXd& x, Compute compute) const {
+    return holds(x) ? value : compute();
+  }
   void set(const VectorXd& x, double v) {
     a = x;
     value = v;
@@ -336,7 +341,7 @@ class LogitModel {
   const VectorXd& alpha() const { return alpha_; }
   Index size() const { return static_cast<Index>(atoms_.size()); }
   /// KL(q_hat || f(alpha)) at the current alpha.
-  double kl() { return neg_h_ + (memo_.holds(alpha_) ? memo_.value : value()); }
+  double kl() { return neg_h_ + memo_.at(alpha_, [&] { return value(); }); }
   /// Objective (KL(q_hat || f) up to the constant sum q log q) at a; optional gradient and Hessian.
   double eval(const VectorXd& a, VectorXd* g, MatrixXd* H);
   double value() { return eval(alpha_, nullptr, nullptr); }
@@ -420,7 +425,7 @@ class MixtureModel {
   double kl() {
     double mass = 0.0;
     for (Index i = 0; i < size(); ++i) mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
-    return neg_h_ + (memo_.holds(alpha_) ? memo_.value : value()) - mass;
+    return neg_h_ + memo_.at(alpha_, [&] { return value(); }) - mass;
   }
   /// G(a) = -sum q log f + sum a_v total_v (its minimiser over a >= 0 lies on the simplex;
   /// on the simplex it equals KL(q_hat || f) - sum q log q + 1).  Without `with_value`

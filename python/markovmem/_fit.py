@@ -126,7 +126,7 @@ def _targets(P: TransitionMatrix, targets: Any, n_samples: Any) -> tuple[np.ndar
         _check_finite(data, indices, indptr)
         if data.min() < 0:
             k = int(np.argmin(data))
-            r = int(np.searchsorted(indptr, k, side="right") - 1)
+            r = _row_of(indptr, k)
             raise ValueError(f"targets row {r} holds a negative count ({data[k]}) at state {int(indices[k])}")
         # explicit zeros carry no information; drop them so they are not "observed"
         keep_rows = np.repeat(np.arange(m), np.diff(indptr))[nz]
@@ -135,7 +135,7 @@ def _targets(P: TransitionMatrix, targets: Any, n_samples: Any) -> tuple[np.ndar
         np.cumsum(np.bincount(keep_rows, minlength=m), out=indptr[1:])
     if indices.size and int(indices.max()) >= P.n_base:
         k = int(np.argmax(indices >= P.n_base))
-        r = int(np.searchsorted(indptr, k, side="right") - 1)
+        r = _row_of(indptr, k)
         raise IndexError(f"targets row {r} has a count on state {int(indices[k])}, outside the base states "
                          f"[0, n_base = {P.n_base})")
     empty = np.diff(indptr) == 0
@@ -160,12 +160,17 @@ def _targets(P: TransitionMatrix, targets: Any, n_samples: Any) -> tuple[np.ndar
     return indptr, indices, data, totals
 
 
+def _row_of(indptr: np.ndarray, k: int) -> int:
+    """The row of a CSR whose range holds entry k (for naming the row at fault)."""
+    return int(np.searchsorted(indptr, k, side="right") - 1)
+
+
 def _check_finite(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray) -> None:
     """ValueError naming the row and state of the first non-finite count, if any."""
     bad = ~np.isfinite(data)
     if bad.any():
         k = int(np.argmax(bad))
-        r = int(np.searchsorted(indptr, k, side="right") - 1)
+        r = _row_of(indptr, k)
         raise ValueError(f"targets row {r} holds a non-finite value ({data[k]}) at state {int(indices[k])}")
 
 
@@ -212,7 +217,7 @@ def _support(P: TransitionMatrix, support: Any, m: int) -> tuple[np.ndarray, np.
     if flat.size:
         bad = (flat < 0) | (flat >= P.n_states)
         if bad.any():
-            i = int(np.searchsorted(indptr, int(np.argmax(bad)), side="right") - 1)
+            i = _row_of(indptr, int(np.argmax(bad)))
             raise IndexError(f"support[{i}] holds a state outside [0, n_states = {P.n_states})")
         # sort within rows with one sort over (row, state) keys
         row_of = np.repeat(np.arange(m, dtype=np.int64), lens)
