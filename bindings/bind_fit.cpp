@@ -168,6 +168,10 @@ void bind_fit(py::module_& m) {
       py::arg("P"), py::arg("alpha_indptr").noconvert(), py::arg("alpha_indices").noconvert(),
       py::arg("alpha_values").noconvert(), py::arg("link"), py::arg("n_threads"),
       "Rows of f(alpha) over base states (CSR parts; the rest is tail).");
+  m.def("release_fit_workspaces", &release_fit_workspaces,
+        "Free the per-thread scratch the fit functions keep between calls.");
+  m.def("fit_workspaces_state", &fit_workspaces_state,
+        "(workspaces kept between fit calls, whether all are clean): for tests.");
 }
 
 }  // namespace markovmem::bindings

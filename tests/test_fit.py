@@ -580,6 +580,53 @@ def test_fixed_support_deterministic_whatever_the_thread_count(planted_P, link):
         np.testing.assert_array_equal(r.kl, runs[0].kl)
 
 
+def _fit_calls(P, counts, S):
+    """Every entry point that runs per-target work in the core, as f(n_threads) -> an array of its result."""
+    fit = mm.fit_alpha(P, counts, s=3, link="mixture")
+    return {
+        "logit selection + cv": lambda nt: mm.fit_alpha(P, counts, s=3, link="logit", n_threads=nt).alpha.data,
+        "logit within bound": lambda nt: mm.fit_alpha(P, counts, s=3, link="logit", cv_bound=False,
+                                                      n_threads=nt).alpha.data,
+        "mixture selection": lambda nt: mm.fit_alpha(P, counts, s=3, link="mixture", n_threads=nt).alpha.data,
+        "candidate ids": lambda nt: mm.fit_alpha(P, counts, s=3, link="mixture", candidates=np.arange(0, 1024, 2),
+                                                 n_threads=nt).kl,
+        "fixed logit": lambda nt: mm.fit_alpha(P, counts, support=S, link="logit", n_threads=nt).kl,
+        "fixed mixture": lambda nt: mm.fit_alpha(P, counts, support=S, link="mixture", n_threads=nt).kl,
+        "fixed from a fit": lambda nt: mm.fit_alpha(P, counts, support=fit, link="mixture", n_threads=nt).kl,
+        "closed form": lambda nt: mm.closed_form_alpha(P, counts, S, n_threads=nt).alpha.data,
+        "objective": lambda nt: objective(P, counts, fit.alpha, "logit", n_threads=nt)[1],
+        "predict": lambda nt: fit.predict(n_threads=nt).data,
+    }
+
+
+def test_fit_workspaces_are_kept_clean_and_reuse_gives_the_fresh_result(planted_P):
+    # The per-thread scratch outlives a call; every target must leave it as it found it,
+    # or the next call (another entry point, another thread count) would read stale state.
+    S, _, counts = planted(planted_P, 3, 600, 6, "logit", seed=21)
+    calls = _fit_calls(planted_P, counts, S)
+    fresh = {}
+    for name, call in calls.items():
+        planted_P.clear_cache()  # also frees the kept workspaces
+        assert mm._core.fit_workspaces_state() == (0, True)
+        fresh[name] = call(1)
+    for n_threads in (2, 1):
+        for name, call in calls.items():
+            again = call(n_threads)
+            kept, clean = mm._core.fit_workspaces_state()
+            assert kept >= 1, name
+            assert clean, f"{name} left its workspace dirty"
+            np.testing.assert_array_equal(again, fresh[name], err_msg=name)
+
+
+def test_a_cancelled_fit_returns_clean_workspaces(planted_P):
+    _, _, counts = planted(planted_P, 4, 800, 5, "logit", seed=6)
+    control = mm._core.FitControl()
+    control.cancel()
+    with pytest.raises(mm._core.FitCancelled):
+        mm._core.fit_alpha(*_core_args(planted_P, counts), control)
+    assert mm._core.fit_workspaces_state()[1]
+
+
 def test_seed_only_orders_the_swap_pass(planted_P):
     _, _, counts = planted(planted_P, 4, 800, 6, "mixture", seed=12)
     no_swap = [mm.fit_alpha(planted_P, counts, s=4, link="mixture", swap_passes=0, seed=sd) for sd in (0, 1, 99)]

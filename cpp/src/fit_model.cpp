@@ -190,6 +190,11 @@ double minimise_1d(Derivs derivs, double lo, double hi) {
 
 }  // namespace
 
+bool Workspace::clean() const {
+  auto all = [](const auto& v, auto x) { return std::all_of(v.begin(), v.end(), [x](auto y) { return y == x; }); };
+  return all(pos, -1) && all(q, 0.0) && all(acc, 0.0) && all(mark, 0) && all(bits, 0) && all(wpos, -1);
+}
+
 // ============================================================================ support rows
 void SupportRows::finish() {
   const std::size_t np = ptr.size() - 1;

@@ -266,6 +266,8 @@ struct Workspace {
   void clear_bit(StateIndex x) { bits[static_cast<std::size_t>(x) >> 6] &= ~(std::uint64_t{1} << (x & 63)); }
   /// pos[x] for a state with its bit set, -1 otherwise.
   std::int32_t pos_if_set(StateIndex x) const { return has(x) ? pos[static_cast<std::size_t>(x)] : -1; }
+  /// Whether every buffer is in its between-targets state (what each target must leave).
+  bool clean() const;
   void ensure(Index n_base, Index n_states) {
     if (static_cast<Index>(pos.size()) != n_base) {
       pos.assign(static_cast<std::size_t>(n_base), -1);

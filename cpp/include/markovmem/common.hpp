@@ -62,13 +62,16 @@ int resolve_threads(int n_threads) noexcept;
 /// rethrown after the join (nothing may propagate out of the region itself).
 class ExceptionCollector {
  public:
+  /// Runs f; false if it threw (the first exception of all runs is kept).
   template <class F>
-  void run(F&& f) noexcept {
+  bool run(F&& f) noexcept {
     try {
       f();
+      return true;
     } catch (...) {
       std::lock_guard<std::mutex> lock(mutex_);
       if (!first_) first_ = std::current_exception();
+      return false;
     }
   }
   void rethrow() const {
