@@ -102,7 +102,8 @@ void check_targets(const TransitionMatrix& P, const TargetsView& targets);
 /// selections on half the counts, and a refit when a smaller radius wins).
 /// Parallel over targets (OpenMP); results do not depend on the thread count.
 /// Memory: O(nnz(P)) for the CSC (kept with P, see TransitionMatrix::derived, unless
-/// opts.allowed restricts the atoms) plus O(n_states) per thread.
+/// opts.allowed restricts the atoms) plus O(n_states) per thread, kept for the next
+/// call (see release_fit_workspaces).
 AlphaResult fit_alpha(const TransitionMatrix& P, const TargetsView& targets, const FitOptions& opts);
 
 /// Fit on a fixed support per row (no selection): Newton (logit, ball constraint)
