@@ -25,7 +25,7 @@ class NearestRowsFit:
     """Hand-made stand-in for AlphaFit: alpha spreads 1/s over the s rows of P
     closest to q_hat in KL.  Same shapes as the real thing: alpha (m, n_states) CSR."""
 
-    def __init__(self, P, counts, s=2, link="logit", progress=True):
+    def __init__(self, P, counts, s=2, link="logit", bound=10.0, progress=True):
         dense = P.to_dense()
         q = counts.toarray()
         q = q / q.sum(1, keepdims=True)
@@ -73,7 +73,7 @@ def test_learn_tokens_with_a_stand_in_fit(monkeypatch):
     assert result.report.ok and result.report.n_contexts > 0
     assert result.config.s == 2 and result.config.top_k == 8
     assert llm.get_expansion(model).alpha is result.alpha
-    assert result.fit.alpha is not None and result.choices == [("mixture", 2)]
+    assert result.fit.alpha is not None and result.choices == [("logit", 2)]
     (rep,) = result.tokens_report
     assert rep.n_contexts == 24 and rep.token == "glorp" and np.isfinite(rep.heldout_loss)
     (name, weight), = result.decomposition(tok, top=1)["glorp"][:1]
@@ -113,4 +113,4 @@ def test_config_validation():
         llm.LearnTokensConfig(link="linear")
     with pytest.raises(ValueError, match="tune_steps is -1"):
         llm.LearnTokensConfig(tune_steps=-1)
-    assert llm.LearnTokensConfig().to_dict()["s"] == 2
+    assert llm.LearnTokensConfig().to_dict()["s"] == 1

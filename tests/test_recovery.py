@@ -74,6 +74,6 @@ def test_empty_corpus_and_absent_tokens_are_named():
     with pytest.raises(ValueError, match="corpus is empty"):
         llm.learn_tokens(model, tok, ["glorp"], texts, corpus=["", "  "], progress=False)
     assert llm.get_expansion(model) is None
-    with pytest.warns(mm.SampleSizeWarning, match="'glorp' has 6 for s = 2"):
+    with pytest.warns(mm.SampleSizeWarning, match="'glorp' has 6 for s = 1"):
         result = llm.learn_tokens(model, tok, ["glorp"], texts, tune_steps=0, progress=False)
     assert result.tokens_report[0].few_contexts

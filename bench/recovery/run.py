@@ -40,22 +40,25 @@ SINGLE = [("glorp", "Lily"), ("zorp", "said"), ("blick", "saw"), ("wug", "play")
 BLENDS = [("vren", ("he", "she")), ("drazzle", ("his", "her")), ("yurk", ("was", "had")),
           ("mibble", ("it", "that")), ("splonk", ("to", "for")), ("jeck", ("in", "on"))]
 
-#: learn_tokens settings compared; "default" is whatever learn_tokens does with no options.
+#: learn_tokens settings compared, each on top of the defaults; "default" is whatever learn_tokens does
+#: with no options, "token+logit s16 bound10" the defaults before the corpus dictionary.
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "token+logit s16": {"distill_mode": "token", "link": "logit", "s": 16},
-    "corpus+mixture s16": {"distill_mode": "corpus", "link": "mixture", "s": 16},
-    "corpus+mixture s4": {"distill_mode": "corpus", "link": "mixture", "s": 4},
-    "corpus+logit s16": {"distill_mode": "corpus", "link": "logit", "s": 16},
-    "corpus+logit s4": {"distill_mode": "corpus", "link": "logit", "s": 4},
-    "corpus+logit s4 bound1": {"distill_mode": "corpus", "link": "logit", "s": 4, "bound": 1.0},
-    "corpus+mixture s16 unigram": {"distill_mode": "corpus", "link": "mixture", "s": 16, "fallback": "unigram"},
-    "corpus+mixture s16 shrink0": {"distill_mode": "corpus", "link": "mixture", "s": 16, "fallback": "none"},
-    "corpus+mixture s16 shrink10": {"distill_mode": "corpus", "link": "mixture", "s": 16, "shrinkage": 10.0},
-    "corpus+mixture s1": {"distill_mode": "corpus", "link": "mixture", "s": 1},
-    "corpus+mixture s2": {"distill_mode": "corpus", "link": "mixture", "s": 2},
-    "corpus+mixture s8": {"distill_mode": "corpus", "link": "mixture", "s": 8},
-    "corpus+auto": {"distill_mode": "corpus", "link": "auto"},
+    "token+logit s16 bound10": {"distill_mode": "token", "link": "logit", "s": 16, "bound": 10.0},
+    "logit s2 bound1": {"link": "logit", "s": 2, "bound": 1.0},
+    "logit s4 bound1": {"link": "logit", "s": 4, "bound": 1.0},
+    "logit s16 bound1": {"link": "logit", "s": 16, "bound": 1.0},
+    "logit s4 bound2": {"link": "logit", "s": 4, "bound": 2.0},
+    "logit s4 bound10": {"link": "logit", "s": 4, "bound": 10.0},
+    "logit s16 bound10": {"link": "logit", "s": 16, "bound": 10.0},
+    "mixture s1": {"link": "mixture", "s": 1},
+    "mixture s2": {"link": "mixture", "s": 2},
+    "mixture s4": {"link": "mixture", "s": 4},
+    "mixture s16": {"link": "mixture", "s": 16},
+    "auto": {"link": "auto"},
+    "fallback unigram": {"fallback": "unigram"},
+    "fallback none": {"fallback": "none"},
+    "shrinkage 10": {"shrinkage": 10.0},
 }
 INITS = ("alpha", "mean", "subword", "oracle")
 
