@@ -25,17 +25,28 @@ using Metadata = std::vector<std::pair<std::string, std::string>>;
 /// Throws IoError on any OS failure.
 void save(const TransitionMatrix& P, const std::string& path, const Metadata& extra = {});
 
+/// __metadata__ key of the metadata fingerprint that save() writes: metadata_fingerprint()
+/// of every other __metadata__ entry.  Files written before it existed do not have it.
+inline constexpr const char* kMetadataFingerprintKey = "markovmem.metadata_fingerprint";
+
+/// Stable hash (16 hex digits, XXH64) of a set of metadata entries, whatever their order.
+std::string metadata_fingerprint(const Metadata& entries);
+
 /// Result of load(): the matrix (viewing the mapping or an owned buffer) and all metadata.
 struct Loaded {
   TransitionMatrix matrix;
   Metadata metadata;
+  /// verify checked the metadata against its stored fingerprint (false without verify,
+  /// or for a file written before the metadata fingerprint existed).
+  bool metadata_verified = false;
 };
 
 /// Reads a file written by save().  With use_mmap the arrays view a read-only
 /// private mapping (no copy); otherwise the file is read into memory.  Every
 /// size, offset, dtype and alignment is checked, then the CSR structure
 /// (check_rows), so no file can make later calls read out of bounds.  With
-/// verify, values and tails are checked too and the stored fingerprint must match.
+/// verify, values and tails are checked too and the stored fingerprint must match, and
+/// so must the metadata fingerprint when the file has one.
 /// Throws IoError (OS errors), std::invalid_argument (malformed or corrupt file).
 /// The mapping assumes the file is not truncated by another process while in use.
 Loaded load(const std::string& path, bool use_mmap, bool verify, int n_threads = 0);
