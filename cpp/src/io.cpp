@@ -38,8 +38,10 @@ bool little_endian() {
 // Header bytes beyond this are refused (the safetensors reference uses 100 MB).
 constexpr std::uint64_t kMaxHeader = 100ull << 20;
 // Entries (object members and array elements, over the whole header) beyond this are
-// refused: a matrix file needs 20 plus one per user metadata key.
+// refused: a matrix file has 36 plus one per user metadata key.
 constexpr std::size_t kMaxHeaderEntries = 65536;
+// User metadata entries save() accepts (what load() reads back, with room to spare).
+constexpr std::size_t kMaxUserMetadata = kMaxHeaderEntries - 64;
 // Nesting beyond this is refused (a matrix file nests 3 levels).
 constexpr int kMaxHeaderDepth = 8;
 
@@ -521,6 +523,9 @@ void save(const TransitionMatrix& P, const std::string& path, const Metadata& ex
                    {"nnz", std::to_string(nnz)},
                    {"fingerprint", P.fingerprint()}};
   const std::size_t n_ours = meta.size();
+  if (extra.size() > kMaxUserMetadata)
+    throw std::invalid_argument("metadata has " + std::to_string(extra.size()) + " entries; a file holds at most " +
+                                std::to_string(kMaxUserMetadata));
   for (const auto& kv : extra) {
     if (!valid_utf8(kv.first) || !valid_utf8(kv.second))
       throw std::invalid_argument(printable("metadata key '" + kv.first + "' or its value is not valid UTF-8"));
