@@ -123,6 +123,7 @@ CASES: list[tuple[str, str, str | None]] = [
     ("load-non-utf8-corrupt",
      "p = os.fsencode(TMP) + b'/bad-\\xff.safetensors'\nopen(p, 'wb').write(b'not a matrix file')\n"
      "mm.TransitionMatrix.load(p)", "ValueError"),
+    ("load-null-byte", "mm.TransitionMatrix.load(GOOD + '\\0.bak')", "ValueError"),
     ("save-non-utf8-missing-dir", "P.save(os.fsencode(TMP) + b'/\\xff/x.safetensors')", "FileNotFoundError"),
     # -- lax coercions: floats are not truncated, bools are not ids or sizes, strings not numbers (item 14)
     ("from_scipy-n_base-float", "mm.TransitionMatrix.from_scipy(np.eye(3), n_base=2.5)", "TypeError"),

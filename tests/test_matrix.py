@@ -684,7 +684,7 @@ def test_from_sequences_rejects(seqs, kwargs, exc, match):
         (lambda P: P.step(np.ones(3)), ValueError, r"distribution has shape \(3,\); expected \(4,\)"),
         (lambda P: P.step(np.array([np.nan, 0, 0, 0])), ValueError, "distribution has non-finite entries"),
         (lambda P: P.step(np.array([np.inf, 0, 0, 0])), ValueError, "non-finite"),
-        (lambda P: P.sample(0, 0), ValueError, "length is 0; expected >= 1"),
+        (lambda P: P.sample(0, 0), ValueError, "length is 0; expected an integer >= 1"),
         (lambda P: P.sample(9, 3), IndexError, "start = 9 is out of range"),
         (lambda P: P.perplexity([[0], [1]]), ValueError, "sequences hold no transition"),
         (lambda P: P.perplexity([]), ValueError, "sequences is empty"),

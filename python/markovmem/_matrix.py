@@ -56,6 +56,15 @@ def _as_int32_ids(values: Any, name: str, upper: int) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
+def _fs_path(path: Any) -> bytes:
+    """``path`` (str, bytes or os.PathLike) as the bytes the OS sees; a str need not be UTF-8
+    encodable (os.fsencode undoes the surrogate escapes of os.fsdecode)."""
+    raw = os.fsencode(path)
+    if b"\0" in raw:
+        raise ValueError(f"path {os.fsdecode(raw)!r} contains a null byte")
+    return raw
+
+
 def _tol(tol: float) -> float:
     tol = real(tol, "tol")
     if not (np.isfinite(tol) and tol >= 0.0):
@@ -381,7 +390,7 @@ class TransitionMatrix:
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"metadata must map str to str; got {k!r}: {v!r}")
             extra.append((k, v))
-        _core.save(self._m, os.fsencode(path), extra)
+        _core.save(self._m, _fs_path(path), extra)
 
     @classmethod
     def load(
@@ -432,7 +441,7 @@ class TransitionMatrix:
         ValueError, InvariantError
             The file is not a valid markovmem matrix (the message names it).
         """
-        core, meta, metadata_verified = _core.load(os.fsencode(path), bool(mmap), bool(verify), _threads(n_threads))
+        core, meta, metadata_verified = _core.load(_fs_path(path), bool(mmap), bool(verify), _threads(n_threads))
         if verify and not metadata_verified:
             warnings.warn(
                 f"{os.fsdecode(path)!r} has no metadata fingerprint (written by an earlier markovmem): verify=True "

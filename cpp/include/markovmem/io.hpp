@@ -30,7 +30,8 @@ void save(const TransitionMatrix& P, const std::string& path, const Metadata& ex
 /// of every other __metadata__ entry.  Files written before it existed do not have it.
 inline constexpr const char* kMetadataFingerprintKey = "markovmem.metadata_fingerprint";
 
-/// Stable hash (16 hex digits, XXH64) of a set of metadata entries, whatever their order.
+/// Stable hash (16 hex digits, XXH64) of a set of metadata entries, whatever their order,
+/// leaving out an entry under kMetadataFingerprintKey.  Keys must be unique.
 std::string metadata_fingerprint(const Metadata& entries);
 
 /// Result of load(): the matrix (viewing the mapping or an owned buffer) and all metadata.
