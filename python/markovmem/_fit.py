@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import _core
+from ._checks import integer, real
 from ._matrix import TransitionMatrix, _threads
 
 __all__ = ["AlphaFit", "closed_form_alpha", "fit_alpha"]
@@ -456,21 +457,21 @@ def fit_alpha(
     """
     _check_matrix(P)
     lk = _link(link)
-    if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s <= 0:
-        raise ValueError(f"s is {s!r}; expected an integer >= 1")
-    bound = float(bound)
+    s = integer(s, "s", low=1)
+    bound = real(bound, "bound")
     if not bound > 0:
         raise ValueError(f"bound is {bound}; expected > 0")
-    if int(max_iter) < 1:
-        raise ValueError(f"max_iter is {max_iter}; expected >= 1")
-    if not float(tol) >= 0:
+    max_iter = integer(max_iter, "max_iter", low=1)
+    tol = real(tol, "tol")
+    if not tol >= 0:
         raise ValueError(f"tol is {tol}; expected >= 0")
+    seed = integer(seed, "seed")
     indptr, indices, data, totals = _targets(P, targets, n_samples)
     m = len(indptr) - 1
     if support is not None:
         sp_ip, sp_ix = _support(P, support, m)
         res = _run_rows(lambda control: _core.fit_on_support(
-            P._m, indptr, indices, data, sp_ip, sp_ix, None, lk, bound, int(max_iter), float(tol),
+            P._m, indptr, indices, data, sp_ip, sp_ix, None, lk, bound, max_iter, tol,
             _threads(n_threads), control), m, progress, f"fit_alpha ({link}, fixed support)", _WORKER_ROWS["fixed"])
         return _make_fit(P, res, link, totals)
     n_cand = 0
@@ -489,13 +490,14 @@ def fit_alpha(
             if ids.min() < 0 or ids.max() >= P.n_states:
                 raise IndexError(f"candidates holds a state outside [0, n_states = {P.n_states})")
             allowed = np.ascontiguousarray(np.unique(ids), dtype=np.int32)
-    if oversize is not None and not float(oversize) >= 1:
-        raise ValueError(f"oversize is {oversize}; expected >= 1")
-    if int(swap_passes) < 0:
-        raise ValueError(f"swap_passes is {swap_passes}; expected >= 0")
+    if oversize is not None:
+        oversize = real(oversize, "oversize")
+        if not oversize >= 1:
+            raise ValueError(f"oversize is {oversize}; expected >= 1")
+    swap_passes = integer(swap_passes, "swap_passes", low=0)
     res = _run_rows(lambda control: _core.fit_alpha(
-        P._m, indptr, indices, data, lk, int(s), bound, n_cand, 0.0 if oversize is None else float(oversize),
-        int(swap_passes), int(max_iter), float(tol), _threads(n_threads), int(seed) & (2**64 - 1), allowed,
+        P._m, indptr, indices, data, lk, s, bound, n_cand, 0.0 if oversize is None else oversize,
+        swap_passes, max_iter, tol, _threads(n_threads), seed & (2**64 - 1), allowed,
         bool(cv_bound), control), m, progress, f"fit_alpha ({link}, s = {s})", _WORKER_ROWS[link])
     fit = _make_fit(P, res, link, totals)
     short = fit.n_candidates < s
