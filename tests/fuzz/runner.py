@@ -1,0 +1,168 @@
+"""Drives the fuzz worker: hypothesis draws mutants of the seed files, the persistent
+worker loads each one, and a death by signal or a hang over ``HANG_SECONDS`` is recorded
+as a failure naming the mutant (saved for reproduction); the worker is then restarted."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+
+from . import mutants
+
+HANG_SECONDS = 20.0
+#: Worker start-up (imports torch and transformers, builds the tiny bases).
+START_SECONDS = 180.0
+FORMATS = ("matrix", "expansion")
+
+
+class Worker:
+    """One ``worker.py`` subprocess, restarted after it dies or hangs."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.starts = 0
+
+    def _start(self) -> None:
+        self.starts += 1
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        self.stderr = open(self.workdir / f"worker-{self.starts}.stderr", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("worker.py"))], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env, cwd=self.workdir)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
+        answer = self._ask({"kind": "ping"}, START_SECONDS)
+        if answer.get("pong") is not True:
+            raise RuntimeError(f"the fuzz worker did not start: {answer}; see {self.stderr.name}")
+
+    @staticmethod
+    def _read(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    def _ask(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            self.stop()
+            return {"hang": True}
+        if line is None:
+            rc = self.proc.wait(timeout=30)
+            self.proc = None
+            return {"died": rc}
+        return json.loads(line)
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.proc is None:
+            self._start()
+        return self._ask(request, HANG_SECONDS)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()  # our own child, by its handle
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+
+@dataclass
+class Stats:
+    """Figures of one fuzz run of one format."""
+
+    fmt: str
+    mutants: int = 0
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    signals: list[str] = field(default_factory=list)
+    hangs: list[str] = field(default_factory=list)
+    exits: list[str] = field(default_factory=list)
+    dirty: list[str] = field(default_factory=list)
+    late: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[str]:
+        return self.signals + self.hangs + self.exits + self.dirty + self.late
+
+    def report(self) -> str:
+        lines = [f"{self.fmt}: {self.mutants} mutants",
+                 "  outcomes (per load/stage): " + ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items())),
+                 f"  signals {len(self.signals)}, hangs {len(self.hangs)}, other worker exits {len(self.exits)}"]
+        if self.fmt == "expansion":
+            lines.append(f"  failed loads that changed the model or tokenizer {len(self.dirty)}, "
+                         f"loads accepted that then failed to use or save {len(self.late)}")
+        lines += [f"  FAILURE {f}" for f in self.failures[:20]]
+        return "\n".join(lines)
+
+
+def fuzz(fmt: str, n: int, workdir: Path, keep: Path, worker: Worker, *, seed_value: int | None = None,
+         progress: bool = False) -> Stats:
+    """Try ``n`` hypothesis-drawn mutants of the ``fmt`` seeds; failing mutants are copied to ``keep``."""
+    seeds = mutants.matrix_seeds(workdir) if fmt == "matrix" else mutants.expansion_seeds(workdir)
+    stats = Stats(fmt)
+    target = workdir / f"mutant-{fmt}.safetensors"
+    out = workdir / f"resaved-{fmt}.safetensors"
+    keep.mkdir(parents=True, exist_ok=True)
+
+    def record(kind: list[str], data: bytes, what: str) -> None:
+        saved = keep / f"{fmt}-{stats.mutants}.safetensors"
+        saved.write_bytes(data)
+        kind.append(f"{what} (mutant saved to {saved})")
+
+    @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck), derandomize=seed_value is None)
+    @given(data=st.data())
+    def one(data: Any) -> None:
+        name = data.draw(st.sampled_from(sorted(seeds)))
+        mutant, how = data.draw(mutants.mutation(seeds[name], resignable=fmt == "expansion"))
+        target.write_bytes(mutant)
+        request: dict[str, Any] = {"kind": fmt, "path": str(target)}
+        if fmt == "expansion":
+            request.update(arch=name, out=str(out))
+        answer = worker.ask(request)
+        stats.mutants += 1
+        what = f"{fmt} seed {name}, {how}"
+        if "hang" in answer:
+            record(stats.hangs, mutant, f"hang over {HANG_SECONDS:.0f} s: {what}")
+        elif "died" in answer:
+            rc = answer["died"]
+            record(stats.signals if rc < 0 else stats.exits, mutant, f"worker exit status {rc}: {what}")
+        else:
+            for stage, outcome in answer["outcomes"].items():
+                stats.outcomes[f"{stage if fmt == 'expansion' else 'load'}: {outcome}"] += 1
+            if answer.get("dirty"):
+                record(stats.dirty, mutant, f"failed load changed the model or tokenizer: {what}")
+            if fmt == "expansion" and len(answer["outcomes"]) > 1:
+                record(stats.late, mutant, f"accepted, then {answer['outcomes']}: {what}: {answer.get('message')}")
+            if fmt == "expansion" and answer["outcomes"]["load"] not in ("ok", "ValueError"):
+                record(stats.late, mutant, f"load raised {answer['outcomes']['load']}, not ValueError: {what}: "
+                       f"{answer.get('message')}")
+        if progress and stats.mutants % 500 == 0:
+            print(f"  {fmt}: {stats.mutants} mutants, {len(stats.failures)} failures", flush=True)
+
+    if seed_value is not None:
+        one = seed(seed_value)(one)
+    one()
+    for path in (target, out):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(workdir / "__pycache__", ignore_errors=True)
+    return stats
