@@ -115,9 +115,14 @@ class Stats:
 
 
 def fuzz(fmt: str, n: int, workdir: Path, keep: Path, worker: Worker, *, seed_value: int | None = None,
-         progress: bool = False) -> Stats:
-    """Try ``n`` hypothesis-drawn mutants of the ``fmt`` seeds; failing mutants are copied to ``keep``."""
+         progress: bool = False, only: list[str] | None = None) -> Stats:
+    """Try ``n`` hypothesis-drawn mutants of the ``fmt`` seeds (those named in ``only``, default all);
+    failing mutants are copied to ``keep``."""
     seeds = mutants.matrix_seeds(workdir) if fmt == "matrix" else mutants.expansion_seeds(workdir)
+    if only:
+        seeds = {k: v for k, v in seeds.items() if k in only}
+        if not seeds:
+            raise ValueError(f"no {fmt} seed among {only}")
     stats = Stats(fmt)
     target = workdir / f"mutant-{fmt}.safetensors"
     out = workdir / f"resaved-{fmt}.safetensors"
@@ -137,7 +142,7 @@ def fuzz(fmt: str, n: int, workdir: Path, keep: Path, worker: Worker, *, seed_va
         target.write_bytes(mutant)
         request: dict[str, Any] = {"kind": fmt, "path": str(target)}
         if fmt == "expansion":
-            request.update(arch=name, out=str(out))
+            request.update(arch=name.split("-")[0], out=str(out))
         answer = worker.ask(request)
         stats.mutants += 1
         what = f"{fmt} seed {name}, {how}"

@@ -78,6 +78,12 @@ class ExpansionRunner:
 
 
 def main() -> int:
+    source = os.environ.get("MARKOVMEM_FUZZ_SOURCE")
+    if source:
+        # Fuzz another copy of the package (e.g. an older version's python/ directory holding a
+        # built _core): drop the editable install's finder so that copy is the one imported.
+        sys.meta_path[:] = [f for f in sys.meta_path if "_editable" not in type(f).__module__]
+        sys.path.insert(0, source)
     # Replies go to the original stdout; anything else printed goes to stderr.
     reply = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     sys.stdout = sys.stderr
