@@ -158,7 +158,7 @@ def fuzz(fmt: str, n: int, workdir: Path, keep: Path, worker: Worker, *, seed_va
                 record(stats.dirty, mutant, f"failed load changed the model or tokenizer: {what}")
             if fmt == "expansion" and len(answer["outcomes"]) > 1:
                 record(stats.late, mutant, f"accepted, then {answer['outcomes']}: {what}: {answer.get('message')}")
-            if fmt == "expansion" and answer["outcomes"]["load"] not in ("ok", "ValueError"):
+            if fmt == "expansion" and answer["outcomes"]["load"] != "ok" and not answer.get("value_error"):
                 record(stats.late, mutant, f"load raised {answer['outcomes']['load']}, not ValueError: {what}: "
                        f"{answer.get('message')}")
         if progress and stats.mutants % 500 == 0:

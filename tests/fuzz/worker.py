@@ -62,7 +62,8 @@ class ExpansionRunner:
         except Exception as exc:
             after = (llm.base_fingerprint(model), sorted(model.state_dict()), tok.get_vocab(), len(tok))
             dirty = after != before or llm.get_expansion(model) is not None
-            return {"outcomes": {"load": type(exc).__name__}, "dirty": dirty, "message": str(exc)[:300]}
+            return {"outcomes": {"load": type(exc).__name__}, "dirty": dirty, "message": str(exc)[:300],
+                    "value_error": isinstance(exc, ValueError)}
         state = llm.get_expansion(model)
         stage = "use"
         try:

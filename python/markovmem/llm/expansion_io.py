@@ -20,17 +20,17 @@ from .model import (
     _model_n_base,
     _require_expansion,
     _text_config,
+    _tokenizer_transaction,
     add_tokens,
     base_fingerprint,
     get_expansion,
     remove_expansion,
-    tokenizer_transaction,
 )
 
 __all__ = ["export_merged", "load_expansion", "save_expansion"]
 
 _FORMAT = "markovmem-expansion"
-#: Version 2 added the content fingerprint; version 1 files (none) still load.
+#: Version 2 added the content fingerprint; version 1 files, written without one, still load.
 _VERSION = "2"
 _READABLE = ("1", "2")
 #: Metadata key of the content fingerprint (blake2b over every tensor and the other metadata).
@@ -377,7 +377,7 @@ def load_expansion(base_model: nn.Module, tokenizer: Any, path: str | os.PathLik
     if exp.output_rows is not None and exp.output_rows.shape[1] != out_features:
         raise ValueError(f"{where}: tensor 'output_rows' has width {exp.output_rows.shape[1]}; the model's output "
                          f"head takes {out_features}")
-    with tokenizer_transaction(tokenizer):
+    with _tokenizer_transaction(tokenizer):
         ids = add_tokens(base_model, tokenizer, exp.tokens, embeddings=exp.rows, block_output=exp.block_output,
                          output_embeddings=exp.output_rows, allow_shadowing=allow_shadowing)
         try:

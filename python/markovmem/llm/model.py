@@ -32,7 +32,6 @@ __all__ = [
     "get_expansion",
     "remove_expansion",
     "set_embeddings",
-    "tokenizer_transaction",
 ]
 
 #: Attribute of the transformers model that holds its MarkovMemModel.
@@ -404,7 +403,7 @@ def _prepare_tokenizer(tokenizer: Any, tokens: Sequence[str], first_id: int, n_b
 
 
 @contextlib.contextmanager
-def tokenizer_transaction(tokenizer: Any) -> Iterator[None]:
+def _tokenizer_transaction(tokenizer: Any) -> Iterator[None]:
     """Context that puts ``tokenizer`` back as it was if the block raises.
 
     Tokens added to a transformers tokenizer cannot be removed, so the state
@@ -579,7 +578,7 @@ def add_tokens(
         if config.block_output:
             raise ValueError("output_embeddings needs block_output=False (blocked tokens have no output rows)")
         out_rows = _as_rows(output_embeddings, (m, out_layer.in_features), out_layer.weight, "output_embeddings")
-    with tokenizer_transaction(tokenizer):
+    with _tokenizer_transaction(tokenizer):
         already = _prepare_tokenizer(tokenizer, config.tokens, first_id, n_base, config.pad_tokenizer,
                                      state is not None)
         if not already:
