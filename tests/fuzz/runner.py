@@ -30,13 +30,23 @@ FORMATS = ("matrix", "expansion")
 class Worker:
     """One ``worker.py`` subprocess, restarted after it dies or hangs."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, hang_seconds: float = HANG_SECONDS) -> None:
         self.workdir = workdir
+        self.hang_seconds = hang_seconds
         self.proc: subprocess.Popen[str] | None = None
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.starts = 0
+        self.stderr: Any = None
+        #: Formats whose set-up (torch import, tiny bases) a fresh worker does before timing starts.
+        self.formats: set[str] = set()
+
+    def _close_log(self) -> None:
+        if self.stderr is not None:
+            self.stderr.close()
+            self.stderr = None
 
     def _start(self) -> None:
+        self._close_log()
         self.starts += 1
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         self.stderr = open(self.workdir / f"worker-{self.starts}.stderr", "w")
@@ -44,10 +54,12 @@ class Worker:
             [sys.executable, str(Path(__file__).with_name("worker.py"))], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env, cwd=self.workdir)
         self.lines = queue.Queue()
-        threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
-        answer = self._ask({"kind": "ping"}, START_SECONDS)
-        if answer.get("pong") is not True:
-            raise RuntimeError(f"the fuzz worker did not start: {answer}; see {self.stderr.name}")
+        self.reader = threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True)
+        self.reader.start()
+        for request in [{"kind": "ping"}] + [{"kind": "warm", "fmt": f} for f in sorted(self.formats)]:
+            answer = self._ask(request, START_SECONDS)
+            if answer.get("pong") is not True:
+                raise RuntimeError(f"the fuzz worker did not start: {answer}; see {self.stderr.name}")
 
     @staticmethod
     def _read(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
@@ -70,20 +82,37 @@ class Worker:
             return {"hang": True}
         if line is None:
             rc = self.proc.wait(timeout=30)
-            self.proc = None
+            self._reap()
             return {"died": rc}
         return json.loads(line)
 
     def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request["kind"] in FORMATS and request["kind"] not in self.formats:
+            self.formats.add(request["kind"])
+            if self.proc is not None:
+                self._ask({"kind": "warm", "fmt": request["kind"]}, START_SECONDS)
         if self.proc is None:
             self._start()
-        return self._ask(request, HANG_SECONDS)
+        return self._ask(request, self.hang_seconds)
+
+    def _reap(self) -> None:
+        """Close the pipes of the (dead) worker once its reader saw the end of its output."""
+        assert self.proc is not None
+        self.reader.join(timeout=30)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except BrokenPipeError:  # unflushed request to a dead worker
+                    pass
+        self.proc = None
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.kill()  # our own child, by its handle
             self.proc.wait(timeout=30)
-            self.proc = None
+            self._reap()
+        self._close_log()
 
 
 @dataclass
@@ -147,7 +176,7 @@ def fuzz(fmt: str, n: int, workdir: Path, keep: Path, worker: Worker, *, seed_va
         stats.mutants += 1
         what = f"{fmt} seed {name}, {how}"
         if "hang" in answer:
-            record(stats.hangs, mutant, f"hang over {HANG_SECONDS:.0f} s: {what}")
+            record(stats.hangs, mutant, f"hang over {worker.hang_seconds:.0f} s: {what}")
         elif "died" in answer:
             rc = answer["died"]
             record(stats.signals if rc < 0 else stats.exits, mutant, f"worker exit status {rc}: {what}")

@@ -33,3 +33,14 @@ def test_mutants_never_crash_or_hang(fmt, worker, tmp_path):
     # The mutants reached the checks: most loads were refused, and some mutants still loaded.
     refused = sum(v for k, v in stats.outcomes.items() if not k.endswith(": ok"))
     assert refused > stats.mutants / 2, stats.report()
+
+
+def test_the_harness_sees_a_signal_and_a_hang(tmp_path):
+    w = Worker(tmp_path, hang_seconds=2.0)
+    try:
+        assert w.ask({"kind": "selftest", "what": "signal"}) == {"died": -11}
+        assert w.ask({"kind": "selftest", "what": "hang"}) == {"hang": True}
+        assert w.ask({"kind": "ping"}) == {"pong": True}
+        assert w.starts == 3
+    finally:
+        w.stop()

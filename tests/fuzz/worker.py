@@ -13,7 +13,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +48,24 @@ def run_matrix(path: str) -> dict[str, Any]:
 
 
 class ExpansionRunner:
+    """Builds the tiny bases on first use, so a worker fuzzing matrices never imports torch."""
+
     def __init__(self) -> None:
-        self.bases = {arch: mutants.expansion_base(arch) for arch in mutants.EXPANSION_BASES}
+        self.bases: dict[str, Any] = {}
+
+    def warm(self) -> None:
+        import torch
+
+        from markovmem import llm  # noqa: F401  (imports transformers)
+
+        if not self.bases:
+            torch.set_num_threads(1)
+            self.bases = {a: mutants.expansion_base(a) for a in mutants.EXPANSION_BASES}
 
     def __call__(self, path: str, arch: str, out: str) -> dict[str, Any]:
         import torch
+
+        self.warm()
 
         from markovmem import llm
         from markovmem.llm.testing import tiny_tokenizer
@@ -88,14 +103,19 @@ def main() -> int:
     # Replies go to the original stdout; anything else printed goes to stderr.
     reply = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     sys.stdout = sys.stderr
-    import torch
-
-    torch.set_num_threads(1)
     expansion = ExpansionRunner()
     for line in sys.stdin:
         request = json.loads(line)
         if request["kind"] == "ping":
             answer: dict[str, Any] = {"pong": True}
+        elif request["kind"] == "warm":
+            if request["fmt"] == "expansion":
+                expansion.warm()
+            answer = {"pong": True}
+        elif request["kind"] == "selftest":  # lets the harness's own test see a crash and a hang
+            if request["what"] == "signal":
+                os.kill(os.getpid(), signal.SIGSEGV)
+            time.sleep(3600)
         elif request["kind"] == "matrix":
             answer = run_matrix(request["path"])
         else:
