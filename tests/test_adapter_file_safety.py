@@ -133,6 +133,15 @@ def test_corrupt_field_raises_value_error_naming_file_and_field(saved, tmp_path,
     assert_unchanged(before, model, tok)
 
 
+@pytest.mark.parametrize("shape", [[0, 2**63], [-1, 2], [2.0, 32], [1] * 9], ids=str)
+def test_header_shapes_torch_cannot_hold_are_refused(tmp_path, shape):
+    header = json.dumps({"input_rows": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}).encode()
+    path = tmp_path / "shape.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ValueError, match="tensor 'input_rows' has shape"):
+        expansion_io.read_expansion(path)
+
+
 def test_output_rows_of_a_blocked_expansion_are_refused(tmp_path):
     base, model, tok = expanded(block_output=True, tied=False, arch="qwen2")
     path = tmp_path / "e.safetensors"

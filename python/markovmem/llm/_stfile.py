@@ -88,8 +88,9 @@ def parse(data: bytes, where: str) -> StFile:
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in DTYPES:
             raise ValueError(f"{field} has dtype {dtype!r:.50}; expected one of {sorted(DTYPES)}")
-        if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(s) and s >= 0 for s in shape):
-            raise ValueError(f"{field} has shape {shape!r:.100}; expected a list of at most 8 non-negative ints")
+        # Sizes stay below 2**62 so torch (int64 sizes) never sees an overflowing dimension.
+        if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(s) and 0 <= s < 2**62 for s in shape):
+            raise ValueError(f"{field} has shape {shape!r:.100}; expected a list of at most 8 ints in [0, 2**62)")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1] <= len(body)):
             raise ValueError(f"{field} has data_offsets {offsets!r:.100}; expected [begin, end] "
