@@ -107,7 +107,7 @@ def test_learn_tokens_needs_fit_alpha(monkeypatch):
 def test_config_validation():
     with pytest.raises(ValueError, match="init is 'best'"):
         llm.MarkovMemConfig(tokens=["a"], init="best")
-    with pytest.raises(ValueError, match="not the string"):
+    with pytest.raises(TypeError, match="not the string"):
         llm.MarkovMemConfig(tokens="glorp")
     with pytest.raises(ValueError, match="link is 'linear'"):
         llm.LearnTokensConfig(link="linear")

@@ -59,11 +59,14 @@ class MarkovMemConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' init."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.tokens, str):
-            raise ValueError(f"tokens must be a list of strings, not the string {self.tokens!r}")
+        if isinstance(self.tokens, (str, bytes)):
+            # A string is a sequence of characters: refuse it rather than add one token per character.
+            raise TypeError(f"tokens must be a list of strings, not the string {self.tokens!r}")
         self.tokens = list(self.tokens)
         for i, t in enumerate(self.tokens):
-            if not isinstance(t, str) or not t:
+            if not isinstance(t, str):
+                raise TypeError(f"tokens[{i}] is {t!r} ({type(t).__name__}); expected a non-empty string")
+            if not t:
                 raise ValueError(f"tokens[{i}] is {t!r}; expected a non-empty string")
         seen: dict[str, int] = {}
         for i, t in enumerate(self.tokens):

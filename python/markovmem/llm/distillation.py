@@ -794,31 +794,39 @@ def next_token_counts(sequences: Iterable[Sequence[int]], new_token_ids: Sequenc
     ValueError
         ``new_token_ids`` is empty or repeats an id, ``n_base < 1``.
     IndexError
-        A negative token id.
+        A negative token id, or one above both ``n_base`` and the largest new
+        id (the message names the sequence and the position); checked before
+        anything is allocated.
+    TypeError
+        An id or ``n_base`` is not an integer (floats and bools are refused).
     """
     import scipy.sparse as sp
 
-    n_base = int(n_base)
+    from ._ids import as_id, as_ids
+
+    n_base = as_id(n_base, "n_base")
     if n_base < 1:
         raise ValueError(f"n_base is {n_base}; expected >= 1")
-    new = np.asarray(new_token_ids, dtype=np.int64).reshape(-1)
+    new = as_ids(new_token_ids, "new_token_ids")
     if new.size == 0:
         raise ValueError("new_token_ids is empty; expected at least one id")
     if len(np.unique(new)) != new.size:
         raise ValueError("new_token_ids has repeated ids")
     if new.min() < 0:
         raise IndexError(f"new_token_ids holds a negative id ({int(new.min())})")
-    seqs = _as_sequences(sequences, np.iinfo(np.int64).max)
-    top = int(max(new.max(), max((int(s.max()) for s in seqs if s.size), default=0))) + 1
-    row_of = np.full(top, -1, dtype=np.int64)
-    row_of[new] = np.arange(new.size)
+    # The vocabulary: base ids and the new ones (other new tokens sit between them).  Checked
+    # before any array is sized, and none is sized by the largest id: rows are found by search.
+    seqs = _as_sequences(sequences, max(n_base, int(new.max()) + 1))
+    order = np.argsort(new, kind="stable")
+    sorted_new = new[order]
     r_parts, c_parts = [], []
     for s in seqs:
         if s.size < 2:
             continue
         src, dst = s[:-1], s[1:]
-        keep = (row_of[src] >= 0) & (dst < n_base)
-        r_parts.append(row_of[src[keep]])
+        pos = np.minimum(np.searchsorted(sorted_new, src), sorted_new.size - 1)
+        keep = (sorted_new[pos] == src) & (dst < n_base)
+        r_parts.append(order[pos[keep]])
         c_parts.append(dst[keep])
     r = np.concatenate(r_parts) if r_parts else np.zeros(0, np.int64)
     c = np.concatenate(c_parts) if c_parts else np.zeros(0, np.int64)

@@ -14,12 +14,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model import _model_n_base, _require_expansion, _text_config, add_tokens, base_fingerprint, get_expansion
+from .._fileio import atomic_publish_dir, atomic_write
+from ._stfile import content_fingerprint, parse, tensor_record
+from .model import (
+    _model_n_base,
+    _require_expansion,
+    _text_config,
+    _tokenizer_transaction,
+    add_tokens,
+    base_fingerprint,
+    get_expansion,
+    remove_expansion,
+)
 
 __all__ = ["export_merged", "load_expansion", "save_expansion"]
 
 _FORMAT = "markovmem-expansion"
-_VERSION = "1"
+#: Version 2 added the content fingerprint; version 1 files, written without one, still load.
+_VERSION = "2"
+_READABLE = ("1", "2")
+#: Metadata key of the content fingerprint (blake2b over every tensor and the other metadata).
+_CONTENT_KEY = "content_fingerprint"
+#: Tensors an expansion file may hold.
+_TENSORS = {"input_rows", "ids", "output_rows", "output_bias", "alpha_indptr", "alpha_indices", "alpha_data"}
 
 
 def _describe(model: nn.Module, n_base: int, weight: torch.Tensor) -> dict[str, Any]:
@@ -46,13 +63,38 @@ def _alpha_csr(alpha: Any, m: int) -> Any:
     return csr
 
 
+def _expansion_tensors(state: Any, alpha: Any) -> tuple[dict[str, torch.Tensor], str]:
+    inp, out = state.input_layer, state.output_layer
+    tensors: dict[str, torch.Tensor] = {
+        "input_rows": inp.new_weight.detach().cpu().contiguous(),
+        "ids": torch.tensor(state.new_ids, dtype=torch.int64),
+    }
+    if not state.config.block_output and not state.tied:
+        tensors["output_rows"] = out.new_weight.detach().cpu().contiguous()
+    if out.new_bias is not None:
+        tensors["output_bias"] = out.new_bias.detach().cpu().contiguous()
+    alpha_shape = ""
+    if alpha is not None:
+        csr = _alpha_csr(alpha, state.n_new)
+        tensors["alpha_indptr"] = torch.from_numpy(csr.indptr.astype(np.int64))
+        tensors["alpha_indices"] = torch.from_numpy(csr.indices.astype(np.int64))
+        tensors["alpha_data"] = torch.from_numpy(csr.data.astype(np.float64))
+        alpha_shape = json.dumps([int(x) for x in csr.shape])
+    return tensors, alpha_shape
+
+
 def save_expansion(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str], *, alpha: Any = None) -> None:
-    """Write what the expansion adds to a safetensors file (atomically).
+    """Write what the expansion adds to a safetensors file, atomically.
 
     Stored: the tokens and their ids, the new input rows (in the model's
     dtype), the new output rows when not blocked and untied, the dictionary
-    weights ``alpha`` when known, block_output, and the fingerprint and a
-    description of the base model.  Nothing of the base model itself.
+    weights ``alpha`` when known, block_output, the fingerprint and a
+    description of the base model, and a content fingerprint over all of it
+    (checked by :func:`load_expansion`).  Nothing of the base model itself.
+
+    The file is written under a unique temporary name next to ``path``,
+    fsynced and renamed over it, so readers and concurrent writers see the
+    old file or a whole new one; it gets the mode ``open()`` would give it.
 
     Parameters
     ----------
@@ -64,37 +106,27 @@ def save_expansion(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str
         File to write (conventionally ``*.safetensors``).
     alpha : (m, n_states) sparse matrix or AlphaFit, optional
         Dictionary weights to store; default the ones :func:`learn_tokens`
-        recorded on the expansion, if any.
+        recorded on the expansion, if any.  Its entries must weight base
+        states only and be finite.
 
     Raises
     ------
     ValueError
-        No expansion, or the tokenizer does not map the tokens to their ids.
+        No expansion, the tokenizer does not map the tokens to their ids, or
+        ``alpha`` is malformed.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as to_bytes
 
     state = _require_expansion(model)
     vocab = tokenizer.get_vocab()
     for t, i in zip(state.tokens, state.new_ids):
         if vocab.get(t) != i:
             raise ValueError(f"tokenizer maps {t!r} to {vocab.get(t)}; the expansion gave it id {i}")
-    inp, out = state.input_layer, state.output_layer
-    tensors: dict[str, torch.Tensor] = {
-        "input_rows": inp.new_weight.detach().cpu().contiguous(),
-        "ids": torch.tensor(state.new_ids, dtype=torch.int64),
-    }
-    if not state.config.block_output and not state.tied:
-        tensors["output_rows"] = out.new_weight.detach().cpu().contiguous()
-    if out.new_bias is not None:
-        tensors["output_bias"] = out.new_bias.detach().cpu().contiguous()
     alpha = alpha if alpha is not None else state.alpha
-    alpha_shape = ""
+    tensors, alpha_shape = _expansion_tensors(state, alpha)
     if alpha is not None:
-        csr = _alpha_csr(alpha, state.n_new)
-        tensors["alpha_indptr"] = torch.from_numpy(csr.indptr.astype(np.int64))
-        tensors["alpha_indices"] = torch.from_numpy(csr.indices.astype(np.int64))
-        tensors["alpha_data"] = torch.from_numpy(csr.data.astype(np.float64))
-        alpha_shape = json.dumps([int(x) for x in csr.shape])
+        _check_alpha({k: v for k, v in tensors.items() if k.startswith("alpha_")}, json.loads(alpha_shape),
+                     state.n_new, state.n_base, "alpha")
     from .. import __version__
 
     metadata = {
@@ -106,41 +138,190 @@ def save_expansion(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str
         "block_output": json.dumps(state.config.block_output),
         "tied": json.dumps(state.tied),
         "base_fingerprint": state.base_fingerprint,
-        "base_model": json.dumps(_describe(model, state.n_base, inp.base_layer.weight)),
+        "base_model": json.dumps(_describe(model, state.n_base, state.input_layer.base_layer.weight)),
         "alpha_shape": alpha_shape,
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    records = [(name, tensor_record(t)) for name, t in tensors.items()]
+    metadata[_CONTENT_KEY] = content_fingerprint(records, metadata, _CONTENT_KEY)
+    atomic_write(path, to_bytes(tensors, metadata=metadata))
+
+
+# ---------------------------------------------------------------------- reading
+def _json_field(meta: dict[str, str], key: str, where: str) -> Any:
+    if key not in meta:
+        raise ValueError(f"{where} lacks the metadata field {key!r}")
+    try:
+        return json.loads(meta[key])
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{where}: metadata field {key!r} is not valid JSON ({exc})") from exc
+
+
+def _bool_field(meta: dict[str, str], key: str, where: str) -> bool:
+    value = _json_field(meta, key, where)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: metadata field {key!r} is {meta[key]!r:.50}; expected true or false")
+    return value
+
+
+def _tensor(tensors: dict[str, torch.Tensor], key: str, where: str, shape: tuple[int | None, ...],
+            kinds: tuple[torch.dtype, ...]) -> torch.Tensor:
+    """``tensors[key]`` checked to a dtype in ``kinds`` and ``shape`` (None: any size), finite if floating."""
+    if key not in tensors:
+        raise ValueError(f"{where} lacks the tensor {key!r}")
+    t = tensors[key]
+    if t.dtype not in kinds:
+        raise ValueError(f"{where}: tensor {key!r} has dtype {t.dtype}; expected {' or '.join(map(str, kinds))}")
+    if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+        want = tuple("*" if s is None else s for s in shape)
+        raise ValueError(f"{where}: tensor {key!r} has shape {tuple(t.shape)}; expected {want}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = torch.nonzero(~torch.isfinite(t))[0].tolist()
+        raise ValueError(f"{where}: tensor {key!r} has a non-finite entry at {tuple(bad)}")
+    return t
+
+
+_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_alpha(parts: dict[str, torch.Tensor], shape: Any, m: int, n_base: int, where: str) -> None:
+    """The CSR parts of alpha: (m, n) with n >= n_base, indptr from 0 to nnz and non-decreasing,
+    column ids in [0, n_base) strictly increasing within each row, finite float64 data."""
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and not isinstance(s, bool)
+                                                                for s in shape)):
+        raise ValueError(f"{where}: alpha_shape is {shape!r:.80}; expected [m, n_states]")
+    if shape[0] != m or not n_base <= shape[1] < 2**62:
+        raise ValueError(f"{where}: alpha_shape is {tuple(shape)}; expected ({m}, n_states) with n_states >= "
+                         f"n_base = {n_base}")
+    indptr = _tensor(parts, "alpha_indptr", where, (m + 1,), (torch.int64,)).numpy()
+    indices = _tensor(parts, "alpha_indices", where, (None,), (torch.int64,)).numpy()
+    _tensor(parts, "alpha_data", where, (indices.size,), (torch.float64,))
+    if indptr[0] != 0 or indptr[-1] != indices.size:
+        raise ValueError(f"{where}: alpha_indptr runs from {indptr[0]} to {indptr[-1]}; expected 0 to "
+                         f"nnz = {indices.size}")
+    if np.any(np.diff(indptr) < 0):
+        r = int(np.flatnonzero(np.diff(indptr) < 0)[0])
+        raise ValueError(f"{where}: alpha_indptr decreases at row {r}")
+    if indices.size:
+        bad = (indices < 0) | (indices >= n_base)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{where}: alpha_indices[{k}] = {int(indices[k])} is outside [0, n_base = {n_base})")
+        # Within a row the column ids strictly increase; a row start may step down.
+        rises = np.diff(indices) > 0
+        rises[indptr[1:-1][(indptr[1:-1] > 0) & (indptr[1:-1] < indices.size)] - 1] = True
+        if not rises.all():
+            k = int(np.flatnonzero(~rises)[0]) + 1
+            raise ValueError(f"{where}: alpha_indices[{k}] = {int(indices[k])} does not increase within its row "
+                             "(expected sorted, distinct column ids)")
+
+
+def _tokens_field(meta: dict[str, str], m: int, where: str) -> list[str]:
+    tokens = _json_field(meta, "tokens", where)
+    if not isinstance(tokens, list) or len(tokens) != m:
+        raise ValueError(f"{where}: metadata field 'tokens' must be a list of {m} strings (one per input row); "
+                         f"got {meta['tokens']!r:.80}")
+    seen: set[str] = set()
+    for i, t in enumerate(tokens):
+        if not isinstance(t, str) or not t:
+            raise ValueError(f"{where}: tokens[{i}] is {t!r:.50}; expected a non-empty string")
+        if t in seen:
+            raise ValueError(f"{where}: tokens[{i}] = {t!r} appears twice")
+        seen.add(t)
+    return tokens
+
+
+class _Expansion:
+    """An expansion file read and checked in full, before anything is applied."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        path = Path(path)
+        where = repr(str(path))
+        if not path.exists():
+            raise FileNotFoundError(f"no expansion file at {where}")
+        st = parse(path.read_bytes(), where)
+        meta, tensors = st.metadata, st.tensors
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{where} is not a markovmem expansion file (format {meta.get('format')!r:.50})")
+        version = meta.get("version")
+        if version not in _READABLE:
+            raise ValueError(f"{where} has expansion format version {version!r:.20}; expected one of {_READABLE}")
+        if version != "1" or _CONTENT_KEY in meta:
+            stored = meta.get(_CONTENT_KEY)
+            if stored is None:
+                raise ValueError(f"{where} lacks the metadata field {_CONTENT_KEY!r} (version {version} files carry it)")
+            if content_fingerprint(st.records.items(), meta, _CONTENT_KEY) != stored:
+                raise ValueError(f"{where} is corrupt: its content does not match its fingerprint {stored!r:.40} "
+                                 "(changed bytes in the rows, alpha or metadata)")
+        unknown = sorted(set(tensors) - _TENSORS)
+        if unknown:
+            raise ValueError(f"{where} holds unknown tensors {unknown[:5]}; expected some of {sorted(_TENSORS)}")
+        rows = _tensor(tensors, "input_rows", where, (None, None), _FLOATS)
+        m, d = (int(x) for x in rows.shape)
+        if m < 1 or d < 1:
+            raise ValueError(f"{where}: tensor 'input_rows' has shape {(m, d)}; expected at least one row and column")
+        n_base_text = meta.get("n_base", "")
+        if not (n_base_text.isascii() and n_base_text.isdigit()) or not 1 <= int(n_base_text) < 2**62:
+            raise ValueError(f"{where}: metadata field 'n_base' is {n_base_text!r:.30}; expected a positive integer")
+        self.n_base = int(n_base_text)
+        self.tokens = _tokens_field(meta, m, where)
+        ids = _tensor(tensors, "ids", where, (m,), (torch.int64,))
+        expected = torch.arange(self.n_base, self.n_base + m, dtype=torch.int64)
+        if not torch.equal(ids, expected):
+            raise ValueError(f"{where}: tensor 'ids' is {ids.tolist()[:8]}; expected n_base + 0 .. m - 1 = "
+                             f"{expected.tolist()[:8]}")
+        self.block_output = _bool_field(meta, "block_output", where)
+        self.tied = _bool_field(meta, "tied", where) if "tied" in meta else None
+        self.output_rows = None
+        if "output_rows" in tensors:
+            if self.block_output:
+                raise ValueError(f"{where} holds 'output_rows' but block_output is true (blocked tokens have none)")
+            self.output_rows = _tensor(tensors, "output_rows", where, (m, None), _FLOATS)
+        self.output_bias = (_tensor(tensors, "output_bias", where, (m,), _FLOATS)
+                            if "output_bias" in tensors else None)
+        self.alpha = None
+        alpha_shape = meta.get("alpha_shape", "")
+        parts = {k: v for k, v in tensors.items() if k.startswith("alpha_")}
+        if alpha_shape or parts:
+            shape = _json_field(meta, "alpha_shape", where) if alpha_shape else None
+            _check_alpha(parts, shape, m, self.n_base, where)
+            import scipy.sparse as sp
+
+            self.alpha = sp.csr_array(
+                (parts["alpha_data"].numpy(), parts["alpha_indices"].numpy(), parts["alpha_indptr"].numpy()),
+                shape=tuple(shape),
+            )
+        stored = meta.get("base_model", "{}")
+        try:
+            self.base_model = json.loads(stored)
+        except (ValueError, RecursionError):
+            self.base_model = stored
+        self.base_fingerprint = meta.get("base_fingerprint")
+        self.rows = rows
+        self.metadata = meta
+        self.tensors = tensors
+        self.where = where
 
 
 def read_expansion(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of an expansion file, after checking its format."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no expansion file at {str(path)!r}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise ValueError(f"{str(path)!r} is not a safetensors file: {exc}") from exc
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{str(path)!r} is not a markovmem expansion file (format {meta.get('format')!r})")
-    if meta.get("version") != _VERSION:
-        raise ValueError(f"{str(path)!r} has expansion format version {meta.get('version')!r}; expected {_VERSION}")
-    for key in ("input_rows", "ids"):
-        if key not in tensors:
-            raise ValueError(f"{str(path)!r} lacks the tensor {key!r}")
-    return tensors, meta
+    """Tensors and header metadata of an expansion file, after checking all of it (see load_expansion)."""
+    exp = _Expansion(path)
+    return exp.tensors, exp.metadata
 
 
 def load_expansion(base_model: nn.Module, tokenizer: Any, path: str | os.PathLike[str], *,
-                   check_base: bool = True) -> list[int]:
-    """Re-apply an expansion file to its base model (and tokenizer), in place.
+                   check_base: bool = True, allow_shadowing: bool = False) -> list[int]:
+    """Re-apply an expansion file to its base model (and tokenizer), in place, all or nothing.
+
+    The whole file is read and checked before the model or the tokenizer is
+    touched: the safetensors header (sizes, offsets, dtypes, shapes), each
+    tensor's dtype, shape and finiteness, the CSR parts of ``alpha``
+    (indptr from 0 to nnz and non-decreasing, column ids below n_base and
+    increasing within each row), the ids (``n_base .. n_base + m - 1``), the
+    tokens (distinct non-empty strings, one per row), and the content
+    fingerprint (over every tensor and the metadata).  Files of format
+    version 1, written before the content fingerprint existed, carry none and
+    load with every other check.  If applying still fails, the model and the
+    tokenizer are put back as they were.
 
     Parameters
     ----------
@@ -156,6 +337,8 @@ def load_expansion(base_model: nn.Module, tokenizer: Any, path: str | os.PathLik
         changed bit, dtype or shape).  False only checks the vocabulary size
         and width; zero forgetting still holds structurally, but the rows were
         fitted for another model.
+    allow_shadowing : bool
+        Passed to :func:`add_tokens`: accept tokens that shadow old words.
 
     Returns
     -------
@@ -165,50 +348,47 @@ def load_expansion(base_model: nn.Module, tokenizer: Any, path: str | os.PathLik
     Raises
     ------
     ValueError
-        Not an expansion file, a different base model, or an already expanded model.
+        Not an expansion file, a corrupt or inconsistent one (the message
+        names the file and the field), a different base model, or an already
+        expanded model.
     FileNotFoundError
         No file at ``path``.
     """
-    tensors, meta = read_expansion(path)
+    exp = _Expansion(path)
+    where = exp.where
     if get_expansion(base_model) is not None:
         raise ValueError("base_model already carries an expansion; call remove_expansion(model) first")
-    tokens = json.loads(meta["tokens"])
     n_base = _model_n_base(base_model)
-    stored = json.loads(meta.get("base_model", "{}"))
     here = _describe(base_model, n_base, base_model.get_input_embeddings().weight)
     if check_base:
         fp = base_fingerprint(base_model)
-        if fp != meta.get("base_fingerprint"):
+        if fp != exp.base_fingerprint:
             raise ValueError(
-                f"{str(path)!r} was made for another base model (fingerprint {meta.get('base_fingerprint')}, "
-                f"{stored}); this one is {fp}, {here}. Load the exact base model, or pass check_base=False"
+                f"{where} was made for another base model (fingerprint {exp.base_fingerprint!r:.40}, "
+                f"{exp.base_model!r:.300}); this one is {fp}, {here}. Load the exact base model, or pass "
+                "check_base=False"
             )
-    elif int(meta["n_base"]) != n_base or int(tensors["input_rows"].shape[1]) != here["hidden_size"]:
+    if exp.n_base != n_base or int(exp.rows.shape[1]) != here["hidden_size"]:
         raise ValueError(
-            f"{str(path)!r} needs n_base = {meta['n_base']} and width {tensors['input_rows'].shape[1]}; "
+            f"{where} needs n_base = {exp.n_base} and width {exp.rows.shape[1]}; "
             f"this model has {n_base} and {here['hidden_size']}"
         )
-    ids = add_tokens(
-        base_model, tokenizer, tokens, embeddings=tensors["input_rows"],
-        block_output=json.loads(meta["block_output"]), output_embeddings=tensors.get("output_rows"),
-    )
-    if ids != tensors["ids"].tolist():
-        from .model import remove_expansion
-
-        remove_expansion(base_model)
-        raise ValueError(f"the tokens got ids {ids}; the file records {tensors['ids'].tolist()}")
-    state = _require_expansion(base_model)
-    if "output_bias" in tensors and state.output_layer.new_bias is not None:
-        with torch.no_grad():
-            state.output_layer.new_bias.copy_(tensors["output_bias"])
-    if meta.get("alpha_shape"):
-        import scipy.sparse as sp
-
-        shape = tuple(json.loads(meta["alpha_shape"]))
-        state.alpha = sp.csr_array(
-            (tensors["alpha_data"].numpy(), tensors["alpha_indices"].numpy(), tensors["alpha_indptr"].numpy()),
-            shape=shape,
-        )
+    out_features = base_model.get_output_embeddings().in_features
+    if exp.output_rows is not None and exp.output_rows.shape[1] != out_features:
+        raise ValueError(f"{where}: tensor 'output_rows' has width {exp.output_rows.shape[1]}; the model's output "
+                         f"head takes {out_features}")
+    with _tokenizer_transaction(tokenizer):
+        ids = add_tokens(base_model, tokenizer, exp.tokens, embeddings=exp.rows, block_output=exp.block_output,
+                         output_embeddings=exp.output_rows, allow_shadowing=allow_shadowing)
+        try:
+            state = _require_expansion(base_model)
+            if exp.output_bias is not None and state.output_layer.new_bias is not None:
+                with torch.no_grad():
+                    state.output_layer.new_bias.copy_(exp.output_bias)
+            state.alpha = exp.alpha
+        except BaseException:
+            remove_expansion(base_model)
+            raise
     return ids
 
 
@@ -262,7 +442,11 @@ def export_merged(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str]
     tokenizer : transformers tokenizer
         Saved next to the model (it holds the new tokens).
     path : path
-        Output directory.
+        Output directory.  Written under a temporary name next to it, fsynced,
+        then renamed into place, so it is either the old directory or the
+        whole export.  An existing directory is replaced only when the export
+        rewrites every entry in it (a previous export); otherwise
+        FileExistsError.
     suppress_new_tokens : bool, optional
         Put the new ids in ``generation_config.suppress_tokens``.
     **save_kwargs
@@ -294,6 +478,10 @@ def export_merged(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str]
     merged = {"input": _merged_module(inp.base_layer, w_in), "output": _merged_module(out.base_layer, w_out, b_out)}
     gen = getattr(model, "generation_config", None)
     old_suppress = getattr(gen, "suppress_tokens", None) if gen is not None else None
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), **save_kwargs)
+        tokenizer.save_pretrained(str(tmp))
+
     with state.disabled():
         try:
             for role in ("input", "output"):
@@ -302,8 +490,7 @@ def export_merged(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str]
             _text_config(model).vocab_size = state.n_base + state.n_new
             if gen is not None and suppress_new_tokens:
                 gen.suppress_tokens = sorted(set(old_suppress or []) | set(state.new_ids))
-            model.save_pretrained(str(path), **save_kwargs)
-            tokenizer.save_pretrained(str(path))
+            atomic_publish_dir(path, fill)
         finally:
             if gen is not None:
                 gen.suppress_tokens = old_suppress

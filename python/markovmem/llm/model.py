@@ -10,13 +10,16 @@ alpha_to_embeddings, remove_expansion, base_fingerprint) are the public path.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import warnings
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ._ids import as_ids
 from .config import MarkovMemConfig
 from .layer import NewTokenEmbeddingLayer, NewTokenOutputLayer
 
@@ -361,11 +364,15 @@ def _tokenizer_ids(tokenizer: Any, tokens: Sequence[str]) -> list[int | None]:
     return [vocab.get(t) for t in tokens]
 
 
+def _require_tokenizer(tokenizer: Any) -> None:
+    if tokenizer is None or not callable(getattr(tokenizer, "add_tokens", None)):
+        raise TypeError(f"tokenizer must be a transformers tokenizer; got {type(tokenizer).__name__}")
+
+
 def _prepare_tokenizer(tokenizer: Any, tokens: Sequence[str], first_id: int, n_base: int, pad: bool,
                        expanded: bool) -> bool:
     """Check ``tokenizer`` can give ``tokens`` ids ``first_id ..``; True if it already does."""
-    if tokenizer is None or not callable(getattr(tokenizer, "add_tokens", None)):
-        raise TypeError(f"tokenizer must be a transformers tokenizer; got {type(tokenizer).__name__}")
+    _require_tokenizer(tokenizer)
     expected = list(range(first_id, first_id + len(tokens)))
     present = _tokenizer_ids(tokenizer, tokens)
     if present == expected and len(tokenizer) == first_id + len(tokens):
@@ -395,6 +402,65 @@ def _prepare_tokenizer(tokenizer: Any, tokens: Sequence[str], first_id: int, n_b
     return False
 
 
+@contextlib.contextmanager
+def _tokenizer_transaction(tokenizer: Any) -> Iterator[None]:
+    """Context that puts ``tokenizer`` back as it was if the block raises.
+
+    Tokens added to a transformers tokenizer cannot be removed, so the state
+    is copied on entry (``copy.deepcopy`` of the object's attributes, the
+    backend tokenizer included) and swapped back on an exception.
+    """
+    _require_tokenizer(tokenizer)
+    snapshot = copy.deepcopy(tokenizer.__dict__)
+    try:
+        yield
+    except BaseException:
+        tokenizer.__dict__.clear()
+        tokenizer.__dict__.update(snapshot)
+        raise
+
+
+def _shadowed(tokenizer: Any, tokens: Sequence[str], n_base: int) -> list[tuple[str, int, str]]:
+    """(new token, base id, base text) for each new token whose text occurs in a base token's text.
+
+    Added tokens are matched in raw text before the tokenizer's model runs, so
+    such a token would split every old text holding that piece differently
+    (``"the"`` where the vocabulary holds ``"▁the"`` or ``"Ġthe"``, ``"ing"``
+    inside ``"▁going"``): old ids stay valid, but old text no longer encodes
+    to them.  Special and added tokens are left out (they never were text).
+    """
+    skip = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
+    skip |= {int(i) for i in tokenizer.get_added_vocab().values()}
+    ids = [i for i in range(min(n_base, len(tokenizer))) if i not in skip]
+    texts = tokenizer.batch_decode([[i] for i in ids]) if ids else []
+    # One joined string: each token is one substring search in C, not one per base token.
+    joined = "\x00".join(texts)
+    starts = np.cumsum([0] + [len(t) + 1 for t in texts])
+    found = []
+    for t in tokens:
+        at = joined.find(t)
+        if at >= 0:
+            k = int(np.searchsorted(starts, at, side="right") - 1)
+            found.append((t, ids[k], texts[k]))
+    return found
+
+
+def _check_shadowing(tokenizer: Any, tokens: Sequence[str], n_base: int, allow: bool) -> None:
+    hits = _shadowed(tokenizer, tokens, n_base)
+    if not hits:
+        return
+    t, i, text = hits[0]
+    message = (
+        f"token {t!r} occurs in the text of the existing token {tokenizer.convert_ids_to_tokens(i)!r} "
+        f"(id {i}, text {text!r}): once added, old text containing {t!r} encodes with the new id, so "
+        "zero forgetting would hold on token ids but not on text"
+        + (f" ({len(hits)} tokens shadow old ones: {[h[0] for h in hits[:5]]})" if len(hits) > 1 else "")
+    )
+    if not allow:
+        raise ValueError(message + "; choose a new word, or pass allow_shadowing=True to add it anyway")
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
 # ---------------------------------------------------------------------- public API
 def add_tokens(
     model: nn.Module,
@@ -407,6 +473,7 @@ def add_tokens(
     output_embeddings: Any = None,
     pad_tokenizer: bool = True,
     seed: int = 0,
+    allow_shadowing: bool = False,
 ) -> list[int]:
     """Add new tokens to a tokenizer and a transformers causal LM, in place, with zero forgetting.
 
@@ -429,7 +496,10 @@ def add_tokens(
         model row.  A padded vocabulary (more rows than tokens) is filled first
         with reserved special tokens when ``pad_tokenizer`` (see Notes).
     tokens : sequence of str
-        New, distinct token strings not in the vocabulary.
+        New, distinct token strings not in the vocabulary (a list, not one
+        string).  A token whose text occurs in an old token's text (``"the"``
+        where the vocabulary holds ``"▁the"``) is refused: it would change
+        how old text is tokenized.
     embeddings : (m, d) tensor or array, optional
         Their input rows (e.g. ``alpha_to_embeddings(model, alpha)``); cast to
         the embedding's dtype and device.  Default: ``init``.
@@ -446,6 +516,8 @@ def add_tokens(
         Allow filling a padded vocabulary with reserved tokens.
     seed : int
         Seed of ``init='random'``.
+    allow_shadowing : bool
+        Add tokens that shadow old ones anyway, with a UserWarning.
 
     Returns
     -------
@@ -455,10 +527,12 @@ def add_tokens(
     Raises
     ------
     ValueError
-        A token is empty, repeated or already in the vocabulary; the tokenizer
-        and the model disagree on the vocabulary size; a shape is wrong.
+        A token is empty, repeated, already in the vocabulary or shadows an
+        old token; the tokenizer and the model disagree on the vocabulary
+        size; a shape is wrong.  The model and the tokenizer are then unchanged.
     TypeError
-        The model's embedding or head is not a supported layer type.
+        ``tokens`` is a string (not a sequence of strings) or holds a non-string;
+        the model's embedding or head is not a supported layer type.
 
     Notes
     -----
@@ -469,6 +543,9 @@ def add_tokens(
     tokenizer had no token for (e.g. Qwen2's 151,936 rows for 151,665 tokens);
     they never occur in text.
     """
+    if isinstance(tokens, (str, bytes)):
+        raise TypeError(f"tokens must be a sequence of strings; got the single string {tokens!r} "
+                        f"(pass [{tokens!r}] to add it as one token)")
     state = get_expansion(model)
     config = MarkovMemConfig(tokens=list(tokens), block_output=block_output, init=init,
                              pad_tokenizer=pad_tokenizer, seed=seed)
@@ -501,25 +578,25 @@ def add_tokens(
         if config.block_output:
             raise ValueError("output_embeddings needs block_output=False (blocked tokens have no output rows)")
         out_rows = _as_rows(output_embeddings, (m, out_layer.in_features), out_layer.weight, "output_embeddings")
-    already = _prepare_tokenizer(tokenizer, config.tokens, first_id, n_base, config.pad_tokenizer, state is not None)
-    if not already:
-        n_added = tokenizer.add_tokens(list(config.tokens))
-        ids = _tokenizer_ids(tokenizer, config.tokens)
-        expected = list(range(first_id, first_id + m))
-        if n_added != m or ids != expected:
-            raise RuntimeError(
-                f"tokenizer gave the new tokens ids {ids}; expected {expected}. The tokenizer is now "
-                "changed; reload it before retrying"
-            )
-    if state is None:
-        MarkovMemModel(model, config, rows, out_rows)
-    else:
-        state.grow(config.tokens, rows, out_rows)
+    with _tokenizer_transaction(tokenizer):
+        already = _prepare_tokenizer(tokenizer, config.tokens, first_id, n_base, config.pad_tokenizer,
+                                     state is not None)
+        if not already:
+            _check_shadowing(tokenizer, config.tokens, n_base, allow_shadowing)
+            n_added = tokenizer.add_tokens(list(config.tokens))
+            ids = _tokenizer_ids(tokenizer, config.tokens)
+            expected = list(range(first_id, first_id + m))
+            if n_added != m or ids != expected:
+                raise RuntimeError(f"tokenizer gave the new tokens ids {ids}; expected {expected}")
+        if state is None:
+            MarkovMemModel(model, config, rows, out_rows)
+        else:
+            state.grow(config.tokens, rows, out_rows)
     return list(range(first_id, first_id + m))
 
 
 def _positions(state: MarkovMemModel, ids: Sequence[int]) -> torch.Tensor:
-    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    ids = as_ids(ids, "ids").tolist()
     lo, hi = state.n_base, state.n_base + state.n_new
     for k, i in enumerate(ids):
         if not lo <= i < hi:
@@ -587,7 +664,8 @@ def alpha_to_embeddings(model: nn.Module, alpha: Any) -> torch.Tensor:
     ------
     ValueError
         ``alpha`` is not 2-D, has fewer than n_base columns, weights a state
-        ``>= n_base``, or holds non-finite values.
+        ``>= n_base``, holds non-finite values, or gives a row that overflows
+        the embedding dtype (the message names the rows).
     """
     import scipy.sparse as sp
 
@@ -611,12 +689,22 @@ def alpha_to_embeddings(model: nn.Module, alpha: Any) -> torch.Tensor:
     # The scipy -> torch copy: nnz column ids, weights and their row ids.
     rows = torch.from_numpy(np.repeat(np.arange(m, dtype=np.int64), np.diff(csr.indptr))).to(weight.device)
     cols = torch.from_numpy(csr.indices.astype(np.int64)).to(weight.device)
-    vals = torch.from_numpy(csr.data.astype(np.float32)).to(weight.device)
+    with np.errstate(over="ignore"):  # weights beyond float32 become inf: caught below, by row
+        vals = torch.from_numpy(csr.data.astype(np.float32)).to(weight.device)
     with torch.no_grad():
         gathered = weight.detach()[cols].float() * vals[:, None]
         out = torch.zeros(m, weight.shape[1], dtype=torch.float32, device=weight.device)
         out.index_add_(0, rows, gathered)
-    return out.to(weight.dtype)
+        out = out.to(weight.dtype)
+    bad = torch.nonzero(~torch.isfinite(out).all(1)).reshape(-1).tolist()
+    if bad:
+        # A non-finite row would poison every logit after the token: refuse rather than warn.
+        big = float(np.max(np.abs(csr.data))) if csr.nnz else 0.0
+        raise ValueError(
+            f"alpha rows {bad[:10]} give non-finite embeddings in {weight.dtype} (largest |weight| {big:.3g}); "
+            "rescale alpha so E^T alpha fits the embedding dtype"
+        )
+    return out
 
 
 def remove_expansion(model: nn.Module) -> nn.Module:
