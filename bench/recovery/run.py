@@ -171,7 +171,11 @@ def run_cell(model0: Any, tok0: Any, corpus: Any, n: int, variant: dict[str, Any
     test = corpus.sentences("test")
     model, tok = copy.deepcopy(model0), copy.deepcopy(tok0)
     t0 = time.perf_counter()
-    res = llm.learn_tokens(model, tok, tokens, train, tune_steps=0, progress=False, corpus=general, **variant)
+    # The held-out diagnostics do not change alpha; they run where they choose it (link='auto') or are
+    # reported (the default path).
+    diag = variant.get("link") == "auto" or not variant
+    res = llm.learn_tokens(model, tok, tokens, train, tune_steps=0, progress=False, corpus=general,
+                           diagnostics=diag, **variant)
     seconds = time.perf_counter() - t0
     ids = res.ids
     test_seqs = _encode(tok, [s for _, s in test])
@@ -213,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=30, help="held-out sentences per pseudo-word")
     p.add_argument("--general-corpus", action="store_true",
                    help="also pass the train split's original stories as learn_tokens(corpus=...)")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "markovmem" / "recovery"),
+                   help="where the sampled stories are kept between runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
@@ -233,9 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     if "tinystories" in args.corpora:
         texts["tinystories"] = (Path(args.data) / "tinystories-sample.txt").read_text(encoding="utf-8")
     if "generated" in args.corpora:
-        t0 = time.perf_counter()
-        texts["generated"] = generated_text(model, tok, args.samples, args.seed)
-        print(f"sampled {args.samples} stories in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        cache = Path(args.cache_dir) / f"generated-{args.samples}-{args.seed}.txt"
+        if cache.is_file():
+            texts["generated"] = cache.read_text(encoding="utf-8")
+        else:
+            t0 = time.perf_counter()
+            texts["generated"] = generated_text(model, tok, args.samples, args.seed)
+            print(f"sampled {args.samples} stories in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(texts["generated"], encoding="utf-8")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"command": "python bench/recovery/run.py " + " ".join(argv or sys.argv[1:]),
@@ -263,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                       " ".join(f"{k} {v:.3f}" for k, v in loss.items()) +
                       (" | tuned " + " ".join(f"{k} {np.mean(v):.3f}" for k, v in cell["loss_tuned"].items())
                        if cell["loss_tuned"] else "") + f"  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+                (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     from report import write_report  # noqa: E402 (bench/recovery/report.py, beside this script)
 
     write_report(results, out_dir)

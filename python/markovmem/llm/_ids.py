@@ -3,19 +3,18 @@ so ``512.7`` or ``True`` is refused instead of being truncated or read as 1."""
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import numpy as np
+
+from .._checks import integer
 
 __all__ = ["as_id", "as_ids"]
 
 
 def as_id(value: Any, name: str) -> int:
     """``value`` as a Python int; TypeError naming ``name`` unless it is an integer (bools refused)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
-    return int(value)
+    return integer(value, name)
 
 
 def as_ids(values: Any, name: str) -> np.ndarray:

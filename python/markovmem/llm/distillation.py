@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import integer, real
 from .._matrix import TransitionMatrix
 from .._topk import softmax_topk
 from .model import _model_n_base, base_fingerprint, get_expansion
@@ -402,11 +403,10 @@ def distill(
         raise ValueError(f"shard_rows is {shard_rows!r}; expected None or an integer >= 1")
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback is {fallback!r}; expected one of {FALLBACKS}")
-    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(shrinkage) or shrinkage < 0:
+    shrinkage = real(shrinkage, "shrinkage")
+    if not (np.isfinite(shrinkage) and shrinkage >= 0):
         raise ValueError(f"shrinkage is {shrinkage!r}; expected a finite number >= 0")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 2):
-        raise ValueError(f"window is {window!r}; expected None or an integer >= 2")
+    window = None if window is None else integer(window, "window", low=2)
     n_base = _n_base(model)
     k = int(min(top_k, n_base))
     rows = np.arange(n_base, dtype=np.int64) if token_ids is None else _as_id_list(token_ids, "token_ids", n_base)
