@@ -8,13 +8,24 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .model import _model_n_base, _require_expansion, _text_config, add_tokens, base_fingerprint, get_expansion
+from .model import (
+    _io_modules,
+    _model_n_base,
+    _require_expansion,
+    _text_config,
+    add_tokens,
+    base_fingerprint,
+    get_expansion,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["export_merged", "load_expansion", "save_expansion"]
 
@@ -75,7 +86,7 @@ def save_expansion(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str
 
     state = _require_expansion(model)
     vocab = tokenizer.get_vocab()
-    for t, i in zip(state.tokens, state.new_ids):
+    for t, i in zip(state.tokens, state.new_ids, strict=True):
         if vocab.get(t) != i:
             raise ValueError(f"tokenizer maps {t!r} to {vocab.get(t)}; the expansion gave it id {i}")
     inp, out = state.input_layer, state.output_layer
@@ -83,7 +94,7 @@ def save_expansion(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str
         "input_rows": inp.new_weight.detach().cpu().contiguous(),
         "ids": torch.tensor(state.new_ids, dtype=torch.int64),
     }
-    if not state.config.block_output and not state.tied:
+    if out.new_weight is not None and not state.tied:  # own output rows: neither blocked nor tied
         tensors["output_rows"] = out.new_weight.detach().cpu().contiguous()
     if out.new_bias is not None:
         tensors["output_bias"] = out.new_bias.detach().cpu().contiguous()
@@ -125,7 +136,7 @@ def read_expansion(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has keys() and no __iter__
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise ValueError(f"{str(path)!r} is not a safetensors file: {exc}") from exc
     if meta.get("format") != _FORMAT:
@@ -175,7 +186,7 @@ def load_expansion(base_model: nn.Module, tokenizer: Any, path: str | os.PathLik
     tokens = json.loads(meta["tokens"])
     n_base = _model_n_base(base_model)
     stored = json.loads(meta.get("base_model", "{}"))
-    here = _describe(base_model, n_base, base_model.get_input_embeddings().weight)
+    here = _describe(base_model, n_base, _io_modules(base_model)[0].weight)
     if check_base:
         fp = base_fingerprint(base_model)
         if fp != meta.get("base_fingerprint"):
@@ -212,7 +223,9 @@ def load_expansion(base_model: nn.Module, tokenizer: Any, path: str | os.PathLik
     return ids
 
 
-def _merged_module(original: nn.Module, weight: nn.Parameter, bias: nn.Parameter | None = None) -> nn.Module:
+def _merged_module(
+    original: nn.Embedding | nn.Linear, weight: nn.Parameter, bias: nn.Parameter | None = None
+) -> nn.Module:
     """A copy of an Embedding/Linear (same class, same settings) over new parameters."""
     merged = copy.copy(original)
     # copy.copy shares the parameter dict: give the copy its own before assigning.
@@ -220,14 +233,14 @@ def _merged_module(original: nn.Module, weight: nn.Parameter, bias: nn.Parameter
     merged.weight = weight
     if isinstance(merged, nn.Embedding):
         merged.num_embeddings = int(weight.shape[0])
-    else:
+    elif isinstance(merged, nn.Linear):
         merged.out_features = int(weight.shape[0])
         if bias is not None:
             merged.bias = bias
     return merged
 
 
-def export_merged(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str], *,
+def export_merged(model: PreTrainedModel, tokenizer: Any, path: str | os.PathLike[str], *,
                   suppress_new_tokens: bool | None = None, **save_kwargs: Any) -> Path:
     """Save the expanded model as a plain transformers checkpoint (``save_pretrained``).
 
