@@ -4,7 +4,7 @@
 # (extern/ is vendored and left alone); ruff formats the Python blocks of Markdown files too.
 # The versions are the `lint` extra's:
 #   pip install -c constraints.txt -e ".[lint]"
-# Prints which files changed.  .ci/run and pre-commit check what this script writes.
+# Prints how many files changed.  .ci/run and pre-commit check what this script writes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
