@@ -50,10 +50,12 @@ def _text_config(model: nn.Module) -> Any:
 
 def _io_modules(model: nn.Module) -> tuple[nn.Embedding, nn.Linear]:
     """The unexpanded model's input embedding and output head, checked to be types markovmem wraps."""
-    for name in ("get_input_embeddings", "get_output_embeddings"):
-        if not callable(getattr(model, name, None)):
+    # Looked up by name: nn.Module declares neither method, transformers models have both.
+    getters: dict[str, Any] = {name: getattr(model, name, None) for name in ("get_input_embeddings", "get_output_embeddings")}
+    for name, getter in getters.items():
+        if not callable(getter):
             raise TypeError(f"model must be a transformers causal LM with {name}(); got {type(model).__name__}")
-    inp, out = getattr(model, "get_input_embeddings")(), getattr(model, "get_output_embeddings")()
+    inp, out = getters["get_input_embeddings"](), getters["get_output_embeddings"]()
     if inp is None or out is None:
         raise TypeError(f"{type(model).__name__} has no input embedding or no output head; expected a causal LM")
     if not isinstance(inp, nn.Embedding):
