@@ -98,7 +98,7 @@ def run_config(P, D, k, s, link, args, rows):
     if link == "logit":
         m = args.logit_targets if s < 64 else args.logit_targets_s64
     N = 100 * s
-    S, W, qs, C = ref.planted_targets(D, s, N, m, link, seed=1000 * s + (link == "logit"))
+    S, _, qs, C = ref.planted_targets(D, s, N, m, link, seed=1000 * s + (link == "logit"))
     nt = args.threads or os.cpu_count()
     fit = mm.fit_alpha(P, C[: min(m, 4)], s=s, link=link, n_threads=nt)  # warm-up (page-in, allocator)
     with PeakRSS() as mem:

@@ -187,7 +187,7 @@ def make_dictionary(T: int, k: int, seed: int = 0, *, shared_frac: float = 0.5, 
     rng = np.random.default_rng(seed)
     pop = 1.0 / np.arange(1, T + 1) ** popularity_a
     cdf = np.cumsum(pop / pop.sum())
-    n_sh = int(round(shared_frac * k))
+    n_sh = round(shared_frac * k)
     idx = np.empty((n, k), np.int32)
     chunk = 4096
     for a in range(0, n, chunk):
@@ -296,7 +296,7 @@ class Problem:
 
     def _newton_ball(self, S, a0, bound, tol, max_iter):
         a = np.array(a0, float)
-        lam = 0.0
+
         def solve(lam, a):
             for _ in range(max_iter):
                 val, g, H = self.obj(S, a, need_hess=True)
@@ -365,13 +365,18 @@ class Problem:
         """scipy L-BFGS-B on the fixed support (mixture: a >= 0 with the sum-free form)."""
         S = np.asarray(S)
         if self.link == "mixture":
-            fun = lambda a: (lambda v, g: (v + a.sum(), g + 1.0))(*self.obj(S, np.maximum(a, 1e-300), True)[:2])
+            def fun(a):
+                v, g = self.obj(S, np.maximum(a, 1e-300), True)[:2]
+                return v + a.sum(), g + 1.0
+
             res = opt.minimize(fun, np.maximum(a0, 1e-3), jac=True, method="L-BFGS-B",
                                bounds=[(0, None)] * len(S), options=dict(ftol=tol, gtol=1e-12, maxiter=20000,
                                                                          maxcor=30))
             return res.x / res.x.sum(), res
-        fun = lambda a: self.obj(S, a, True)[:2]
-        res = opt.minimize(fun, np.asarray(a0, float), jac=True, method="L-BFGS-B",
+        def fun_logit(a):
+            return self.obj(S, a, True)[:2]
+
+        res = opt.minimize(fun_logit, np.asarray(a0, float), jac=True, method="L-BFGS-B",
                            options=dict(ftol=tol, gtol=1e-12, maxiter=20000, maxcor=30))
         return res.x, res
 

@@ -119,7 +119,7 @@ def test_end_to_end(loaded, matrix, tmp_path):
     report = assert_no_forgetting(base, model, contexts)
     assert report.max_abs_logit_diff == 0.0 and report.max_new_token_prob == 0.0
     # The fitted matrix expands with a certificate, the model with a file that round-trips.
-    Q, cert = matrix.expand(counts.toarray() / counts.sum(axis=1)[:, None])
+    _, cert = matrix.expand(counts.toarray() / counts.sum(axis=1)[:, None])
     assert cert.ok
     path = tmp_path / "glorp.safetensors"
     llm.save_expansion(model, tok, path, alpha=alpha)

@@ -83,7 +83,7 @@ def test_copy_csr_rejects_wrong_dtype_without_copying(kwargs):
 
 
 def test_contiguous_view_of_right_dtype_is_accepted():
-    ip, ix, d = parts()
+    _, _, d = parts()
     wide = np.zeros((2, 3), dtype=F32)
     wide[0] = d
     assert copy_csr(data=wide[0]).prob(0, 0) == 0.5
@@ -302,7 +302,7 @@ def test_concurrent_prob_calls_agree(big):
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(work, range(8)))
-    for (p, lp, s), e, (v, x) in zip(results, expected, queries):
+    for (p, lp, s), e in zip(results, expected):
         np.testing.assert_array_equal(p, e)
         np.testing.assert_array_equal(lp, np.log(np.maximum(e, 1e-12)))
         assert s == e[0]
@@ -330,7 +330,7 @@ def test_concurrent_constructors_agree(rng):
 
     def work(_):
         P = mm.TransitionMatrix.from_sequences(seqs, 30, top_k=5, n_threads=1)
-        Q, cert = P.expand(np.eye(1, 30), n_threads=1)
+        _, cert = P.expand(np.eye(1, 30), n_threads=1)
         return P.fingerprint(), cert.ok
 
     with ThreadPoolExecutor(max_workers=4) as pool:

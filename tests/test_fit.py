@@ -69,7 +69,6 @@ def kl(q: np.ndarray, f: np.ndarray) -> float:
 def planted(P: mm.TransitionMatrix, s: int, N: int, m: int, link: str, seed: int):
     """m planted s-sparse alphas (weights in [1, 3] normalised), their q = f(alpha*) and N-sample counts."""
     rng = np.random.default_rng(seed)
-    T = P.n_base
     supports, qs, counts = [], [], []
     for _ in range(m):
         S = np.sort(rng.choice(P.n_states, s, replace=False))
@@ -227,7 +226,7 @@ def test_planted_recovery_mixture(planted_P, s):
 
 @pytest.mark.parametrize("s", [2, 4])
 def test_planted_recovery_logit_with_enough_samples(planted_P, s):
-    supports, qs, counts = planted(planted_P, s, 2000 * s, 6, "logit", seed=10 + s)
+    supports, _, counts = planted(planted_P, s, 2000 * s, 6, "logit", seed=10 + s)
     fit = mm.fit_alpha(planted_P, counts, s=s, link="logit")
     recall = np.mean([np.isin(S, sup).mean() for S, sup in zip(supports, fit.support)])
     assert recall >= 0.9

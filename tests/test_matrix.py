@@ -177,7 +177,7 @@ def test_log_prob_floor():
 
 
 def test_prob_on_expanded_matrix(expanded6):
-    P, Q = expanded6
+    _, Q = expanded6
     ref = dense_of(Q)
     assert Q.n_base == 4 and Q.n_states == 6
     vv, xx = np.meshgrid(np.arange(6), np.arange(6), indexing="ij")

@@ -65,7 +65,7 @@ def test_fit_invariants(problem):
     assert rows.shape == (m, P.n_base)
     assert np.all(rows.data >= 0)
     assert np.all(np.asarray(rows.sum(axis=1)).ravel() <= 1 + 1e-5)
-    Q, cert = P.expand(fit)
+    _, cert = P.expand(fit)
     assert cert.ok
 
 

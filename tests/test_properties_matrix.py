@@ -267,7 +267,7 @@ VALUE_KINDS = ["negative", "nan", "inf", "sum>1", "tail-mismatch", "tail-nan", "
 @given(spec=csr_specs(min_states=2), kind=st.sampled_from(VALUE_KINDS), pick=st.integers(0, 10**6))
 def test_validate_reports_value_corruption_of_loaded_files(io_dir, spec, kind, pick):
     """Values are only checked on request (verify=True or validate()): both name the row."""
-    csr, n_base = spec
+    _, n_base = spec
     P = build(spec)
     n = P.n_states
     data = np.array(P.data)

@@ -127,18 +127,24 @@ def _table_md(rows: list[dict[str, Any]], env: dict[str, Any], n: int) -> str:
             f"| {r['test_sentence']:.3f} | {r['delta_old_loss']:+.4f} | {r['max_abs_logit_diff']:.3g}{verified} "
             f"| {r['trainable']:,} | {r['seconds']:.1f} | {support} |")
     return "\n".join([
-        f"# Synthetic vocabulary on {env['model']}: {len(env['pseudo_words'])} pseudo-words, N = {n} train "
-        f"sentences each", "",
+        (
+            f"# Synthetic vocabulary on {env['model']}: {len(env['pseudo_words'])} pseudo-words, N = {n} train "
+            f"sentences each"
+        ),
+        "",
         f"`{env['command']}`", "",
         *lines, "",
-        "Losses are mean next-token NLL in nats on held-out sentences: *after* = the position right after "
-        "a pseudo-word, *sentence* = every position whose target is an old token. Delta loss is the change "
-        f"of mean NLL on {env['n_old_contexts']} held-out original stories (base: {env['base_old_nll']:.4f}); "
-        "max abs delta logit compares old-vocabulary logits with the base model there, and *(verified)* "
-        "means `verify_no_forgetting` also found bitwise-equal logits and unchanged base tensors. "
-        f"Time: fit + training of the kept candidate (the shared distillation took {env['distill_seconds']:.0f} s). "
-        f"{env['config']['steps']} steps of {env['config']['batch_size']} sentences for every trained method, "
-        "learning rate picked from the grid on the validation *after* loss.", "",
+        (
+            "Losses are mean next-token NLL in nats on held-out sentences: *after* = the position right after "
+            "a pseudo-word, *sentence* = every position whose target is an old token. Delta loss is the change "
+            f"of mean NLL on {env['n_old_contexts']} held-out original stories (base: {env['base_old_nll']:.4f}); "
+            "max abs delta logit compares old-vocabulary logits with the base model there, and *(verified)* "
+            "means `verify_no_forgetting` also found bitwise-equal logits and unchanged base tensors. "
+            f"Time: fit + training of the kept candidate (the shared distillation took {env['distill_seconds']:.0f} s). "
+            f"{env['config']['steps']} steps of {env['config']['batch_size']} sentences for every trained method, "
+            "learning rate picked from the grid on the validation *after* loss."
+        ),
+        "",
         f"Environment: {json.dumps(env['versions'])}, {env['threads']} torch thread(s), {env['cpus']} CPUs.",
     ]) + "\n"
 
@@ -213,10 +219,13 @@ def _sweep_md(rows: list[dict[str, Any]], ref: dict[str, Any], env: dict[str, An
         f"# Sample efficiency on {env['model']}: held-out loss after the pseudo-word vs N", "",
         f"`{env['command']}`", "",
         *lines, "",
-        f"Mean over {repeats} draw(s) of the train sentences; learning rate (and alpha's link and s) "
-        f"picked on validation at every N. Reference (base model with the real words in place): "
-        f"{ref['test_after']:.3f}. {env['config']['steps']} steps of {env['config']['batch_size']} sentences "
-        f"at every N. Learning rates tried: {grid_text}.", "",
+        (
+            f"Mean over {repeats} draw(s) of the train sentences; learning rate (and alpha's link and s) "
+            f"picked on validation at every N. Reference (base model with the real words in place): "
+            f"{ref['test_after']:.3f}. {env['config']['steps']} steps of {env['config']['batch_size']} sentences "
+            f"at every N. Learning rates tried: {grid_text}."
+        ),
+        "",
         f"Environment: {json.dumps(env['versions'])}, {env['threads']} torch thread(s), {env['cpus']} CPUs.",
     ]) + "\n"
 

@@ -269,7 +269,7 @@ def _run_rows(call: Callable[[Any], Any], m: int, progress: bool, desc: str, min
     def work() -> None:
         try:
             box["result"] = call(control)
-        except BaseException as exc:  # handed to the caller's thread below
+        except BaseException as exc:  # noqa: BLE001 - every exception, KeyboardInterrupt too, is re-raised in the caller's thread below
             box["error"] = exc
         finally:
             finished.set()

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from . import _core
 from ._checks import integer, real, threads
 from ._errors import ConvergenceWarning, invariant_error
+
+if TYPE_CHECKING:  # _expansion imports this module; the name is needed for annotations only
+    from ._expansion import ExpansionCertificate
 
 __all__ = ["Row", "TransitionMatrix"]
 
@@ -199,9 +202,8 @@ def _flatten_sequences(seqs: Any, upper: int, name: str = "sequences") -> tuple[
         elif len(full) == 1:
             ids = full[0]
         else:
-            ids = joined_view(full)
-            if ids is None:
-                ids = np.concatenate(full, dtype=np.int32 if narrow else None)
+            joined = joined_view(full)
+            ids = joined if joined is not None else np.concatenate(full, dtype=np.int32 if narrow else None)
         width = ids.dtype.itemsize
         if ids.dtype.kind == "u":
             bad = int(ids.max()) >= upper
@@ -214,7 +216,7 @@ def _flatten_sequences(seqs: Any, upper: int, name: str = "sequences") -> tuple[
             report(ids, 0)
         return np.ascontiguousarray(ids, dtype=np.int32), offsets
     # Mixed dtypes with a wide one: test each sequence in its own dtype, then join.
-    for p, start in zip(parts, offsets[:-1]):
+    for p, start in zip(parts, offsets[:-1], strict=True):
         if p.size and (int(p.max()) >= upper or (p.dtype.kind == "i" and int(p.min()) < 0)):
             report(p, int(start))
     return np.concatenate(full, dtype=np.int32, casting="unsafe"), offsets
@@ -538,9 +540,8 @@ class TransitionMatrix:
 
     def _pairs(self, v: Any, x: Any, log: bool, n_threads: int | None) -> Any:
         if np.isscalar(v) and np.isscalar(x):
-            self._state(v, "v")
-            self._state(x, "x")
-            return self._m.log_prob(int(v), int(x)) if log else self._m.prob(int(v), int(x))
+            iv, ix = self._state(v, "v"), self._state(x, "x")
+            return self._m.log_prob(iv, ix) if log else self._m.prob(iv, ix)
         va, xa = np.broadcast_arrays(np.asarray(v), np.asarray(x))
         out = self._m.prob_many(
             _as_int64_ids(va, "v", self.n_states), _as_int64_ids(xa, "x", self.n_states), log, _threads(n_threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -97,7 +98,9 @@ def _load_model(path: str, device: str | None, dtype: str | None, quiet: bool = 
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if device:
-        model = model.to(device)
+        # transformers declares PreTrainedModel.to through functools.wraps(nn.Module.to), whose type takes the
+        # model as the first argument: the call is right, its declared type is not.
+        model = model.to(device)  # type: ignore[arg-type]
     return model.eval(), tokenizer
 
 
@@ -223,7 +226,7 @@ def _cmd_demo_core(args: argparse.Namespace) -> int:
     for j, (word, like) in enumerate(new_words.items()):
         counts = np.zeros(len(vocab))
         for s in pseudo_sentences(word, like, examples, seed=args.seed + 10 + j):
-            for a, b in zip(s, s[1:]):
+            for a, b in itertools.pairwise(s):
                 if a == word:
                     counts[ids[b]] += 1
         rows.append(counts / counts.sum())

@@ -33,8 +33,8 @@ __all__ = [
     "assert_valid",
 ]
 
-#: A TransitionMatrix or the path of a file written by TransitionMatrix.save.
 MatrixLike = Union[TransitionMatrix, str, "os.PathLike[str]"]
+"""A TransitionMatrix or the path of a file written by TransitionMatrix.save."""
 
 
 def as_matrix(m: MatrixLike) -> TransitionMatrix:

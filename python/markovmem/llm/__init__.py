@@ -46,7 +46,7 @@ _EXPORTS = {
     "run_demo": "demo",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 - built from _EXPORTS so the two lists cannot drift apart
 
 _INSTALL_HINT = "markovmem.llm needs torch and transformers; install them with `pip install markovmem[llm]`"
 

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -22,9 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distillation import distill, next_token_counts
-from .model import add_tokens, alpha_to_embeddings, get_expansion, set_embeddings
+from .model import _io_modules, _require_expansion, add_tokens, alpha_to_embeddings, set_embeddings
 from .tuning import embedding_tune
 from .verify import verify_no_forgetting
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -74,7 +77,7 @@ class DemoResult:
                 f"{r['max_abs_logit_diff']:.3g}", f"{r['trainable_params']:,}", f"{r['seconds']:.1f}",
             ])
         widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-        out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
                for row in lines]
         out.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(out)
@@ -86,8 +89,10 @@ class DemoResult:
                 + (" ".join(f"{w:+.3f} x {tok!r}" for tok, w in pairs) or "(empty)")
                 for link, pairs in self.decomposition.items()]
         return "\n".join([
-            f"markovmem demo: teach a tiny Llama the new operator '{NEW_OPERATOR}' (a{NEW_OPERATOR}b = a*b) "
-            f"from {s.get('n_examples')} examples",
+            (
+                f"markovmem demo: teach a tiny Llama the new operator '{NEW_OPERATOR}' (a{NEW_OPERATOR}b = a*b) "
+                f"from {s.get('n_examples')} examples"
+            ),
             f"base model accuracy: {base}",
             "",
             self.table(),
@@ -139,7 +144,7 @@ def _batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------- models
-def _new_model(vocab_size: int, seed: int) -> nn.Module:
+def _new_model(vocab_size: int, seed: int) -> LlamaForCausalLM:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -191,7 +196,7 @@ def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     return Path(base) / "markovmem"
 
 
-def _base_model(cache_dir: Any, steps: int, seed: int, progress: bool) -> tuple[nn.Module, Any, float]:
+def _base_model(cache_dir: Any, steps: int, seed: int, progress: bool) -> tuple[LlamaForCausalLM, Any, float]:
     """The arithmetic Llama, trained once and cached; (model, tokenizer, seconds spent training now)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -233,7 +238,7 @@ def _accuracy(model: nn.Module, tok: Any, pairs: list[tuple[int, int]], op: str)
                 nxt = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
                 ids = torch.cat([ids, nxt], 1)
             start = len(items[0][0])
-            for row, (_, answer) in zip(ids[:, start:].tolist(), items):
+            for row, (_, answer) in zip(ids[:, start:].tolist(), items, strict=True):
                 out = row[: row.index(eos)] if eos in row else None
                 correct += out is not None and tok.decode(out) .replace(" ", "") == answer
     return correct / len(pairs)
@@ -344,7 +349,7 @@ def run_demo(
 def _run(n_examples: int, s: int, tune_steps: int, tune_lr: float, finetune_lr: float, base_steps: int,
          cache_dir: Any, seed: int, progress: bool, verbose: bool, fit: Callable[..., Any]) -> DemoResult:
     base, tok, train_seconds = _base_model(cache_dir, base_steps, seed, progress)
-    n_base = base.get_input_embeddings().num_embeddings
+    n_base = _io_modules(base)[0].num_embeddings
     rng = np.random.default_rng(seed + 1)
     pairs = [(a, b) for a in MUL_RANGE for b in MUL_RANGE]
     order = rng.permutation(len(pairs))
@@ -394,7 +399,7 @@ def _run(n_examples: int, s: int, tune_steps: int, tune_lr: float, finetune_lr: 
         counts = next_token_counts(seqs, ids, n_base)
         fitted = fit(P, counts, s=s, link=link)
         set_embeddings(model, ids, alpha_to_embeddings(model, fitted.alpha))
-        get_expansion(model).alpha = fitted.alpha
+        _require_expansion(model).alpha = fitted.alpha
         alpha_seconds[link] = seconds_distill + time.perf_counter() - t0
         report = verify_no_forgetting(base, model, contexts)
         measure(f"E^T alpha, {link} link (no training)", model, tok_a, 0, alpha_seconds[link],
@@ -403,7 +408,7 @@ def _run(n_examples: int, s: int, tune_steps: int, tune_lr: float, finetune_lr: 
         cols, vals = alpha.indices[alpha.indptr[0] : alpha.indptr[1]], alpha.data[alpha.indptr[0] : alpha.indptr[1]]
         order_a = np.argsort(-np.abs(vals))
         result.decomposition[link] = [(tok.convert_ids_to_tokens(int(c)), float(v))
-                                      for c, v in zip(cols[order_a], vals[order_a])]
+                                      for c, v in zip(cols[order_a], vals[order_a], strict=True)]
         alpha_models[link] = model
 
     # 2. ET from E^T alpha (the paper's logit link), and from the mean embedding.
@@ -422,7 +427,8 @@ def _run(n_examples: int, s: int, tune_steps: int, tune_lr: float, finetune_lr: 
     tok_f.add_tokens([NEW_OPERATOR])
     ft.resize_token_embeddings(len(tok_f), mean_resizing=False)
     with torch.no_grad():
-        ft.get_input_embeddings().weight[n_base:] = ft.get_input_embeddings().weight[:n_base].mean(0)
+        ft_rows = _io_modules(ft)[0].weight
+        ft_rows[n_base:] = ft_rows[:n_base].mean(0)
     seconds = _train(ft, _encode(tok_f, examples), tune_steps, finetune_lr, min(16, n_examples), seed, progress,
                      "full fine-tuning")
     measure("full fine-tuning", ft, tok_f, sum(p.numel() for p in ft.parameters()), seconds)

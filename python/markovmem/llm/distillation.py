@@ -209,8 +209,8 @@ def _select_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     if x.dtype != torch.float32:
         x = x.float()
     # Zero-copy when each row is contiguous (a column slice of wider logits is fine).
-    ids, values = softmax_topk(x.numpy(), k, n_threads=torch.get_num_threads())
-    return torch.from_numpy(values), torch.from_numpy(ids)
+    top_ids, top_values = softmax_topk(x.numpy(), k, n_threads=torch.get_num_threads())
+    return torch.from_numpy(top_values), torch.from_numpy(top_ids)
 
 
 #: Logits per batch (batch x base vocabulary) from which distill applies the head itself (see _LastLogits).
@@ -240,7 +240,8 @@ class _LastLogits:
         self.buf: torch.Tensor | None = None
         self.head: tuple[nn.Module, torch.Tensor, torch.Tensor | None] | None = None
         self.checked = False
-        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        get_output = getattr(model, "get_output_embeddings", None)  # transformers models have it
+        out = get_output() if callable(get_output) else None
         base = getattr(out, "base_layer", out)  # NewTokenOutputLayer wraps the base head
         body = getattr(model, "base_model", None)
         if (dev.type == "cpu" and n_base * batch >= _HEAD_MIN_LOGITS
@@ -766,7 +767,9 @@ def dictionary_info(P: TransitionMatrix) -> dict[str, Any]:
     return out
 
 
-def next_token_counts(sequences: Iterable[Sequence[int]], new_token_ids: Sequence[int], n_base: int) -> Any:
+def next_token_counts(
+    sequences: Iterable[Sequence[int] | np.ndarray], new_token_ids: Sequence[int], n_base: int
+) -> Any:
     """Empirical next-token counts of new tokens: the data behind q_hat(. | u).
 
     For every occurrence of ``new_token_ids[i]`` followed by a base token ``x``

@@ -8,7 +8,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 from .._fileio import atomic_publish_dir, atomic_write
 from ._stfile import content_fingerprint, parse, tensor_record
 from .model import (
+    _io_modules,
     _model_n_base,
     _require_expansion,
     _text_config,
@@ -26,6 +27,9 @@ from .model import (
     get_expansion,
     remove_expansion,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["export_merged", "load_expansion", "save_expansion"]
 
@@ -119,7 +123,7 @@ def save_expansion(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str
 
     state = _require_expansion(model)
     vocab = tokenizer.get_vocab()
-    for t, i in zip(state.tokens, state.new_ids):
+    for t, i in zip(state.tokens, state.new_ids, strict=True):
         if vocab.get(t) != i:
             raise ValueError(f"tokenizer maps {t!r} to {vocab.get(t)}; the expansion gave it id {i}")
     alpha = alpha if alpha is not None else state.alpha
@@ -359,7 +363,7 @@ def load_expansion(base_model: nn.Module, tokenizer: Any, path: str | os.PathLik
     if get_expansion(base_model) is not None:
         raise ValueError("base_model already carries an expansion; call remove_expansion(model) first")
     n_base = _model_n_base(base_model)
-    here = _describe(base_model, n_base, base_model.get_input_embeddings().weight)
+    here = _describe(base_model, n_base, _io_modules(base_model)[0].weight)
     if check_base:
         fp = base_fingerprint(base_model)
         if fp != exp.base_fingerprint:
@@ -392,7 +396,9 @@ def load_expansion(base_model: nn.Module, tokenizer: Any, path: str | os.PathLik
     return ids
 
 
-def _merged_module(original: nn.Module, weight: nn.Parameter, bias: nn.Parameter | None = None) -> nn.Module:
+def _merged_module(
+    original: nn.Embedding | nn.Linear, weight: nn.Parameter, bias: nn.Parameter | None = None
+) -> nn.Module:
     """A copy of an Embedding/Linear (same class, same settings) over new parameters."""
     merged = copy.copy(original)
     # copy.copy shares the parameter dict: give the copy its own before assigning.
@@ -400,14 +406,14 @@ def _merged_module(original: nn.Module, weight: nn.Parameter, bias: nn.Parameter
     merged.weight = weight
     if isinstance(merged, nn.Embedding):
         merged.num_embeddings = int(weight.shape[0])
-    else:
+    elif isinstance(merged, nn.Linear):
         merged.out_features = int(weight.shape[0])
         if bias is not None:
             merged.bias = bias
     return merged
 
 
-def export_merged(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str], *,
+def export_merged(model: PreTrainedModel, tokenizer: Any, path: str | os.PathLike[str], *,
                   suppress_new_tokens: bool | None = None, **save_kwargs: Any) -> Path:
     """Save the expanded model as a plain transformers checkpoint (``save_pretrained``).
 

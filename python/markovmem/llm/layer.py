@@ -152,6 +152,7 @@ class NewTokenOutputLayer(nn.Module):
         if self.block_output:
             extra = logits.new_full((*logits.shape[:-1], self.n_new), float("-inf"))
         else:
+            assert self.new_weight is not None  # __init__ requires it whenever block_output is False
             bias = None if self.new_bias is None else self.new_bias.to(hidden.dtype)
             extra = F.linear(hidden, self.new_weight.to(hidden.dtype), bias)
             extra = extra.to(logits.dtype)

@@ -13,7 +13,7 @@ import contextlib
 import copy
 import hashlib
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -39,11 +39,9 @@ _STATE_ATTR = "_markovmem_expansion"
 #: Name pattern of the placeholder tokens that name unnamed padding rows.
 RESERVED_TOKEN = "<|markovmem_reserved_{}|>"
 
-#: The single dispatch on layer type: (role, base type) -> wrapper type.
-_WRAPPERS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
-    "input": (nn.Embedding, NewTokenEmbeddingLayer),
-    "output": (nn.Linear, NewTokenOutputLayer),
-}
+#: The layer types markovmem wraps, by role: nn.Embedding -> NewTokenEmbeddingLayer,
+#: nn.Linear -> NewTokenOutputLayer (see _io_modules, MarkovMemModel.__init__).
+_WRAPPED = {"input": nn.Embedding, "output": nn.Linear}
 
 
 def _text_config(model: nn.Module) -> Any:
@@ -53,13 +51,20 @@ def _text_config(model: nn.Module) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _io_modules(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    for name in ("get_input_embeddings", "get_output_embeddings"):
-        if not callable(getattr(model, name, None)):
+def _io_modules(model: nn.Module) -> tuple[nn.Embedding, nn.Linear]:
+    """The unexpanded model's input embedding and output head, checked to be types markovmem wraps."""
+    # Looked up by name: nn.Module declares neither method, transformers models have both.
+    getters: dict[str, Any] = {name: getattr(model, name, None) for name in ("get_input_embeddings", "get_output_embeddings")}
+    for name, getter in getters.items():
+        if not callable(getter):
             raise TypeError(f"model must be a transformers causal LM with {name}(); got {type(model).__name__}")
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    inp, out = getters["get_input_embeddings"](), getters["get_output_embeddings"]()
     if inp is None or out is None:
         raise TypeError(f"{type(model).__name__} has no input embedding or no output head; expected a causal LM")
+    if not isinstance(inp, nn.Embedding):
+        _unsupported("input", inp)
+    if not isinstance(out, nn.Linear):
+        _unsupported("output", out)
     return inp, out
 
 
@@ -83,22 +88,18 @@ def _locate(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:
     return unique
 
 
-def _dispatch(role: str, module: nn.Module) -> type[nn.Module]:
-    base_type, wrapper = _WRAPPERS[role]
-    if not isinstance(module, base_type):
-        what = "input embedding" if role == "input" else "output head"
-        raise TypeError(
-            f"the model's {what} is a {type(module).__name__}; markovmem supports {base_type.__module__}."
-            f"{base_type.__name__} there (Llama, Qwen2, GPT-2 and most decoder-only transformers)"
-        )
-    return wrapper
+def _unsupported(role: str, module: object) -> NoReturn:
+    base_type = _WRAPPED[role]
+    what = "input embedding" if role == "input" else "output head"
+    raise TypeError(
+        f"the model's {what} is a {type(module).__name__}; markovmem supports {base_type.__module__}."
+        f"{base_type.__name__} there (Llama, Qwen2, GPT-2 and most decoder-only transformers)"
+    )
 
 
 def _model_n_base(model: nn.Module) -> int:
     """Number of base tokens: the rows of the (unexpanded) input and output matrices."""
     inp, out = _io_modules(model)
-    _dispatch("input", inp)
-    _dispatch("output", out)
     n_in, n_out = int(inp.num_embeddings), int(out.out_features)
     if n_in != n_out:
         raise ValueError(
@@ -175,10 +176,11 @@ class MarkovMemModel:
         self._sites: dict[str, list[tuple[nn.Module, str]]] = {
             "input": _locate(model, inp), "output": _locate(model, out)}
         self._originals = {"input": inp, "output": out}
-        in_wrapper = _dispatch("input", inp)(inp, new_rows)
+        in_wrapper = NewTokenEmbeddingLayer(inp, new_rows)
         out_weight = self._output_rows(in_wrapper, out, new_output_rows)
-        out_wrapper = _dispatch("output", out)(out, in_wrapper.n_new, config.block_output, out_weight)
-        self._wrappers = {"input": in_wrapper, "output": out_wrapper}
+        out_wrapper = NewTokenOutputLayer(out, in_wrapper.n_new, config.block_output, out_weight)
+        self._input_layer, self._output_layer = in_wrapper, out_wrapper
+        self._wrappers: dict[str, nn.Module] = {"input": in_wrapper, "output": out_wrapper}
         self._install("wrappers")
         object.__setattr__(model, _STATE_ATTR, self)
 
@@ -213,11 +215,11 @@ class MarkovMemModel:
 
     @property
     def input_layer(self) -> NewTokenEmbeddingLayer:
-        return self._wrappers["input"]
+        return self._input_layer
 
     @property
     def output_layer(self) -> NewTokenOutputLayer:
-        return self._wrappers["output"]
+        return self._output_layer
 
     @property
     def n_new(self) -> int:
@@ -262,6 +264,7 @@ class MarkovMemModel:
             else:
                 if output_rows is None:
                     output_rows = _init_rows(out.base_layer.weight, len(tokens), self.config.init, self.config.seed)
+                assert out.new_weight is not None  # an unblocked, untied output always has its own rows
                 out.new_weight = nn.Parameter(torch.cat([out.new_weight.detach(), output_rows.to(out.new_weight)], 0))
             if out.new_bias is not None:
                 out.new_bias = nn.Parameter(torch.cat([out.new_bias.detach(), out.new_bias.new_zeros(len(tokens))]))
@@ -377,7 +380,7 @@ def _prepare_tokenizer(tokenizer: Any, tokens: Sequence[str], first_id: int, n_b
     present = _tokenizer_ids(tokenizer, tokens)
     if present == expected and len(tokenizer) == first_id + len(tokens):
         return True
-    for t, i in zip(tokens, present):
+    for t, i in zip(tokens, present, strict=True):
         if i is not None:
             raise ValueError(f"token {t!r} is already in the tokenizer's vocabulary (id {i}); new tokens must be new")
     n_tok = len(tokenizer)
@@ -674,7 +677,7 @@ def alpha_to_embeddings(model: nn.Module, alpha: Any) -> torch.Tensor:
     state = get_expansion(model)
     weight = state.input_layer.base_layer.weight if state is not None else _io_modules(model)[0].weight
     n_base = int(weight.shape[0])
-    csr = sp.csr_array(alpha) if not sp.issparse(alpha) else sp.csr_array(alpha)
+    csr = sp.csr_array(alpha)
     if csr.ndim != 2:
         raise ValueError(f"alpha must be 2-D (m, n_states); got shape {csr.shape}")
     m, n = csr.shape

@@ -15,7 +15,15 @@ from .._errors import SampleSizeWarning
 from .._matrix import TransitionMatrix
 from .config import LearnTokensConfig
 from .distillation import distill, next_token_counts
-from .model import _model_n_base, add_tokens, alpha_to_embeddings, get_expansion, remove_expansion, set_embeddings
+from .model import (
+    _model_n_base,
+    _require_expansion,
+    add_tokens,
+    alpha_to_embeddings,
+    get_expansion,
+    remove_expansion,
+    set_embeddings,
+)
 from .tuning import TuneHistory, embedding_tune
 from .selection import cross_fit
 from .verify import ForgettingReport, verify_no_forgetting
@@ -146,7 +154,7 @@ def _decompose(alpha: Any, tokenizer: Any, top: int) -> list[list[tuple[Any, flo
         names = [int(c) for c in cols[order]]
         if tokenizer is not None:
             names = tokenizer.convert_ids_to_tokens(names)
-        out.append([(n, float(v)) for n, v in zip(names, vals[order])])
+        out.append([(n, float(v)) for n, v in zip(names, vals[order], strict=True)])
     return out
 
 
@@ -339,13 +347,13 @@ def learn_tokens(
     try:
         seqs = [tokenizer(t)["input_ids"] for t in texts]
         counts = next_token_counts(seqs, ids, n_base)
-        empty = [tok for tok, n in zip(tokens, np.diff(counts.indptr)) if n == 0]
+        empty = [tok for tok, n in zip(tokens, np.diff(counts.indptr), strict=True) if n == 0]
         if empty:
             raise ValueError(f"tokens {empty} are never followed by a base token in texts; add examples using them")
         alpha, fits, tokens_report = _fit_tokens(model, ids, list(tokens), seqs, counts, matrix, cfg, fit_alpha,
                                                  tokenizer, device, progress)
         set_embeddings(model, ids, alpha_to_embeddings(model, alpha))
-        get_expansion(model).alpha = alpha
+        _require_expansion(model).alpha = alpha
         history = None
         if cfg.tune_steps > 0:
             history = embedding_tune(model, ids, seqs, steps=cfg.tune_steps, lr=cfg.tune_lr,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distillation import distill, next_token_counts
-from .model import add_tokens, alpha_to_embeddings, get_expansion, set_embeddings
+from .model import _io_modules, _require_expansion, add_tokens, alpha_to_embeddings, set_embeddings
 from .tuning import Forward, TuneHistory, _model_forward, _train_steps, embedding_tune
 from .verify import verify_no_forgetting
 
@@ -157,11 +157,11 @@ class PseudoWordCorpus:
     def max_train(self) -> int:
         """Largest N for which :meth:`sentences` ('train', N) has every blend's share available."""
         best = []
-        for p, per_word in zip(self.pseudo_words, self.pools["train"]):
-            best.append(min(int(len(pool) / w) for pool, w in zip(per_word, p.weights)))
+        for p, per_word in zip(self.pseudo_words, self.pools["train"], strict=True):
+            best.append(min(int(len(pool) / w) for pool, w in zip(per_word, p.weights, strict=True)))
         n = min(best)
-        while n > 0 and any(a > len(pool) for p, per_word in zip(self.pseudo_words, self.pools["train"])
-                            for a, pool in zip(_apportion(n, p.weights), per_word)):
+        while n > 0 and any(a > len(pool) for p, per_word in zip(self.pseudo_words, self.pools["train"], strict=True)
+                            for a, pool in zip(_apportion(n, p.weights), per_word, strict=True)):
             n -= 1
         return n
 
@@ -188,9 +188,9 @@ class PseudoWordCorpus:
             raise ValueError(f"n is {n!r}; the train split needs n >= 1 sentences per pseudo-word")
         out = []
         rng = np.random.default_rng([int(self.settings.get("seed", 0)), int(repeat)])
-        for i, (p, per_word) in enumerate(zip(self.pseudo_words, self.pools[split])):
+        for i, (p, per_word) in enumerate(zip(self.pseudo_words, self.pools[split], strict=True)):
             counts = [len(pool) for pool in per_word] if n is None else _apportion(int(n), p.weights)
-            for pool, k in zip(per_word, counts):
+            for pool, k in zip(per_word, counts, strict=True):
                 if k > len(pool):
                     raise ValueError(f"pseudo-word {p.token!r} has {len(pool)} train sentences for a word that "
                                      f"needs {k} at n = {n}; at most n = {self.max_train()} is available")
@@ -293,7 +293,8 @@ def build_corpus(
             raise ValueError(f"pseudo-word {t!r} is a base token ({pieces}); pick a made-up word")
         if t.lower() in lower:
             raise ValueError(f"pseudo-word {t!r} occurs in the text; pick a word the text does not contain")
-    word_ids, owner = [], {}
+    word_ids: list[list[int]] = []
+    owner: dict[str, str] = {}
     for p in pws:
         ids = []
         for w in p.words:
@@ -310,8 +311,8 @@ def build_corpus(
     new_id = {t: int(expanded.convert_tokens_to_ids(t)) for t in tokens}
 
     paras = _paragraphs(text)
-    a = int(round(split[0] * len(paras)))
-    b = a + int(round(split[1] * len(paras)))
+    a = round(split[0] * len(paras))
+    b = a + round(split[1] * len(paras))
     stories = {"train": paras[:a], "val": paras[a:b], "test": paras[b:]}
     pools: dict[str, list[list[list[tuple[str, str]]]]] = {}
     for si, (name, part) in enumerate(stories.items()):
@@ -323,7 +324,7 @@ def build_corpus(
             for j, pat in enumerate(patterns):
                 others = [o for o in patterns if o is not pat]
                 cand = [s for s in sentences if pat.injectable(s, others)]
-                injected = [pat.spaced.sub(lambda _: p.token, s) for s in cand]
+                injected = [pat.spaced.sub(lambda _, token=p.token: token, s) for s in cand]
                 pairs = _aligned(tokenizer, expanded, cand, injected, word_ids[i][j], new_id[p.token])
                 order = np.random.default_rng([seed, si, i, j]).permutation(len(pairs))
                 per_word.append([pairs[k] for k in order])
@@ -331,7 +332,7 @@ def build_corpus(
     for name, n in (("val", n_val), ("test", n_test)):
         for i, p in enumerate(pws):
             need = _apportion(int(n), p.weights)
-            for j, (w, k) in enumerate(zip(p.words, need)):
+            for j, (w, k) in enumerate(zip(p.words, need, strict=True)):
                 have = len(pools[name][i][j])
                 if have < k:
                     raise ValueError(f"the {name} split has {have} sentences with {w!r} for {p.token!r}; "
@@ -350,7 +351,7 @@ def _aligned(base_tok: Any, expanded_tok: Any, originals: list[str], injected: l
     a = base_tok(originals)["input_ids"]
     b = expanded_tok(injected)["input_ids"]
     out = []
-    for s_inj, s_orig, x, y in zip(injected, originals, a, b):
+    for s_inj, s_orig, x, y in zip(injected, originals, a, b, strict=True):
         x, y = np.asarray(x), np.asarray(y)
         if x.size != y.size or not (y == new).any():
             continue
@@ -478,7 +479,7 @@ class PseudoWordBench:
         self.tokenizer = tokenizer
         self.template = copy.deepcopy(model)
         self.ids = add_tokens(self.template, tokenizer, corpus.tokens)
-        self.n_base = get_expansion(self.template).n_base
+        self.n_base = _require_expansion(self.template).n_base
         self._ids_arr = np.asarray(self.ids, dtype=np.int64)
         self._fit_alpha = markovmem.fit_alpha
         self._encoded: dict[Any, list[np.ndarray]] = {}
@@ -555,9 +556,10 @@ class PseudoWordBench:
             chosen = self.select_alpha(n, repeat)
             fitted, fit_seconds = chosen["fit"], chosen["seconds"]
             set_embeddings(model, self.ids, alpha_to_embeddings(model, fitted.alpha))
-            get_expansion(model).alpha = fitted.alpha
+            _require_expansion(model).alpha = fitted.alpha
         if method == "alpha":
             return _Trained(model, _model_forward(model), 0, fit_seconds, fitted)
+        assert lr is not None  # checked on entry: every method but "alpha" has a learning rate
         t0 = time.perf_counter()
         if method.startswith("et_"):
             init = {"et_alpha": None, "et_mean": "mean", "et_random": "random"}[method]
@@ -565,7 +567,7 @@ class PseudoWordBench:
                                      init=init, seed=cfg.seed, progress=self.progress)
             seconds = time.perf_counter() - t0 + fit_seconds
             return _Trained(model, _model_forward(model), history.n_trainable, seconds, fitted, history)
-        new_rows = get_expansion(model).input_layer.new_weight
+        new_rows = _require_expansion(model).input_layer.new_weight
         if method == "fft":
             runner: nn.Module = model
             forward = _model_forward(model)
@@ -605,10 +607,12 @@ class PseudoWordBench:
             # peft looks for the word embeddings by config.vocab_size, which the expansion
             # grew; the inputs are embedded by the expanded model's own layer below instead.
             peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual))
-        embed = model.get_input_embeddings()
+        embed = _require_expansion(model).input_layer  # the expanded embedding: it reads new ids too
         gen = torch.Generator().manual_seed(self.config.seed)
         start = torch.randint(0, self.n_base, (n_virtual,), generator=gen)
-        prompt = peft_model.prompt_encoder["default"].embedding.weight
+        prompt_embedding = peft_model.prompt_encoder["default"].embedding
+        assert isinstance(prompt_embedding, nn.Embedding)  # peft's PromptEmbedding holds its virtual tokens in one
+        prompt = prompt_embedding.weight
         with torch.no_grad():
             prompt.copy_(embed.weight[start].to(prompt.dtype))
 
@@ -664,7 +668,7 @@ class PseudoWordBench:
 
     def _old_nll(self, logits: list[torch.Tensor]) -> float:
         total, count = 0.0, 0
-        for (_, ids, mask), lg in zip(self._batches(self.old_contexts), logits):
+        for (_, ids, mask), lg in zip(self._batches(self.old_contexts), logits, strict=True):
             ok = mask[:, 1:] == 1
             nll = F.cross_entropy(lg[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
             total += float(nll[ok.flatten()].sum())
@@ -675,7 +679,7 @@ class PseudoWordBench:
         """Change of mean NLL on held-out original stories, and max |delta logit| (old vocabulary) there."""
         logits = self._old_text_logits(forward)
         diff = 0.0
-        for (_, _, mask), a, b in zip(self._batches(self.old_contexts), logits, self._base_old):
+        for (_, _, mask), a, b in zip(self._batches(self.old_contexts), logits, self._base_old, strict=True):
             real = mask.bool()
             diff = max(diff, float((a - b).abs()[real].max()))
         return {"delta_old_loss": self._old_nll(logits) - self.base_old_nll, "max_abs_logit_diff": diff}

@@ -71,18 +71,23 @@ def tiny_model(arch: str = "llama", vocab_size: int = 64, *, tied: bool = True, 
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    common = dict(vocab_size=vocab_size, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if arch in ("llama", "qwen2"):
-        cls_cfg, cls_model = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-        config = cls_cfg(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
-    elif arch == "gpt2":
-        cls_model = GPT2LMHeadModel
-        config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=4, n_positions=256, **common)
-    else:
+    if arch not in ("llama", "qwen2", "gpt2"):
         raise ValueError(f"arch is {arch!r}; expected 'llama', 'qwen2' or 'gpt2'")
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0
+    )
+    decoder: dict[str, Any] = dict(
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common,
+    )
     torch.manual_seed(seed)
-    model = cls_model(config)
+    model: Any
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**decoder))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**decoder))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=4, n_positions=256, **common))
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()

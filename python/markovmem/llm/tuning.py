@@ -259,12 +259,13 @@ def embedding_tune(
     # back in the rows' dtype at the end; rows not trained are restored exactly.
     row_dtype = inp.new_weight.dtype
     snapshot_in = inp.new_weight.detach().clone()
-    snapshot_out = None if (block or state.tied) else out.new_weight.detach().clone()
+    own_out = None if (block or state.tied) else out.new_weight  # output rows trained apart from the input rows
+    snapshot_out = None if own_out is None else own_out.detach().clone()
     master_in = nn.Parameter(inp.new_weight.detach().float().clone())
     params = [master_in]
     master_out = None
-    if not block and not state.tied:
-        master_out = nn.Parameter(out.new_weight.detach().float().clone())
+    if own_out is not None:
+        master_out = nn.Parameter(own_out.detach().float().clone())
         params.append(master_out)
     row_mask = torch.zeros(inp.n_new, 1, device=master_in.device)
     row_mask[pos.to(master_in.device)] = 1.0
@@ -293,7 +294,7 @@ def embedding_tune(
             if not block:
                 if state.tied:
                     out.new_weight = inp.new_weight
-                else:
+                elif master_out is not None and snapshot_out is not None:
                     rows_out = master_out.detach().to(snapshot_out.dtype)
                     rows_out[keep] = snapshot_out[keep]
                     out.new_weight = nn.Parameter(rows_out)

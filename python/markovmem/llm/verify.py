@@ -111,7 +111,7 @@ def _eval_mode(*models: nn.Module) -> Iterator[None]:
             m.eval()
         yield
     finally:
-        for m, mode in zip(models, modes):
+        for m, mode in zip(models, modes, strict=True):
             m.train(mode)
 
 
