@@ -14,6 +14,14 @@ class ConvergenceWarning(RuntimeWarning):
     """An iterative method stopped at its iteration limit before its tolerance."""
 
 
+class DistributedError(RuntimeError):
+    """A rank of a distributed run failed, or lost contact with the others.
+
+    Every rank raises it, with the failing rank's number, exception type and message;
+    on the rank where the error happened, the original exception is its ``__cause__``.
+    """
+
+
 def invariant_error(message: str, row: int | None = None) -> Exception:
     """Build an InvariantError carrying ``row`` (as the core's errors do)."""
     err = InvariantError(message)

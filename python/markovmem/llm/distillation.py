@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import _distributed
 from .._matrix import TransitionMatrix
 from .._topk import softmax_topk
 from .model import _model_n_base, base_fingerprint, get_expansion
@@ -130,12 +131,36 @@ def _digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def _write_file(path: Path, write: Any) -> None:
+    """``write(tmp)`` into a temporary file unique to this process beside ``path``, flushed to
+    disk, then renamed over ``path``: a reader sees the old file or the whole new one, never a
+    part, and ranks that write the same file at once do not share a temporary.  Every file of
+    a sharded run (manifest, shards) is written through here."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 class _Shards:
-    """Shard files under ``out`` plus a manifest that a rerun must match to resume."""
+    """Shard files under ``out`` plus a manifest that a rerun must match to resume.
+
+    The shard layout (which rows or sequences shard ``i`` holds) depends on the settings
+    in the manifest only, never on the number of ranks: shards written by a run on any
+    world size are reused by a run on any other.
+    """
 
     def __init__(self, out: str | os.PathLike[str] | None, manifest: dict[str, Any]) -> None:
         self.dir = None if out is None else Path(out)
         self.manifest = manifest
+
+    def open(self) -> None:
+        """Create ``out`` and write the manifest, or check the one there against this run's."""
         if self.dir is None:
             return
         if self.dir.exists() and not self.dir.is_dir():
@@ -147,17 +172,16 @@ class _Shards:
                 old = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
                 raise ValueError(f"{path} is not a readable distill manifest: {exc}") from exc
-            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            diff = sorted(k for k in set(old) | set(self.manifest) if old.get(k) != self.manifest.get(k))
             if diff:
-                detail = ", ".join(f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now" for k in diff[:3])
+                detail = ", ".join(f"{k}: {old.get(k)!r} there, {self.manifest.get(k)!r} now" for k in diff[:3])
                 raise ValueError(
                     f"out = {str(self.dir)!r} holds a distillation with other settings ({detail}); "
                     "pass another directory or delete it to start over"
                 )
         else:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            os.replace(tmp, path)
+            text = json.dumps(self.manifest, indent=1, sort_keys=True)
+            _write_file(path, lambda tmp: tmp.write_text(text))
 
     def path(self, i: int) -> Path | None:
         return None if self.dir is None else self.dir / f"shard-{i:06d}.safetensors"
@@ -176,11 +200,55 @@ class _Shards:
             return
         from safetensors.numpy import save_file
 
-        # Write then rename: a shard file either is complete or does not exist,
-        # so an interrupted run resumes at the first missing shard.
-        tmp = p.with_name(p.name + ".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, p)
+        # A shard file either is complete or does not exist, so an interrupted run
+        # resumes at the shards missing.
+        arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        _write_file(p, lambda tmp: save_file(arrays, str(tmp)))
+
+
+def _open_shards(shards: _Shards, ranks: _distributed.Ranks | None) -> None:
+    """Rank 0 writes (or checks) the manifest before the others check it, so no two ranks
+    create it at once; an error on any rank stops every rank."""
+    rank = 0 if ranks is None else ranks.rank
+    _distributed.exchange(ranks, lambda: shards.open() if rank == 0 else None)
+    if ranks is not None:
+        _distributed.exchange(ranks, lambda: shards.open() if rank != 0 else None)
+
+
+def _run_shards(ranks: _distributed.Ranks | None, shards: _Shards, n_shards: int, span: Any, valid: Any,
+                compute: Any, consume: Any, bar: Any) -> None:
+    """Every shard, loaded from ``out`` when a valid file is there and computed otherwise.
+
+    Shard ``s`` belongs to rank ``s % world``, which loads or computes it (and writes its
+    file) in round ``s // world``; at the end of each round every rank receives that round's
+    shards and calls ``consume(s, tensors)`` on them in shard order, so what is consumed,
+    and in which order, is the same on every world size and whatever was resumed.  The
+    exchange after each round is also where a failed rank stops the others.
+    ``span(s)`` is the number of items (rows, sequences) of shard ``s``; ``valid(s,
+    tensors)`` says whether a loaded file fits this run; ``compute(s)`` returns the shard's
+    arrays, updating ``bar`` as it goes; ``bar`` counts the other ranks' computed items at
+    the end of each round.
+    """
+    rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world)
+
+    def work(s: int) -> tuple[bool, dict[str, np.ndarray]] | None:
+        if s >= n_shards:
+            return None
+        got = shards.load(s)
+        if got is not None and valid(s, got):
+            return False, got
+        tensors = compute(s)
+        shards.save(s, tensors)
+        return True, tensors
+
+    for start in range(0, n_shards, world):
+        for j, item in enumerate(_distributed.exchange(ranks, lambda: work(start + rank))):
+            if item is None:
+                continue
+            computed, tensors = item
+            if not computed or j != rank:
+                bar.update(span(start + j))
+            consume(start + j, tensors)
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool, unit: str) -> Any:
@@ -262,18 +330,23 @@ class _LastLogits:
             torch.addmm(bias[: self.n_base], hidden, w.t(), out=out)
         return out
 
+    def decide(self, inp: torch.Tensor) -> None:
+        """Keep the head shortcut only if it gives the model's logits on the contexts ``inp`` (done once)."""
+        if self.head is None or self.checked:
+            return
+        self.checked = True
+        ref = self._model_logits(inp[:2])
+        try:
+            got = self._head_logits(inp[:2])
+            same = got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-4,
+                                                             atol=1e-5 * float(ref.abs().max()) + 1e-6)
+        except (TypeError, AttributeError, RuntimeError, ValueError):
+            same = False
+        if not same:
+            self.head = None
+
     def __call__(self, inp: torch.Tensor) -> torch.Tensor:
-        if self.head is not None and not self.checked:
-            self.checked = True
-            ref = self._model_logits(inp[:2])
-            try:
-                got = self._head_logits(inp[:2])
-                same = got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-4,
-                                                                 atol=1e-5 * float(ref.abs().max()) + 1e-6)
-            except (TypeError, AttributeError, RuntimeError, ValueError):
-                same = False
-            if not same:
-                self.head = None
+        self.decide(inp)
         return self._head_logits(inp) if self.head is not None else self._model_logits(inp)
 
 
@@ -291,6 +364,8 @@ def distill(
     sequences: Any = None,
     *,
     shard_rows: int | None = None,
+    dist: bool | None = None,
+    group: Any = None,
 ) -> TransitionMatrix:
     """Distill a causal LM into a sparse Markov transition matrix over its base vocabulary.
 
@@ -337,6 +412,21 @@ def distill(
         top-k entries; the rest of its mass counts toward the tail.
     shard_rows : int, optional
         Rows (token mode) or sequences (corpus mode) per shard file.
+    dist : bool, optional
+        Spread the shards over the ranks of a torch.distributed process group
+        (e.g. under ``torchrun``).  None (default): when the default group is
+        initialised; True: also initialise it from torchrun's environment when
+        it is not (gloo, and NCCL for CUDA tensors); False: this process alone.
+        Every rank passes the same model and arguments.  Shard ``i`` goes to
+        rank ``i % world_size``, which writes it under ``out``; the layout does
+        not depend on the world size, so a run resumes from the shards of a run
+        on any number of ranks.  Every rank returns the same matrix, bitwise
+        equal to a one-process run on the same kind of device; rank 0 writes
+        ``matrix.safetensors``.  With ``device=None`` each rank runs on
+        ``cuda:LOCAL_RANK`` when CUDA is available.  Progress is shown on rank
+        0.  See docs/howto/distributed.md.
+    group : torch.distributed.ProcessGroup, optional
+        The group to spread over (default: the default group).
 
     Returns
     -------
@@ -350,7 +440,35 @@ def distill(
         ``out`` directory holding a run with other settings.
     IndexError
         A token id out of range.
+    markovmem.DistributedError
+        In a distributed run, instead of the above on every rank: some rank
+        failed (the message names it and gives its error) or lost contact with
+        the others within the process group's timeout.
     """
+    ranks = _distributed.resolve(dist, group)
+    if ranks is not None:
+        progress = progress and ranks.rank == 0
+        if device is None:
+            device = _distributed.local_device()
+    # Checked on every rank inside one exchange: a rank that refuses its arguments stops the others.
+    rows, k, n_base, context, dev = _distributed.checked(ranks, lambda: _arguments(
+        model, mode, top_k, batch_size, shard_rows, token_ids, prefix, sequences, device))
+    was_training = model.training
+    model.eval()
+    try:
+        if mode == "token":
+            return _distill_tokens(model, rows, context, k, n_base, batch_size, dev, dtype, progress, out,
+                                   shard_rows, ranks)
+        return _distill_corpus(model, context, rows, k, n_base, batch_size, dev, dtype, progress, out, shard_rows,
+                               ranks)
+    finally:
+        model.train(was_training)
+
+
+def _arguments(model: nn.Module, mode: str, top_k: Any, batch_size: Any, shard_rows: Any, token_ids: Any,
+               prefix: Any, sequences: Any, device: Any) -> tuple[np.ndarray, int, int, Any, torch.device]:
+    """distill's arguments checked: (rows, k, n_base, the prefix (token mode) or the sequences
+    (corpus mode), the device, with the model moved there)."""
     if mode not in ("token", "corpus"):
         raise ValueError(f"mode is {mode!r}; expected 'token' or 'corpus'")
     if not isinstance(top_k, (int, np.integer)) or top_k < 1:
@@ -366,40 +484,31 @@ def distill(
         raise ValueError("token_ids is empty; expected at least one token")
     if len(np.unique(rows)) != rows.size:
         raise ValueError("token_ids has repeated ids")
-    dev = _prepare_device(model, device)
-    was_training = model.training
-    model.eval()
-    try:
-        return _dispatch_mode(model, mode, rows, prefix, sequences, k, n_base, batch_size, dev, dtype, progress, out,
-                              shard_rows)
-    finally:
-        model.train(was_training)
-
-
-def _dispatch_mode(model: nn.Module, mode: str, rows: np.ndarray, prefix: Any, sequences: Any, k: int, n_base: int,
-                   batch_size: int | None, dev: torch.device, dtype: Any, progress: bool, out: Any,
-                   shard_rows: int | None) -> TransitionMatrix:
     if mode == "token":
         if sequences is not None:
             raise ValueError("sequences is only used with mode='corpus'")
-        pre = np.zeros(0, np.int64) if prefix is None else _as_id_list(prefix, "prefix", _n_embeddable(model))
-        return _distill_tokens(model, rows, pre, k, n_base, batch_size, dev, dtype, progress, out, shard_rows)
-    if prefix is not None:
-        raise ValueError("prefix is only used with mode='token' (corpus contexts are the sequences themselves)")
-    seqs = _as_sequences(sequences, _n_embeddable(model))
-    return _distill_corpus(model, seqs, rows, k, n_base, batch_size, dev, dtype, progress, out, shard_rows)
+        context: Any = np.zeros(0, np.int64) if prefix is None else _as_id_list(prefix, "prefix", _n_embeddable(model))
+    else:
+        if prefix is not None:
+            raise ValueError("prefix is only used with mode='token' (corpus contexts are the sequences themselves)")
+        context = _as_sequences(sequences, _n_embeddable(model))
+    return rows, k, n_base, context, _prepare_device(model, device)
 
 
-def _finish(P: TransitionMatrix, shards: _Shards) -> TransitionMatrix:
-    if shards.dir is not None:
-        meta = {f"distill.{key}": json.dumps(value) for key, value in shards.manifest.items()}
-        P.save(shards.dir / "matrix.safetensors", metadata=meta)
+def _finish(P: TransitionMatrix, shards: _Shards, ranks: _distributed.Ranks | None) -> TransitionMatrix:
+    """Rank 0 writes ``matrix.safetensors``; every rank returns once it is written."""
+    def save() -> None:
+        if shards.dir is not None and (ranks is None or ranks.rank == 0):
+            meta = {f"distill.{key}": json.dumps(value) for key, value in shards.manifest.items()}
+            P.save(shards.dir / "matrix.safetensors", metadata=meta)
+
+    _distributed.checked(ranks, save)
     return P
 
 
 def _distill_tokens(model: nn.Module, rows: np.ndarray, pre: np.ndarray, k: int, n_base: int,
                     batch_size: int | None, dev: torch.device, dtype: Any, progress: bool,
-                    out: Any, shard_rows: int | None) -> TransitionMatrix:
+                    out: Any, shard_rows: int | None, ranks: _distributed.Ranks | None) -> TransitionMatrix:
     n = rows.size
     n_logits = _n_embeddable(model)
     batch = int(batch_size) if batch_size is not None else _auto_batch(n_logits)
@@ -410,48 +519,58 @@ def _distill_tokens(model: nn.Module, rows: np.ndarray, pre: np.ndarray, k: int,
         "shard_rows": per_shard, "model": base_fingerprint(model) if out is not None else "",
     }
     shards = _Shards(out, manifest)
+    _open_shards(shards, ranks)
     indices = np.empty((n, k), dtype=np.int32)
     probs = np.empty((n, k), dtype=np.float32)
     n_shards = -(-n // per_shard)
-    todo = []
-    done_rows = 0
-    for s in range(n_shards):
-        a, b = s * per_shard, min(n, (s + 1) * per_shard)
-        got = shards.load(s)
-        if got is not None and got["indices"].shape == (b - a, k) and got["probs"].shape == (b - a, k):
-            indices[a:b], probs[a:b] = got["indices"], got["probs"]
-            done_rows += b - a
-        else:
-            todo.append(s)
     last_logits = _LastLogits(model, n_base, dev, dtype, batch)
     prefix_t = torch.as_tensor(pre, dtype=torch.long, device=dev)
     rows_t = torch.as_tensor(rows, dtype=torch.long)
-    bar = _progress(n, done_rows, "distill", progress, "row")
-    try:
+
+    def contexts(i: int, j: int) -> torch.Tensor:
+        last = rows_t[i:j].to(dev).unsqueeze(1)
+        return torch.cat([prefix_t.expand(j - i, -1), last], dim=1) if pre.size else last
+
+    def span(s: int) -> int:
+        return min(n, (s + 1) * per_shard) - s * per_shard
+
+    def valid(s: int, got: dict[str, np.ndarray]) -> bool:
+        return got["indices"].shape == (span(s), k) and got["probs"].shape == (span(s), k)
+
+    def compute(s: int) -> dict[str, np.ndarray]:
+        a, b = s * per_shard, min(n, (s + 1) * per_shard)
         with torch.no_grad(), _autocast(dev, dtype, model):
-            for s in todo:
-                a, b = s * per_shard, min(n, (s + 1) * per_shard)
-                for i in range(a, b, batch):
-                    j = min(b, i + batch)
-                    last = rows_t[i:j].to(dev).unsqueeze(1)
-                    inp = torch.cat([prefix_t.expand(j - i, -1), last], dim=1) if pre.size else last
-                    logits = last_logits(inp)
-                    values, ids = _select_topk(logits, k)
-                    # Drop this batch's logits before the next forward allocates its own,
-                    # so at most one batch of logits is alive.
-                    del logits
-                    # The device -> host copy: k probabilities and k ids per row, nothing else.
-                    probs[i:j] = values.cpu().numpy()
-                    indices[i:j] = ids.cpu().numpy()
-                    bar.update(j - i)
-                shards.save(s, {"indices": indices[a:b], "probs": probs[a:b]})
+            for i in range(a, b, batch):
+                j = min(b, i + batch)
+                logits = last_logits(contexts(i, j))
+                values, ids = _select_topk(logits, k)
+                # Drop this batch's logits before the next forward allocates its own,
+                # so at most one batch of logits is alive.
+                del logits
+                # The device -> host copy: k probabilities and k ids per row, nothing else.
+                probs[i:j] = values.cpu().numpy()
+                indices[i:j] = ids.cpu().numpy()
+                bar.update(j - i)
+        return {"indices": indices[a:b], "probs": probs[a:b]}
+
+    def consume(s: int, got: dict[str, np.ndarray]) -> None:
+        a, b = s * per_shard, min(n, (s + 1) * per_shard)
+        indices[a:b], probs[a:b] = got["indices"], got["probs"]
+
+    with torch.no_grad():
+        # Whether to apply the head here is decided on the first two rows of the whole run,
+        # so every rank, and every resumed run, takes the same path.
+        last_logits.decide(contexts(0, min(n, 2)))
+    bar = _progress(n, 0, "distill", progress, "row")
+    try:
+        _run_shards(ranks, shards, n_shards, span, valid, compute, consume, bar)
     finally:
         bar.close()
     if n == n_base and np.array_equal(rows, np.arange(n_base)):
         P = TransitionMatrix.from_topk(indices, probs)
     else:
         P = _from_row_subset(rows, indices, probs, n_base)
-    return _finish(P, shards)
+    return _finish(P, shards, ranks)
 
 
 def _from_row_subset(rows: np.ndarray, indices: np.ndarray, probs: np.ndarray, n_base: int) -> TransitionMatrix:
@@ -473,8 +592,11 @@ def _from_row_subset(rows: np.ndarray, indices: np.ndarray, probs: np.ndarray, n
 
 def _distill_corpus(model: nn.Module, seqs: list[np.ndarray], rows: np.ndarray, k: int, n_base: int,
                     batch_size: int | None, dev: torch.device, dtype: Any, progress: bool,
-                    out: Any, shard_rows: int | None) -> TransitionMatrix:
+                    out: Any, shard_rows: int | None, ranks: _distributed.Ranks | None) -> TransitionMatrix:
     import scipy.sparse as sp
+
+    if ranks is not None:
+        raise NotImplementedError("corpus mode across processes is not available yet")
 
     n_logits = _n_embeddable(model)
     max_len = max(s.size for s in seqs)
@@ -487,6 +609,7 @@ def _distill_corpus(model: nn.Module, seqs: list[np.ndarray], rows: np.ndarray, 
         "shard_rows": per_shard, "model": base_fingerprint(model) if out is not None else "",
     }
     shards = _Shards(out, manifest)
+    shards.open()
     wanted = np.zeros(n_logits, dtype=bool)
     wanted[rows] = True
     wanted_t = torch.as_tensor(wanted, device=dev)
@@ -551,7 +674,7 @@ def _distill_corpus(model: nn.Module, seqs: list[np.ndarray], rows: np.ndarray, 
                 counts += shard_counts
     finally:
         bar.close()
-    return _finish(_average_topk(sp.csr_array(total), counts, k, n_base), shards)
+    return _finish(_average_topk(sp.csr_array(total), counts, k, n_base), shards, None)
 
 
 def _average_topk(total: Any, counts: np.ndarray, k: int, n_base: int) -> TransitionMatrix:
