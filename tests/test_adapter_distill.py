@@ -120,24 +120,86 @@ def test_out_dir_writes_shards_and_resumes(tmp_path, monkeypatch):
         llm.distill(model, top_k=7, batch_size=4, prefix=[1], progress=False, out=out, shard_rows=8)
 
 
+def _direct_corpus_sums(model, seqs, masks=None):
+    """Per token: the list of full softmax rows at its counted positions (a direct computation)."""
+    sums = {}
+    with torch.no_grad():
+        for i, s in enumerate(seqs):
+            probs = torch.softmax(model(torch.tensor([s])).logits[0].float(), -1).numpy()
+            for t, v in enumerate(s):
+                if masks is None or masks[i][t]:
+                    sums.setdefault(v, []).append(probs[t])
+    return sums
+
+
 def test_corpus_mode_averages_over_occurrences(tmp_path):
     model = tiny_model("gpt2", V, hidden_size=16)
     seqs = [[1, 5, 6, 5, 7], [1, 6, 5], [3, 4]]
-    P = llm.distill(model, top_k=V, mode="corpus", sequences=seqs, batch_size=2, progress=False)
-    with torch.no_grad():
-        sums = {}
-        for s in seqs:
-            probs = torch.softmax(model(torch.tensor([s])).logits[0].float(), -1).numpy()
-            for t, v in enumerate(s):
-                sums.setdefault(v, []).append(probs[t])
-    for v, dists in sums.items():
+    P = llm.distill(model, top_k=V, mode="corpus", sequences=seqs, batch_size=2, progress=False, fallback="none")
+    for v, dists in _direct_corpus_sums(model, seqs).items():
         np.testing.assert_allclose(P.to_dense()[v], np.mean(dists, 0), atol=1e-6)
     assert P.row(10).tail == 1.0
+    info = llm.dictionary_info(P)
+    assert info["mode"] == "corpus" and info["fallback"] == "none" and info["shrinkage"] == 0.0
+    assert info["row_counts"][5] == 3 and info["row_counts"][6] == 2 and info["row_counts"][10] == 0
     sharded = llm.distill(model, top_k=V, mode="corpus", sequences=seqs, batch_size=1, progress=False,
-                          out=tmp_path / "c", shard_rows=1)
+                          out=tmp_path / "c", shard_rows=1, fallback="none")
     np.testing.assert_allclose(sharded.to_dense(), P.to_dense(), atol=1e-7)
+    saved = mm.TransitionMatrix.load(tmp_path / "c" / "matrix.safetensors")
+    assert llm.dictionary_info(saved)["corpus"] == info["corpus"]
     top2 = llm.distill(model, top_k=2, mode="corpus", sequences=seqs, progress=False)
     assert np.diff(top2.indptr).max() == 2
+
+
+@pytest.mark.parametrize("fallback", ["token", "unigram"])
+def test_corpus_rows_shrink_toward_the_fallback_by_occurrence_count(fallback):
+    model = tiny_model("llama", V, hidden_size=16)
+    seqs = [[1, 5, 6, 5, 7, 5], [1, 6, 5], [3, 4]]
+    masks = [np.array([True, True, False, True, True, True]), np.ones(3, bool), np.ones(2, bool)]
+    lam = 2.5
+    P = llm.distill(model, top_k=V, mode="corpus", sequences=seqs, mask=masks, fallback=fallback,
+                    shrinkage=lam, prefix=[1] if fallback == "token" else None, progress=False)
+    sums = _direct_corpus_sums(model, seqs, masks)
+    if fallback == "token":
+        with torch.no_grad():
+            base = torch.softmax(model(torch.tensor([[1, v] for v in range(V)])).logits[:, -1].float(), -1).numpy()
+    else:
+        everything = np.concatenate([np.stack(d) for d in sums.values()])
+        base = np.tile(everything.mean(0), (V, 1))
+    dense = P.to_dense()
+    for v in range(V):
+        rows = sums.get(v, [])
+        expected = (np.sum(rows, 0) + lam * base[v]) / (len(rows) + lam) if rows else base[v]
+        np.testing.assert_allclose(dense[v], expected, atol=2e-6, err_msg=f"row {v}")
+    info = llm.dictionary_info(P)
+    assert info["row_counts"][6] == 1  # the masked occurrence of 6 does not count
+    assert info["fallback"] == fallback and info["shrinkage"] == lam
+
+
+def test_corpus_longer_than_the_context_is_windowed_not_truncated():
+    model = tiny_model("llama", V, hidden_size=16)
+    rng = np.random.default_rng(0)
+    seq = rng.integers(3, V, size=23).tolist()
+    P = llm.distill(model, top_k=V, mode="corpus", sequences=[seq], window=8, fallback="none", progress=False)
+    counts = llm.dictionary_info(P)["row_counts"]
+    assert counts.sum() == len(seq)  # every position counted once
+    # Each position is scored with the window that first gives it >= 4 tokens of context.
+    starts = [0, 4, 8, 12, 16]
+    expected = {}
+    with torch.no_grad():
+        for j, a in enumerate(starts):
+            piece = seq[a:a + 8]
+            probs = torch.softmax(model(torch.tensor([piece])).logits[0].float(), -1).numpy()
+            lo = 0 if j == 0 else 4
+            for t in range(lo, len(piece)):
+                if a + t < (starts[j + 1] + 4 if j + 1 < len(starts) else len(seq)) and a + t not in expected:
+                    expected[a + t] = probs[t]
+    assert sorted(expected) == list(range(len(seq)))
+    by_token = {}
+    for t, v in enumerate(seq):
+        by_token.setdefault(v, []).append(expected[t])
+    for v, dists in by_token.items():
+        np.testing.assert_allclose(P.to_dense()[v], np.mean(dists, 0), atol=2e-6)
 
 
 def test_distill_errors():
@@ -154,6 +216,14 @@ def test_distill_errors():
         llm.distill(model, token_ids=[1, 99], progress=False)
     with pytest.raises(ValueError, match="only used with mode='corpus'"):
         llm.distill(model, sequences=[[1, 2]], progress=False)
+    with pytest.raises(ValueError, match="fallback is 'mean'"):
+        llm.distill(model, mode="corpus", sequences=[[1, 2]], fallback="mean", progress=False)
+    with pytest.raises(ValueError, match="shrinkage is -1"):
+        llm.distill(model, mode="corpus", sequences=[[1, 2]], shrinkage=-1, progress=False)
+    with pytest.raises(ValueError, match=r"mask\[0\] has 3 entries; sequences\[0\] has 2"):
+        llm.distill(model, mode="corpus", sequences=[[1, 2]], mask=[[True, True, False]], progress=False)
+    with pytest.raises(ValueError, match="no counted position"):
+        llm.distill(model, mode="corpus", sequences=[[1, 2]], mask=[[False, False]], progress=False)
 
 
 def test_next_token_counts_against_hand_counts():

@@ -17,6 +17,9 @@ from ._errors import ConvergenceWarning, invariant_error
 
 __all__ = ["Row", "TransitionMatrix"]
 
+#: Header keys the file format writes itself (never copied from a loaded matrix into a new save).
+_RESERVED_METADATA = frozenset({"format", "format_version", "n_states", "n_base", "nnz", "fingerprint"})
+
 #: Default tolerance on row sums (a row may sum to at most 1 + tol).
 DEFAULT_TOL = 1e-5
 #: Mass used in place of an exact zero wherever a log is taken (DESIGN §1).
@@ -368,10 +371,15 @@ class TransitionMatrix:
 
         An existing file at ``path`` is replaced only once the new one is
         complete, so an error mid-save leaves it intact.  ``metadata`` (str -> str)
-        is stored in the header next to the format version, sizes and fingerprint.
+        is stored in the header next to the format version, sizes and fingerprint,
+        after the matrix's own :attr:`metadata` (e.g. how ``llm.distill`` made
+        it); a key in both takes the value given here.
         """
+        merged = {k: v for k, v in self._metadata.items()
+                  if k not in _RESERVED_METADATA and not k.startswith("markovmem.")}
+        merged.update(metadata or {})
         extra = []
-        for k, v in (metadata or {}).items():
+        for k, v in merged.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"metadata must map str to str; got {k!r}: {v!r}")
             extra.append((k, v))
@@ -401,8 +409,14 @@ class TransitionMatrix:
 
     @property
     def metadata(self) -> dict[str, str]:
-        """Header metadata of the file this matrix was loaded from (empty otherwise)."""
+        """Metadata of this matrix: the header of the file it was loaded from, or what its maker
+        recorded (``llm.distill`` records how the rows were made); empty otherwise."""
         return dict(self._metadata)
+
+    @classmethod
+    def _with_metadata(cls, other: TransitionMatrix, metadata: Mapping[str, str]) -> TransitionMatrix:
+        """The same matrix (shared storage) carrying ``metadata`` besides its own."""
+        return cls(other._m, {**other._metadata, **metadata})
 
     # ------------------------------------------------------------------ shape and storage
     @property

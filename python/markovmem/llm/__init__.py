@@ -24,6 +24,7 @@ _EXPORTS = {
     "get_expansion": "model",
     "remove_expansion": "model",
     "set_embeddings": "model",
+    "dictionary_info": "distillation",
     "distill": "distillation",
     "next_token_counts": "distillation",
     "TuneHistory": "tuning",

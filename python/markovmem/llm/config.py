@@ -86,13 +86,22 @@ class LearnTokensConfig:
 
     top_k: int = field(default=256, metadata={"help": "Entries kept per distilled row."})
     distill_mode: str = field(
-        default="token",
+        default="corpus",
         metadata={
             "help": (
-                "'token': row v is p(.|prefix, v), one short context per token.  'corpus': row v "
-                "averages p(.|context) over the occurrences of v in the given texts."
+                "'corpus': row v averages p(.|context) over the occurrences of v in the texts (and the "
+                "optional general corpus), the new tokens' own positions left out.  'token': row v is "
+                "p(.|prefix, v), one short context per token (cheap, corpus-free, out of distribution)."
             )
         },
+    )
+    fallback: str = field(
+        default="token",
+        metadata={"help": "Corpus mode: what rows seen rarely shrink toward: 'token', 'unigram' or 'none'."},
+    )
+    shrinkage: float = field(
+        default=1.0,
+        metadata={"help": "Corpus mode: pseudo-count of the fallback row (a row seen this often is half fallback)."},
     )
     distill_batch_size: int | None = field(
         default=None, metadata={"help": "Contexts per forward pass in distill (None: sized from the vocabulary)."}
@@ -122,6 +131,10 @@ class LearnTokensConfig:
             raise ValueError(f"top_k is {self.top_k}; expected >= 1")
         if self.distill_mode not in ("token", "corpus"):
             raise ValueError(f"distill_mode is {self.distill_mode!r}; expected 'token' or 'corpus'")
+        if self.fallback not in ("token", "unigram", "none"):
+            raise ValueError(f"fallback is {self.fallback!r}; expected 'token', 'unigram' or 'none'")
+        if not float(self.shrinkage) >= 0:
+            raise ValueError(f"shrinkage is {self.shrinkage}; expected >= 0")
         if self.distill_batch_size is not None and int(self.distill_batch_size) < 1:
             raise ValueError(f"distill_batch_size is {self.distill_batch_size}; expected None or >= 1")
         if self.prefix not in ("bos", None):

@@ -24,8 +24,12 @@ from .._matrix import TransitionMatrix
 from .._topk import softmax_topk
 from .model import _model_n_base, base_fingerprint, get_expansion
 
-__all__ = ["distill", "next_token_counts"]
+__all__ = ["dictionary_info", "distill", "next_token_counts"]
 
+#: How corpus-mode rows seen rarely are completed (see distill).
+FALLBACKS = ("token", "unigram", "none")
+#: Pseudo-count of the fallback row in corpus mode: a row seen this many times is half corpus, half fallback.
+DEFAULT_SHRINKAGE = 1.0
 #: Bytes of logits-sized buffers (model logits, float32 probs, appended columns)
 #: a default batch may take.
 _AUTO_BATCH_BYTES = 256 * 2**20
@@ -364,6 +368,10 @@ def distill(
     sequences: Any = None,
     *,
     shard_rows: int | None = None,
+    mask: Any = None,
+    fallback: str = "token",
+    shrinkage: float = DEFAULT_SHRINKAGE,
+    window: int | None = None,
     dist: bool | None = None,
     group: Any = None,
 ) -> TransitionMatrix:
@@ -371,11 +379,27 @@ def distill(
 
     ``mode='token'``: row ``v`` is the model's next-token distribution after
     the one-token context ``prefix + [v]``.  ``mode='corpus'``: row ``v`` is
-    the average of the next-token distributions at every occurrence of ``v`` in
-    ``sequences`` (in its real context).  Softmax is taken in float32 over the
+    the average of the next-token distributions at the ``n_v`` occurrences of
+    ``v`` in ``sequences`` (in their real context), shrunk toward a fallback
+    row ``f_v`` for rows seen rarely::
+
+        row_v = (sum over occurrences of p(. | context) + shrinkage * f_v) / (n_v + shrinkage)
+
+    so a row seen ``shrinkage`` times is half corpus, half fallback, and a row
+    never seen is its fallback.  ``fallback='token'`` takes ``f_v`` = the
+    one-token row ``p(. | prefix + [v])`` (one extra short forward per row);
+    ``'unigram'`` takes the corpus's average next-token distribution (the same
+    for every row, no extra forward); ``'none'`` leaves unseen rows empty
+    (uniform tail) and uses no shrinkage.  Softmax is taken in float32 over the
     base vocabulary and the top ``top_k`` entries are selected on the device;
     only those indices and probabilities are copied to the host.  The mass
     left out becomes the row's tail.
+
+    The returned matrix's :attr:`~markovmem.TransitionMatrix.metadata` records
+    how it was made (``distill.mode``, ``distill.corpus`` fingerprint,
+    ``distill.fallback``, ``distill.shrinkage``, per-row occurrence counts in
+    ``distill.row_counts``; read them with :func:`dictionary_info`) and
+    :meth:`~markovmem.TransitionMatrix.save` writes them into the file.
 
     Parameters
     ----------
@@ -393,7 +417,8 @@ def distill(
         Rows to distill (default every base token).  Other rows are left empty
         (tail 1: uniform over the base states).
     prefix : sequence of int, optional
-        Token mode: ids put before each token, e.g. ``[tokenizer.bos_token_id]``
+        Ids put before each token of a one-token context (token mode, and the
+        corpus mode's ``'token'`` fallback), e.g. ``[tokenizer.bos_token_id]``
         for models trained with BOS.  Default: no prefix.
     device : str or torch.device, optional
         Device to run on; the model is moved there in place when it differs.
@@ -409,9 +434,23 @@ def distill(
     mode : {'token', 'corpus'}
     sequences : iterable of token-id sequences
         Corpus mode only: the texts, tokenized.  Each occurrence contributes its
-        top-k entries; the rest of its mass counts toward the tail.
+        top-k entries; the rest of its mass counts toward the tail.  A sequence
+        longer than ``window`` is cut into windows of ``window`` tokens that
+        overlap by half; each position is counted once, in the first window
+        that gives it at least half a window of context.
     shard_rows : int, optional
-        Rows (token mode) or sequences (corpus mode) per shard file.
+        Rows (token mode) or windows (corpus mode) per shard file.
+    mask : iterable of bool sequences, optional
+        Corpus mode: ``mask[i][t]`` False drops position ``t`` of sequence ``i``
+        as an occurrence of its token (it still serves as context), e.g. the
+        pieces of a word the model does not know yet.  Default: every position.
+    fallback : {'token', 'unigram', 'none'}
+        Corpus mode: what rarely seen rows shrink toward (see above).
+    shrinkage : float
+        Corpus mode: the pseudo-count of the fallback row (>= 0).
+    window : int, optional
+        Corpus mode: longest context fed to the model (default the model's
+        ``max_position_embeddings`` / ``n_positions``, else no limit).
     dist : bool, optional
         Spread the shards over the ranks of a torch.distributed process group
         (e.g. under ``torchrun``).  None (default): when the default group is
@@ -436,8 +475,10 @@ def distill(
     Raises
     ------
     ValueError
-        Bad ``top_k``, ``batch_size``, ``mode``, missing ``sequences``, or an
-        ``out`` directory holding a run with other settings.
+        Bad ``top_k``, ``batch_size``, ``mode``, ``fallback``, ``shrinkage``,
+        missing ``sequences``, a ``mask`` that does not match them, a corpus
+        with no counted position, or an ``out`` directory holding a run with
+        other settings.
     IndexError
         A token id out of range.
     markovmem.DistributedError
@@ -451,24 +492,30 @@ def distill(
         if device is None:
             device = _distributed.local_device()
     # Checked on every rank inside one exchange: a rank that refuses its arguments stops the others.
-    rows, k, n_base, context, dev = _distributed.checked(ranks, lambda: _arguments(
-        model, mode, top_k, batch_size, shard_rows, token_ids, prefix, sequences, device))
+    rows, k, n_base, pre, seqs, masks, dev = _distributed.checked(ranks, lambda: _arguments(
+        model, mode, top_k, batch_size, shard_rows, fallback, shrinkage, window, token_ids, prefix, sequences, mask,
+        device))
     was_training = model.training
     model.eval()
     try:
         if mode == "token":
-            return _distill_tokens(model, rows, context, k, n_base, batch_size, dev, dtype, progress, out,
-                                   shard_rows, ranks)
-        return _distill_corpus(model, context, rows, k, n_base, batch_size, dev, dtype, progress, out, shard_rows,
-                               ranks)
+            return _distill_tokens(model, rows, pre, k, n_base, batch_size, dev, dtype, progress, out, shard_rows,
+                                   ranks)
+        win = window if window is not None else _context_length(model)
+        windows = _windows(seqs, masks, win)
+        corpus = _distill_corpus(model, windows, rows, k, n_base, batch_size, dev, dtype, progress, out, shard_rows,
+                                 ranks)
+        return _shrink(model, corpus, rows, pre, k, n_base, batch_size, dev, dtype, progress, out, fallback,
+                       float(shrinkage), win, ranks)
     finally:
         model.train(was_training)
 
 
-def _arguments(model: nn.Module, mode: str, top_k: Any, batch_size: Any, shard_rows: Any, token_ids: Any,
-               prefix: Any, sequences: Any, device: Any) -> tuple[np.ndarray, int, int, Any, torch.device]:
-    """distill's arguments checked: (rows, k, n_base, the prefix (token mode) or the sequences
-    (corpus mode), the device, with the model moved there)."""
+def _arguments(model: nn.Module, mode: str, top_k: Any, batch_size: Any, shard_rows: Any, fallback: Any,
+               shrinkage: Any, window: Any, token_ids: Any, prefix: Any, sequences: Any, mask: Any,
+               device: Any) -> tuple[np.ndarray, int, int, np.ndarray, Any, Any, torch.device]:
+    """distill's arguments checked: (rows, k, n_base, prefix, the sequences and their masks (corpus
+    mode; else None), the device, with the model moved there)."""
     if mode not in ("token", "corpus"):
         raise ValueError(f"mode is {mode!r}; expected 'token' or 'corpus'")
     if not isinstance(top_k, (int, np.integer)) or top_k < 1:
@@ -477,6 +524,13 @@ def _arguments(model: nn.Module, mode: str, top_k: Any, batch_size: Any, shard_r
         raise ValueError(f"batch_size is {batch_size!r}; expected None or an integer >= 1")
     if shard_rows is not None and int(shard_rows) < 1:
         raise ValueError(f"shard_rows is {shard_rows!r}; expected None or an integer >= 1")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback is {fallback!r}; expected one of {FALLBACKS}")
+    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(shrinkage) or shrinkage < 0:
+        raise ValueError(f"shrinkage is {shrinkage!r}; expected a finite number >= 0")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 2):
+        raise ValueError(f"window is {window!r}; expected None or an integer >= 2")
     n_base = _n_base(model)
     k = int(min(top_k, n_base))
     rows = np.arange(n_base, dtype=np.int64) if token_ids is None else _as_id_list(token_ids, "token_ids", n_base)
@@ -484,25 +538,28 @@ def _arguments(model: nn.Module, mode: str, top_k: Any, batch_size: Any, shard_r
         raise ValueError("token_ids is empty; expected at least one token")
     if len(np.unique(rows)) != rows.size:
         raise ValueError("token_ids has repeated ids")
+    pre = np.zeros(0, np.int64) if prefix is None else _as_id_list(prefix, "prefix", _n_embeddable(model))
+    seqs = masks = None
     if mode == "token":
-        if sequences is not None:
-            raise ValueError("sequences is only used with mode='corpus'")
-        context: Any = np.zeros(0, np.int64) if prefix is None else _as_id_list(prefix, "prefix", _n_embeddable(model))
+        if sequences is not None or mask is not None:
+            raise ValueError("sequences and mask are only used with mode='corpus'")
     else:
-        if prefix is not None:
-            raise ValueError("prefix is only used with mode='token' (corpus contexts are the sequences themselves)")
-        context = _as_sequences(sequences, _n_embeddable(model))
-    return rows, k, n_base, context, _prepare_device(model, device)
+        if prefix is not None and fallback != "token":
+            raise ValueError("prefix is only used by token mode and the corpus mode's 'token' fallback")
+        seqs = _as_sequences(sequences, _n_embeddable(model))
+        masks = _as_masks(mask, seqs)
+    return rows, k, n_base, pre, seqs, masks, _prepare_device(model, device)
 
 
-def _finish(P: TransitionMatrix, shards: _Shards, ranks: _distributed.Ranks | None) -> TransitionMatrix:
-    """Rank 0 writes ``matrix.safetensors``; every rank returns once it is written."""
-    def save() -> None:
-        if shards.dir is not None and (ranks is None or ranks.rank == 0):
-            meta = {f"distill.{key}": json.dumps(value) for key, value in shards.manifest.items()}
-            P.save(shards.dir / "matrix.safetensors", metadata=meta)
-
-    _distributed.checked(ranks, save)
+def _finish(P: TransitionMatrix, out: Path | None, info: dict[str, Any],
+            ranks: _distributed.Ranks | None) -> TransitionMatrix:
+    """Attach ``info`` (how the rows were made) as metadata; when sharded, rank 0 writes the final
+    file and every rank returns once it is written."""
+    meta = {f"distill.{key}": value if isinstance(value, str) else json.dumps(value) for key, value in info.items()}
+    P = TransitionMatrix._with_metadata(P, meta)
+    if out is not None:
+        _distributed.checked(ranks, lambda: P.save(out / "matrix.safetensors")
+                             if ranks is None or ranks.rank == 0 else None)
     return P
 
 
@@ -570,7 +627,8 @@ def _distill_tokens(model: nn.Module, rows: np.ndarray, pre: np.ndarray, k: int,
         P = TransitionMatrix.from_topk(indices, probs)
     else:
         P = _from_row_subset(rows, indices, probs, n_base)
-    return _finish(P, shards, ranks)
+    return _finish(P, shards.dir, {"mode": "token", "top_k": k, "prefix": [int(x) for x in pre],
+                                   "n_rows": int(n)}, ranks)
 
 
 def _from_row_subset(rows: np.ndarray, indices: np.ndarray, probs: np.ndarray, n_base: int) -> TransitionMatrix:
@@ -590,95 +648,196 @@ def _from_row_subset(rows: np.ndarray, indices: np.ndarray, probs: np.ndarray, n
     return TransitionMatrix.from_scipy(csr)
 
 
-def _distill_corpus(model: nn.Module, seqs: list[np.ndarray], rows: np.ndarray, k: int, n_base: int,
-                    batch_size: int | None, dev: torch.device, dtype: Any, progress: bool,
-                    out: Any, shard_rows: int | None, ranks: _distributed.Ranks | None) -> TransitionMatrix:
+def _as_masks(mask: Any, seqs: list[np.ndarray]) -> list[np.ndarray]:
+    """One bool array per sequence (True: the position counts as an occurrence of its token)."""
+    if mask is None:
+        return [np.ones(s.size, dtype=bool) for s in seqs]
+    if isinstance(mask, (str, bytes)):
+        raise TypeError("mask must be a sequence of bool sequences, one per sequence")
+    out = []
+    for i, m in enumerate(mask):
+        arr = m.detach().cpu().numpy() if torch.is_tensor(m) else np.asarray(m)
+        arr = arr.reshape(-1)
+        if arr.dtype != np.bool_:
+            raise TypeError(f"mask[{i}] has dtype {arr.dtype}; expected bool")
+        if i >= len(seqs) or arr.size != seqs[i].size:
+            have = seqs[i].size if i < len(seqs) else None
+            raise ValueError(f"mask[{i}] has {arr.size} entries; sequences[{i}] has {have} tokens")
+        out.append(arr)
+    if len(out) != len(seqs):
+        raise ValueError(f"mask has {len(out)} entries; sequences has {len(seqs)}")
+    return out
+
+
+def _context_length(model: nn.Module) -> int | None:
+    """The longest input the model's positions allow (None when the config does not say)."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value >= 2:
+            return value
+    return None
+
+
+def _windows(seqs: list[np.ndarray], masks: list[np.ndarray], window: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, counted) pieces no longer than ``window``: a longer sequence becomes windows that overlap by
+    half, and each position is counted in the first window that gives it >= window // 2 tokens of context
+    (every position exactly once, none truncated away)."""
+    out = []
+    for ids, counted in zip(seqs, masks):
+        if window is None or ids.size <= window:
+            out.append((ids, counted))
+            continue
+        stride = window // 2
+        start, first_new = 0, 0
+        while True:
+            end = min(ids.size, start + window)
+            keep = counted[start:end].copy()
+            keep[: first_new - start] = False
+            out.append((ids[start:end], keep))
+            if end == ids.size:
+                break
+            first_new = end
+            start = end - (window - stride)
+    return out
+
+
+def _distill_corpus(model: nn.Module, windows: list[tuple[np.ndarray, np.ndarray]], rows: np.ndarray, k: int,
+                    n_base: int, batch_size: int | None, dev: torch.device, dtype: Any, progress: bool,
+                    out: Any, shard_rows: int | None, ranks: _distributed.Ranks | None) -> tuple[Any, np.ndarray, str]:
+    """Row sums of the top-k next-token probabilities at the counted positions, and the counts.
+
+    Returns ``(total, counts, corpus)``: ``total`` an (n_base, n_base) float64 CSR of summed
+    probabilities, ``counts`` (n_base,) int64 occurrences per row, ``corpus`` a fingerprint of
+    the windows and their counted positions.
+    """
     import scipy.sparse as sp
 
-    if ranks is not None:
-        raise NotImplementedError("corpus mode across processes is not available yet")
-
     n_logits = _n_embeddable(model)
-    max_len = max(s.size for s in seqs)
+    max_len = max(ids.size for ids, _ in windows)
     batch = int(batch_size) if batch_size is not None else _auto_batch(n_logits * max(1, max_len))
     per_shard = int(shard_rows) if shard_rows is not None else max(batch, 256 // batch * batch)
-    offsets = np.cumsum([0] + [s.size for s in seqs])
+    offsets = np.cumsum([0] + [ids.size for ids, _ in windows])
+    corpus = _digest(np.concatenate([ids for ids, _ in windows]), np.concatenate([c for _, c in windows]), offsets)
     manifest = {
-        "format": _FORMAT, "version": 1, "mode": "corpus", "top_k": k, "n_base": n_base,
-        "rows": _digest(rows), "sequences": _digest(np.concatenate(seqs), offsets), "n_sequences": len(seqs),
+        "format": _FORMAT, "version": 2, "mode": "corpus", "top_k": k, "n_base": n_base,
+        "rows": _digest(rows), "sequences": corpus, "n_sequences": len(windows),
         "shard_rows": per_shard, "model": base_fingerprint(model) if out is not None else "",
     }
     shards = _Shards(out, manifest)
-    shards.open()
+    _open_shards(shards, ranks)
     wanted = np.zeros(n_logits, dtype=bool)
     wanted[rows] = True
-    wanted_t = torch.as_tensor(wanted, device=dev)
+    n_shards = -(-len(windows) // per_shard)
     total = sp.csr_array((n_base, n_base), dtype=np.float64)
     counts = np.zeros(n_base, dtype=np.int64)
-    n_shards = -(-len(seqs) // per_shard)
-    todo = []
-    done = 0
-    for s in range(n_shards):
-        got = shards.load(s)
-        if got is None:
-            todo.append(s)
-            continue
-        total = total + sp.csr_array((got["data"], got["indices"], got["indptr"]), shape=(n_base, n_base))
-        counts += got["counts"]
-        done += min(len(seqs), (s + 1) * per_shard) - s * per_shard
-    bar = _progress(len(seqs), done, "distill (corpus)", progress, "seq")
-    try:
+
+    def span(s: int) -> int:
+        return min(len(windows), (s + 1) * per_shard) - s * per_shard
+
+    def valid(s: int, got: dict[str, np.ndarray]) -> bool:
+        return {"indptr", "indices", "data", "counts"} <= set(got) and got["counts"].shape == (n_base,) \
+            and got["indptr"].shape == (n_base + 1,)
+
+    def compute(s: int) -> dict[str, np.ndarray]:
+        a, b = s * per_shard, min(len(windows), (s + 1) * per_shard)
+        r_parts, c_parts, v_parts = [], [], []
+        shard_counts = np.zeros(n_base, dtype=np.int64)
         with torch.no_grad(), _autocast(dev, dtype, model):
-            for s in todo:
-                a, b = s * per_shard, min(len(seqs), (s + 1) * per_shard)
-                r_parts, c_parts, v_parts = [], [], []
-                shard_counts = np.zeros(n_base, dtype=np.int64)
-                for i in range(a, b, batch):
-                    chunk = seqs[i:min(b, i + batch)]
-                    length = max(c.size for c in chunk)
-                    ids = np.zeros((len(chunk), length), dtype=np.int64)
-                    mask = np.zeros((len(chunk), length), dtype=np.int64)
-                    for r, c in enumerate(chunk):
-                        ids[r, :c.size] = c
-                        mask[r, :c.size] = 1
-                    ids_t = torch.as_tensor(ids, device=dev)
-                    mask_t = torch.as_tensor(mask, device=dev)
-                    logits = model(input_ids=ids_t, attention_mask=mask_t, use_cache=False).logits
-                    # Right padding leaves every real position's context unchanged.
-                    keep = mask_t.bool() & wanted_t[ids_t]
-                    if bool(keep.any()):
-                        selected = logits[keep][:, :n_base]
-                        del logits
-                        values, top = _select_topk(selected, k)
-                        del selected
-                        # The device -> host copy: the owning token, k ids and k probabilities per occurrence.
-                        owner = ids_t[keep].cpu().numpy()
-                        r_parts.append(np.repeat(owner, k))
-                        c_parts.append(top.cpu().numpy().reshape(-1))
-                        v_parts.append(values.cpu().numpy().reshape(-1).astype(np.float64))
-                        np.add.at(shard_counts, owner, 1)
-                    else:
-                        del logits
+            for i in range(a, b, batch):
+                chunk = windows[i:min(b, i + batch)]
+                length = max(ids.size for ids, _ in chunk)
+                ids = np.zeros((len(chunk), length), dtype=np.int64)
+                attend = np.zeros((len(chunk), length), dtype=np.int64)
+                keep = np.zeros((len(chunk), length), dtype=bool)
+                for r, (c, counted) in enumerate(chunk):
+                    ids[r, :c.size] = c
+                    attend[r, :c.size] = 1
+                    keep[r, :c.size] = counted & wanted[c]
+                if not keep.any():
                     bar.update(len(chunk))
-                if r_parts:
-                    part = sp.coo_array(
-                        (np.concatenate(v_parts), (np.concatenate(r_parts), np.concatenate(c_parts))),
-                        shape=(n_base, n_base),
-                    ).tocsr()
-                else:
-                    part = sp.csr_array((n_base, n_base), dtype=np.float64)
-                part.sum_duplicates()
-                shards.save(s, {"indptr": part.indptr.astype(np.int64), "indices": part.indices.astype(np.int32),
-                                "data": part.data.astype(np.float64), "counts": shard_counts})
-                total = total + part
-                counts += shard_counts
+                    continue
+                ids_t = torch.as_tensor(ids, device=dev)
+                logits = model(input_ids=ids_t, attention_mask=torch.as_tensor(attend, device=dev),
+                               use_cache=False).logits
+                # Right padding leaves every real position's context unchanged.
+                keep_t = torch.as_tensor(keep, device=dev)
+                selected = logits[keep_t][:, :n_base]
+                del logits
+                values, top = _select_topk(selected, k)
+                del selected
+                # The device -> host copy: k ids and k probabilities per occurrence.
+                owner = ids[keep]
+                r_parts.append(np.repeat(owner, k))
+                c_parts.append(top.cpu().numpy().reshape(-1))
+                v_parts.append(values.cpu().numpy().reshape(-1).astype(np.float64))
+                np.add.at(shard_counts, owner, 1)
+                bar.update(len(chunk))
+        if r_parts:
+            part = sp.coo_array(
+                (np.concatenate(v_parts), (np.concatenate(r_parts), np.concatenate(c_parts))),
+                shape=(n_base, n_base),
+            ).tocsr()
+        else:
+            part = sp.csr_array((n_base, n_base), dtype=np.float64)
+        part.sum_duplicates()
+        return {"indptr": part.indptr.astype(np.int64), "indices": part.indices.astype(np.int32),
+                "data": part.data.astype(np.float64), "counts": shard_counts}
+
+    def consume(s: int, got: dict[str, np.ndarray]) -> None:
+        # _run_shards hands the shards over in index order on every world size, whatever was
+        # resumed, so these float64 sums are the same bits in every run.
+        nonlocal total
+        total = total + sp.csr_array((got["data"], got["indices"], got["indptr"]), shape=(n_base, n_base))
+        counts[:] += got["counts"]
+
+    bar = _progress(len(windows), 0, "distill (corpus)", progress, "seq")
+    try:
+        _run_shards(ranks, shards, n_shards, span, valid, compute, consume, bar)
     finally:
         bar.close()
-    return _finish(_average_topk(sp.csr_array(total), counts, k, n_base), shards, None)
+    return sp.csr_array(total), counts, corpus
 
 
-def _average_topk(total: Any, counts: np.ndarray, k: int, n_base: int) -> TransitionMatrix:
-    """Rows of ``total / counts``, each cut to its ``k`` largest entries (sorted ids)."""
+def _shrink(model: nn.Module, corpus: tuple[Any, np.ndarray, str], rows: np.ndarray, pre: np.ndarray, k: int,
+            n_base: int, batch_size: int | None, dev: torch.device, dtype: Any, progress: bool, out: Any,
+            fallback: str, shrinkage: float, window: int | None, ranks: _distributed.Ranks | None) -> TransitionMatrix:
+    """The corpus rows shrunk toward their fallback rows (see :func:`distill`), as a TransitionMatrix."""
+    import scipy.sparse as sp
+
+    total, counts, digest = corpus
+    if counts.sum() == 0:
+        raise ValueError("the corpus has no counted position of a distilled token; give texts (or a mask) "
+                         "in which the tokens occur")
+    lam = shrinkage if fallback != "none" else 0.0
+    extra = None
+    if lam > 0 and fallback == "token":
+        sub = None if out is None else Path(out) / "fallback"
+        T = _distill_tokens(model, rows, pre, k, n_base, batch_size, dev, dtype, progress, sub, None, ranks)
+        extra = sp.csr_array(T.to_scipy(), dtype=np.float64) * lam
+    elif lam > 0 and fallback == "unigram":
+        mean = np.asarray(total.sum(axis=0)).reshape(-1) / counts.sum()
+        top = np.sort(np.argpartition(-mean, min(k, n_base) - 1)[:k])
+        rep = np.zeros(n_base, dtype=np.int64)
+        rep[rows] = top.size
+        indptr = np.concatenate([[0], np.cumsum(rep)])
+        extra = sp.csr_array((np.tile(mean[top] * lam, rows.size), np.tile(top, rows.size), indptr),
+                             shape=(n_base, n_base))
+    combined = total if extra is None else sp.csr_array(total + extra)
+    denom = counts.astype(np.float64)
+    if extra is not None:
+        denom[rows] += lam
+    P = _average_topk(combined, denom, k, n_base)
+    info = {"mode": "corpus", "top_k": k, "corpus": digest, "fallback": fallback, "shrinkage": lam,
+            "prefix": [int(x) for x in pre] if fallback == "token" else [], "window": window,
+            "n_occurrences": int(counts.sum()), "rows_seen": int((counts[rows] > 0).sum()),
+            "n_rows": int(rows.size), "row_counts": counts.tolist()}
+    return _finish(P, None if out is None else Path(out), info, ranks)
+
+
+def _average_topk(total: Any, denom: np.ndarray, k: int, n_base: int) -> TransitionMatrix:
+    """Rows of ``total / denom``, each cut to its ``k`` largest entries (sorted ids)."""
     import scipy.sparse as sp
 
     total.sum_duplicates()
@@ -687,10 +846,10 @@ def _average_topk(total: Any, counts: np.ndarray, k: int, n_base: int) -> Transi
     out_idx, out_val = [], []
     for v in range(n_base):
         a, b = int(indptr[v]), int(indptr[v + 1])
-        if b == a or counts[v] == 0:
+        if b == a or denom[v] == 0:
             out_ptr[v + 1] = out_ptr[v]
             continue
-        vals = data[a:b] / counts[v]
+        vals = data[a:b] / denom[v]
         cols = indices[a:b]
         if vals.size > k:
             sel = np.argpartition(-vals, k - 1)[:k]
@@ -702,6 +861,40 @@ def _average_topk(total: Any, counts: np.ndarray, k: int, n_base: int) -> Transi
     idx = np.concatenate(out_idx).astype(np.int32) if out_idx else np.zeros(0, np.int32)
     val = np.concatenate(out_val).astype(np.float32) if out_val else np.zeros(0, np.float32)
     return TransitionMatrix.from_scipy(sp.csr_array((val, idx, out_ptr), shape=(n_base, n_base)))
+
+
+def dictionary_info(P: TransitionMatrix) -> dict[str, Any]:
+    """How a distilled matrix was made, from its metadata (in memory or read back from its file).
+
+    Returns
+    -------
+    dict
+        ``mode`` ('token' or 'corpus'), ``top_k`` and ``prefix``; for corpus mode also
+        ``corpus`` (fingerprint of the token windows and their counted positions),
+        ``fallback``, ``shrinkage``, ``window``, ``n_occurrences``, ``rows_seen``,
+        ``n_rows`` and ``row_counts`` ((n_base,) int64 occurrences per row).  Empty
+        when the matrix was not made by :func:`distill`.
+
+    Raises
+    ------
+    ValueError
+        A ``distill.*`` metadata value is not valid JSON.
+    """
+    out: dict[str, Any] = {}
+    for key, value in P.metadata.items():
+        if not key.startswith("distill."):
+            continue
+        name = key[len("distill."):]
+        try:
+            out[name] = json.loads(value)
+        except ValueError:
+            if name in ("mode", "corpus", "fallback"):
+                out[name] = value
+            else:
+                raise ValueError(f"metadata {key!r} is not valid JSON: {value[:80]!r}") from None
+    if "row_counts" in out:
+        out["row_counts"] = np.asarray(out["row_counts"], dtype=np.int64)
+    return out
 
 
 def next_token_counts(sequences: Iterable[Sequence[int]], new_token_ids: Sequence[int], n_base: int) -> Any:

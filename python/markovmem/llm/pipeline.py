@@ -3,6 +3,7 @@ fit alpha -> write E^T alpha -> embedding tuning -> verify no forgetting)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
@@ -84,6 +85,34 @@ def _bos_prefix(tokenizer: Any) -> list[int] | None:
     return [int(bos)] if ids and ids[0] == bos else None
 
 
+def _dictionary_corpus(tokenizer: Any, texts: Sequence[str], tokens: Sequence[str]) -> tuple[list[list[int]], list[np.ndarray]]:
+    """The texts tokenized by the base tokenizer, with a mask that drops the positions of new-token strings.
+
+    The base model reads the texts as it would without the new tokens (their strings split into
+    old pieces); those pieces are context for what follows but are not occurrences of their own
+    old tokens, so the dictionary rows describe the old words, not the new ones.
+    """
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+    try:
+        enc = tokenizer(list(texts), return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError) as exc:
+        raise ValueError(
+            "distill_mode='corpus' needs a tokenizer that reports character offsets (a fast tokenizer: "
+            "AutoTokenizer.from_pretrained(..., use_fast=True)) to leave the new words out of the dictionary; "
+            f"this one does not ({exc})"
+        ) from exc
+    seqs, masks = [], []
+    for i, text in enumerate(texts):
+        ids = list(enc["input_ids"][i])
+        offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
+        keep_arr = np.ones(len(ids), dtype=bool)
+        for m in pattern.finditer(text):
+            keep_arr &= ~((offsets[:, 0] < m.end()) & (offsets[:, 1] > m.start()))
+        seqs.append(ids)
+        masks.append(keep_arr)
+    return seqs, masks
+
+
 def _old_contexts(seqs: list[list[int]], n_base: int, limit: int, max_len: int = 64) -> list[list[int]]:
     """Old-token-only pieces of the tokenized texts (split at new tokens), at most ``limit``."""
     out: list[list[int]] = []
@@ -113,6 +142,7 @@ def learn_tokens(
     matrix: TransitionMatrix | None = None,
     contexts: Any = None,
     base_model: nn.Module | None = None,
+    corpus: Sequence[str] | None = None,
     device: Any = None,
     progress: bool = True,
     **options: Any,
@@ -121,7 +151,10 @@ def learn_tokens(
 
     Runs the path of DESIGN §3:
 
-    1. ``P = distill(model, ...)`` (skipped when ``matrix`` is given);
+    1. ``P = distill(model, ...)`` (skipped when ``matrix`` is given): by default
+       in corpus mode, each old token's row averaged over its occurrences in
+       ``texts`` and ``corpus`` (the new tokens' own positions left out), rows
+       seen rarely shrunk toward their one-token row;
     2. ``ids = add_tokens(model, tokenizer, tokens)``;
     3. tokenize ``texts`` with the expanded tokenizer, ``C = next_token_counts``;
     4. ``fit = markovmem.fit_alpha(P, C, s=s, link=...)``;
@@ -153,6 +186,10 @@ def learn_tokens(
         Old-only contexts for the forgetting check (default: cut from texts).
     base_model : transformers.PreTrainedModel, optional
         Separate base model for the check (default: the model with its expansion off).
+    corpus : sequence of str, optional
+        General text in the model's domain added to ``texts`` for the corpus-mode
+        dictionary (more occurrences per old token, better rows).  Texts longer
+        than the model's context are cut into overlapping windows.
     device : str or torch.device, optional
     progress : bool
         tqdm bars for distillation, the fit (shown after 2 s; Ctrl-C stops it
@@ -186,17 +223,34 @@ def learn_tokens(
     texts = list(texts)
     if not texts or not all(isinstance(t, str) for t in texts):
         raise ValueError("texts must be a non-empty sequence of strings")
+    if isinstance(corpus, str):
+        raise TypeError("corpus must be a sequence of strings, not one string")
+    if corpus is not None:
+        corpus = list(corpus)
+        if not all(isinstance(t, str) for t in corpus):
+            raise TypeError("corpus must be a sequence of strings")
+        corpus = [t for t in corpus if t.strip()]
+        if not corpus:
+            raise ValueError("corpus is empty; pass None or texts in the model's domain")
+    absent = [t for t in tokens if not any(t in text for text in texts)]
+    if absent:
+        raise ValueError(f"tokens {absent} never appear in texts; add examples using them")
     if get_expansion(model) is not None:
         raise ValueError("model already carries an expansion; learn_tokens starts from a base model")
     n_base = _model_n_base(model)
     if matrix is None:
         prefix = _bos_prefix(tokenizer) if cfg.prefix == "bos" else None
-        corpus = None
         if cfg.distill_mode == "corpus":
-            corpus = [tokenizer(t)["input_ids"] for t in texts]
-            prefix = None
-        matrix = distill(model, top_k=cfg.top_k, batch_size=cfg.distill_batch_size, prefix=prefix, device=device,
-                         progress=progress, mode=cfg.distill_mode, sequences=corpus)
+            seqs, masks = _dictionary_corpus(tokenizer, texts + list(corpus or []), tokens)
+            matrix = distill(model, top_k=cfg.top_k, batch_size=cfg.distill_batch_size,
+                             prefix=prefix if cfg.fallback == "token" else None, device=device, progress=progress,
+                             mode="corpus", sequences=seqs, mask=masks, fallback=cfg.fallback,
+                             shrinkage=cfg.shrinkage)
+        else:
+            if corpus is not None:
+                raise ValueError("corpus is only used with distill_mode='corpus'")
+            matrix = distill(model, top_k=cfg.top_k, batch_size=cfg.distill_batch_size, prefix=prefix,
+                             device=device, progress=progress)
     elif matrix.n_base != n_base:
         raise ValueError(f"matrix has n_base = {matrix.n_base}; the model has {n_base} base tokens")
     ids = add_tokens(model, tokenizer, tokens, block_output=cfg.block_output)
