@@ -58,6 +58,7 @@ def run_jobs(rank: int, job: dict[str, Any], log: dict[str, Any]) -> None:
 
     _patch_shards(rank, job, log)
     for name, kw in job.get("distill", {}).items():
+        log["saved"] = log[f"saved_{name}"] = []  # this job's shard writes
         model = load_model(job["model"])
         kw = dict(kw)
         if "sequences_file" in kw:

@@ -150,25 +150,38 @@ def test_dist_true_outside_torchrun_says_what_is_missing(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- across 2 ranks
-def test_two_ranks_equal_one_process(tmp_path):
-    """Token-mode distill and fit_alpha on 2 gloo ranks: the same matrix fingerprint (and the same
-    file written by rank 0) and the same alphas, row for row, as one process."""
+def test_two_ranks_equal_one_process(tmp_path, monkeypatch):
+    """Token- and corpus-mode distill and fit_alpha on 2 gloo ranks: the same matrix fingerprint
+    (and the same file written by rank 0) and the same alphas, row for row, as one process; one
+    process then resumes the 2-rank corpus run from its shards without computing any."""
     matrix, targets, C = planted_fit_problem(tmp_path)
     m = model()
     n_rows = m.config.vocab_size
     shard = -(-n_rows // 5)  # 5 shards: rank 0 takes 3, rank 1 takes 2
+    seq_file = corpus_sequences(tmp_path, n_rows)
+    seqs = json.loads(seq_file.read_text())
+    corpus_kw = {"mode": "corpus", "top_k": 16, "batch_size": 4, "shard_rows": 5, "window": 32}
     one = llm.distill(m, top_k=16, batch_size=32, shard_rows=shard, out=tmp_path / "one", progress=False)
+    one_corpus = llm.distill(m, sequences=seqs, progress=False, **corpus_kw)
     kwargs = {"s": 3, "link": "logit", "seed": 7, "n_threads": 1}
     ref = mm.fit_alpha(mm.TransitionMatrix.load(matrix, mmap=True), C, progress=False, **kwargs)
     job = {"model": MODEL,
-           "distill": {"token": {"top_k": 16, "batch_size": 32, "shard_rows": shard, "out": str(tmp_path / "two")}},
+           "distill": {"token": {"top_k": 16, "batch_size": 32, "shard_rows": shard, "out": str(tmp_path / "two")},
+                       "corpus": dict(corpus_kw, sequences_file=str(seq_file), out=str(tmp_path / "corpus"))},
            "fit": {"matrix": str(matrix), "targets": str(targets), "kwargs": kwargs}}
     run = launch(tmp_path, job)
     logs = run.logs
     assert run.codes == [0, 0], [log and log.get("traceback") for log in logs]
     assert logs[0]["token"] == logs[1]["token"] == one.fingerprint()
-    assert sorted(logs[0]["saved"]) == [0, 2, 4] and sorted(logs[1]["saved"]) == [1, 3]
+    assert logs[0]["corpus"] == logs[1]["corpus"] == one_corpus.fingerprint()
+    assert logs[0]["saved_token"] == [0, 2, 4] and logs[1]["saved_token"] == [1, 3]
+    assert logs[0]["saved_corpus"][:2] == [0, 2] and logs[1]["saved_corpus"][:2] == [1, 3]
     assert mm.TransitionMatrix.load(tmp_path / "two" / "matrix.safetensors").fingerprint() == one.fingerprint()
+    # Another world size reuses the shards: the corpus sums are added in shard order either way.
+    saved: list[int] = []
+    monkeypatch.setattr(llm.distillation._Shards, "save", lambda self, i, tensors: saved.append(i))
+    again = llm.distill(m, sequences=seqs, out=tmp_path / "corpus", progress=False, **corpus_kw)
+    assert saved == [] and again.fingerprint() == one_corpus.fingerprint()
     for r in range(2):
         with np.load(run.dir / f"fit-{r}.npz") as got:
             np.testing.assert_array_equal(got["indptr"], ref.alpha.indptr)
@@ -196,7 +209,7 @@ def test_a_killed_rank_resumes_without_recomputing_written_shards(tmp_path):
     codes, logs = run.codes, run.logs
     assert codes == [0, 0], [log and log.get("traceback") for log in logs]
     assert logs[0]["token"] == logs[1]["token"] == one.fingerprint()
-    recomputed = logs[0]["saved"] + logs[1]["saved"]
+    recomputed = logs[0]["saved_token"] + logs[1]["saved_token"]
     assert len(recomputed) == 6 - len(written)
     assert not {f"shard-{i:06d}.safetensors" for i in recomputed} & set(written)
     assert all(out.joinpath(name).stat().st_mtime_ns == t for name, t in written.items())
