@@ -106,8 +106,9 @@ def _run(task: dict[str, Any], inputs: Any, out: Path, dist: bool) -> tuple[str,
     if task["mode"] == "corpus":
         P = llm.distill(model, mode="corpus", sequences=seqs, **kw)
         return P.fingerprint(), P.n_base
-    P = llm.distill(model, prefix=[bos], **kw)
-    return P.fingerprint(), P.n_base
+    rows = task.get("rows")
+    P = llm.distill(model, prefix=[bos], token_ids=None if rows is None else range(rows), **kw)
+    return P.fingerprint(), P.n_base if rows is None else rows
 
 
 def rank_main(rank: int, world: int, task: dict[str, Any], init_file: str, out: str, queue: Any) -> None:
@@ -167,7 +168,7 @@ def make_tasks(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     if "token-qwen2" in args.tasks:
         tasks.append(dict(common, name=f"token-qwen2 (V={QWEN2_VOCAB:,}, d={args.hidden})", kind="distill",
                           mode="token", model={"kind": "qwen2", "vocab": QWEN2_VOCAB, "hidden": args.hidden,
-                                               "layers": 2}))
+                                               "layers": 2}, rows=args.rows))
     model_dir = args.model_dir or os.environ.get("MARKOVMEM_TEST_MODEL")
     data_dir = args.data_dir or os.environ.get("MARKOVMEM_TEST_DATA")
     if model_dir and "token-stories" in args.tasks:
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="token-qwen2,token-stories,corpus-stories,fit",
                     help="comma-separated subset of token-qwen2, token-stories, corpus-stories, fit")
     ap.add_argument("--hidden", type=int, default=64, help="hidden size of the Qwen2-style model (default 64)")
+    ap.add_argument("--rows", type=int, default=None,
+                    help="token-qwen2: distill the first ROWS rows (default all 151,936; shards of 8,192 rows)")
     ap.add_argument("--model-dir", help="stories260k directory (default: MARKOVMEM_TEST_MODEL)")
     ap.add_argument("--data-dir", help="directory of tinystories-sample.txt (default: MARKOVMEM_TEST_DATA)")
     ap.add_argument("--stories-shard-rows", type=int, default=64, help="rows per shard, token-stories (default 64)")

@@ -14,6 +14,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+#: Modules the test's fork server imports once, so that each rank forked from it starts with them
+#: (names importable from site-packages: the server does not see the tests directory).
+PRELOAD = ["numpy", "scipy.sparse", "torch", "torch.distributed", "transformers",
+           "transformers.models.llama.modeling_llama", "safetensors.numpy", "markovmem.llm",
+           "markovmem.llm.distillation", "markovmem.llm.testing"]
+
 
 def load_model(spec: dict[str, Any]) -> Any:
     """A stories260k-style directory (spec["path"]) or a tiny random model (spec["tiny"] = kwargs)."""
@@ -63,8 +69,10 @@ def run_jobs(rank: int, job: dict[str, Any], log: dict[str, Any]) -> None:
         kw = dict(kw)
         if "sequences_file" in kw:
             kw["sequences"] = json.loads(Path(kw.pop("sequences_file")).read_text())
+        log[f"t_{name}_start"] = time.time()
         P = llm.distill(model, progress=False, **kw)
         log[name] = P.fingerprint()
+        log[f"t_{name}_end"] = time.time()
     if "fit" in job:
         P = mm.TransitionMatrix.load(job["fit"]["matrix"], mmap=True)
         with np.load(job["fit"]["targets"]) as z:
@@ -75,17 +83,25 @@ def run_jobs(rank: int, job: dict[str, Any], log: dict[str, Any]) -> None:
 
 
 def main(rank: int, world: int, job: dict[str, Any]) -> None:
-    """Entry point of a spawned rank; exits 1 after writing its error when a job raises."""
+    """Entry point of a rank; exits 1 after writing its error when a job raises."""
+    import threading
+
     import torch
     import torch.distributed as td
+    from tqdm import tqdm
 
     torch.set_num_threads(1)
+    # tqdm's default lock is a multiprocessing semaphore; a rank leaves by os._exit, so the
+    # semaphore tracker would report it leaked.  Ranks print no bars: a thread lock does.
+    tqdm.set_lock(threading.RLock())
     log: dict[str, Any] = {"rank": rank}
     out = Path(job["results"]) / f"rank-{rank}.json"
     code = 0
+    log["t_start"] = time.time()
     try:
         td.init_process_group("gloo", init_method=f"file://{job['init_file']}", rank=rank, world_size=world,
                               timeout=datetime.timedelta(seconds=job.get("timeout", 30)))
+        log["t_group"] = time.time()
         run_jobs(rank, job, log)
     except Exception as exc:
         log["error"] = f"{type(exc).__name__}: {exc}"

@@ -47,11 +47,15 @@ class Run:
 
 
 def launch(tmp_path: Path, job: dict, world: int = 2) -> Run:
-    """Runs ``job`` on ``world`` spawned ranks of a gloo group and waits (at most LAUNCH_TIMEOUT) for them."""
+    """Runs ``job`` on ``world`` ranks of a gloo group and waits (at most LAUNCH_TIMEOUT) for them."""
     res = tmp_path / f"results-{time.monotonic_ns()}"
     res.mkdir()
     job = dict(job, results=str(res), init_file=str(res / "rendezvous"))
-    ctx = multiprocessing.get_context("spawn")
+    # A fork server that has imported torch, transformers and markovmem once forks the ranks:
+    # each starts in milliseconds instead of importing them again (seconds per rank), and
+    # none inherits this process's threads.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(dist_workers.PRELOAD)
     procs = [ctx.Process(target=dist_workers.main, args=(r, world, job)) for r in range(world)]
     t0 = time.monotonic()
     for p in procs:
@@ -146,7 +150,10 @@ def test_dist_true_outside_torchrun_says_what_is_missing(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="dist=True needs the environment torchrun sets"):
-        llm.distill(model(), top_k=4, dist=True, progress=False)
+        llm.distill(dist_workers.load_model({"tiny": {"vocab_size": 16, "hidden_size": 8}}), dist=True)
+    with pytest.raises(ValueError, match="RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT missing"):
+        mm.fit_alpha(mm.TransitionMatrix.from_topk(np.array([[0], [1]]), np.array([[0.5], [0.5]])),
+                     np.array([[1.0, 0.0]]), dist=True)
 
 
 # ----------------------------------------------------------------------------- across 2 ranks
