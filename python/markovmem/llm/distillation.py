@@ -461,9 +461,10 @@ def distill(
         not depend on the world size, so a run resumes from the shards of a run
         on any number of ranks.  Every rank returns the same matrix, bitwise
         equal to a one-process run on the same kind of device; rank 0 writes
-        ``matrix.safetensors``.  With ``device=None`` each rank runs on
-        ``cuda:LOCAL_RANK`` when CUDA is available.  Progress is shown on rank
-        0.  See docs/howto/distributed.md.
+        ``matrix.safetensors``.  With ``device=None`` a model on the CPU runs
+        on ``cuda:LOCAL_RANK`` when CUDA is available (a model already placed
+        stays where it is).  Progress is shown on rank 0.  See
+        docs/howto/distributed.md.
     group : torch.distributed.ProcessGroup, optional
         The group to spread over (default: the default group).
 
@@ -489,7 +490,8 @@ def distill(
     ranks = _distributed.resolve(dist, group)
     if ranks is not None:
         progress = progress and ranks.rank == 0
-        if device is None:
+        if device is None and _model_device(model).type == "cpu":
+            # A model the caller placed (on a GPU, or over several with a device_map) stays there.
             device = _distributed.local_device()
     # Checked on every rank inside one exchange: a rank that refuses its arguments stops the others.
     rows, k, n_base, pre, seqs, masks, dev = _distributed.checked(ranks, lambda: _arguments(
