@@ -43,16 +43,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_fit import loadavg  # noqa: E402
+
 QWEN2_VOCAB = 151_936
-
-
-def loadavg() -> str:
-    """The 1/5/15-minute load averages (the machine is shared: timings depend on them)."""
-    try:
-        with open("/proc/loadavg") as fh:
-            return " ".join(fh.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def _tree_bytes(path: Path) -> int:
