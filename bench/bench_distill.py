@@ -31,6 +31,12 @@ stories260k Llama when ``--model-dir`` (or MARKOVMEM_TEST_MODEL) points to it.
     python bench/bench_distill.py                      # defaults, a few minutes
     python bench/bench_distill.py --hidden 64 128 896 --rows 2048
     python bench/bench_distill.py --quick              # smoke run
+    python bench/bench_distill.py --corpus-only        # only the corpus-mode rows
+
+Corpus mode (after the token rows): ``llm.distill(mode='corpus')`` over a corpus (TinyStories
+paragraphs for stories260k, random ids for the random-weight configs) against *floor*, the model's
+own forward pass over the same batches; with ``fallback='none'`` and with the one-token fallback
+rows (the default of learn_tokens), which add a token-mode pass over the vocabulary.
 
 The machine may be shared: times are noisy; the environment line says what ran.
 """
@@ -94,7 +100,8 @@ def build_model(spec: dict[str, Any]) -> tuple[Any, int]:
     h = spec["hidden"]
     config = Qwen2Config(
         vocab_size=spec["vocab"], hidden_size=h, intermediate_size=4 * h, num_hidden_layers=spec["layers"],
-        num_attention_heads=max(1, h // 32), num_key_value_heads=max(1, h // 64), max_position_embeddings=64,
+        num_attention_heads=max(1, h // 32), num_key_value_heads=max(1, h // 64),
+        max_position_embeddings=spec.get("max_pos", 64),
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
     )
     torch.manual_seed(0)
@@ -140,6 +147,70 @@ def floor_reuse_pass(model: Any, ids: list[int], bos: int, batch: int) -> None:
         for a in range(0, len(ids), batch):
             tok = ids_t[a : a + batch].unsqueeze(1)
             last(torch.cat([torch.full_like(tok, bos), tok], 1))
+
+
+def corpus_windows(spec: dict[str, Any], model: Any, n_seq: int, length: int, seed: int = 0) -> list[list[int]]:
+    """The corpus of the corpus row: TinyStories paragraphs for stories260k (MARKOVMEM_TEST_DATA or
+    ../shared/data), random ids for the random-weight configs; ``n_seq`` sequences of <= ``length`` tokens."""
+    import numpy as np
+
+    if spec["kind"] == "dir":
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        data = Path(os.environ.get("MARKOVMEM_TEST_DATA", Path(__file__).resolve().parents[2].parent / "shared/data"))
+        data = data / "tinystories-sample.txt" if data.is_dir() else data
+        paras = [p for p in data.read_text(encoding="utf-8").split("\n\n") if p.strip()][:n_seq]
+        tok = AutoTokenizer.from_pretrained(spec["path"])
+        return [ids[:length] for ids in tok(paras)["input_ids"]]
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, spec["vocab"], size=length).tolist() for _ in range(n_seq)]
+
+
+def corpus_row(args: argparse.Namespace, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Corpus-mode distill against the model's own forward pass over the same batches (interleaved repeats)."""
+    import numpy as np
+    import torch
+
+    from markovmem import llm
+
+    torch.set_num_threads(args.threads)
+    model, _ = build_model(spec)
+    seqs = corpus_windows(spec, model, args.corpus_seqs, args.corpus_len)
+    batch = args.corpus_batch
+
+    def floor() -> None:
+        with torch.no_grad():
+            for a in range(0, len(seqs), batch):
+                chunk = seqs[a:a + batch]
+                n = max(len(c) for c in chunk)
+                ids = np.zeros((len(chunk), n), dtype=np.int64)
+                mask = np.zeros_like(ids)
+                for r, c in enumerate(chunk):
+                    ids[r, :len(c)] = c
+                    mask[r, :len(c)] = 1
+                model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), use_cache=False)
+
+    def distill(fallback: str) -> Any:
+        return llm.distill(model, top_k=args.top_k, batch_size=batch, mode="corpus", sequences=seqs,
+                           fallback=fallback, progress=False)
+
+    methods = {"floor": floor, "corpus": lambda: distill("none"), "corpus+token": lambda: distill("token")}
+    for f in methods.values():
+        f()
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(args.repeats):
+        for m, f in methods.items():
+            t0 = time.perf_counter()
+            f()
+            times[m].append(time.perf_counter() - t0)
+    tokens = sum(len(c) for c in seqs)
+    out = {m: statistics.median(t) for m, t in times.items()}
+    print(f"{name:<34} corpus of {len(seqs)} sequences, {tokens} tokens, batch {batch}: floor {out['floor']:.2f} s, "
+          f"distill (corpus) {out['corpus']:.2f} s = {out['corpus'] / out['floor']:.2f} x floor (target <= 1.3), "
+          f"with the token fallback {out['corpus+token']:.2f} s = {out['corpus+token'] / out['floor']:.2f} x floor")
+    return {"model": name, "tokens": tokens, "sequences": len(seqs), **{f"{m}_seconds": v for m, v in out.items()}}
 
 
 def run_phase(args: argparse.Namespace) -> dict[str, Any]:
@@ -227,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small smoke run (hidden 64, 128 rows, 1 repeat)")
     parser.add_argument("--json", help="also write every figure to this JSON file")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--corpus-seqs", type=int, default=128, help="corpus row: sequences (default: 128)")
+    parser.add_argument("--corpus-len", type=int, default=128, help="corpus row: tokens per sequence (default: 128)")
+    parser.add_argument("--corpus-batch", type=int, default=16, help="corpus row: sequences per pass (default: 16)")
+    parser.add_argument("--corpus-only", action="store_true", help="only the corpus-mode rows")
     parser.add_argument("--phase-spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.phase:
@@ -252,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     figures = []
-    for name, spec in specs:
+    for name, spec in [] if args.corpus_only else specs:
         check = spawn(args, "check", spec)
         if check["mismatched_rows"]:
             print(f"{name}: {check['mismatched_rows']} of {check['checked_rows']} checked rows differ "
@@ -272,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
               f"distill / floor-reuse = {rate['floor-reuse'] / rate['distill']:.2f}, "
               f"distill vs naive = {rate['distill'] / rate['naive']:.1f}x faster{full}")
         figures.append({"model": name, **{m: {**res[m], "rows_per_s": rate[m]} for m in res}})
+    print("corpus mode: llm.distill(mode='corpus') against the forward pass over the same batches")
+    for name, spec in specs:
+        if spec["kind"] == "qwen2":
+            spec = {**spec, "max_pos": args.corpus_len}
+        figures.append(corpus_row(args, name, spec))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)

@@ -27,9 +27,9 @@ save       save_npz (compressed, scipy's default) and save_npz(compressed=False)
            markovmem writes atomically and fsyncs, so a third row adds an fsync
            to the uncompressed save_npz.  A baseline whose checked warm-up run
            exceeds 10 s (compressed save_npz at full size) is timed once.
-load       load_npz on both files; markovmem maps the file (mmap=True) and runs
-           its structural check over indptr and every column index (so those
-           pages are read).  Probabilities are not touched by a mapped load, so
+load       load_npz on both files; markovmem maps the file (mmap=True), reads
+           indptr and every column index into memory and runs its structural
+           check over them.  Probabilities are not touched by a mapped load, so
            "load + sum(data)" rows read every probability on both sides.
            Files are in the page cache (just written); --cold also times loads
            after evicting the files from the page cache (posix_fadvise).
@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise AssertionError(f"sums differ: {a} vs {b}")
 
         rows.append(compare("load", "load_npz (compressed)", lambda: sp.load_npz(f_npz), mm_load, R, check_load,
-                            note="markovmem: mmap + structural check of indptr and all indices"))
+                            note="markovmem: mmap + indptr and all indices read and checked"))
         rows.append(compare("load", "load_npz (compressed=False)", lambda: sp.load_npz(f_raw), mm_load, R,
                             check_load))
         rows.append(compare("load + sum(data)", "load_npz (compressed) + sum", npz_load_sum(f_npz), mm_load_sum, R,

@@ -19,10 +19,10 @@ void bind_io(py::module_& m) {
           py::gil_scoped_release release;  // file work only; no Python objects touched
           l.emplace(load(path, use_mmap, verify, n_threads));
         }
-        return py::make_tuple(std::move(l->matrix), l->metadata);
+        return py::make_tuple(std::move(l->matrix), l->metadata, l->metadata_verified);
       },
       py::arg("path"), py::arg("mmap"), py::arg("verify"), py::arg("n_threads"),
-      "(matrix, metadata pairs) read from a file.");
+      "(matrix, metadata pairs, metadata verified) read from a file.");
   m.def("read_metadata", &read_metadata, py::arg("path"), py::call_guard<py::gil_scoped_release>(),
         "Metadata pairs of a file.");
 }

@@ -1,6 +1,8 @@
 // Binding of TransitionMatrix: constructors, zero-copy array views and queries.
 #include <pybind11/stl.h>
 
+#include <optional>
+
 #include "buffers.hpp"
 #include "markovmem/counting.hpp"
 #include "markovmem/transition_matrix.hpp"
@@ -35,19 +37,21 @@ TransitionMatrix topk(Index n_states, Index n_base, const carray<IndexT>& indice
 }  // namespace
 
 void bind_matrix(py::module_& m) {
+  m.def("max_threads", &detail::max_threads, "Largest n_threads a call may use (4 x the processors).");
   py::class_<TransitionMatrix>(m, "TransitionMatrix")
       .def_static(
           "copy_csr",
           [](Index n_states, Index n_base, const carray<Index>& indptr, const carray<StateIndex>& indices,
-             const carray<Prob>& data, double tol, int n_threads) {
+             const carray<Prob>& data, double tol, int n_threads, const std::optional<carray<double>>& tail) {
             check_sizes(n_states, n_base);
             const CsrView v = csr_view(indptr, indices, data, n_states);
+            const double* tp = tail ? ptr_1d(*tail, "tail", n_states) : nullptr;
             py::gil_scoped_release release;  // reads numpy buffers kept alive by the caller
-            return TransitionMatrix::copy_csr(n_states, n_base, v, tol, n_threads);
+            return TransitionMatrix::copy_csr(n_states, n_base, v, tol, n_threads, tp);
           },
           py::arg("n_states"), py::arg("n_base"), py::arg("indptr").noconvert(),
           py::arg("indices").noconvert(), py::arg("data").noconvert(), py::arg("tol"), py::arg("n_threads"),
-          "Owning matrix copied from CSR arrays (checked).")
+          py::arg("tail").noconvert() = py::none(), "Owning matrix copied from CSR arrays (checked).")
       .def_static("from_topk", &topk<std::int64_t>, py::arg("n_states"), py::arg("n_base"),
                   py::arg("indices").noconvert(), py::arg("probs").noconvert(), py::arg("tol"),
                   py::arg("n_threads"), "Matrix from (n_states, k) int64 indices and float32 probs.")

@@ -46,9 +46,16 @@ PYBIND11_MODULE(_core, m) {
       inst.attr("row") = e.row() >= 0 ? py::object(py::int_(e.row())) : py::object(py::none());
       PyErr_SetObject(type.ptr(), inst.ptr());
     } catch (const markovmem::IoError& e) {
+      // A path need not be UTF-8: decoded as os.fsdecode does, so OSError.filename round-trips
+      // through os.fsencode (pybind11's str conversion would raise UnicodeDecodeError instead).
+      const auto fs_str = [](const std::string& s) {
+        return py::reinterpret_steal<py::object>(
+            PyUnicode_DecodeFSDefaultAndSize(s.data(), static_cast<Py_ssize_t>(s.size())));
+      };
       py::object exc = e.error_number() != 0
-                           ? py::reinterpret_borrow<py::object>(PyExc_OSError)(e.error_number(), e.reason(), e.path())
-                           : py::reinterpret_borrow<py::object>(PyExc_OSError)(std::string(e.what()));
+                           ? py::reinterpret_borrow<py::object>(PyExc_OSError)(e.error_number(), e.reason(),
+                                                                               fs_str(e.path()))
+                           : py::reinterpret_borrow<py::object>(PyExc_OSError)(fs_str(e.what()));
       PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
     }
   });

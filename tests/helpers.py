@@ -115,3 +115,13 @@ def write_matrix_file(
     blob = struct.pack("<Q", len(text)) + text + b"".join(arr.tobytes() for _, _, arr in arrays)
     path.write_bytes(blob)
     return path
+
+
+def tinystories_path() -> Path:
+    """The TinyStories sample: MARKOVMEM_TEST_DATA (the file, or the directory holding
+    tinystories-sample.txt), else ../shared/data beside the project."""
+    import os
+
+    default = Path(__file__).resolve().parents[2] / "shared" / "data"
+    path = Path(os.environ.get("MARKOVMEM_TEST_DATA", default))
+    return path / "tinystories-sample.txt" if path.is_dir() else path

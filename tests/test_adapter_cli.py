@@ -30,7 +30,8 @@ def test_distill_fit_expand(model_dir, tmp_path, capsys) -> None:
     matrix = tmp_path / "P.safetensors"
     assert main(["distill", str(model_dir), "-o", str(matrix), "--top-k", "8", "--quiet"]) == 0
     P = mm.TransitionMatrix.load(matrix, verify=True)
-    assert (P.n_states, P.nnz) == (48, 48 * 8) and P.metadata["top_k"] == "8"
+    assert (P.n_states, P.nnz) == (48, 48 * 8) and llm.dictionary_info(P)["top_k"] == 8
+    assert llm.dictionary_info(P)["mode"] == "token"
     counts = sp.csr_array(np.random.default_rng(0).integers(0, 5, size=(2, 48)).astype(float))
     sp.save_npz(tmp_path / "counts.npz", counts)
     fitted = tmp_path / "fit.npz"
@@ -49,20 +50,33 @@ def test_add_tokens_writes_an_expansion_that_reloads(model_dir, tmp_path, capsys
     rng = np.random.default_rng(1)
     text = tmp_path / "train.txt"
     text.write_text("\n\n".join(" ".join(["w5", "glorp"] + [f"w{int(i)}" for i in rng.integers(3, 48, 6)])
-                                for _ in range(12)))
+                                for _ in range(24)))
     out = tmp_path / "glorp.safetensors"
     merged = tmp_path / "merged"
     code = main(["add-tokens", str(model_dir), "--tokens", "glorp", "--text", str(text), "-o", str(out),
                  "--s", "2", "--tune-steps", "2", "--merged", str(merged), "--quiet"])
     assert code == 0
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
     assert "glorp" in printed and "ids [48]" in printed
+    assert "dictionary: corpus mode" in printed and "24 contexts" in printed and "held-out gain" in printed
+    assert "Loading weights" not in err and "it/s" not in err  # --quiet: no bar, transformers' included
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     assert llm.load_expansion(base, tok, out) == [48]
     assert AutoModelForCausalLM.from_pretrained(merged).get_input_embeddings().weight.shape[0] == 49
+
+
+def test_distill_corpus_mode_records_how_rows_were_made(model_dir, tmp_path) -> None:
+    text = tmp_path / "corpus.txt"
+    text.write_text("w5 w6 w7 w5\n\nw6 w5 w9")
+    matrix = tmp_path / "P.safetensors"
+    assert main(["distill", str(model_dir), "-o", str(matrix), "--top-k", "8", "--corpus", str(text),
+                 "--fallback", "unigram", "--shrinkage", "2", "--quiet"]) == 0
+    info = llm.dictionary_info(mm.TransitionMatrix.load(matrix, verify=True))
+    assert info["mode"] == "corpus" and info["fallback"] == "unigram" and info["shrinkage"] == 2.0
+    assert info["rows_seen"] >= 3 and len(info["corpus"]) == 32
 
 
 def test_model_commands_report_a_missing_directory(tmp_path, capsys) -> None:

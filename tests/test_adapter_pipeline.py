@@ -25,7 +25,7 @@ class NearestRowsFit:
     """Hand-made stand-in for AlphaFit: alpha spreads 1/s over the s rows of P
     closest to q_hat in KL.  Same shapes as the real thing: alpha (m, n_states) CSR."""
 
-    def __init__(self, P, counts, s=2, link="logit", progress=True):
+    def __init__(self, P, counts, s=2, link="logit", bound=10.0, progress=True):
         dense = P.to_dense()
         q = counts.toarray()
         q = q / q.sum(1, keepdims=True)
@@ -37,7 +37,7 @@ class NearestRowsFit:
         self.kl = kl[np.arange(q.shape[0]), cols[:, 0]]
 
 
-def texts(n=12):
+def texts(n=24):
     rng = np.random.default_rng(0)
     return [f"w{rng.integers(3, V)} w{rng.integers(3, V)} glorp w7 w8 w{rng.integers(3, V)}" for _ in range(n)]
 
@@ -50,7 +50,7 @@ def test_design_path_step_by_step():
     ids = llm.add_tokens(model, tok, ["glorp"])
     seqs = [tok(t)["input_ids"] for t in texts()]
     C = llm.next_token_counts(seqs, ids, P.n_base)
-    assert C[0, 7] == 12
+    assert C[0, 7] == 24
     fit = NearestRowsFit(P, C)
     llm.set_embeddings(model, ids, llm.alpha_to_embeddings(model, fit.alpha))
     history = llm.embedding_tune(model, ids, seqs, steps=5, lr=0.01, batch_size=4, progress=False)
@@ -72,7 +72,10 @@ def test_learn_tokens_with_a_stand_in_fit(monkeypatch):
     assert result.history is not None and len(result.history.loss) == 4
     assert result.report.ok and result.report.n_contexts > 0
     assert result.config.s == 2 and result.config.top_k == 8
-    assert llm.get_expansion(model).alpha is result.fit.alpha
+    assert llm.get_expansion(model).alpha is result.alpha
+    assert result.fit.alpha is not None and result.choices == [("logit", 2)]
+    (rep,) = result.tokens_report
+    assert rep.n_contexts == 24 and rep.token == "glorp" and np.isfinite(rep.heldout_loss)
     (name, weight), = result.decomposition(tok, top=1)["glorp"][:1]
     assert name.startswith("w") or name in ("<s>", "</s>", "<unk>")
     assert weight == pytest.approx(0.5)
@@ -110,4 +113,4 @@ def test_config_validation():
         llm.LearnTokensConfig(link="linear")
     with pytest.raises(ValueError, match="tune_steps is -1"):
         llm.LearnTokensConfig(tune_steps=-1)
-    assert llm.LearnTokensConfig().to_dict()["s"] == 16
+    assert llm.LearnTokensConfig().to_dict()["s"] == 1

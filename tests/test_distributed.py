@@ -238,10 +238,12 @@ def test_cli_distill_under_torchrun(tmp_path):
     """`torchrun --nproc_per_node=2 -m markovmem distill` writes the one-process matrix."""
     if not MODEL_DIR:
         pytest.skip("MARKOVMEM_TEST_MODEL is not set (a stories260k directory)")
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    prefix = [tok.bos_token_id] if tok("a")["input_ids"][:1] == [tok.bos_token_id] else None  # as the CLI does
     one = llm.distill(AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval(), top_k=16, progress=False,
-                      shard_rows=128)
+                      shard_rows=128, prefix=prefix)
     out = tmp_path / "P.safetensors"
     env = dict(os.environ, OMP_NUM_THREADS="1", MARKOVMEM_DIST_TIMEOUT="60")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "markovmem",

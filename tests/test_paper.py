@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from helpers import tinystories_path  # noqa: E402
 from markovmem.llm import PseudoWord, PseudoWordBench, PseudoWordBenchConfig, build_corpus  # noqa: E402
 from markovmem.llm.pseudowords import _apportion  # noqa: E402
 from markovmem.llm.testing import tiny_model, tiny_tokenizer  # noqa: E402
@@ -138,8 +139,7 @@ def test_bench_rejects_bad_settings(tiny_corpus):
 
 
 MODEL_DIR = os.environ.get("MARKOVMEM_TEST_MODEL")
-DATA = Path(os.environ.get("MARKOVMEM_TEST_DATA",
-                           Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories-sample.txt"))
+DATA = tinystories_path()
 
 
 @pytest.mark.skipif(not MODEL_DIR, reason="MARKOVMEM_TEST_MODEL is not set (a stories260k directory)")

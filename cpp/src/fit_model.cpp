@@ -355,8 +355,29 @@ VectorXd LogitModel::closed_form() {
   rows_.scatter(zU_.data(), b);
   G.noalias() -= mu * mu.transpose();
   b -= mu * neg_h_;
-  VectorXd x;
-  if (!try_solve_spd(G, b, 1e-10, x)) x = VectorXd::Zero(n);
+  // G(i, i) is the q-weighted variance of atom i's deviations over the observed tokens.  A row
+  // flat there to float32 rounding (a uniform row: deviations of 1e-8) leaves alpha_i
+  // undetermined, and solving for it divides rounding by rounding (-1.8e285 for a uniform row
+  // and a two-token target).  The minimum-norm answer gives such atoms 0; the others are
+  // solved without them.  1e-12 is a weighted spread of 1e-6 in log space, about 16 float32 ulps.
+  constexpr double kFlat = 1e-12;
+  std::vector<Index> keep;
+  for (Index i = 0; i < n; ++i)
+    if (G(i, i) > kFlat) keep.push_back(i);
+  const auto m = static_cast<Index>(keep.size());
+  VectorXd x = VectorXd::Zero(n);
+  if (m == n) {
+    if (!try_solve_spd(G, b, 1e-10, x)) x = VectorXd::Zero(n);
+  } else if (m > 0) {
+    MatrixXd Gk(m, m);
+    VectorXd bk(m), xk;
+    for (Index r = 0; r < m; ++r) {
+      bk(r) = b(keep[static_cast<std::size_t>(r)]);
+      for (Index c = 0; c < m; ++c) Gk(r, c) = G(keep[static_cast<std::size_t>(r)], keep[static_cast<std::size_t>(c)]);
+    }
+    if (try_solve_spd(Gk, bk, 1e-10, xk))
+      for (Index r = 0; r < m; ++r) x(keep[static_cast<std::size_t>(r)]) = xk(r);
+  }
   return x;
 }
 

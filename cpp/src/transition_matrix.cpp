@@ -301,7 +301,7 @@ TransitionMatrix TransitionMatrix::from_csr(Index n_states, Index n_base, std::v
 }
 
 TransitionMatrix TransitionMatrix::copy_csr(Index n_states, Index n_base, const CsrView& rows,
-                                            double tol, int n_threads) {
+                                            double tol, int n_threads, const double* tail) {
   check_sizes(n_states, n_base);
   if (rows.n_rows != n_states)
     throw std::invalid_argument(cat("the matrix has ", rows.n_rows, " rows; expected n_states = ", n_states));
@@ -311,9 +311,9 @@ TransitionMatrix TransitionMatrix::copy_csr(Index n_states, Index n_base, const 
   // guarantees indices/data hold indptr[n_states] entries (checked in Python and the binding).
   CheckOptions opts;
   opts.tol = tol;
-  opts.tail = false;
+  opts.tail = tail != nullptr;
   opts.n_threads = n_threads;
-  if (auto v = check_rows(rows, nullptr, nnz, n_states, n_base, opts))
+  if (auto v = check_rows(rows, tail, nnz, n_states, n_base, opts))
     throw InvariantViolation(v->row, v->reason);
   auto owned = std::make_shared<Owned>();
   const auto [spare_rows, spare_nnz] = headroom(n_states, nnz);
@@ -324,7 +324,10 @@ TransitionMatrix TransitionMatrix::copy_csr(Index n_states, Index n_base, const 
   owned->data = detail::Buffer<Prob>::copy_of(rows.data, static_cast<std::size_t>(nnz),
                                               static_cast<std::size_t>(spare_nnz), n_threads);
   owned->tail = detail::Buffer<double>::uninitialized(static_cast<std::size_t>(n_states + spare_rows));
-  detail::compute_tails(rows, owned->tail.data(), n_threads);
+  if (tail)
+    detail::parallel_copy(owned->tail.data(), tail, static_cast<std::size_t>(n_states) * sizeof(double), n_threads);
+  else
+    detail::compute_tails(rows, owned->tail.data(), n_threads);
   return adopt(n_states, n_base, std::move(owned));
 }
 

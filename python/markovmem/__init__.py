@@ -13,7 +13,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "`pip install .` from a source checkout so the extension is built"
     ) from exc
 
-from ._errors import ConvergenceWarning, DistributedError, InvariantError
+from ._errors import ConvergenceWarning, DistributedError, InvariantError, SampleSizeWarning
 from ._expansion import ExpansionCertificate, verify_expansion
 from ._fit import AlphaFit, closed_form_alpha, fit_alpha
 from ._matrix import Row, TransitionMatrix
@@ -25,6 +25,7 @@ __all__ = [
     "AlphaFit",
     "ConvergenceWarning",
     "DistributedError",
+    "SampleSizeWarning",
     "ExpansionCertificate",
     "InvariantError",
     "Row",

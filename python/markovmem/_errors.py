@@ -22,6 +22,10 @@ class DistributedError(RuntimeError):
     """
 
 
+class SampleSizeWarning(UserWarning):
+    """A fit has fewer samples than its sparsity needs (e.g. fewer than 10 s contexts for a new token)."""
+
+
 def invariant_error(message: str, row: int | None = None) -> Exception:
     """Build an InvariantError carrying ``row`` (as the core's errors do)."""
     err = InvariantError(message)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import _core, _distributed
+from ._checks import integer, real
 from ._matrix import TransitionMatrix, _threads
 
 __all__ = ["AlphaFit", "closed_form_alpha", "fit_alpha"]
@@ -498,15 +499,15 @@ def _fit_block(P: TransitionMatrix, targets: Any, s: Any, link: str, bound: Any,
     one process).  Returns (the core's result tuple for the block, every target's total count)."""
     _check_matrix(P)
     lk = _link(link)
-    if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s <= 0:
-        raise ValueError(f"s is {s!r}; expected an integer >= 1")
-    bound = float(bound)
+    s = integer(s, "s", low=1)
+    bound = real(bound, "bound")
     if not bound > 0:
         raise ValueError(f"bound is {bound}; expected > 0")
-    if int(max_iter) < 1:
-        raise ValueError(f"max_iter is {max_iter}; expected >= 1")
-    if not float(tol) >= 0:
+    max_iter = integer(max_iter, "max_iter", low=1)
+    tol = real(tol, "tol")
+    if not tol >= 0:
         raise ValueError(f"tol is {tol}; expected >= 0")
+    seed = integer(seed, "seed")
     indptr, indices, data, totals = _targets(P, targets, n_samples)
     m = len(indptr) - 1
     a, b = (0, m) if ranks is None else _distributed.block(m, ranks.rank, ranks.world)
@@ -517,7 +518,7 @@ def _fit_block(P: TransitionMatrix, targets: Any, s: Any, link: str, bound: Any,
         sp_ip, sp_ix = _support(P, support, m)
         sp_ip, sp_ix = np.ascontiguousarray(sp_ip[a:b + 1] - sp_ip[a]), sp_ix[sp_ip[a]:sp_ip[b]]
         res = _run_rows(lambda control: _core.fit_on_support(
-            P._m, ip, ix, dt, sp_ip, sp_ix, None, lk, bound, int(max_iter), float(tol),
+            P._m, ip, ix, dt, sp_ip, sp_ix, None, lk, bound, max_iter, tol,
             _threads(n_threads), control), b - a, progress, f"fit_alpha ({link}, fixed support)",
             _WORKER_ROWS["fixed"])
         return res, totals
@@ -537,14 +538,15 @@ def _fit_block(P: TransitionMatrix, targets: Any, s: Any, link: str, bound: Any,
             if ids.min() < 0 or ids.max() >= P.n_states:
                 raise IndexError(f"candidates holds a state outside [0, n_states = {P.n_states})")
             allowed = np.ascontiguousarray(np.unique(ids), dtype=np.int32)
-    if oversize is not None and not float(oversize) >= 1:
-        raise ValueError(f"oversize is {oversize}; expected >= 1")
-    if int(swap_passes) < 0:
-        raise ValueError(f"swap_passes is {swap_passes}; expected >= 0")
+    if oversize is not None:
+        oversize = real(oversize, "oversize")
+        if not oversize >= 1:
+            raise ValueError(f"oversize is {oversize}; expected >= 1")
+    swap_passes = integer(swap_passes, "swap_passes", low=0)
     # row_offset = a: row a + i of the whole draws from the same random streams on every world size.
     res = _run_rows(lambda control: _core.fit_alpha(
-        P._m, ip, ix, dt, lk, int(s), bound, n_cand, 0.0 if oversize is None else float(oversize),
-        int(swap_passes), int(max_iter), float(tol), _threads(n_threads), int(seed) & (2**64 - 1), allowed,
+        P._m, ip, ix, dt, lk, s, bound, n_cand, 0.0 if oversize is None else oversize,
+        swap_passes, max_iter, tol, _threads(n_threads), seed & (2**64 - 1), allowed,
         bool(cv_bound), a, control), b - a, progress, f"fit_alpha ({link}, s = {s})", _WORKER_ROWS[link])
     return res, totals
 

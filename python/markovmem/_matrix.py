@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from . import _core
+from ._checks import integer, real, threads
 from ._errors import ConvergenceWarning, invariant_error
 
 __all__ = ["Row", "TransitionMatrix"]
@@ -39,12 +40,7 @@ class Row(NamedTuple):
     tail: float
 
 
-def _threads(n_threads: int | None) -> int:
-    if n_threads is None:
-        return 0
-    if not isinstance(n_threads, (int, np.integer)) or n_threads < 0:
-        raise ValueError(f"n_threads is {n_threads!r}; expected None or an integer >= 0")
-    return int(n_threads)
+_threads = threads
 
 
 def _as_int32_ids(values: Any, name: str, upper: int) -> np.ndarray:
@@ -60,8 +56,17 @@ def _as_int32_ids(values: Any, name: str, upper: int) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
+def _fs_path(path: Any) -> bytes:
+    """``path`` (str, bytes or os.PathLike) as the bytes the OS sees; a str need not be UTF-8
+    encodable (os.fsencode undoes the surrogate escapes of os.fsdecode)."""
+    raw = os.fsencode(path)
+    if b"\0" in raw:
+        raise ValueError(f"path {os.fsdecode(raw)!r} contains a null byte")
+    return raw
+
+
 def _tol(tol: float) -> float:
-    tol = float(tol)
+    tol = real(tol, "tol")
     if not (np.isfinite(tol) and tol >= 0.0):
         raise ValueError(f"tol is {tol}; expected a finite number >= 0")
     return tol
@@ -272,7 +277,7 @@ class TransitionMatrix:
         if shape[0] != shape[1]:
             raise ValueError(f"matrix has shape {shape}; a transition matrix must be square")
         n_states = shape[0]
-        n_base = n_states if n_base is None else int(n_base)
+        n_base = n_states if n_base is None else integer(n_base, "n_base")
         return cls(_core.TransitionMatrix.copy_csr(n_states, n_base, indptr, indices, data, _tol(tol), _threads(n_threads)))
 
     @classmethod
@@ -315,7 +320,7 @@ class TransitionMatrix:
         if not (np.issubdtype(pr.dtype, np.floating) or np.issubdtype(pr.dtype, np.integer)):
             raise TypeError(f"probs must hold real numbers; got dtype {pr.dtype}")
         n_states = idx.shape[0]
-        n_base = n_states if n_base is None else int(n_base)
+        n_base = n_states if n_base is None else integer(n_base, "n_base")
         idx = np.ascontiguousarray(idx, dtype=np.int32 if idx.dtype == np.int32 else np.int64)
         pr = np.ascontiguousarray(pr, dtype=np.float32)
         return cls(_core.TransitionMatrix.from_topk(n_states, n_base, idx, pr, _tol(tol), _threads(n_threads)))
@@ -353,25 +358,27 @@ class TransitionMatrix:
         A state never followed by another has an empty row with tail 1: it
         moves uniformly over all states.
         """
-        n_states = int(n_states)
-        if n_states < 1:
-            raise ValueError(f"n_states is {n_states}; expected >= 1")
-        if top_k is not None and int(top_k) < 1:
-            raise ValueError(f"top_k is {top_k}; expected None or >= 1")
+        n_states = integer(n_states, "n_states", low=1)
+        top_k = None if top_k is None else integer(top_k, "top_k", low=1)
+        smoothing = real(smoothing, "smoothing")
         tokens, offsets = _flatten_sequences(sequences, n_states)
         return cls(
             _core.TransitionMatrix.count_transitions(
-                tokens, offsets, n_states, int(top_k or 0), float(smoothing), _threads(n_threads)
+                tokens, offsets, n_states, top_k or 0, smoothing, _threads(n_threads)
             )
         )
 
     # ------------------------------------------------------------------ file format
-    def save(self, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> None:
+    def save(self, path: str | bytes | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> None:
         """Write a safetensors file atomically (temporary file, fsync, rename).
 
         An existing file at ``path`` is replaced only once the new one is
-        complete, so an error mid-save leaves it intact.  ``metadata`` (str -> str)
-        is stored in the header next to the format version, sizes and fingerprint,
+        complete, so an error mid-save leaves it intact.  The temporary file is
+        ``path.tmp-<pid>-<n>``; one left by a save that was killed is removed by
+        the next save to ``path`` once its writer process is gone (a live
+        writer's is never touched).  ``metadata`` (str -> str) is stored in the
+        header next to the format version, sizes, the arrays' fingerprint and a
+        fingerprint of the metadata itself (checked by ``load(verify=True)``),
         after the matrix's own :attr:`metadata` (e.g. how ``llm.distill`` made
         it); a key in both takes the value given here.
         """
@@ -383,28 +390,65 @@ class TransitionMatrix:
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"metadata must map str to str; got {k!r}: {v!r}")
             extra.append((k, v))
-        _core.save(self._m, os.fspath(path), extra)
+        _core.save(self._m, _fs_path(path), extra)
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], *, mmap: bool = True, verify: bool = False, n_threads: int | None = None
+        cls,
+        path: str | bytes | os.PathLike[str],
+        *,
+        mmap: bool = True,
+        verify: bool = False,
+        n_threads: int | None = None,
     ) -> "TransitionMatrix":
         """Read a file written by :meth:`save`.
 
-        With ``mmap=True`` the arrays view a read-only memory map (no copy;
-        pages are read on demand).  Sizes, dtypes, offsets and the CSR structure
-        are always checked, so a truncated, bit-flipped or hand-crafted file
-        raises ``ValueError`` instead of crashing.  ``verify=True`` also checks
-        every probability and tail and that the stored fingerprint matches.
+        With ``mmap=True`` the probabilities and tails view a read-only memory
+        map (no copy; pages are read on demand) and the row pointers and column
+        indices are read into memory (4 bytes per stored entry).  Sizes, dtypes,
+        offsets and the CSR structure are always checked, so a truncated,
+        bit-flipped or hand-crafted file raises ``ValueError`` instead of
+        crashing.  ``verify=True`` also checks every probability and tail, that
+        the stored fingerprint matches, and that the header metadata matches its
+        stored fingerprint.
+
+        A file that another process rewrites in place while it is mapped can
+        change the probabilities and tails read later, never the structure
+        that every address is computed from: no call reads or writes outside
+        the arrays.  Truncating a mapped file is different: the operating system
+        delivers SIGBUS to a process reading a page past the new end, so write a
+        new file and rename it over the old one (as :meth:`save` does), or load
+        with ``mmap=False`` (the whole file is read into memory).
+
+        Parameters
+        ----------
+        path : str, bytes or os.PathLike
+            A regular file; bytes paths need not be UTF-8.
+        mmap : bool
+            Map the file instead of reading it.
+        verify : bool
+            Check values, tails and both fingerprints.  A file written before the
+            metadata fingerprint existed loads with a UserWarning saying its
+            metadata was not checked.
+        n_threads : int, optional
+            Threads for the checks (None: the OpenMP default).
 
         Raises
         ------
-        FileNotFoundError, PermissionError, OSError
-            The file cannot be opened or read.
+        FileNotFoundError, PermissionError, IsADirectoryError, OSError
+            The file cannot be opened or read, or is not a regular file (a FIFO
+            is refused at once, not waited on).
         ValueError, InvariantError
             The file is not a valid markovmem matrix (the message names it).
         """
-        core, meta = _core.load(os.fspath(path), bool(mmap), bool(verify), _threads(n_threads))
+        core, meta, metadata_verified = _core.load(_fs_path(path), bool(mmap), bool(verify), _threads(n_threads))
+        if verify and not metadata_verified:
+            warnings.warn(
+                f"{os.fsdecode(path)!r} has no metadata fingerprint (written by an earlier markovmem): verify=True "
+                "checked the arrays and their fingerprint, not the metadata; save it again to add one",
+                UserWarning,
+                stacklevel=2,
+            )
         return cls(core, dict(meta))
 
     @property
@@ -472,12 +516,14 @@ class TransitionMatrix:
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
+        # The stored tail travels too: recomputed from the float32 data it can differ in the
+        # last bits from the stored one (a file's, an expansion's), and so would the fingerprint.
         return (_rebuild, (self.n_states, self.n_base, np.array(self.indptr), np.array(self.indices),
-                           np.array(self.data), self.metadata))
+                           np.array(self.data), self.metadata, np.array(self.tail)))
 
     # ------------------------------------------------------------------ queries
     def _state(self, v: Any, name: str) -> int:
-        if not isinstance(v, (int, np.integer)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
             raise TypeError(f"{name} must be an integer state id; got {type(v).__name__}")
         v = int(v)
         if not 0 <= v < self.n_states:
@@ -537,6 +583,7 @@ class TransitionMatrix:
 
     def to_dense(self, max_states: int = 20_000) -> np.ndarray:
         """The full (n_states, n_states) float64 matrix, tail spread in (small matrices only)."""
+        max_states = integer(max_states, "max_states")
         if self.n_states > max_states:
             raise ValueError(f"n_states = {self.n_states} exceeds max_states = {max_states}; a dense copy would be too large")
         n, nb = self.n_states, self.n_base
@@ -551,7 +598,10 @@ class TransitionMatrix:
 
     def step(self, distribution: Any, *, n_threads: int | None = None) -> np.ndarray:
         """One step of the chain: ``distribution @ P`` (tail included), (n_states,) float64."""
-        d = np.ascontiguousarray(distribution, dtype=np.float64)
+        d = np.asarray(distribution)
+        if d.dtype.kind not in "biuf":
+            raise TypeError(f"distribution must hold real numbers; got dtype {d.dtype}")
+        d = np.ascontiguousarray(d, dtype=np.float64)
         if d.shape != (self.n_states,):
             raise ValueError(f"distribution has shape {d.shape}; expected ({self.n_states},)")
         if not np.all(np.isfinite(d)):
@@ -566,7 +616,9 @@ class TransitionMatrix:
         when the L1 change falls below ``tol``.  Warns with ConvergenceWarning
         when ``max_iter`` is reached first.
         """
-        pi, n_iter, residual, converged = self._m.stationary(float(tol), int(max_iter), _threads(n_threads))
+        pi, n_iter, residual, converged = self._m.stationary(
+            real(tol, "tol"), integer(max_iter, "max_iter", low=1), _threads(n_threads)
+        )
         if not converged:
             warnings.warn(
                 f"stationary: L1 change {residual:.3g} after {n_iter} iterations is above tol = {tol:g}; "
@@ -596,11 +648,9 @@ class TransitionMatrix:
         The same ``seed`` gives the same path on every machine; ``None`` draws one.
         """
         start = self._state(start, "start")
-        if int(length) < 1:
-            raise ValueError(f"length is {length}; expected >= 1")
-        if seed is None:
-            seed = int(np.random.default_rng().integers(0, 2**63))
-        return self._m.sample(start, int(length), int(seed) & (2**64 - 1))
+        length = integer(length, "length", low=1)
+        seed = int(np.random.default_rng().integers(0, 2**63)) if seed is None else integer(seed, "seed")
+        return self._m.sample(start, length, seed & (2**64 - 1))
 
     # ------------------------------------------------------------------ invariants
     def validate(self, *, tol: float = DEFAULT_TOL, n_threads: int | None = None) -> None:
@@ -676,6 +726,8 @@ class TransitionMatrix:
 
 
 def _rebuild(n_states: int, n_base: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
-             metadata: dict[str, str]) -> TransitionMatrix:
-    core = _core.TransitionMatrix.copy_csr(n_states, n_base, indptr, indices, data, 1.0, 0)
+             metadata: dict[str, str], tail: np.ndarray | None = None) -> TransitionMatrix:
+    # tol = 1: the pickled matrix was valid; the checks that remain are the structure
+    # (memory safety) and every tail finite in [0, 1].  Pickles without a tail recompute it.
+    core = _core.TransitionMatrix.copy_csr(n_states, n_base, indptr, indices, data, 1.0, 0, tail)
     return TransitionMatrix(core, metadata)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from ._checks import integer
 from ._matrix import _threads
 
 __all__ = ["softmax_topk"]
@@ -57,8 +58,7 @@ def softmax_topk(logits: Any, k: int, n_threads: int | None = None) -> tuple[np.
         raise TypeError(f"logits must be float32; got dtype {arr.dtype} (cast with .astype(np.float32))")
     if arr.ndim != 2:
         raise ValueError(f"logits must be 2-D (rows, vocab); got shape {arr.shape}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be an integer; got {type(k).__name__}")
+    k = integer(k, "k")
     v = arr.shape[1]
     if v < 1:
         raise ValueError("logits has no columns; expected at least one")
@@ -66,4 +66,4 @@ def softmax_topk(logits: Any, k: int, n_threads: int | None = None) -> tuple[np.
         raise ValueError(f"k is {k}; expected 1 <= k <= {v}")
     if arr.shape[0] and not _rows_ok(arr):
         arr = np.ascontiguousarray(arr)
-    return _core.softmax_topk(arr, int(k), _threads(n_threads))
+    return _core.softmax_topk(arr, k, _threads(n_threads))

@@ -82,11 +82,16 @@ def _load_rows(path: str, name: str = "rows") -> Any:
     return sp.load_npz(path)
 
 
-def _load_model(path: str, device: str | None, dtype: str | None) -> tuple[Any, Any]:
+def _load_model(path: str, device: str | None, dtype: str | None, quiet: bool = False) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     import torch
 
+    if quiet:
+        # transformers draws its own bars (e.g. "Loading weights") and info lines; --quiet means none.
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     kwargs: dict[str, Any] = {}
     if dtype:
         kwargs["dtype"] = getattr(torch, dtype)
@@ -121,17 +126,25 @@ def _rank0() -> bool:
 def _cmd_distill(args: argparse.Namespace) -> int:
     from . import llm
 
-    model, tokenizer = _load_model(args.model, args.device, args.dtype)
+    model, tokenizer = _load_model(args.model, args.device, args.dtype, args.quiet)
     sequences = None
+    kwargs: dict[str, Any] = {}
+    if args.mode is None:
+        args.mode = "corpus" if args.corpus else "token"
     if args.mode == "corpus":
-        if not args.text:
-            raise ValueError("--mode corpus needs --text FILE")
-        sequences = [tokenizer(t)["input_ids"] for t in _read_texts(args.text)]
-    P = llm.distill(model, top_k=args.top_k, batch_size=args.batch_size, device=args.device,
+        if not args.corpus:
+            raise ValueError("--mode corpus needs --corpus FILE")
+        sequences = [tokenizer(t)["input_ids"] for t in _read_texts(args.corpus)]
+        kwargs = {"fallback": args.fallback, "shrinkage": args.shrinkage}
+    bos = getattr(tokenizer, "bos_token_id", None)
+    prefix = [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
+    if args.mode == "corpus" and args.fallback != "token":
+        prefix = None
+    P = llm.distill(model, top_k=args.top_k, batch_size=args.batch_size, device=args.device, prefix=prefix,
                     progress=not args.quiet, out=args.shards, mode=args.mode, sequences=sequences,
-                    shard_rows=args.shard_rows, dist=True if _under_torchrun() else None)
+                    shard_rows=args.shard_rows, dist=True if _under_torchrun() else None, **kwargs)
     if _rank0():
-        P.save(args.output, metadata={"model": str(args.model), "top_k": str(args.top_k), "mode": args.mode})
+        P.save(args.output, metadata={"model": str(args.model)})
         print(f"wrote {args.output}: {P}")
     return 0
 
@@ -171,14 +184,19 @@ def _cmd_expand(args: argparse.Namespace) -> int:
 def _cmd_add_tokens(args: argparse.Namespace) -> int:
     from . import llm
 
-    model, tokenizer = _load_model(args.model, args.device, args.dtype)
+    model, tokenizer = _load_model(args.model, args.device, args.dtype, args.quiet)
     texts = _read_texts(args.text)
+    corpus = _read_texts(args.corpus) if args.corpus else None
+    options = {} if args.link is None else {"link": args.link}
     result = llm.learn_tokens(model, tokenizer, args.tokens, texts, s=args.s, tune_steps=args.tune_steps,
-                              link=args.link, device=args.device, progress=not args.quiet)
-    llm.save_expansion(model, tokenizer, args.output, alpha=result.fit.alpha)
+                              corpus=corpus, device=args.device, progress=not args.quiet, **options)
+    llm.save_expansion(model, tokenizer, args.output, alpha=result.alpha)
+    info = llm.dictionary_info(result.matrix)
+    seen = f", {info['rows_seen']} of {info['n_rows']} old tokens seen" if "rows_seen" in info else ""
+    print(f"dictionary: {info.get('mode', '?')} mode{seen}")
     print(f"new tokens {args.tokens} -> ids {result.ids}")
-    for tok, pairs in result.decomposition(tokenizer).items():
-        print(f"  {tok} = " + " ".join(f"{w:+.3f} x {name!r}" for name, w in pairs))
+    for rep in result.tokens_report:
+        print("  " + str(rep).replace("\n", "\n  "))
     print(result.report)
     print(f"wrote {args.output} (apply with markovmem.llm.load_expansion(base_model, tokenizer, path))")
     if args.merged:
@@ -269,9 +287,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, help="matrix file to write (.safetensors)")
     q.add_argument("--top-k", type=int, default=256, help="entries kept per row (default 256)")
     q.add_argument("--batch-size", type=int, default=None, help="contexts per forward pass (default: from the vocabulary)")
-    q.add_argument("--mode", choices=("token", "corpus"), default="token",
-                   help="'token': p(.|v) for each one-token context; 'corpus': averaged over --text (default token)")
-    q.add_argument("--text", help="text file (blank-line separated paragraphs) for --mode corpus")
+    q.add_argument("--mode", choices=("token", "corpus"), default=None,
+                   help="'corpus': row v averaged over v's occurrences in --corpus; 'token': p(.|v) after a one-token "
+                   "context (default: corpus when --corpus is given, else token)")
+    q.add_argument("--corpus", "--text", dest="corpus",
+                   help="text file (blank-line separated paragraphs) for --mode corpus")
+    q.add_argument("--fallback", choices=("token", "unigram", "none"), default="token",
+                   help="--mode corpus: what rows seen rarely shrink toward (default token)")
+    q.add_argument("--shrinkage", type=float, default=1.0,
+                   help="--mode corpus: pseudo-count of the fallback row (default 1)")
     q.add_argument("--shards", help="directory for resumable shards (a rerun resumes)")
     q.add_argument("--shard-rows", type=int, default=None,
                    help="rows (token mode) or texts (corpus mode) per shard: the unit of resume and of the work "
@@ -304,8 +328,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--text", required=True, help="training text using them (blank-line separated paragraphs)")
     q.add_argument("-o", "--output", required=True, help="expansion file to write (.safetensors)")
     q.add_argument("--merged", help="also export a merged transformers model directory here")
-    q.add_argument("--s", type=int, default=16, help="sparsity of alpha (default 16)")
-    q.add_argument("--link", choices=("logit", "mixture"), default="logit", help="fit_alpha link (default logit)")
+    q.add_argument("--corpus", help="general text in the model's domain (blank-line separated paragraphs) "
+                   "added to --text for the dictionary rows")
+    q.add_argument("--s", type=int, default=None, help="sparsity of alpha (default: learn_tokens')")
+    q.add_argument("--link", choices=("mixture", "logit", "auto"), default=None,
+                   help="fit_alpha link; auto chooses link and s per token on held-out contexts "
+                   "(default: learn_tokens')")
     q.add_argument("--tune-steps", type=int, default=50, help="embedding-tuning steps, 0 for E^T alpha only (default 50)")
     q.add_argument("--device", help="torch device, e.g. cuda")
     q.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="load the weights in this dtype")

@@ -55,7 +55,15 @@ class IoError : public std::runtime_error {
 
 namespace detail {
 
-/// Number of threads for a parallel region: n_threads <= 0 means the OpenMP default.
+/// Largest thread count a call may ask for: 4 x the processors available to the
+/// process (at least 4).  Per-thread workspaces are sized by the thread count, and
+/// OpenMP aborts or crashes when it cannot start the threads it was asked for.
+int max_threads() noexcept;
+
+/// Number of threads for a parallel region: n_threads <= 0 means the OpenMP default;
+/// never more than max_threads().  The Python API refuses a larger n_threads with a
+/// ValueError; the clamp here keeps any other caller memory-safe, and lets this stay
+/// noexcept (it is evaluated in num_threads clauses).
 int resolve_threads(int n_threads) noexcept;
 
 /// Keeps the first exception thrown inside an OpenMP region so it can be

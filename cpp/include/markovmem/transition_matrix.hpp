@@ -65,8 +65,12 @@ class TransitionMatrix {
                                    double tol = kRowSumTolerance, int n_threads = 0);
 
   /// Copies borrowed CSR arrays (caller keeps them alive during the call) into an owning matrix.
+  /// The tail is computed, or copied from `tail` (n_states entries) when given, after checking
+  /// it equals max(0, 1 - row sum) within tol: a matrix rebuilt from its own four arrays
+  /// keeps its bytes, hence its fingerprint.
   static TransitionMatrix copy_csr(Index n_states, Index n_base, const CsrView& rows,
-                                   double tol = kRowSumTolerance, int n_threads = 0);
+                                   double tol = kRowSumTolerance, int n_threads = 0,
+                                   const double* tail = nullptr);
 
   /// Builds from dense (n_rows, k) top-k arrays (one row per state, any column
   /// order, row-major).  Sorts each row by column; rejects duplicates, ids out of

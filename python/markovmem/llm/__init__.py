@@ -35,6 +35,7 @@ _EXPORTS = {
     "load_expansion": "expansion_io",
     "save_expansion": "expansion_io",
     "LearnResult": "pipeline",
+    "TokenReport": "pipeline",
     "learn_tokens": "pipeline",
     "PseudoWord": "pseudowords",
     "PseudoWordBench": "pseudowords",

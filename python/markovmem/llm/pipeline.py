@@ -4,20 +4,73 @@ fit alpha -> write E^T alpha -> embedding tuning -> verify no forgetting)."""
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
 from torch import nn
 
+from .._errors import SampleSizeWarning
 from .._matrix import TransitionMatrix
 from .config import LearnTokensConfig
 from .distillation import distill, next_token_counts
 from .model import _model_n_base, add_tokens, alpha_to_embeddings, get_expansion, remove_expansion, set_embeddings
 from .tuning import TuneHistory, embedding_tune
+from .selection import cross_fit
 from .verify import ForgettingReport, verify_no_forgetting
 
-__all__ = ["LearnResult", "learn_tokens"]
+__all__ = ["LearnResult", "TokenReport", "learn_tokens"]
+
+
+@dataclass
+class TokenReport:
+    """Diagnostics of one new token learned by :func:`learn_tokens`.
+
+    Attributes
+    ----------
+    token : str
+    id : int
+    n_contexts : int
+        Occurrences followed by an old token in the texts (the fit's N).
+    link : str
+        Link of its fit (chosen per token when ``link='auto'``).
+    s : int
+        Sparsity of its fit.
+    heldout_loss : float
+        Mean loss (nats) right after the token on held-out occurrences, with E^T alpha
+        fitted on the other occurrences (two-fold cross-fit); NaN with fewer than two.
+    mean_loss : float
+        The same positions with the mean base embedding as the token's row.
+    decomposition : list of (str, float)
+        Largest dictionary weights: (old token, weight).
+    """
+
+    token: str
+    id: int
+    n_contexts: int
+    link: str
+    s: int
+    heldout_loss: float
+    mean_loss: float
+    decomposition: list[tuple[str, float]]
+
+    @property
+    def heldout_gain(self) -> float:
+        """Held-out loss of the mean init minus that of E^T alpha (nats per occurrence; > 0: alpha helps)."""
+        return self.mean_loss - self.heldout_loss
+
+    @property
+    def few_contexts(self) -> bool:
+        """Fewer than 10 s contexts: the fit may pick the wrong old words."""
+        return self.n_contexts < 10 * self.s
+
+    def __str__(self) -> str:
+        parts = " ".join(f"{w:+.3f} x {t!r}" for t, w in self.decomposition)
+        gain = "n/a (< 2 contexts)" if np.isnan(self.heldout_loss) else f"{self.heldout_gain:+.3f} nats"
+        flag = f" (few: < 10 s = {10 * self.s})" if self.few_contexts else ""
+        return (f"{self.token} = {parts}\n    {self.link}, s = {self.s}, {self.n_contexts} contexts{flag}, "
+                f"held-out gain over the mean init: {gain}")
 
 
 @dataclass
@@ -30,11 +83,16 @@ class LearnResult:
     ids : list of int
         The new ids.
     matrix : TransitionMatrix
-        The distilled base matrix the fit used.
+        The distilled base matrix the fit used (:func:`dictionary_info` tells how it was made).
     counts : scipy.sparse.csr_array
         (m, n_base) next-token counts of the new tokens in the texts.
-    fit : AlphaFit
-        ``markovmem.fit_alpha`` result; ``fit.alpha`` is (m, n_states) sparse.
+    alpha : scipy.sparse.csr_array
+        (m, n_states) dictionary weights; the new input rows start at ``E^T alpha``.
+    fits : dict of (str, int) -> (list of int, AlphaFit)
+        One ``markovmem.fit_alpha`` result per (link, s) used, with the token indices it holds
+        (a single entry unless ``link='auto'`` chose differently for different tokens).
+    tokens_report : list of TokenReport
+        Per token: contexts, link and s, held-out gain over the mean init, decomposition.
     history : TuneHistory or None
         Embedding tuning (None when ``tune_steps == 0``).
     report : ForgettingReport
@@ -46,26 +104,50 @@ class LearnResult:
     ids: list[int]
     matrix: TransitionMatrix
     counts: Any
-    fit: Any
+    alpha: Any
+    fits: dict[tuple[str, int], tuple[list[int], Any]]
+    tokens_report: list[TokenReport]
     history: TuneHistory | None
     report: ForgettingReport
     config: LearnTokensConfig
 
+    @property
+    def fit(self) -> Any:
+        """The AlphaFit of every token, when one (link, s) served them all.
+
+        Raises
+        ------
+        ValueError
+            ``link='auto'`` chose several (link, s); see :attr:`fits`.
+        """
+        if len(self.fits) != 1:
+            raise ValueError(f"tokens were fitted with {sorted(self.fits)}; see LearnResult.fits")
+        return next(iter(self.fits.values()))[1]
+
+    @property
+    def choices(self) -> list[tuple[str, int]]:
+        """(link, s) of each token's fit."""
+        return [(r.link, r.s) for r in self.tokens_report]
+
     def decomposition(self, tokenizer: Any = None, top: int = 8) -> dict[str, list[tuple[Any, float]]]:
         """Largest dictionary weights of each new token: {token: [(base token or id, weight), ...]}."""
-        import scipy.sparse as sp
+        return {tok: pairs for tok, pairs in zip(self.tokens, _decompose(self.alpha, tokenizer, top))}
 
-        alpha = sp.csr_array(self.fit.alpha)
-        out = {}
-        for i, tok in enumerate(self.tokens):
-            a, b = alpha.indptr[i], alpha.indptr[i + 1]
-            cols, vals = alpha.indices[a:b], alpha.data[a:b]
-            order = np.argsort(-np.abs(vals))[:top]
-            names = [int(c) for c in cols[order]]
-            if tokenizer is not None:
-                names = tokenizer.convert_ids_to_tokens(names)
-            out[tok] = [(n, float(v)) for n, v in zip(names, vals[order])]
-        return out
+
+def _decompose(alpha: Any, tokenizer: Any, top: int) -> list[list[tuple[Any, float]]]:
+    import scipy.sparse as sp
+
+    alpha = sp.csr_array(alpha)
+    out = []
+    for i in range(alpha.shape[0]):
+        a, b = alpha.indptr[i], alpha.indptr[i + 1]
+        cols, vals = alpha.indices[a:b], alpha.data[a:b]
+        order = np.argsort(-np.abs(vals), kind="stable")[:top]
+        names = [int(c) for c in cols[order]]
+        if tokenizer is not None:
+            names = tokenizer.convert_ids_to_tokens(names)
+        out.append([(n, float(v)) for n, v in zip(names, vals[order])])
+    return out
 
 
 def _fit_alpha() -> Any:
@@ -260,9 +342,10 @@ def learn_tokens(
         empty = [tok for tok, n in zip(tokens, np.diff(counts.indptr)) if n == 0]
         if empty:
             raise ValueError(f"tokens {empty} are never followed by a base token in texts; add examples using them")
-        fit = fit_alpha(matrix, counts, s=cfg.s, link=cfg.link, progress=progress)
-        set_embeddings(model, ids, alpha_to_embeddings(model, fit.alpha))
-        get_expansion(model).alpha = fit.alpha
+        alpha, fits, tokens_report = _fit_tokens(model, ids, list(tokens), seqs, counts, matrix, cfg, fit_alpha,
+                                                 tokenizer, device, progress)
+        set_embeddings(model, ids, alpha_to_embeddings(model, alpha))
+        get_expansion(model).alpha = alpha
         history = None
         if cfg.tune_steps > 0:
             history = embedding_tune(model, ids, seqs, steps=cfg.tune_steps, lr=cfg.tune_lr,
@@ -275,5 +358,47 @@ def learn_tokens(
     except BaseException:
         remove_expansion(model)
         raise
-    return LearnResult(tokens=list(tokens), ids=ids, matrix=matrix, counts=counts, fit=fit, history=history,
-                       report=report, config=cfg)
+    return LearnResult(tokens=list(tokens), ids=ids, matrix=matrix, counts=counts, alpha=alpha, fits=fits,
+                       tokens_report=tokens_report, history=history, report=report, config=cfg)
+
+
+def _fit_tokens(model: nn.Module, ids: list[int], tokens: list[str], seqs: list[Any], counts: Any,
+                matrix: TransitionMatrix, cfg: LearnTokensConfig, fit_alpha: Any, tokenizer: Any, device: Any,
+                progress: bool) -> tuple[Any, dict[tuple[str, int], tuple[list[int], Any]], list[TokenReport]]:
+    """Fit alpha for every token (per-token (link, s) when ``cfg.link == 'auto'``) and its diagnostics."""
+    import scipy.sparse as sp
+
+    def fit(c: Any, link: str, s: int, bar: bool = False) -> Any:
+        extra = {"bound": cfg.bound} if link == "logit" else {}
+        return fit_alpha(matrix, c, s=s, link=link, progress=bar, **extra)
+
+    grid = list(cfg.auto_grid) if cfg.link == "auto" else [(cfg.link, int(cfg.s))]
+    arrays = [np.asarray(x, dtype=np.int64) for x in seqs]
+    cv = cross_fit(model, ids, arrays, fit, grid, device=device) if cfg.diagnostics or len(grid) > 1 else None
+    chosen = cv.best(default=0) if cv is not None else [0] * len(ids)
+    fits: dict[tuple[str, int], tuple[list[int], Any]] = {}
+    parts: list[Any] = [None] * len(ids)
+    for c in sorted(set(chosen)):
+        rows = [i for i, x in enumerate(chosen) if x == c]
+        res = fit(sp.csr_array(counts[rows]), *grid[c], bar=progress)
+        fits[grid[c]] = (rows, res)
+        for r, i in enumerate(rows):
+            parts[i] = res.alpha[[r]]
+    alpha = sp.csr_array(sp.vstack(parts, format="csr"))
+    n = np.asarray(counts.sum(axis=1)).reshape(-1).astype(np.int64)
+    decomp = _decompose(alpha, tokenizer, 6)
+    nan = float("nan")
+    report = [TokenReport(token=t, id=int(i), n_contexts=int(n[k]), link=grid[chosen[k]][0], s=grid[chosen[k]][1],
+                          heldout_loss=float(cv.loss[chosen[k], k]) if cv is not None else nan,
+                          mean_loss=float(cv.mean_loss[k]) if cv is not None else nan,
+                          decomposition=[(str(a), w) for a, w in decomp[k]])
+              for k, (t, i) in enumerate(zip(tokens, ids))]
+    few = [r for r in report if r.few_contexts]
+    if few:
+        warnings.warn(
+            "few contexts for a sparse fit (fewer than 10 s): "
+            + ", ".join(f"{r.token!r} has {r.n_contexts} for s = {r.s}" for r in few[:8])
+            + ("" if len(few) <= 8 else f" and {len(few) - 8} more")
+            + "; the decomposition may name the wrong old words; add texts using them or lower s",
+            SampleSizeWarning, stacklevel=3)
+    return alpha, fits, report

@@ -1,0 +1,79 @@
+"""The default path of learn_tokens on the real pretrained model: a miniature of bench/recovery.
+
+Pseudo-words replace frequent single-token words in TinyStories sentences; learn_tokens runs with
+its defaults on 30 sentences per word.  Needs MARKOVMEM_TEST_MODEL (stories260k) and the TinyStories
+sample (MARKOVMEM_TEST_DATA); skips without them."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from helpers import tinystories_path  # noqa: E402
+
+import markovmem as mm  # noqa: E402
+from markovmem import llm  # noqa: E402
+from markovmem.llm.selection import position_losses  # noqa: E402
+
+MODEL_DIR = os.environ.get("MARKOVMEM_TEST_MODEL")
+DATA = tinystories_path()
+pytestmark = [
+    pytest.mark.skipif(not MODEL_DIR, reason="MARKOVMEM_TEST_MODEL is not set (a stories260k directory)"),
+    pytest.mark.skipif(not DATA.is_file(), reason="no TinyStories text (set MARKOVMEM_TEST_DATA)"),
+]
+
+WORDS = [("daxo", "named"), ("kivo", "day"), ("florp", "there"), ("nuvix", "little"), ("snib", "big"),
+         ("fepi", "very")]
+
+
+def _after_new_token(seqs, ids):
+    new = set(ids)
+    return [(j, t) for j, s in enumerate(seqs) for t in range(len(s) - 1) if s[t] in new and s[t + 1] not in new]
+
+
+def test_default_path_finds_the_replaced_words_and_beats_the_mean_init():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    text = "\n\n".join(DATA.read_text(encoding="utf-8").split("\n\n")[:2000])
+    pws = [llm.PseudoWord(t, (w,)) for t, w in WORDS]
+    corpus = llm.build_corpus(text, tok, pws, n_val=1, n_test=10)
+    train = [s for _, s in corpus.sentences("train", 30)]
+    result = llm.learn_tokens(model, tok, corpus.tokens, train, tune_steps=0, progress=False)
+    assert llm.dictionary_info(result.matrix)["mode"] == "corpus"
+    top = [int(result.alpha.indices[result.alpha.indptr[i]:result.alpha.indptr[i + 1]]
+               [np.argmax(result.alpha.data[result.alpha.indptr[i]:result.alpha.indptr[i + 1]])])
+           for i in range(len(pws))]
+    recall = np.mean([t in ids for t, ids in zip(top, corpus.word_ids)])
+    assert recall >= 0.8, result.decomposition(tok, top=3)
+    for rep in result.tokens_report:
+        assert rep.n_contexts >= 30 and np.isfinite(rep.heldout_loss)
+    test = [np.asarray(x) for x in tok([s for _, s in corpus.sentences("test")])["input_ids"]]
+    where = _after_new_token(test, result.ids)
+    alpha_loss = position_losses(model, test, where).mean()
+    weight = llm.get_expansion(model).input_layer.base_layer.weight
+    llm.set_embeddings(model, result.ids, weight.detach().mean(0, keepdim=True).repeat(len(pws), 1))
+    mean_loss = position_losses(model, test, where).mean()
+    assert alpha_loss < mean_loss - 0.5, (alpha_loss, mean_loss)
+
+
+def test_empty_corpus_and_absent_tokens_are_named():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    texts = ["Lily saw a glorp in the park. The glorp was big."] * 3
+    with pytest.raises(ValueError, match=r"tokens \['zorp'\] never appear in texts"):
+        llm.learn_tokens(model, tok, ["glorp", "zorp"], texts, progress=False)
+    with pytest.raises(ValueError, match="corpus is empty"):
+        llm.learn_tokens(model, tok, ["glorp"], texts, corpus=["", "  "], progress=False)
+    assert llm.get_expansion(model) is None
+    with pytest.warns(mm.SampleSizeWarning, match="'glorp' has 6 for s = 1"):
+        result = llm.learn_tokens(model, tok, ["glorp"], texts, tune_steps=0, progress=False)
+    assert result.tokens_report[0].few_contexts
