@@ -61,7 +61,8 @@ void bind_fit(py::module_& m) {
       [](const TransitionMatrix& P, const carray<Index>& t_indptr, const carray<StateIndex>& t_indices,
          const carray<double>& t_data, int link, Index s, double bound, Index n_candidates, double oversize,
          Index swap_passes, Index max_iter, double tol, int n_threads, std::uint64_t seed,
-         const carray<StateIndex>& allowed, bool cv_bound, const py::object& control) {
+         const carray<StateIndex>& allowed, bool cv_bound, Index row_offset, const py::object& control) {
+        if (row_offset < 0) throw std::invalid_argument("row_offset must be >= 0");
         const TargetsView t = targets_view(t_indptr, t_indices, t_data);
         FitOptions o;
         o.link = to_link(link);
@@ -77,6 +78,7 @@ void bind_fit(py::module_& m) {
         o.allowed = allowed.shape(0) > 0 ? ptr_1d(allowed, "candidates") : nullptr;
         o.n_allowed = allowed.shape(0);
         o.cv_bound = cv_bound;
+        o.row_offset = row_offset;
         o.control = control_of(control);
         AlphaResult r;
         {
@@ -88,7 +90,7 @@ void bind_fit(py::module_& m) {
       py::arg("P"), py::arg("indptr").noconvert(), py::arg("indices").noconvert(), py::arg("data").noconvert(),
       py::arg("link"), py::arg("s"), py::arg("bound"), py::arg("n_candidates"), py::arg("oversize"),
       py::arg("swap_passes"), py::arg("max_iter"), py::arg("tol"), py::arg("n_threads"), py::arg("seed"),
-      py::arg("allowed").noconvert(), py::arg("cv_bound"), py::arg("control") = py::none(),
+      py::arg("allowed").noconvert(), py::arg("cv_bound"), py::arg("row_offset"), py::arg("control") = py::none(),
       "Sparse KL fit with support selection (CSR parts and per-row figures).");
   m.def(
       "fit_on_support",

@@ -363,7 +363,7 @@ def _core_args(P, counts, s=4):
     c = sp.csr_array(counts)
     return (P._m, np.ascontiguousarray(c.indptr, np.int64), np.ascontiguousarray(c.indices, np.int32),
             np.ascontiguousarray(c.data, np.float64), 0, s, 10.0, 0, 0.0, 1, 100, 1e-10, 2, 0,
-            np.zeros(0, np.int32), True)
+            np.zeros(0, np.int32), True, 0)
 
 
 def test_cancelled_control_skips_every_row_and_raises(planted_P):

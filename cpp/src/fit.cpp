@@ -411,7 +411,7 @@ void select_one(Model& model, const std::vector<Index>& wide, const FitOptions& 
   std::vector<Index> pool(wide.begin(), wide.begin() + std::min<Index>(C, static_cast<Index>(wide.size())));
   const Index s_eff = std::min<Index>(o.s, static_cast<Index>(pool.size()));
   const double over = o.oversize > 0 ? o.oversize : (model.is_mixture() ? 1.0 : 2.0);
-  std::uint64_t rng = o.seed ^ (0xD1B54A32D192ED03ULL * static_cast<std::uint64_t>(row + 1));
+  std::uint64_t rng = o.seed ^ (0xD1B54A32D192ED03ULL * static_cast<std::uint64_t>(o.row_offset + row + 1));
   for (Index round = 0; round < kRounds; ++round) {
     std::vector<Index> before_round(model.atoms());
     std::sort(before_round.begin(), before_round.end());
@@ -779,7 +779,7 @@ void cross_validate_radius(const FitContext& ctx, Workspace& ws, const StateInde
   for (const auto& e : out.entries) rho += e.second * e.second;
   rho = std::sqrt(rho);
   if (!(rho > 0)) return;
-  std::uint64_t rng = o.seed ^ (0x8CB92BA72F3D8DD7ULL * static_cast<std::uint64_t>(r + 1));
+  std::uint64_t rng = o.seed ^ (0x8CB92BA72F3D8DD7ULL * static_cast<std::uint64_t>(o.row_offset + r + 1));
   std::vector<StateIndex> fold_ids[2];
   std::vector<double> fold_cnt[2];
   split_counts(ids, cnt, nq, rng, fold_ids, fold_cnt);

@@ -13,7 +13,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "`pip install .` from a source checkout so the extension is built"
     ) from exc
 
-from ._errors import ConvergenceWarning, InvariantError, SampleSizeWarning
+from ._errors import ConvergenceWarning, DistributedError, InvariantError, SampleSizeWarning
 from ._expansion import ExpansionCertificate, verify_expansion
 from ._fit import AlphaFit, closed_form_alpha, fit_alpha
 from ._matrix import Row, TransitionMatrix
@@ -24,6 +24,7 @@ __version__ = getattr(_core, "__version__", "0.0.0")
 __all__ = [
     "AlphaFit",
     "ConvergenceWarning",
+    "DistributedError",
     "SampleSizeWarning",
     "ExpansionCertificate",
     "InvariantError",

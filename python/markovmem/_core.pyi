@@ -121,6 +121,7 @@ def fit_alpha(
     seed: int,
     allowed: npt.NDArray[Any],
     cv_bound: bool,
+    row_offset: int,
     control: FitControl | None = None,
 ) -> tuple[Any, ...]: ...
 def fit_on_support(P: TransitionMatrix, indptr: npt.NDArray[np.int64], indices: npt.NDArray[np.int32],

@@ -14,6 +14,14 @@ class ConvergenceWarning(RuntimeWarning):
     """An iterative method stopped at its iteration limit before its tolerance."""
 
 
+class DistributedError(RuntimeError):
+    """A rank of a distributed run failed, or lost contact with the others.
+
+    Every rank raises it, with the failing rank's number, exception type and message;
+    on the rank where the error happened, the original exception is its ``__cause__``.
+    """
+
+
 class SampleSizeWarning(UserWarning):
     """A fit has fewer samples than its sparsity needs (e.g. fewer than 10 s contexts for a new token)."""
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import _core
+from . import _core, _distributed
 from ._checks import integer, real
 from ._matrix import TransitionMatrix, _threads
 
@@ -317,6 +317,8 @@ def fit_alpha(
     swap_passes: int = 1,
     cv_bound: bool = True,
     progress: bool = True,
+    dist: bool | None = None,
+    group: Any = None,
 ) -> AlphaFit:
     """Fit each target as a sparse combination of P's rows, minimising KL(q_hat || f(alpha)).
 
@@ -429,7 +431,21 @@ def fit_alpha(
         targets done once the fit has run for 2 s, and let Ctrl-C stop it: the
         targets not yet started are skipped and KeyboardInterrupt is raised (a
         logit fit at s = 64 takes seconds per target).  Shorter fits, and all
-        fits with False, run in the calling thread with no bar.
+        fits with False, run in the calling thread with no bar.  In a
+        distributed run only rank 0 shows it (the rows of its own block).
+    dist : bool, optional
+        Spread the targets over the ranks of a torch.distributed process group
+        (e.g. under ``torchrun``).  None (default): when the default group is
+        initialised; True: also initialise it from torchrun's environment when
+        it is not; False: this process alone.  Every rank passes the same
+        arguments and maps the same matrix file (``TransitionMatrix.load(path,
+        mmap=True)`` shares the pages between the ranks of a node); each fits a
+        contiguous block of targets, and every rank returns the whole AlphaFit,
+        equal row for row to a one-process fit (target ``i`` draws from the
+        random streams of row ``i`` whatever the block it falls in).  See
+        docs/howto/distributed.md.
+    group : torch.distributed.ProcessGroup, optional
+        The group to spread over (default: the default group).
 
     Returns
     -------
@@ -442,6 +458,10 @@ def fit_alpha(
         ``bound <= 0``; an unknown link.
     IndexError
         A count on a state ``>= n_base``; a support or candidate id out of range.
+    markovmem.DistributedError
+        In a distributed run, instead of the above on every rank: some rank
+        failed (the message names it and gives its error) or lost contact with
+        the others within the process group's timeout.
 
     Warns
     -----
@@ -455,6 +475,28 @@ def fit_alpha(
     >>> fit = mm.fit_alpha(P, counts, s=8, link="mixture")      # doctest: +SKIP
     >>> Q, cert = P.expand(fit)                                 # doctest: +SKIP
     """
+    ranks = _distributed.resolve(dist, group)
+    if ranks is not None:
+        progress = progress and ranks.rank == 0
+    parts = _distributed.exchange(ranks, lambda: _fit_block(
+        P, targets, s, link, bound, candidates, max_iter, tol, n_threads, seed, n_samples, support, oversize,
+        swap_passes, cv_bound, progress, ranks))
+    fit = _make_fit(P, _concat_rows([res for res, _ in parts]), link, parts[0][1])
+    short = fit.n_candidates < s if support is None else np.zeros(len(fit), bool)
+    if short.any():
+        rows = np.flatnonzero(short)
+        warnings.warn(
+            f"{len(rows)} of {len(fit)} targets had fewer than s = {s} candidate states (first: row {int(rows[0])} "
+            f"with {int(fit.n_candidates[rows[0]])}); they were fitted on what exists, see AlphaFit.n_candidates",
+            UserWarning, stacklevel=2)
+    return fit
+
+
+def _fit_block(P: TransitionMatrix, targets: Any, s: Any, link: str, bound: Any, candidates: Any, max_iter: Any,
+               tol: Any, n_threads: Any, seed: Any, n_samples: Any, support: Any, oversize: Any, swap_passes: Any,
+               cv_bound: bool, progress: bool, ranks: _distributed.Ranks | None) -> tuple[tuple, np.ndarray]:
+    """Checks every argument, then fits this rank's contiguous block of targets (all of them in
+    one process).  Returns (the core's result tuple for the block, every target's total count)."""
     _check_matrix(P)
     lk = _link(link)
     s = integer(s, "s", low=1)
@@ -468,12 +510,18 @@ def fit_alpha(
     seed = integer(seed, "seed")
     indptr, indices, data, totals = _targets(P, targets, n_samples)
     m = len(indptr) - 1
+    a, b = (0, m) if ranks is None else _distributed.block(m, ranks.rank, ranks.world)
+    # The block's targets as CSR parts of their own (views; indptr rebased to 0).
+    ip = np.ascontiguousarray(indptr[a:b + 1] - indptr[a])
+    ix, dt = indices[indptr[a]:indptr[b]], data[indptr[a]:indptr[b]]
     if support is not None:
         sp_ip, sp_ix = _support(P, support, m)
+        sp_ip, sp_ix = np.ascontiguousarray(sp_ip[a:b + 1] - sp_ip[a]), sp_ix[sp_ip[a]:sp_ip[b]]
         res = _run_rows(lambda control: _core.fit_on_support(
-            P._m, indptr, indices, data, sp_ip, sp_ix, None, lk, bound, max_iter, tol,
-            _threads(n_threads), control), m, progress, f"fit_alpha ({link}, fixed support)", _WORKER_ROWS["fixed"])
-        return _make_fit(P, res, link, totals)
+            P._m, ip, ix, dt, sp_ip, sp_ix, None, lk, bound, max_iter, tol,
+            _threads(n_threads), control), b - a, progress, f"fit_alpha ({link}, fixed support)",
+            _WORKER_ROWS["fixed"])
+        return res, totals
     n_cand = 0
     allowed = np.zeros(0, np.int32)
     if candidates is not None:
@@ -495,19 +543,22 @@ def fit_alpha(
         if not oversize >= 1:
             raise ValueError(f"oversize is {oversize}; expected >= 1")
     swap_passes = integer(swap_passes, "swap_passes", low=0)
+    # row_offset = a: row a + i of the whole draws from the same random streams on every world size.
     res = _run_rows(lambda control: _core.fit_alpha(
-        P._m, indptr, indices, data, lk, s, bound, n_cand, 0.0 if oversize is None else oversize,
+        P._m, ip, ix, dt, lk, s, bound, n_cand, 0.0 if oversize is None else oversize,
         swap_passes, max_iter, tol, _threads(n_threads), seed & (2**64 - 1), allowed,
-        bool(cv_bound), control), m, progress, f"fit_alpha ({link}, s = {s})", _WORKER_ROWS[link])
-    fit = _make_fit(P, res, link, totals)
-    short = fit.n_candidates < s
-    if short.any():
-        rows = np.flatnonzero(short)
-        warnings.warn(
-            f"{len(rows)} of {m} targets had fewer than s = {s} candidate states (first: row {int(rows[0])} with "
-            f"{int(fit.n_candidates[rows[0]])}); they were fitted on what exists, see AlphaFit.n_candidates",
-            UserWarning, stacklevel=2)
-    return fit
+        bool(cv_bound), a, control), b - a, progress, f"fit_alpha ({link}, s = {s})", _WORKER_ROWS[link])
+    return res, totals
+
+
+def _concat_rows(parts: list[tuple]) -> tuple:
+    """The core's result tuples (indptr, indices, alpha, kl, n_iter, converged, n_candidates) of
+    consecutive row blocks joined into the tuple of all rows."""
+    if len(parts) == 1:
+        return parts[0]
+    ends = np.cumsum([0] + [int(p[0][-1]) for p in parts[:-1]])
+    indptr = np.concatenate([parts[0][0][:1]] + [p[0][1:] + e for p, e in zip(parts, ends)])
+    return (indptr,) + tuple(np.concatenate([p[i] for p in parts]) for i in range(1, 7))
 
 
 def closed_form_alpha(P: TransitionMatrix, targets: Any, support: Any, *, n_threads: int | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -115,6 +116,16 @@ def _read_texts(path: str) -> list[str]:
     return texts
 
 
+def _under_torchrun() -> bool:
+    """True when started by torchrun (it sets RANK and WORLD_SIZE): the work is then spread over its ranks."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _rank0() -> bool:
+    """This process writes the outputs and prints: the only one, or rank 0 of torchrun's."""
+    return int(os.environ.get("RANK", 0)) == 0 if _under_torchrun() else True
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     from . import llm
 
@@ -133,9 +144,11 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     if args.mode == "corpus" and args.fallback != "token":
         prefix = None
     P = llm.distill(model, top_k=args.top_k, batch_size=args.batch_size, device=args.device, prefix=prefix,
-                    progress=not args.quiet, out=args.shards, mode=args.mode, sequences=sequences, **kwargs)
-    P.save(args.output, metadata={"model": str(args.model)})
-    print(f"wrote {args.output}: {P}")
+                    progress=not args.quiet, out=args.shards, mode=args.mode, sequences=sequences,
+                    shard_rows=args.shard_rows, dist=True if _under_torchrun() else None, **kwargs)
+    if _rank0():
+        P.save(args.output, metadata={"model": str(args.model)})
+        print(f"wrote {args.output}: {P}")
     return 0
 
 
@@ -144,9 +157,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     from . import TransitionMatrix, fit_alpha
 
-    P = TransitionMatrix.load(args.matrix)
+    P = TransitionMatrix.load(args.matrix, mmap=True)
     counts = _load_rows(args.counts, "counts")
-    fit = fit_alpha(P, counts, s=args.s, link=args.link, bound=args.bound, progress=not args.quiet)
+    fit = fit_alpha(P, counts, s=args.s, link=args.link, bound=args.bound, progress=not args.quiet,
+                    dist=True if _under_torchrun() else None)
+    if not _rank0():
+        return 0
     _save_csr_npz(args.output, alpha=fit.alpha, rows=fit.predict(), kl=fit.kl, converged=fit.converged)
     print(f"wrote {args.output}: {fit}")
     print(f"KL(q || f(alpha)) per target: mean {float(np.mean(fit.kl)):.4g}, max {float(np.max(fit.kl)):.4g}; "
@@ -284,6 +300,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--shrinkage", type=float, default=1.0,
                    help="--mode corpus: pseudo-count of the fallback row (default 1)")
     q.add_argument("--shards", help="directory for resumable shards (a rerun resumes)")
+    q.add_argument("--shard-rows", type=int, default=None,
+                   help="rows (token mode) or texts (corpus mode) per shard: the unit of resume and of the work "
+                        "shared between torchrun's ranks (default: about 16 MiB of rows, 256 texts)")
     q.add_argument("--device", help="torch device, e.g. cuda (default: the model's)")
     q.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="load the weights in this dtype")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -338,15 +357,26 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 check failed, 2 error)."""
+    from ._errors import DistributedError
+
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
     except ImportError as exc:
         print(f"markovmem {args.command}: error: {exc} (install markovmem[llm] for the model commands)", file=sys.stderr)
         return 2
-    except (OSError, ValueError, IndexError, TypeError) as exc:
+    except (OSError, ValueError, IndexError, TypeError, DistributedError) as exc:
         print(f"markovmem {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _leave_group()
+
+
+def _leave_group() -> None:
+    """Tear down a process group the command set up (under torchrun), so the process exits cleanly."""
+    td = sys.modules.get("torch.distributed")
+    if td is not None and td.is_available() and td.is_initialized():
+        td.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -67,6 +67,9 @@ struct FitOptions {
   double tol = 1e-10;           ///< stop when the Newton decrement is below tol * max(1, objective)
   int n_threads = 0;            ///< 0 = OpenMP default
   std::uint64_t seed = 0;       ///< orders the swap pass and draws the cross-validation folds (per-row streams)
+  /// global index of target row 0: row r draws from the stream of row_offset + r, so a
+  /// contiguous block of a larger target set (one rank's share) fits as it does in the whole
+  Index row_offset = 0;
   const StateIndex* allowed = nullptr;  ///< sorted unique eligible states (null = every state)
   Index n_allowed = 0;
   FitControl* control = nullptr;  ///< progress counter and cancel flag (null = none); not owned

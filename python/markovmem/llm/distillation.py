@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import _distributed
 from .._checks import integer, real
+from .._fileio import atomic_write
 from .._matrix import TransitionMatrix
 from .._topk import softmax_topk
 from .model import _model_n_base, base_fingerprint, get_expansion
@@ -136,11 +138,19 @@ def _digest(*arrays: np.ndarray) -> str:
 
 
 class _Shards:
-    """Shard files under ``out`` plus a manifest that a rerun must match to resume."""
+    """Shard files under ``out`` plus a manifest that a rerun must match to resume.
+
+    The shard layout (which rows or sequences shard ``i`` holds) depends on the settings
+    in the manifest only, never on the number of ranks: shards written by a run on any
+    world size are reused by a run on any other.
+    """
 
     def __init__(self, out: str | os.PathLike[str] | None, manifest: dict[str, Any]) -> None:
         self.dir = None if out is None else Path(out)
         self.manifest = manifest
+
+    def open(self) -> None:
+        """Create ``out`` and write the manifest, or check the one there against this run's."""
         if self.dir is None:
             return
         if self.dir.exists() and not self.dir.is_dir():
@@ -152,17 +162,17 @@ class _Shards:
                 old = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
                 raise ValueError(f"{path} is not a readable distill manifest: {exc}") from exc
-            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            diff = sorted(k for k in set(old) | set(self.manifest) if old.get(k) != self.manifest.get(k))
             if diff:
-                detail = ", ".join(f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now" for k in diff[:3])
+                detail = ", ".join(f"{k}: {old.get(k)!r} there, {self.manifest.get(k)!r} now" for k in diff[:3])
                 raise ValueError(
                     f"out = {str(self.dir)!r} holds a distillation with other settings ({detail}); "
                     "pass another directory or delete it to start over"
                 )
         else:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            os.replace(tmp, path)
+            # Every file of a sharded run goes through atomic_write: a reader sees the old file or
+            # the whole new one, and ranks writing the same file at once never share a temporary.
+            atomic_write(path, json.dumps(self.manifest, indent=1, sort_keys=True).encode())
 
     def path(self, i: int) -> Path | None:
         return None if self.dir is None else self.dir / f"shard-{i:06d}.safetensors"
@@ -179,13 +189,56 @@ class _Shards:
         p = self.path(i)
         if p is None:
             return
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
-        # Write then rename: a shard file either is complete or does not exist,
-        # so an interrupted run resumes at the first missing shard.
-        tmp = p.with_name(p.name + ".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, p)
+        # A shard file either is complete or does not exist, so an interrupted run
+        # resumes at the shards missing.
+        atomic_write(p, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
+
+
+def _open_shards(shards: _Shards, ranks: _distributed.Ranks | None) -> None:
+    """Rank 0 writes (or checks) the manifest before the others check it, so no two ranks
+    create it at once; an error on any rank stops every rank."""
+    rank = 0 if ranks is None else ranks.rank
+    _distributed.exchange(ranks, lambda: shards.open() if rank == 0 else None)
+    if ranks is not None:
+        _distributed.exchange(ranks, lambda: shards.open() if rank != 0 else None)
+
+
+def _run_shards(ranks: _distributed.Ranks | None, shards: _Shards, n_shards: int, span: Any, valid: Any,
+                compute: Any, consume: Any, bar: Any) -> None:
+    """Every shard, loaded from ``out`` when a valid file is there and computed otherwise.
+
+    Shard ``s`` belongs to rank ``s % world``, which loads or computes it (and writes its
+    file) in round ``s // world``; at the end of each round every rank receives that round's
+    shards and calls ``consume(s, tensors)`` on them in shard order, so what is consumed,
+    and in which order, is the same on every world size and whatever was resumed.  The
+    exchange after each round is also where a failed rank stops the others.
+    ``span(s)`` is the number of items (rows, sequences) of shard ``s``; ``valid(s,
+    tensors)`` says whether a loaded file fits this run; ``compute(s)`` returns the shard's
+    arrays, updating ``bar`` as it goes; ``bar`` counts the other ranks' computed items at
+    the end of each round.
+    """
+    rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world)
+
+    def work(s: int) -> tuple[bool, dict[str, np.ndarray]] | None:
+        if s >= n_shards:
+            return None
+        got = shards.load(s)
+        if got is not None and valid(s, got):
+            return False, got
+        tensors = compute(s)
+        shards.save(s, tensors)
+        return True, tensors
+
+    for start in range(0, n_shards, world):
+        for j, item in enumerate(_distributed.exchange(ranks, lambda: work(start + rank))):
+            if item is None:
+                continue
+            computed, tensors = item
+            if not computed or j != rank:
+                bar.update(span(start + j))
+            consume(start + j, tensors)
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool, unit: str) -> Any:
@@ -268,18 +321,23 @@ class _LastLogits:
             torch.addmm(bias[: self.n_base], hidden, w.t(), out=out)
         return out
 
+    def decide(self, inp: torch.Tensor) -> None:
+        """Keep the head shortcut only if it gives the model's logits on the contexts ``inp`` (done once)."""
+        if self.head is None or self.checked:
+            return
+        self.checked = True
+        ref = self._model_logits(inp[:2])
+        try:
+            got = self._head_logits(inp[:2])
+            same = got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-4,
+                                                             atol=1e-5 * float(ref.abs().max()) + 1e-6)
+        except (TypeError, AttributeError, RuntimeError, ValueError):
+            same = False
+        if not same:
+            self.head = None
+
     def __call__(self, inp: torch.Tensor) -> torch.Tensor:
-        if self.head is not None and not self.checked:
-            self.checked = True
-            ref = self._model_logits(inp[:2])
-            try:
-                got = self._head_logits(inp[:2])
-                same = got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-4,
-                                                                 atol=1e-5 * float(ref.abs().max()) + 1e-6)
-            except (TypeError, AttributeError, RuntimeError, ValueError):
-                same = False
-            if not same:
-                self.head = None
+        self.decide(inp)
         return self._head_logits(inp) if self.head is not None else self._model_logits(inp)
 
 
@@ -301,6 +359,8 @@ def distill(
     fallback: str = "token",
     shrinkage: float = DEFAULT_SHRINKAGE,
     window: int | None = None,
+    dist: bool | None = None,
+    group: Any = None,
 ) -> TransitionMatrix:
     """Distill a causal LM into a sparse Markov transition matrix over its base vocabulary.
 
@@ -378,6 +438,22 @@ def distill(
     window : int, optional
         Corpus mode: longest context fed to the model (default the model's
         ``max_position_embeddings`` / ``n_positions``, else no limit).
+    dist : bool, optional
+        Spread the shards over the ranks of a torch.distributed process group
+        (e.g. under ``torchrun``).  None (default): when the default group is
+        initialised; True: also initialise it from torchrun's environment when
+        it is not (gloo, and NCCL for CUDA tensors); False: this process alone.
+        Every rank passes the same model and arguments.  Shard ``i`` goes to
+        rank ``i % world_size``, which writes it under ``out``; the layout does
+        not depend on the world size, so a run resumes from the shards of a run
+        on any number of ranks.  Every rank returns the same matrix, bitwise
+        equal to a one-process run on the same kind of device; rank 0 writes
+        ``matrix.safetensors``.  With ``device=None`` a model on the CPU runs
+        on ``cuda:LOCAL_RANK`` when CUDA is available (a model already placed
+        stays where it is).  Progress is shown on rank 0.  See
+        docs/howto/distributed.md.
+    group : torch.distributed.ProcessGroup, optional
+        The group to spread over (default: the default group).
 
     Returns
     -------
@@ -393,7 +469,42 @@ def distill(
         other settings.
     IndexError
         A token id out of range.
+    markovmem.DistributedError
+        In a distributed run, instead of the above on every rank: some rank
+        failed (the message names it and gives its error) or lost contact with
+        the others within the process group's timeout.
     """
+    ranks = _distributed.resolve(dist, group)
+    if ranks is not None:
+        progress = progress and ranks.rank == 0
+        if device is None and _model_device(model).type == "cpu":
+            # A model the caller placed (on a GPU, or over several with a device_map) stays there.
+            device = _distributed.local_device()
+    # Checked on every rank inside one exchange: a rank that refuses its arguments stops the others.
+    rows, k, n_base, pre, seqs, masks, dev = _distributed.checked(ranks, lambda: _arguments(
+        model, mode, top_k, batch_size, shard_rows, fallback, shrinkage, window, token_ids, prefix, sequences, mask,
+        device))
+    was_training = model.training
+    model.eval()
+    try:
+        if mode == "token":
+            return _distill_tokens(model, rows, pre, k, n_base, batch_size, dev, dtype, progress, out, shard_rows,
+                                   ranks)
+        win = window if window is not None else _context_length(model)
+        windows = _windows(seqs, masks, win)
+        corpus = _distill_corpus(model, windows, rows, k, n_base, batch_size, dev, dtype, progress, out, shard_rows,
+                                 ranks)
+        return _shrink(model, corpus, rows, pre, k, n_base, batch_size, dev, dtype, progress, out, fallback,
+                       float(shrinkage), win, ranks)
+    finally:
+        model.train(was_training)
+
+
+def _arguments(model: nn.Module, mode: str, top_k: Any, batch_size: Any, shard_rows: Any, fallback: Any,
+               shrinkage: Any, window: Any, token_ids: Any, prefix: Any, sequences: Any, mask: Any,
+               device: Any) -> tuple[np.ndarray, int, int, np.ndarray, Any, Any, torch.device]:
+    """distill's arguments checked: (rows, k, n_base, prefix, the sequences and their masks (corpus
+    mode; else None), the device, with the model moved there)."""
     if mode not in ("token", "corpus"):
         raise ValueError(f"mode is {mode!r}; expected 'token' or 'corpus'")
     if not isinstance(top_k, (int, np.integer)) or top_k < 1:
@@ -415,40 +526,34 @@ def distill(
         raise ValueError("token_ids is empty; expected at least one token")
     if len(np.unique(rows)) != rows.size:
         raise ValueError("token_ids has repeated ids")
-    dev = _prepare_device(model, device)
-    was_training = model.training
-    model.eval()
-    try:
-        pre = np.zeros(0, np.int64) if prefix is None else _as_id_list(prefix, "prefix", _n_embeddable(model))
-        if mode == "token":
-            if sequences is not None or mask is not None:
-                raise ValueError("sequences and mask are only used with mode='corpus'")
-            return _distill_tokens(model, rows, pre, k, n_base, batch_size, dev, dtype, progress, out, shard_rows)
+    pre = np.zeros(0, np.int64) if prefix is None else _as_id_list(prefix, "prefix", _n_embeddable(model))
+    seqs = masks = None
+    if mode == "token":
+        if sequences is not None or mask is not None:
+            raise ValueError("sequences and mask are only used with mode='corpus'")
+    else:
         if prefix is not None and fallback != "token":
             raise ValueError("prefix is only used by token mode and the corpus mode's 'token' fallback")
         seqs = _as_sequences(sequences, _n_embeddable(model))
         masks = _as_masks(mask, seqs)
-        win = window if window is not None else _context_length(model)
-        windows = _windows(seqs, masks, win)
-        corpus = _distill_corpus(model, windows, rows, k, n_base, batch_size, dev, dtype, progress, out, shard_rows)
-        return _shrink(model, corpus, rows, pre, k, n_base, batch_size, dev, dtype, progress, out, fallback,
-                       float(shrinkage), win)
-    finally:
-        model.train(was_training)
+    return rows, k, n_base, pre, seqs, masks, _prepare_device(model, device)
 
 
-def _finish(P: TransitionMatrix, out: Path | None, info: dict[str, Any]) -> TransitionMatrix:
-    """Attach ``info`` (how the rows were made) as metadata; write the final file when sharded."""
+def _finish(P: TransitionMatrix, out: Path | None, info: dict[str, Any],
+            ranks: _distributed.Ranks | None) -> TransitionMatrix:
+    """Attach ``info`` (how the rows were made) as metadata; when sharded, rank 0 writes the final
+    file and every rank returns once it is written."""
     meta = {f"distill.{key}": value if isinstance(value, str) else json.dumps(value) for key, value in info.items()}
     P = TransitionMatrix._with_metadata(P, meta)
     if out is not None:
-        P.save(out / "matrix.safetensors")
+        _distributed.checked(ranks, lambda: P.save(out / "matrix.safetensors")
+                             if ranks is None or ranks.rank == 0 else None)
     return P
 
 
 def _distill_tokens(model: nn.Module, rows: np.ndarray, pre: np.ndarray, k: int, n_base: int,
                     batch_size: int | None, dev: torch.device, dtype: Any, progress: bool,
-                    out: Any, shard_rows: int | None) -> TransitionMatrix:
+                    out: Any, shard_rows: int | None, ranks: _distributed.Ranks | None) -> TransitionMatrix:
     n = rows.size
     n_logits = _n_embeddable(model)
     batch = int(batch_size) if batch_size is not None else _auto_batch(n_logits)
@@ -459,41 +564,51 @@ def _distill_tokens(model: nn.Module, rows: np.ndarray, pre: np.ndarray, k: int,
         "shard_rows": per_shard, "model": base_fingerprint(model) if out is not None else "",
     }
     shards = _Shards(out, manifest)
+    _open_shards(shards, ranks)
     indices = np.empty((n, k), dtype=np.int32)
     probs = np.empty((n, k), dtype=np.float32)
     n_shards = -(-n // per_shard)
-    todo = []
-    done_rows = 0
-    for s in range(n_shards):
-        a, b = s * per_shard, min(n, (s + 1) * per_shard)
-        got = shards.load(s)
-        if got is not None and got["indices"].shape == (b - a, k) and got["probs"].shape == (b - a, k):
-            indices[a:b], probs[a:b] = got["indices"], got["probs"]
-            done_rows += b - a
-        else:
-            todo.append(s)
     last_logits = _LastLogits(model, n_base, dev, dtype, batch)
     prefix_t = torch.as_tensor(pre, dtype=torch.long, device=dev)
     rows_t = torch.as_tensor(rows, dtype=torch.long)
-    bar = _progress(n, done_rows, "distill", progress, "row")
-    try:
+
+    def contexts(i: int, j: int) -> torch.Tensor:
+        last = rows_t[i:j].to(dev).unsqueeze(1)
+        return torch.cat([prefix_t.expand(j - i, -1), last], dim=1) if pre.size else last
+
+    def span(s: int) -> int:
+        return min(n, (s + 1) * per_shard) - s * per_shard
+
+    def valid(s: int, got: dict[str, np.ndarray]) -> bool:
+        return got["indices"].shape == (span(s), k) and got["probs"].shape == (span(s), k)
+
+    def compute(s: int) -> dict[str, np.ndarray]:
+        a, b = s * per_shard, min(n, (s + 1) * per_shard)
         with torch.no_grad(), _autocast(dev, dtype, model):
-            for s in todo:
-                a, b = s * per_shard, min(n, (s + 1) * per_shard)
-                for i in range(a, b, batch):
-                    j = min(b, i + batch)
-                    last = rows_t[i:j].to(dev).unsqueeze(1)
-                    inp = torch.cat([prefix_t.expand(j - i, -1), last], dim=1) if pre.size else last
-                    logits = last_logits(inp)
-                    values, ids = _select_topk(logits, k)
-                    # Drop this batch's logits before the next forward allocates its own,
-                    # so at most one batch of logits is alive.
-                    del logits
-                    # The device -> host copy: k probabilities and k ids per row, nothing else.
-                    probs[i:j] = values.cpu().numpy()
-                    indices[i:j] = ids.cpu().numpy()
-                    bar.update(j - i)
-                shards.save(s, {"indices": indices[a:b], "probs": probs[a:b]})
+            for i in range(a, b, batch):
+                j = min(b, i + batch)
+                logits = last_logits(contexts(i, j))
+                values, ids = _select_topk(logits, k)
+                # Drop this batch's logits before the next forward allocates its own,
+                # so at most one batch of logits is alive.
+                del logits
+                # The device -> host copy: k probabilities and k ids per row, nothing else.
+                probs[i:j] = values.cpu().numpy()
+                indices[i:j] = ids.cpu().numpy()
+                bar.update(j - i)
+        return {"indices": indices[a:b], "probs": probs[a:b]}
+
+    def consume(s: int, got: dict[str, np.ndarray]) -> None:
+        a, b = s * per_shard, min(n, (s + 1) * per_shard)
+        indices[a:b], probs[a:b] = got["indices"], got["probs"]
+
+    with torch.no_grad():
+        # Whether to apply the head here is decided on the first two rows of the whole run,
+        # so every rank, and every resumed run, takes the same path.
+        last_logits.decide(contexts(0, min(n, 2)))
+    bar = _progress(n, 0, "distill", progress, "row")
+    try:
+        _run_shards(ranks, shards, n_shards, span, valid, compute, consume, bar)
     finally:
         bar.close()
     if n == n_base and np.array_equal(rows, np.arange(n_base)):
@@ -501,7 +616,7 @@ def _distill_tokens(model: nn.Module, rows: np.ndarray, pre: np.ndarray, k: int,
     else:
         P = _from_row_subset(rows, indices, probs, n_base)
     return _finish(P, shards.dir, {"mode": "token", "top_k": k, "prefix": [int(x) for x in pre],
-                                   "n_rows": int(n)})
+                                   "n_rows": int(n)}, ranks)
 
 
 def _from_row_subset(rows: np.ndarray, indices: np.ndarray, probs: np.ndarray, n_base: int) -> TransitionMatrix:
@@ -578,7 +693,7 @@ def _windows(seqs: list[np.ndarray], masks: list[np.ndarray], window: int | None
 
 def _distill_corpus(model: nn.Module, windows: list[tuple[np.ndarray, np.ndarray]], rows: np.ndarray, k: int,
                     n_base: int, batch_size: int | None, dev: torch.device, dtype: Any, progress: bool,
-                    out: Any, shard_rows: int | None) -> tuple[Any, np.ndarray, str]:
+                    out: Any, shard_rows: int | None, ranks: _distributed.Ranks | None) -> tuple[Any, np.ndarray, str]:
     """Row sums of the top-k next-token probabilities at the counted positions, and the counts.
 
     Returns ``(total, counts, corpus)``: ``total`` an (n_base, n_base) float64 CSR of summed
@@ -599,80 +714,83 @@ def _distill_corpus(model: nn.Module, windows: list[tuple[np.ndarray, np.ndarray
         "shard_rows": per_shard, "model": base_fingerprint(model) if out is not None else "",
     }
     shards = _Shards(out, manifest)
+    _open_shards(shards, ranks)
     wanted = np.zeros(n_logits, dtype=bool)
     wanted[rows] = True
     n_shards = -(-len(windows) // per_shard)
-    parts: list[Any] = [None] * n_shards
+    total = sp.csr_array((n_base, n_base), dtype=np.float64)
     counts = np.zeros(n_base, dtype=np.int64)
-    todo = []
-    done = 0
-    for s in range(n_shards):
-        got = shards.load(s)
-        if got is None:
-            todo.append(s)
-            continue
-        parts[s] = (sp.csr_array((got["data"], got["indices"], got["indptr"]), shape=(n_base, n_base)), got["counts"])
-        done += min(len(windows), (s + 1) * per_shard) - s * per_shard
-    bar = _progress(len(windows), done, "distill (corpus)", progress, "seq")
-    try:
+
+    def span(s: int) -> int:
+        return min(len(windows), (s + 1) * per_shard) - s * per_shard
+
+    def valid(s: int, got: dict[str, np.ndarray]) -> bool:
+        return {"indptr", "indices", "data", "counts"} <= set(got) and got["counts"].shape == (n_base,) \
+            and got["indptr"].shape == (n_base + 1,)
+
+    def compute(s: int) -> dict[str, np.ndarray]:
+        a, b = s * per_shard, min(len(windows), (s + 1) * per_shard)
+        r_parts, c_parts, v_parts = [], [], []
+        shard_counts = np.zeros(n_base, dtype=np.int64)
         with torch.no_grad(), _autocast(dev, dtype, model):
-            for s in todo:
-                a, b = s * per_shard, min(len(windows), (s + 1) * per_shard)
-                r_parts, c_parts, v_parts = [], [], []
-                shard_counts = np.zeros(n_base, dtype=np.int64)
-                for i in range(a, b, batch):
-                    chunk = windows[i:min(b, i + batch)]
-                    length = max(ids.size for ids, _ in chunk)
-                    ids = np.zeros((len(chunk), length), dtype=np.int64)
-                    attend = np.zeros((len(chunk), length), dtype=np.int64)
-                    keep = np.zeros((len(chunk), length), dtype=bool)
-                    for r, (c, counted) in enumerate(chunk):
-                        ids[r, :c.size] = c
-                        attend[r, :c.size] = 1
-                        keep[r, :c.size] = counted & wanted[c]
-                    if not keep.any():
-                        bar.update(len(chunk))
-                        continue
-                    ids_t = torch.as_tensor(ids, device=dev)
-                    logits = model(input_ids=ids_t, attention_mask=torch.as_tensor(attend, device=dev),
-                                   use_cache=False).logits
-                    # Right padding leaves every real position's context unchanged.
-                    keep_t = torch.as_tensor(keep, device=dev)
-                    selected = logits[keep_t][:, :n_base]
-                    del logits
-                    values, top = _select_topk(selected, k)
-                    del selected
-                    # The device -> host copy: k ids and k probabilities per occurrence.
-                    owner = ids[keep]
-                    r_parts.append(np.repeat(owner, k))
-                    c_parts.append(top.cpu().numpy().reshape(-1))
-                    v_parts.append(values.cpu().numpy().reshape(-1).astype(np.float64))
-                    np.add.at(shard_counts, owner, 1)
+            for i in range(a, b, batch):
+                chunk = windows[i:min(b, i + batch)]
+                length = max(ids.size for ids, _ in chunk)
+                ids = np.zeros((len(chunk), length), dtype=np.int64)
+                attend = np.zeros((len(chunk), length), dtype=np.int64)
+                keep = np.zeros((len(chunk), length), dtype=bool)
+                for r, (c, counted) in enumerate(chunk):
+                    ids[r, :c.size] = c
+                    attend[r, :c.size] = 1
+                    keep[r, :c.size] = counted & wanted[c]
+                if not keep.any():
                     bar.update(len(chunk))
-                if r_parts:
-                    part = sp.coo_array(
-                        (np.concatenate(v_parts), (np.concatenate(r_parts), np.concatenate(c_parts))),
-                        shape=(n_base, n_base),
-                    ).tocsr()
-                else:
-                    part = sp.csr_array((n_base, n_base), dtype=np.float64)
-                part.sum_duplicates()
-                shards.save(s, {"indptr": part.indptr.astype(np.int64), "indices": part.indices.astype(np.int32),
-                                "data": part.data.astype(np.float64), "counts": shard_counts})
-                parts[s] = (part, shard_counts)
+                    continue
+                ids_t = torch.as_tensor(ids, device=dev)
+                logits = model(input_ids=ids_t, attention_mask=torch.as_tensor(attend, device=dev),
+                               use_cache=False).logits
+                # Right padding leaves every real position's context unchanged.
+                keep_t = torch.as_tensor(keep, device=dev)
+                selected = logits[keep_t][:, :n_base]
+                del logits
+                values, top = _select_topk(selected, k)
+                del selected
+                # The device -> host copy: k ids and k probabilities per occurrence.
+                owner = ids[keep]
+                r_parts.append(np.repeat(owner, k))
+                c_parts.append(top.cpu().numpy().reshape(-1))
+                v_parts.append(values.cpu().numpy().reshape(-1).astype(np.float64))
+                np.add.at(shard_counts, owner, 1)
+                bar.update(len(chunk))
+        if r_parts:
+            part = sp.coo_array(
+                (np.concatenate(v_parts), (np.concatenate(r_parts), np.concatenate(c_parts))),
+                shape=(n_base, n_base),
+            ).tocsr()
+        else:
+            part = sp.csr_array((n_base, n_base), dtype=np.float64)
+        part.sum_duplicates()
+        return {"indptr": part.indptr.astype(np.int64), "indices": part.indices.astype(np.int32),
+                "data": part.data.astype(np.float64), "counts": shard_counts}
+
+    def consume(s: int, got: dict[str, np.ndarray]) -> None:
+        # _run_shards hands the shards over in index order on every world size, whatever was
+        # resumed, so these float64 sums are the same bits in every run.
+        nonlocal total
+        total = total + sp.csr_array((got["data"], got["indices"], got["indptr"]), shape=(n_base, n_base))
+        counts[:] += got["counts"]
+
+    bar = _progress(len(windows), 0, "distill (corpus)", progress, "seq")
+    try:
+        _run_shards(ranks, shards, n_shards, span, valid, compute, consume, bar)
     finally:
         bar.close()
-    # Shards are added in index order whatever was resumed, so the float64 sums do not depend on it.
-    total = sp.csr_array((n_base, n_base), dtype=np.float64)
-    for part, part_counts in parts:
-        total = total + part
-        counts += part_counts
     return sp.csr_array(total), counts, corpus
 
 
 def _shrink(model: nn.Module, corpus: tuple[Any, np.ndarray, str], rows: np.ndarray, pre: np.ndarray, k: int,
             n_base: int, batch_size: int | None, dev: torch.device, dtype: Any, progress: bool, out: Any,
-            fallback: str, shrinkage: float, window: int | None) -> TransitionMatrix:
+            fallback: str, shrinkage: float, window: int | None, ranks: _distributed.Ranks | None) -> TransitionMatrix:
     """The corpus rows shrunk toward their fallback rows (see :func:`distill`), as a TransitionMatrix."""
     import scipy.sparse as sp
 
@@ -684,7 +802,7 @@ def _shrink(model: nn.Module, corpus: tuple[Any, np.ndarray, str], rows: np.ndar
     extra = None
     if lam > 0 and fallback == "token":
         sub = None if out is None else Path(out) / "fallback"
-        T = _distill_tokens(model, rows, pre, k, n_base, batch_size, dev, dtype, progress, sub, None)
+        T = _distill_tokens(model, rows, pre, k, n_base, batch_size, dev, dtype, progress, sub, None, ranks)
         extra = sp.csr_array(T.to_scipy(), dtype=np.float64) * lam
     elif lam > 0 and fallback == "unigram":
         mean = np.asarray(total.sum(axis=0)).reshape(-1) / counts.sum()
@@ -703,7 +821,7 @@ def _shrink(model: nn.Module, corpus: tuple[Any, np.ndarray, str], rows: np.ndar
             "prefix": [int(x) for x in pre] if fallback == "token" else [], "window": window,
             "n_occurrences": int(counts.sum()), "rows_seen": int((counts[rows] > 0).sum()),
             "n_rows": int(rows.size), "row_counts": counts.tolist()}
-    return _finish(P, None if out is None else Path(out), info)
+    return _finish(P, None if out is None else Path(out), info, ranks)
 
 
 def _average_topk(total: Any, denom: np.ndarray, k: int, n_base: int) -> TransitionMatrix:
