@@ -381,12 +381,12 @@ def test_next_token_counts_checks_ids_before_allocating():
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"new_token_ids": [512.7]}, r"new_token_ids\[0\] must be an integer; got 512.7"),
-    ({"new_token_ids": [True]}, r"new_token_ids\[0\] must be an integer; got True"),
+    ({"new_token_ids": [512.7]}, r"new_token_ids\[0\] must be an integer; got float 512.7"),
+    ({"new_token_ids": [True]}, r"new_token_ids\[0\] must be an integer; got a bool \(True\)"),
     ({"new_token_ids": np.array([48.0])}, "new_token_ids must hold integer ids; got dtype float64"),
     ({"new_token_ids": np.array([True])}, "new_token_ids must hold integer ids; got dtype bool"),
-    ({"n_base": 47.5}, "n_base must be an integer; got 47.5"),
-    ({"n_base": True}, "n_base must be an integer; got True"),
+    ({"n_base": 47.5}, "n_base must be an integer; got float 47.5"),
+    ({"n_base": True}, r"n_base must be an integer; got a bool \(True\)"),
 ])
 def test_ids_must_be_integers(bad, match):
     kwargs = {"new_token_ids": [48], "n_base": 48, **bad}
@@ -396,9 +396,9 @@ def test_ids_must_be_integers(bad, match):
 
 def test_set_embeddings_refuses_float_and_bool_ids():
     _, model, _ = expanded()
-    with pytest.raises(TypeError, match=r"ids\[0\] must be an integer; got 48.5"):
+    with pytest.raises(TypeError, match=r"ids\[0\] must be an integer; got float 48.5"):
         llm.set_embeddings(model, [48.5], torch.zeros(1, 32))
-    with pytest.raises(TypeError, match=r"ids\[0\] must be an integer; got True"):
+    with pytest.raises(TypeError, match=r"ids\[0\] must be an integer; got a bool \(True\)"):
         llm.set_embeddings(model, [True], torch.zeros(1, 32))
 
 
