@@ -80,7 +80,7 @@ class PeakRSS:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss() - self.start)
@@ -99,10 +99,16 @@ def build_model(spec: dict[str, Any]) -> tuple[Any, int]:
 
     h = spec["hidden"]
     config = Qwen2Config(
-        vocab_size=spec["vocab"], hidden_size=h, intermediate_size=4 * h, num_hidden_layers=spec["layers"],
-        num_attention_heads=max(1, h // 32), num_key_value_heads=max(1, h // 64),
+        vocab_size=spec["vocab"],
+        hidden_size=h,
+        intermediate_size=4 * h,
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=max(1, h // 32),
+        num_key_value_heads=max(1, h // 64),
         max_position_embeddings=spec.get("max_pos", 64),
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).eval()
@@ -183,18 +189,19 @@ def corpus_row(args: argparse.Namespace, name: str, spec: dict[str, Any]) -> dic
     def floor() -> None:
         with torch.no_grad():
             for a in range(0, len(seqs), batch):
-                chunk = seqs[a:a + batch]
+                chunk = seqs[a : a + batch]
                 n = max(len(c) for c in chunk)
                 ids = np.zeros((len(chunk), n), dtype=np.int64)
                 mask = np.zeros_like(ids)
                 for r, c in enumerate(chunk):
-                    ids[r, :len(c)] = c
-                    mask[r, :len(c)] = 1
+                    ids[r, : len(c)] = c
+                    mask[r, : len(c)] = 1
                 model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), use_cache=False)
 
     def distill(fallback: str) -> Any:
-        return llm.distill(model, top_k=args.top_k, batch_size=batch, mode="corpus", sequences=seqs,
-                           fallback=fallback, progress=False)
+        return llm.distill(
+            model, top_k=args.top_k, batch_size=batch, mode="corpus", sequences=seqs, fallback=fallback, progress=False
+        )
 
     methods = {"floor": floor, "corpus": lambda: distill("none")}
     if model.config.vocab_size <= args.fallback_max_vocab:
@@ -211,11 +218,16 @@ def corpus_row(args: argparse.Namespace, name: str, spec: dict[str, Any]) -> dic
             times[m].append(time.perf_counter() - t0)
     tokens = sum(len(c) for c in seqs)
     out = {m: statistics.median(t) for m, t in times.items()}
-    fallback = (f", with the token fallback {out['corpus+token']:.2f} s = {out['corpus+token'] / out['floor']:.2f} x floor"
-                if "corpus+token" in out else ", token fallback: a token-mode pass (rows above)")
-    print(f"{name:<34} corpus of {len(seqs)} sequences, {tokens} tokens, batch {batch}: floor {out['floor']:.2f} s, "
-          f"distill (corpus) {out['corpus']:.2f} s = {out['corpus'] / out['floor']:.2f} x floor (target <= 1.3)"
-          + fallback)
+    fallback = (
+        f", with the token fallback {out['corpus+token']:.2f} s = {out['corpus+token'] / out['floor']:.2f} x floor"
+        if "corpus+token" in out
+        else ", token fallback: a token-mode pass (rows above)"
+    )
+    print(
+        f"{name:<34} corpus of {len(seqs)} sequences, {tokens} tokens, batch {batch}: floor {out['floor']:.2f} s, "
+        f"distill (corpus) {out['corpus']:.2f} s = {out['corpus'] / out['floor']:.2f} x floor (target <= 1.3)"
+        + fallback
+    )
     return {"model": name, "tokens": tokens, "sequences": len(seqs), **{f"{m}_seconds": v for m, v in out.items()}}
 
 
@@ -275,9 +287,26 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def spawn(args: argparse.Namespace, phase: str, spec: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--phase", phase, "--phase-spec", json.dumps(spec),
-           "--threads", str(args.threads), "--rows", str(args.rows), "--naive-rows", str(args.naive_rows),
-           "--top-k", str(args.top_k), "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--phase",
+        phase,
+        "--phase-spec",
+        json.dumps(spec),
+        "--threads",
+        str(args.threads),
+        "--rows",
+        str(args.rows),
+        "--naive-rows",
+        str(args.naive_rows),
+        "--top-k",
+        str(args.top_k),
+        "--batch-size",
+        str(args.batch_size),
+        "--repeats",
+        str(args.repeats),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"phase {phase} failed:\n{out.stderr[-3000:]}")
@@ -285,22 +314,39 @@ def spawn(args: argparse.Namespace, phase: str, spec: dict[str, Any]) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[128, 896],
-                        help="hidden sizes of the Qwen2-style models (default: 128 896)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        nargs="+",
+        default=[128, 896],
+        help="hidden sizes of the Qwen2-style models (default: 128 896)",
+    )
     parser.add_argument("--layers", type=int, default=2, help="layers of the Qwen2-style models (default: 2)")
     parser.add_argument("--vocab", type=int, default=QWEN2_VOCAB, help="vocabulary (default: Qwen2's 151936)")
-    parser.add_argument("--rows", type=int, default=1024,
-                        help="rows (token ids) timed for floor and distill; rows/s extrapolate (default: 1024)")
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=1024,
+        help="rows (token ids) timed for floor and distill; rows/s extrapolate (default: 1024)",
+    )
     parser.add_argument("--naive-rows", type=int, default=128, help="rows timed for the naive loop (default: 128)")
     parser.add_argument("--top-k", type=int, default=256, help="entries per row (default: 256)")
     parser.add_argument("--batch-size", type=int, default=64, help="contexts per forward pass (default: 64)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method, median reported (default: 3)")
-    parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)),
-                        help="torch threads (default: min(2, CPU count))")
-    parser.add_argument("--model-dir", default=os.environ.get("MARKOVMEM_TEST_MODEL"),
-                        help="a real model directory, e.g. stories260k (default: $MARKOVMEM_TEST_MODEL)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, min(2, os.cpu_count() or 1)),
+        help="torch threads (default: min(2, CPU count))",
+    )
+    parser.add_argument(
+        "--model-dir",
+        default=os.environ.get("MARKOVMEM_TEST_MODEL"),
+        help="a real model directory, e.g. stories260k (default: $MARKOVMEM_TEST_MODEL)",
+    )
     parser.add_argument("--quick", action="store_true", help="small smoke run (hidden 64, 128 rows, 1 repeat)")
     parser.add_argument("--json", help="also write every figure to this JSON file")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
@@ -308,8 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus-len", type=int, default=128, help="corpus row: tokens per sequence (default: 128)")
     parser.add_argument("--corpus-batch", type=int, default=16, help="corpus row: sequences per pass (default: 16)")
     parser.add_argument("--corpus-only", action="store_true", help="only the corpus-mode rows")
-    parser.add_argument("--fallback-max-vocab", type=int, default=50_000,
-                        help="corpus rows: time the token fallback only up to this vocabulary (default: 50000)")
+    parser.add_argument(
+        "--fallback-max-vocab",
+        type=int,
+        default=50_000,
+        help="corpus rows: time the token fallback only up to this vocabulary (default: 50000)",
+    )
     parser.add_argument("--phase-spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.phase:
@@ -317,20 +367,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.hidden, args.rows, args.naive_rows, args.repeats = [64], 128, 16, 1
-    specs = [(f"qwen2-style V={args.vocab} d={h} L={args.layers}",
-              {"kind": "qwen2", "vocab": args.vocab, "hidden": h, "layers": args.layers}) for h in args.hidden]
+    specs = [
+        (
+            f"qwen2-style V={args.vocab} d={h} L={args.layers}",
+            {"kind": "qwen2", "vocab": args.vocab, "hidden": h, "layers": args.layers},
+        )
+        for h in args.hidden
+    ]
     if args.model_dir:
-        specs.append((f"stories260k ({os.path.basename(os.path.normpath(args.model_dir))})",
-                      {"kind": "dir", "path": args.model_dir}))
+        specs.append(
+            (
+                f"stories260k ({os.path.basename(os.path.normpath(args.model_dir))})",
+                {"kind": "dir", "path": args.model_dir},
+            )
+        )
     else:
         print("(no --model-dir / MARKOVMEM_TEST_MODEL: the real-model rows are skipped)")
 
     import torch
     import transformers
 
-    print(f"environment: python {platform.python_version()}, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}, "
-          f"top_k {args.top_k}, batch {args.batch_size}, median of {args.repeats}")
+    print(
+        f"environment: python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}, "
+        f"top_k {args.top_k}, batch {args.batch_size}, median of {args.repeats}"
+    )
     header = f"{'model':<34} {'method':<11} {'rows':>6} {'seconds':>9} {'rows/s':>10} {'x floor':>8} {'peak MiB':>9}"
     print(header)
     print("-" * len(header))
@@ -338,8 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, spec in [] if args.corpus_only else specs:
         check = spawn(args, "check", spec)
         if check["mismatched_rows"]:
-            print(f"{name}: {check['mismatched_rows']} of {check['checked_rows']} checked rows differ "
-                  "from the naive loop")
+            print(
+                f"{name}: {check['mismatched_rows']} of {check['checked_rows']} checked rows differ from the naive loop"
+            )
             return 1
         res = spawn(args, "time", spec)
         for m in res:
@@ -347,13 +409,17 @@ def main(argv: list[str] | None = None) -> int:
         rate = {m: r["rows"] / r["seconds"] for m, r in res.items()}
         for m in ("naive", "floor", "floor-reuse", "distill"):
             r = res[m]
-            print(f"{name:<34} {m:<11} {r['rows']:>6} {r['seconds']:>9.3f} {rate[m]:>10.1f} "
-                  f"{rate['floor'] / rate[m]:>8.2f} {r['peak_mib']:>9.1f}")
+            print(
+                f"{name:<34} {m:<11} {r['rows']:>6} {r['seconds']:>9.3f} {rate[m]:>10.1f} "
+                f"{rate['floor'] / rate[m]:>8.2f} {r['peak_mib']:>9.1f}"
+            )
         vocab = args.vocab if spec["kind"] == "qwen2" else None
         full = f", full vocabulary in {vocab / rate['distill']:.0f} s" if vocab else ""
-        print(f"{'':<34} distill / floor = {rate['floor'] / rate['distill']:.2f} (target <= 1.3), "
-              f"distill / floor-reuse = {rate['floor-reuse'] / rate['distill']:.2f}, "
-              f"distill vs naive = {rate['distill'] / rate['naive']:.1f}x faster{full}")
+        print(
+            f"{'':<34} distill / floor = {rate['floor'] / rate['distill']:.2f} (target <= 1.3), "
+            f"distill / floor-reuse = {rate['floor-reuse'] / rate['distill']:.2f}, "
+            f"distill vs naive = {rate['distill'] / rate['naive']:.1f}x faster{full}"
+        )
         figures.append({"model": name, **{m: {**res[m], "rows_per_s": rate[m]} for m in res}})
     print("corpus mode: llm.distill(mode='corpus') against the forward pass over the same batches")
     for name, spec in specs:

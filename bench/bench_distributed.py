@@ -43,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_fit import loadavg  # noqa: E402
+from bench_fit import loadavg
 
 QWEN2_VOCAB = 151_936
 
@@ -91,12 +91,16 @@ def _run(task: dict[str, Any], inputs: Any, out: Path, dist: bool) -> tuple[str,
 
     if task["kind"] == "fit":
         P, C = inputs
-        fit = mm.fit_alpha(P, C, s=task["s"], link=task["link"], n_threads=task["threads"], progress=False,
-                           dist=dist)
+        fit = mm.fit_alpha(P, C, s=task["s"], link=task["link"], n_threads=task["threads"], progress=False, dist=dist)
         return _digest(fit.alpha.indptr, fit.alpha.indices, fit.alpha.data, fit.kl, fit.n_iter), C.shape[0]
     model, bos, seqs = inputs
-    kw: dict[str, Any] = {"top_k": task["top_k"], "out": out, "progress": False, "dist": dist,
-                          "shard_rows": task.get("shard_rows")}
+    kw: dict[str, Any] = {
+        "top_k": task["top_k"],
+        "out": out,
+        "progress": False,
+        "dist": dist,
+        "shard_rows": task.get("shard_rows"),
+    }
     if task["mode"] == "corpus":
         P = llm.distill(model, mode="corpus", sequences=seqs, **kw)
         return P.fingerprint(), P.n_base
@@ -114,8 +118,13 @@ def rank_main(rank: int, world: int, task: dict[str, Any], init_file: str, out: 
         if world > 1:
             import torch.distributed as td
 
-            td.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                  timeout=datetime.timedelta(seconds=1800))
+            td.init_process_group(
+                "gloo",
+                init_method=f"file://{init_file}",
+                rank=rank,
+                world_size=world,
+                timeout=datetime.timedelta(seconds=1800),
+            )
         inputs = _prepare(task)
         times = []
         for rep in range(task["repeats"]):
@@ -130,8 +139,14 @@ def rank_main(rank: int, world: int, task: dict[str, Any], init_file: str, out: 
                 td.barrier()
             times.append(time.perf_counter() - t0)
         if rank == 0:
-            queue.put({"seconds": min(times), "digest": digest, "rows": rows,
-                       "out": str(Path(out) / f"repeat-{task['repeats'] - 1}")})
+            queue.put(
+                {
+                    "seconds": min(times),
+                    "digest": digest,
+                    "rows": rows,
+                    "out": str(Path(out) / f"repeat-{task['repeats'] - 1}"),
+                }
+            )
         if world > 1:
             td.destroy_process_group()
     except BaseException as exc:
@@ -145,8 +160,10 @@ def timed(task: dict[str, Any], world: int, workdir: Path) -> dict[str, Any]:
     queue = ctx.Queue()
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     out = run_dir / "out"
-    procs = [ctx.Process(target=rank_main, args=(r, world, task, str(run_dir / "rendezvous"), str(out), queue))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=rank_main, args=(r, world, task, str(run_dir / "rendezvous"), str(out), queue))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     report = queue.get()
@@ -167,14 +184,29 @@ def make_tasks(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     tasks: list[dict[str, Any]] = []
     common = {"threads": args.threads, "top_k": 256, "repeats": args.repeats}
     if "token-qwen2" in args.tasks:
-        tasks.append(dict(common, name=f"token-qwen2 (V={QWEN2_VOCAB:,}, d={args.hidden})", kind="distill",
-                          mode="token", model={"kind": "qwen2", "vocab": QWEN2_VOCAB, "hidden": args.hidden,
-                                               "layers": 2}, rows=args.rows))
+        tasks.append(
+            dict(
+                common,
+                name=f"token-qwen2 (V={QWEN2_VOCAB:,}, d={args.hidden})",
+                kind="distill",
+                mode="token",
+                model={"kind": "qwen2", "vocab": QWEN2_VOCAB, "hidden": args.hidden, "layers": 2},
+                rows=args.rows,
+            )
+        )
     model_dir = args.model_dir or os.environ.get("MARKOVMEM_TEST_MODEL")
     data_dir = args.data_dir or os.environ.get("MARKOVMEM_TEST_DATA")
     if model_dir and "token-stories" in args.tasks:
-        tasks.append(dict(common, name="token-stories260k (V=512)", kind="distill", mode="token",
-                          model={"kind": "dir", "path": model_dir}, shard_rows=args.stories_shard_rows))
+        tasks.append(
+            dict(
+                common,
+                name="token-stories260k (V=512)",
+                kind="distill",
+                mode="token",
+                model={"kind": "dir", "path": model_dir},
+                shard_rows=args.stories_shard_rows,
+            )
+        )
     if model_dir and data_dir and "corpus-stories" in args.tasks:
         from transformers import AutoTokenizer
 
@@ -185,9 +217,17 @@ def make_tasks(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
         path = workdir / "sequences.json"
         path.write_text(json.dumps(seqs))
         n_tok = sum(len(s) for s in seqs)
-        tasks.append(dict(common, name=f"corpus-stories260k ({len(seqs)} texts, {n_tok:,} tokens)", kind="distill",
-                          mode="corpus", model={"kind": "dir", "path": model_dir}, sequences=str(path),
-                          shard_rows=args.corpus_shard_rows))
+        tasks.append(
+            dict(
+                common,
+                name=f"corpus-stories260k ({len(seqs)} texts, {n_tok:,} tokens)",
+                kind="distill",
+                mode="corpus",
+                model={"kind": "dir", "path": model_dir},
+                sequences=str(path),
+                shard_rows=args.corpus_shard_rows,
+            )
+        )
     fits = [f for f in args.fits.split(",") if f] if "fit" in args.tasks else []
     if fits:
         import fit_reference as ref
@@ -204,23 +244,36 @@ def make_tasks(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
             _, _, _, C = ref.planted_targets(D, int(s), 100 * int(s), int(m), link, seed=1000 * int(s))
             tpath = workdir / f"targets-{link}-{s}-{m}.npz"
             np.savez(tpath, data=C.data, indices=C.indices, indptr=C.indptr, shape=np.array(C.shape))
-            tasks.append({"name": f"fit {link} s={s} (T={args.T:,}, k={args.k}, {m} targets)", "kind": "fit",
-                          "matrix": str(matrix), "targets": str(tpath), "link": link, "s": int(s),
-                          "threads": args.threads, "repeats": args.repeats})
+            tasks.append(
+                {
+                    "name": f"fit {link} s={s} (T={args.T:,}, k={args.k}, {m} targets)",
+                    "kind": "fit",
+                    "matrix": str(matrix),
+                    "targets": str(tpath),
+                    "link": link,
+                    "s": int(s),
+                    "threads": args.threads,
+                    "repeats": args.repeats,
+                }
+            )
     return tasks
 
 
-HEADER = ("| task | rows / targets | 1 process (s) | {w} processes (s) | speed-up | parallel efficiency "
-          "| bytes written / row (1 / {w}) | equal to 1 process |")
+HEADER = (
+    "| task | rows / targets | 1 process (s) | {w} processes (s) | speed-up | parallel efficiency "
+    "| bytes written / row (1 / {w}) | equal to 1 process |"
+)
 SEP = "|---|---|---|---|---|---|---|---|"
 
 
 def fmt_row(task: dict[str, Any], one: dict[str, Any], many: dict[str, Any], world: int) -> str:
     speed = one["seconds"] / many["seconds"]
     rows = one["rows"]
-    written = (f"{one['bytes'] / rows:,.0f} / {many['bytes'] / rows:,.0f}" if task["kind"] == "distill" else "-")
-    return (f"| {task['name']} | {rows:,} | {one['seconds']:.2f} | {many['seconds']:.2f} | {speed:.2f} | "
-            f"{speed / world:.2f} | {written} | {'yes' if one['digest'] == many['digest'] else 'NO'} |")
+    written = f"{one['bytes'] / rows:,.0f} / {many['bytes'] / rows:,.0f}" if task["kind"] == "distill" else "-"
+    return (
+        f"| {task['name']} | {rows:,} | {one['seconds']:.2f} | {many['seconds']:.2f} | {speed:.2f} | "
+        f"{speed / world:.2f} | {written} | {'yes' if one['digest'] == many['digest'] else 'NO'} |"
+    )
 
 
 def environment(args: argparse.Namespace) -> str:
@@ -230,21 +283,34 @@ def environment(args: argparse.Namespace) -> str:
 
     import markovmem as mm
 
-    return (f"markovmem {mm.__version__}, torch {torch.__version__} (gloo), transformers {transformers.__version__}, "
-            f"numpy {np.__version__}, Python {platform.python_version()}, {platform.machine()}, "
-            f"os.cpu_count() = {os.cpu_count()}, {args.threads} thread(s) per process")
+    return (
+        f"markovmem {mm.__version__}, torch {torch.__version__} (gloo), transformers {transformers.__version__}, "
+        f"numpy {np.__version__}, Python {platform.python_version()}, {platform.machine()}, "
+        f"os.cpu_count() = {os.cpu_count()}, {args.threads} thread(s) per process"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", type=int, default=2, help="gloo processes of the distributed runs (default 2)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch / OpenMP threads per process, in both runs (default 1: one core per rank)")
-    ap.add_argument("--tasks", default="token-qwen2,token-stories,corpus-stories,fit",
-                    help="comma-separated subset of token-qwen2, token-stories, corpus-stories, fit")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch / OpenMP threads per process, in both runs (default 1: one core per rank)",
+    )
+    ap.add_argument(
+        "--tasks",
+        default="token-qwen2,token-stories,corpus-stories,fit",
+        help="comma-separated subset of token-qwen2, token-stories, corpus-stories, fit",
+    )
     ap.add_argument("--hidden", type=int, default=64, help="hidden size of the Qwen2-style model (default 64)")
-    ap.add_argument("--rows", type=int, default=None,
-                    help="token-qwen2: distill the first ROWS rows (default all 151,936; shards of 8,192 rows)")
+    ap.add_argument(
+        "--rows",
+        type=int,
+        default=None,
+        help="token-qwen2: distill the first ROWS rows (default all 151,936; shards of 8,192 rows)",
+    )
     ap.add_argument("--model-dir", help="stories260k directory (default: MARKOVMEM_TEST_MODEL)")
     ap.add_argument("--data-dir", help="directory of tinystories-sample.txt (default: MARKOVMEM_TEST_DATA)")
     ap.add_argument("--stories-shard-rows", type=int, default=64, help="rows per shard, token-stories (default 64)")
@@ -252,10 +318,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus-shard-rows", type=int, default=32, help="texts per shard, corpus-stories (default 32)")
     ap.add_argument("--T", type=int, default=131_072, help="fit: dictionary rows (default 131,072)")
     ap.add_argument("--k", type=int, default=64, help="fit: stored entries per dictionary row (default 64)")
-    ap.add_argument("--fits", default="mixture:16:1000,logit:16:48",
-                    help="fit: comma-separated link:s:targets (default mixture:16:1000,logit:16:48)")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="timed calls per run, in the same processes; the table gives the fastest (default 3)")
+    ap.add_argument(
+        "--fits",
+        default="mixture:16:1000,logit:16:48",
+        help="fit: comma-separated link:s:targets (default mixture:16:1000,logit:16:48)",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed calls per run, in the same processes; the table gives the fastest (default 3)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: small T, few targets, stories only")
     ap.add_argument("--out", help="also write the table (markdown) to this file")
     args = ap.parse_args(argv)

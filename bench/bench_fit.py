@@ -32,13 +32,13 @@ import time
 for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import fit_reference as ref  # noqa: E402
+import fit_reference as ref
 
-import markovmem as mm  # noqa: E402
+import markovmem as mm
 
 
 class PeakRSS:
@@ -114,7 +114,8 @@ def run_config(P, D, k, s, link, args, rows):
         problems.append(ref.Problem(D, row.indices, row.data / row.data.sum(), S[i], link))
     lbfgs = [lambda pb=pb: pb.lbfgs(np.arange(s), np.full(s, 1.0 / s)) for pb in problems]
     t_ours, t_lbs, fixed, lb_out = paired_rounds(
-        lambda: mm.fit_alpha(P, C, support=S, link=link, n_threads=nt), lbfgs, args.repeats)
+        lambda: mm.fit_alpha(P, C, support=S, link=link, n_threads=nt), lbfgs, args.repeats
+    )
     t_fixed = float(t_ours.min())
     f_hat = ref.tail_rows(fit.predict(), D.n_base)
     f_pl = ref.tail_rows(fixed.predict(), D.n_base)
@@ -158,38 +159,57 @@ def run_config(P, D, k, s, link, args, rows):
     per_fit = t_fit / m
     per_fixed = t_fixed / m
     row = dict(
-        k=k, s=s, link=link, m=m, N=N,
-        fit_tps=m / t_fit, fixed_tps=m / t_fixed, mem_mb=(mem.peak - mem.start) / 2**20,
-        lb_n=n_lb, lb_ratio=float(np.median(round_ratios)), lb_lo=float(np.min(round_ratios)),
-        lb_hi=float(np.max(round_ratios)), lb_best_ratio=per_lb / per_fixed, lb_ms=per_lb * 1e3,
+        k=k,
+        s=s,
+        link=link,
+        m=m,
+        N=N,
+        fit_tps=m / t_fit,
+        fixed_tps=m / t_fixed,
+        mem_mb=(mem.peak - mem.start) / 2**20,
+        lb_n=n_lb,
+        lb_ratio=float(np.median(round_ratios)),
+        lb_lo=float(np.min(round_ratios)),
+        lb_hi=float(np.max(round_ratios)),
+        lb_best_ratio=per_lb / per_fixed,
+        lb_ms=per_lb * 1e3,
         lb_gap=float(np.max(gaps)) if gaps else np.nan,
-        gr_n=n_gr, gr_timeout=timed_out, gr_ratio=(t_gr / max(n_gr, 1)) / per_fit if not timed_out else t_gr / per_fit,
-        ours_kl=float(np.mean(ours_kl)) if ours_kl else np.nan, gr_kl=float(np.mean(gr_kl)) if gr_kl else np.nan,
-        ours_rec=float(np.mean(ours_rec)) if ours_rec else np.nan, gr_rec=float(np.mean(gr_rec)) if gr_rec else np.nan,
-        kl_hat=float(kl_hat.mean()), kl_pl=float(kl_pl.mean()), recall=float(rec.mean()),
+        gr_n=n_gr,
+        gr_timeout=timed_out,
+        gr_ratio=(t_gr / max(n_gr, 1)) / per_fit if not timed_out else t_gr / per_fit,
+        ours_kl=float(np.mean(ours_kl)) if ours_kl else np.nan,
+        gr_kl=float(np.mean(gr_kl)) if gr_kl else np.nan,
+        ours_rec=float(np.mean(ours_rec)) if ours_rec else np.nan,
+        gr_rec=float(np.mean(gr_rec)) if gr_rec else np.nan,
+        kl_hat=float(kl_hat.mean()),
+        kl_pl=float(kl_pl.mean()),
+        recall=float(rec.mean()),
         kl_med_ratio=float(np.median(np.where(kl_pl > 0, kl_hat / np.maximum(kl_pl, 1e-300), 1.0))),
     )
     rows.append(row)
     print(fmt_row(row), flush=True)
 
 
-HEADER = ("| k | s | link | targets | fit targets/s | fixed-support targets/s | fit memory (MB) "
-          "| vs L-BFGS-B: median of paired rounds [range] (n) | L-BFGS-B ms / target | objective gap "
-          "| vs numpy greedy (n) | KL(q‖f̂) ours / greedy | recall ours / greedy "
-          "| recall (all) | KL(q‖f̂) / KL(q‖f_planted): ratio of means, median ratio |")
+HEADER = (
+    "| k | s | link | targets | fit targets/s | fixed-support targets/s | fit memory (MB) "
+    "| vs L-BFGS-B: median of paired rounds [range] (n) | L-BFGS-B ms / target | objective gap "
+    "| vs numpy greedy (n) | KL(q‖f̂) ours / greedy | recall ours / greedy "
+    "| recall (all) | KL(q‖f̂) / KL(q‖f_planted): ratio of means, median ratio |"
+)
 SEP = "|" + "---|" * 15
 
 
 def fmt_row(r) -> str:
-    gr = (f"> {r['gr_ratio']:.0f}x (0, 1 target > budget)" if r["gr_timeout"]
-          else f"{r['gr_ratio']:.0f}x ({r['gr_n']})")
+    gr = f"> {r['gr_ratio']:.0f}x (0, 1 target > budget)" if r["gr_timeout"] else f"{r['gr_ratio']:.0f}x ({r['gr_n']})"
     ratio = r["kl_hat"] / r["kl_pl"] if r["kl_pl"] > 0 else float("nan")
     med = r["kl_med_ratio"]
-    return (f"| {r['k']} | {r['s']} | {r['link']} | {r['m']} | {r['fit_tps']:.3g} | {r['fixed_tps']:.0f} | "
-            f"{r['mem_mb']:.0f} | {r['lb_ratio']:.0f}x [{r['lb_lo']:.0f}-{r['lb_hi']:.0f}x] ({r['lb_n']}) | "
-            f"{r['lb_ms']:.2f} | {r['lb_gap']:+.1e} | {gr} | "
-            f"{r['ours_kl']:.4g} / {r['gr_kl']:.4g} | {r['ours_rec']:.2f} / {r['gr_rec']:.2f} | "
-            f"{r['recall']:.3f} | {ratio:.2f}, {med:.2f} |")
+    return (
+        f"| {r['k']} | {r['s']} | {r['link']} | {r['m']} | {r['fit_tps']:.3g} | {r['fixed_tps']:.0f} | "
+        f"{r['mem_mb']:.0f} | {r['lb_ratio']:.0f}x [{r['lb_lo']:.0f}-{r['lb_hi']:.0f}x] ({r['lb_n']}) | "
+        f"{r['lb_ms']:.2f} | {r['lb_gap']:+.1e} | {gr} | "
+        f"{r['ours_kl']:.4g} / {r['gr_kl']:.4g} | {r['ours_rec']:.2f} / {r['gr_rec']:.2f} | "
+        f"{r['recall']:.3f} | {ratio:.2f}, {med:.2f} |"
+    )
 
 
 def loadavg() -> str:
@@ -205,9 +225,11 @@ def environment(threads) -> str:
     import scipy
 
     nt = threads or os.cpu_count()
-    return (f"markovmem {mm.__version__}, numpy {np.__version__}, scipy {scipy.__version__}, "
-            f"Python {platform.python_version()}, {platform.machine()}, os.cpu_count() = {os.cpu_count()}, "
-            f"markovmem threads = {nt} (OpenMP: {mm._core.has_openmp}), exp/log loops: {mm._core.simd_level()}")
+    return (
+        f"markovmem {mm.__version__}, numpy {np.__version__}, scipy {scipy.__version__}, "
+        f"Python {platform.python_version()}, {platform.machine()}, os.cpu_count() = {os.cpu_count()}, "
+        f"markovmem threads = {nt} (OpenMP: {mm._core.has_openmp}), exp/log loops: {mm._core.simd_level()}"
+    )
 
 
 def main(argv=None) -> int:
@@ -221,12 +243,20 @@ def main(argv=None) -> int:
     ap.add_argument("--logit-targets", type=int, default=1000, help="targets per logit config (s < 64)")
     ap.add_argument("--logit-targets-s64", type=int, default=1000, help="targets per logit config at s = 64")
     ap.add_argument("--lbfgs-targets", type=int, default=10, help="targets timed with scipy L-BFGS-B")
-    ap.add_argument("--greedy-budget", type=float, default=60.0,
-                    help="seconds of numpy greedy baseline per config (targets run until it is spent)")
+    ap.add_argument(
+        "--greedy-budget",
+        type=float,
+        default=60.0,
+        help="seconds of numpy greedy baseline per config (targets run until it is spent)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="markovmem threads (default: all cores)")
-    ap.add_argument("--repeats", type=int, default=5,
-                    help="paired rounds of the fixed-support timing (ours on every target, then L-BFGS-B on each "
-                         "of its targets); the ratio is the median of the per-round ratios")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="paired rounds of the fixed-support timing (ours on every target, then L-BFGS-B on each "
+        "of its targets); the ratio is the median of the per-round ratios",
+    )
     ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     args = ap.parse_args(argv)
     rows: list[dict] = []
@@ -241,8 +271,11 @@ def main(argv=None) -> int:
         P = mm.TransitionMatrix.from_topk(idx, probs)
         D = ref.Dictionary.from_matrix(P)
         del idx, probs
-        print(f"<!-- dictionary T={args.T} k={k}: {time.perf_counter() - t0:.0f} s to generate, "
-              f"{P.nbytes / 2**20:.0f} MB -->", flush=True)
+        print(
+            f"<!-- dictionary T={args.T} k={k}: {time.perf_counter() - t0:.0f} s to generate, "
+            f"{P.nbytes / 2**20:.0f} MB -->",
+            flush=True,
+        )
         for s in [int(x) for x in args.s.split(",")]:
             for link in args.links.split(","):
                 run_config(P, D, k, s, link, args, rows)
@@ -254,8 +287,7 @@ def main(argv=None) -> int:
             fh.write(environment(args.threads) + f", T = {args.T}\n\n")
             fh.write(f"Load average (1/5/15 min) at start: {load_start}; at end: {load_end}\n\n")
             fh.write(HEADER + "\n" + SEP + "\n")
-            for r in rows:
-                fh.write(fmt_row(r) + "\n")
+            fh.writelines(fmt_row(r) + "\n" for r in rows)
     return 0
 
 

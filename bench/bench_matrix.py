@@ -66,8 +66,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import scipy
@@ -223,12 +224,24 @@ def compare(
                 mt.append(dt)
                 mp = max(mp, peak)
     b_med, m_med = statistics.median(bt), statistics.median(mt)
-    return Row(operation, baseline, b_med, m_med, b_med / m_med if m_med > 0 else float("inf"),
-               bp / 2**20 if track else float("nan"), mp / 2**20 if track else float("nan"), bt, mt, note)
+    return Row(
+        operation,
+        baseline,
+        b_med,
+        m_med,
+        b_med / m_med if m_med > 0 else float("inf"),
+        bp / 2**20 if track else float("nan"),
+        mp / 2**20 if track else float("nan"),
+        bt,
+        mt,
+        note,
+    )
 
 
 # ---------------------------------------------------------------------- data
-def make_topk(rng: np.random.Generator, n_rows: int, n_cols: int, k: int, shuffle: bool) -> tuple[np.ndarray, np.ndarray]:
+def make_topk(
+    rng: np.random.Generator, n_rows: int, n_cols: int, k: int, shuffle: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """(n_rows, k) int32 distinct ids in [0, n_cols) and float32 probabilities.
 
     Ids are strictly increasing gaps in [1, n_cols // k] rotated by a random
@@ -267,7 +280,7 @@ def make_tokens(rng: np.random.Generator, n_tokens: int, vocab: int, n_seq: int,
     ranks_to_ids = rng.permutation(vocab).astype(np.int32)
     ids = ranks_to_ids[rng.choice(vocab, size=n_tokens, p=p)]
     bounds = np.linspace(0, n_tokens, n_seq + 1).astype(np.int64)
-    return [ids[bounds[i]:bounds[i + 1]] for i in range(n_seq)]
+    return [ids[bounds[i] : bounds[i + 1]] for i in range(n_seq)]
 
 
 # ---------------------------------------------------------------------- baselines
@@ -290,8 +303,9 @@ def scipy_expand_stack(csr: sp.csr_array, new: sp.csr_array) -> sp.csr_array:
 def scipy_expand_concat(csr: sp.csr_array, new: sp.csr_array) -> sp.csr_array:
     T, m = csr.shape[0], new.shape[0]
     indptr = np.concatenate([csr.indptr, csr.indptr[-1] + new.indptr[1:]])
-    out = sp.csr_array((np.concatenate([csr.data, new.data]), np.concatenate([csr.indices, new.indices]), indptr),
-                       shape=(T + m, T + m))
+    out = sp.csr_array(
+        (np.concatenate([csr.data, new.data]), np.concatenate([csr.indices, new.indices]), indptr), shape=(T + m, T + m)
+    )
     return out
 
 
@@ -317,8 +331,14 @@ def numpy_count(seqs: list[np.ndarray], vocab: int) -> sp.csr_array:
 
 
 # ---------------------------------------------------------------------- checks
-def _same_csr(a_indptr: np.ndarray, a_indices: np.ndarray, a_data: np.ndarray, b: sp.csr_array, what: str,
-              sample: np.ndarray | None = None) -> None:
+def _same_csr(
+    a_indptr: np.ndarray,
+    a_indices: np.ndarray,
+    a_data: np.ndarray,
+    b: sp.csr_array,
+    what: str,
+    sample: np.ndarray | None = None,
+) -> None:
     if not np.array_equal(np.asarray(a_indptr, dtype=np.int64), b.indptr.astype(np.int64)):
         raise AssertionError(f"{what}: row pointers differ")
     if sample is None:
@@ -372,8 +392,11 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     head, _, rest = __doc__.partition("What each baseline is")
-    p = argparse.ArgumentParser(description=head.strip(), epilog="What each baseline is" + rest,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=head.strip(),
+        epilog="What each baseline is" + rest,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--states", type=int, default=131_072, help="number of states T (default 131072)")
     p.add_argument("--k", type=int, default=256, help="stored entries per row (default 256)")
     p.add_argument("--new-states", type=int, default=1000, help="states m added by the expansion (default 1000)")
@@ -382,14 +405,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=50_000, help="vocabulary of the counting benchmark (default 50000)")
     p.add_argument("--sequences", type=int, default=8, help="number of sequences the tokens are split into (default 8)")
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the token ids (default 1.1)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per operation after one warm-up; the median is reported (default 3)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="n_threads passed to markovmem (default: OpenMP's default, i.e. OMP_NUM_THREADS or all cores)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs per operation after one warm-up; the median is reported (default 3)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="n_threads passed to markovmem (default: OpenMP's default, i.e. OMP_NUM_THREADS or all cores)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the data generator (default 0)")
-    p.add_argument("--quick", action="store_true",
-                   help="small smoke run: T = 8192, 1M tokens (explicit size arguments are overridden)")
-    p.add_argument("--cold", action="store_true",
-                   help="also time loads after evicting the files from the page cache (posix_fadvise DONTNEED)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small smoke run: T = 8192, 1M tokens (explicit size arguments are overridden)",
+    )
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="also time loads after evicting the files from the page cache (posix_fadvise DONTNEED)",
+    )
     p.add_argument("--tmpdir", default=None, help="directory for the temporary files (default: the system temp dir)")
     p.add_argument("--json", metavar="PATH", default=None, help="also write every figure to this JSON file")
     args = p.parse_args(argv)
@@ -414,15 +452,18 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     rows: list[Row] = []
     env = environment(args)
-    print(f"markovmem bench_matrix: T = {T:,} states, k = {k}, nnz = {T * k:,}, m = {m}, "
-          f"lookups = {args.lookups:,}, tokens = {args.tokens:,}, vocab = {args.vocab:,}, repeats = {R}",
-          flush=True)
+    print(
+        f"markovmem bench_matrix: T = {T:,} states, k = {k}, nnz = {T * k:,}, m = {m}, "
+        f"lookups = {args.lookups:,}, tokens = {args.tokens:,}, vocab = {args.vocab:,}, repeats = {R}",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     idx, probs = make_topk(rng, T, T, k, shuffle=True)
     new_idx, new_probs = make_topk(rng, m, T, k, shuffle=False)
-    new_rows = sp.csr_array((new_probs.ravel(), new_idx.ravel(), np.arange(0, m * k + 1, k, dtype=np.int64)),
-                            shape=(m, T))
+    new_rows = sp.csr_array(
+        (new_probs.ravel(), new_idx.ravel(), np.arange(0, m * k + 1, k, dtype=np.int64)), shape=(m, T)
+    )
     print(f"  data generated in {time.perf_counter() - t0:.1f} s", flush=True)
 
     # The matrix the remaining operations use, built before anything else so its
@@ -437,9 +478,16 @@ def main(argv: list[str] | None = None) -> int:
         _same_csr(P.indptr, P.indices, P.data, c, "build")
         P.validate(n_threads=nt)
 
-    rows.append(compare("build from top-k", "csr_array + sort_indices",
-                        lambda: scipy_from_topk(idx, probs),
-                        lambda: mm.TransitionMatrix.from_topk(idx, probs, n_threads=nt), R, check_build))
+    rows.append(
+        compare(
+            "build from top-k",
+            "csr_array + sort_indices",
+            lambda: scipy_from_topk(idx, probs),
+            lambda: mm.TransitionMatrix.from_topk(idx, probs, n_threads=nt),
+            R,
+            check_build,
+        )
+    )
     print(f"  {rows[-1].operation}: done", flush=True)
 
     csr = scipy_from_topk(idx, probs)
@@ -456,21 +504,42 @@ def main(argv: list[str] | None = None) -> int:
             raise AssertionError("expanded shapes differ")
         _same_csr(Q.indptr, Q.indices, Q.data, c, "expand")
 
-    rows.append(compare(f"expand +{m:,} states", "vstack(hstack) rebuild",
-                        lambda: scipy_expand_stack(csr, new_rows),
-                        lambda: P.expand(new_rows, n_threads=nt), R, check_expand,
-                        note="markovmem time includes the certificate"))
-    rows.append(compare(f"expand +{m:,} states", "numpy concat of CSR parts",
-                        lambda: scipy_expand_concat(csr, new_rows),
-                        lambda: P.expand(new_rows, n_threads=nt), R, check_expand,
-                        note="baseline: no checks at all"))
+    rows.append(
+        compare(
+            f"expand +{m:,} states",
+            "vstack(hstack) rebuild",
+            lambda: scipy_expand_stack(csr, new_rows),
+            lambda: P.expand(new_rows, n_threads=nt),
+            R,
+            check_expand,
+            note="markovmem time includes the certificate",
+        )
+    )
+    rows.append(
+        compare(
+            f"expand +{m:,} states",
+            "numpy concat of CSR parts",
+            lambda: scipy_expand_concat(csr, new_rows),
+            lambda: P.expand(new_rows, n_threads=nt),
+            R,
+            check_expand,
+            note="baseline: no checks at all",
+        )
+    )
     # While one expansion of P is alive it holds P's spare capacity, so a sibling
     # expansion must copy the old rows: the copy path, timed on its own.
     held = P.expand(new_rows, n_threads=nt)
-    rows.append(compare(f"expand +{m:,} states, copy path", "vstack(hstack) rebuild",
-                        lambda: scipy_expand_stack(csr, new_rows),
-                        lambda: P.expand(new_rows, n_threads=nt), R, check_expand,
-                        note="markovmem copies the old rows (a sibling expansion holds the spare capacity)"))
+    rows.append(
+        compare(
+            f"expand +{m:,} states, copy path",
+            "vstack(hstack) rebuild",
+            lambda: scipy_expand_stack(csr, new_rows),
+            lambda: P.expand(new_rows, n_threads=nt),
+            R,
+            check_expand,
+            note="markovmem copies the old rows (a sibling expansion holds the spare capacity)",
+        )
+    )
     del held
     print("  expand: done", flush=True)
 
@@ -488,14 +557,34 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 os.close(fd)
 
-        rows.append(compare("save", "save_npz (compressed)", lambda: sp.save_npz(f_npz, csr),
-                            lambda: P.save(f_mm), R, note="markovmem: atomic write + fsync"))
-        rows.append(compare("save", "save_npz(compressed=False)",
-                            lambda: sp.save_npz(f_raw, csr, compressed=False), lambda: P.save(f_mm), R))
+        rows.append(
+            compare(
+                "save",
+                "save_npz (compressed)",
+                lambda: sp.save_npz(f_npz, csr),
+                lambda: P.save(f_mm),
+                R,
+                note="markovmem: atomic write + fsync",
+            )
+        )
+        rows.append(
+            compare(
+                "save",
+                "save_npz(compressed=False)",
+                lambda: sp.save_npz(f_raw, csr, compressed=False),
+                lambda: P.save(f_mm),
+                R,
+            )
+        )
         rows.append(compare("save", "save_npz(compressed=False) + fsync", save_raw_fsync, lambda: P.save(f_mm), R))
-        sizes = {name: os.path.getsize(f) for name, f in
-                 (("markovmem .safetensors", f_mm), ("scipy .npz (compressed)", f_npz),
-                  ("scipy .npz (compressed=False)", f_raw))}
+        sizes = {
+            name: os.path.getsize(f)
+            for name, f in (
+                ("markovmem .safetensors", f_mm),
+                ("scipy .npz (compressed)", f_npz),
+                ("scipy .npz (compressed=False)", f_raw),
+            )
+        }
         print("  save: done", flush=True)
 
         # --- load ------------------------------------------------------------
@@ -521,23 +610,62 @@ def main(argv: list[str] | None = None) -> int:
             if not np.isclose(a, b, rtol=1e-12, atol=0.0):
                 raise AssertionError(f"sums differ: {a} vs {b}")
 
-        rows.append(compare("load", "load_npz (compressed)", lambda: sp.load_npz(f_npz), mm_load, R, check_load,
-                            note="markovmem: mmap + indptr and all indices read and checked"))
-        rows.append(compare("load", "load_npz (compressed=False)", lambda: sp.load_npz(f_raw), mm_load, R,
-                            check_load))
-        rows.append(compare("load + sum(data)", "load_npz (compressed) + sum", npz_load_sum(f_npz), mm_load_sum, R,
-                            check_sum, note="reads every probability on both sides"))
-        rows.append(compare("load + sum(data)", "load_npz (compressed=False) + sum", npz_load_sum(f_raw), mm_load_sum,
-                            R, check_sum))
+        rows.append(
+            compare(
+                "load",
+                "load_npz (compressed)",
+                lambda: sp.load_npz(f_npz),
+                mm_load,
+                R,
+                check_load,
+                note="markovmem: mmap + indptr and all indices read and checked",
+            )
+        )
+        rows.append(compare("load", "load_npz (compressed=False)", lambda: sp.load_npz(f_raw), mm_load, R, check_load))
+        rows.append(
+            compare(
+                "load + sum(data)",
+                "load_npz (compressed) + sum",
+                npz_load_sum(f_npz),
+                mm_load_sum,
+                R,
+                check_sum,
+                note="reads every probability on both sides",
+            )
+        )
+        rows.append(
+            compare(
+                "load + sum(data)", "load_npz (compressed=False) + sum", npz_load_sum(f_raw), mm_load_sum, R, check_sum
+            )
+        )
         if args.cold:
+
             def evict() -> None:
                 for f in (f_mm, f_npz, f_raw):
                     evict_from_page_cache(f)
 
-            rows.append(compare("load, cold cache", "load_npz (compressed=False)", lambda: sp.load_npz(f_raw),
-                                mm_load, R, check_load, before_each=evict))
-            rows.append(compare("load + sum, cold cache", "load_npz (compressed=False) + sum", npz_load_sum(f_raw),
-                                mm_load_sum, R, check_sum, before_each=evict))
+            rows.append(
+                compare(
+                    "load, cold cache",
+                    "load_npz (compressed=False)",
+                    lambda: sp.load_npz(f_raw),
+                    mm_load,
+                    R,
+                    check_load,
+                    before_each=evict,
+                )
+            )
+            rows.append(
+                compare(
+                    "load + sum, cold cache",
+                    "load_npz (compressed=False) + sum",
+                    npz_load_sum(f_raw),
+                    mm_load_sum,
+                    R,
+                    check_sum,
+                    before_each=evict,
+                )
+            )
         print("  load: done", flush=True)
 
     # --- prob lookups --------------------------------------------------------
@@ -560,14 +688,30 @@ def main(argv: list[str] | None = None) -> int:
         if not (np.all(b[~hit] == 0) and np.allclose(p[~hit], expect, rtol=1e-12, atol=0)):
             raise AssertionError("prob() on unstored pairs is not tail / (T - k)")
 
-    rows.append(compare(f"prob() x {n:,}", "csr[v, x] fancy indexing", lambda: csr[v, x],
-                        lambda: P.prob(v, x, n_threads=nt), R, check_prob,
-                        note="baseline ignores the tail (0 for unstored pairs)"))
+    rows.append(
+        compare(
+            f"prob() x {n:,}",
+            "csr[v, x] fancy indexing",
+            lambda: csr[v, x],
+            lambda: P.prob(v, x, n_threads=nt),
+            R,
+            check_prob,
+            note="baseline ignores the tail (0 for unstored pairs)",
+        )
+    )
     print("  prob: done", flush=True)
 
     # --- validate ------------------------------------------------------------
-    rows.append(compare("validate", "check_format(full) + row sums", lambda: scipy_validate(csr),
-                        lambda: P.validate(n_threads=nt), R, note="baseline checks less"))
+    rows.append(
+        compare(
+            "validate",
+            "check_format(full) + row sums",
+            lambda: scipy_validate(csr),
+            lambda: P.validate(n_threads=nt),
+            R,
+            note="baseline checks less",
+        )
+    )
     print("  validate: done", flush=True)
 
     # --- counting ------------------------------------------------------------
@@ -581,9 +725,16 @@ def main(argv: list[str] | None = None) -> int:
         sample = rng.integers(0, C.nnz, size=min(C.nnz, 100_000))
         _same_csr(C.indptr, C.indices, C.data, c, "counting", sample)
 
-    rows.append(compare(f"from_sequences ({args.tokens / 1e6:g}M ids)", "np.unique pair codes + CSR",
-                        lambda: numpy_count(seqs, args.vocab),
-                        lambda: mm.TransitionMatrix.from_sequences(seqs, args.vocab, n_threads=nt), R, check_count))
+    rows.append(
+        compare(
+            f"from_sequences ({args.tokens / 1e6:g}M ids)",
+            "np.unique pair codes + CSR",
+            lambda: numpy_count(seqs, args.vocab),
+            lambda: mm.TransitionMatrix.from_sequences(seqs, args.vocab, n_threads=nt),
+            R,
+            check_count,
+        )
+    )
     print("  counting: done\n", flush=True)
 
     # --- report --------------------------------------------------------------
@@ -596,8 +747,17 @@ def main(argv: list[str] | None = None) -> int:
             if r.note not in notes:
                 notes.append(r.note)
             base += f" [{notes.index(r.note) + 1}]"
-        cells.append([r.operation, base, f"{r.baseline_s:.4f}", f"{r.markovmem_s:.4f}", f"{r.ratio:.2f}x",
-                      f"{r.baseline_peak_mb:.0f}", f"{r.markovmem_peak_mb:.0f}"])
+        cells.append(
+            [
+                r.operation,
+                base,
+                f"{r.baseline_s:.4f}",
+                f"{r.markovmem_s:.4f}",
+                f"{r.ratio:.2f}x",
+                f"{r.baseline_peak_mb:.0f}",
+                f"{r.markovmem_peak_mb:.0f}",
+            ]
+        )
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
     print(fmt_row(header, widths))
     print("  ".join("-" * w for w in widths))
@@ -605,15 +765,19 @@ def main(argv: list[str] | None = None) -> int:
         print(fmt_row(c, widths))
     for i, text in enumerate(notes, 1):
         print(f"[{i}] {text}")
-    print("ratio = baseline s / markovmem s (median of the timed runs); peak MB = resident-set high-water mark "
-          "above the start of the call")
+    print(
+        "ratio = baseline s / markovmem s (median of the timed runs); peak MB = resident-set high-water mark "
+        "above the start of the call"
+    )
     print()
     peak_total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     mem_ratio = P.nbytes / target_bytes
     rss_ratio = rss_growth / target_bytes
-    print(f"memory: P.nbytes = {P.nbytes:,} B; resident growth of building P = {rss_growth:,} B; "
-          f"target nnz*8 + 16*T = {target_bytes:,} B (nbytes {mem_ratio:.3f}x, resident {rss_ratio:.3f}x); "
-          f"scipy csr arrays = {csr_bytes:,} B")
+    print(
+        f"memory: P.nbytes = {P.nbytes:,} B; resident growth of building P = {rss_growth:,} B; "
+        f"target nnz*8 + 16*T = {target_bytes:,} B (nbytes {mem_ratio:.3f}x, resident {rss_ratio:.3f}x); "
+        f"scipy csr arrays = {csr_bytes:,} B"
+    )
     print("file sizes: " + "; ".join(f"{name} {size / 2**20:,.1f} MiB" for name, size in sizes.items()))
     print(f"peak RSS of the whole run: {peak_total / 2**20:,.0f} MiB")
 
@@ -621,24 +785,46 @@ def main(argv: list[str] | None = None) -> int:
         return next(r.ratio for r in rows if r.operation.startswith(op) and r.baseline == baseline)
 
     targets = [
-        ("mmap load >= 20x faster than load_npz (compressed, scipy's default)",
-         ratio_of("load", "load_npz (compressed)"), 20.0),
-        ("mmap load >= 20x faster than load_npz (compressed=False; stricter than the issue)",
-         ratio_of("load", "load_npz (compressed=False)"), 20.0),
-        ("expansion >= 5x faster than the scipy vstack/hstack rebuild",
-         ratio_of("expand", "vstack(hstack) rebuild"), 5.0),
-        ("expansion, copy path, >= 5x faster than the scipy vstack/hstack rebuild",
-         ratio_of("expand +{:,} states, copy path".format(m), "vstack(hstack) rebuild"), 5.0),
+        (
+            "mmap load >= 20x faster than load_npz (compressed, scipy's default)",
+            ratio_of("load", "load_npz (compressed)"),
+            20.0,
+        ),
+        (
+            "mmap load >= 20x faster than load_npz (compressed=False; stricter than the issue)",
+            ratio_of("load", "load_npz (compressed=False)"),
+            20.0,
+        ),
+        (
+            "expansion >= 5x faster than the scipy vstack/hstack rebuild",
+            ratio_of("expand", "vstack(hstack) rebuild"),
+            5.0,
+        ),
+        (
+            "expansion, copy path, >= 5x faster than the scipy vstack/hstack rebuild",
+            ratio_of(f"expand +{m:,} states, copy path", "vstack(hstack) rebuild"),
+            5.0,
+        ),
         ("memory (P.nbytes) within 1.1x of nnz*8 + 16*T", 1.1 / mem_ratio, 1.0),
-        ("memory (resident growth) within 1.1x of nnz*8 + 16*T", 1.1 / rss_ratio if rss_ratio > 0 else float("inf"), 1.0),
-        ("from_sequences >= 3x faster than np.unique counting", ratio_of("from_sequences", "np.unique pair codes + CSR"),
-         3.0),
+        (
+            "memory (resident growth) within 1.1x of nnz*8 + 16*T",
+            1.1 / rss_ratio if rss_ratio > 0 else float("inf"),
+            1.0,
+        ),
+        (
+            "from_sequences >= 3x faster than np.unique counting",
+            ratio_of("from_sequences", "np.unique pair codes + CSR"),
+            3.0,
+        ),
     ]
     results = []
     for name, value, need in targets:
         ok = value >= need
-        shown = f"{mem_ratio:.3f}x" if "P.nbytes" in name else (f"{rss_ratio:.3f}x" if "resident" in name
-                                                                  else f"{value:.2f}x")
+        shown = (
+            f"{mem_ratio:.3f}x"
+            if "P.nbytes" in name
+            else (f"{rss_ratio:.3f}x" if "resident" in name else f"{value:.2f}x")
+        )
         print(f"{'PASS' if ok else 'FAIL'}  {name}: {shown}")
         results.append({"target": name, "value": shown, "pass": ok})
     env_line = ", ".join(f"{key}={value}" for key, value in env.items())
@@ -650,8 +836,14 @@ def main(argv: list[str] | None = None) -> int:
             "parameters": {k: v for k, v in vars(args).items() if k != "json"},
             "environment": env,
             "rows": [asdict(r) for r in rows],
-            "memory": {"nbytes": P.nbytes, "rss_growth": rss_growth, "target_bytes": target_bytes,
-                       "scipy_csr_bytes": csr_bytes, "nnz": nnz, "peak_rss_run": peak_total},
+            "memory": {
+                "nbytes": P.nbytes,
+                "rss_growth": rss_growth,
+                "target_bytes": target_bytes,
+                "scipy_csr_bytes": csr_bytes,
+                "nnz": nnz,
+                "peak_rss_run": peak_total,
+            },
             "file_sizes": sizes,
             "targets": results,
         }

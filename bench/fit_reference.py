@@ -32,10 +32,11 @@ class Dictionary:
     n_base: int
 
     @classmethod
-    def from_matrix(cls, P) -> "Dictionary":
+    def from_matrix(cls, P) -> Dictionary:
         """From a markovmem.TransitionMatrix (values widened to float64)."""
-        csr = sp.csr_array((np.asarray(P.data, np.float64), np.asarray(P.indices), np.asarray(P.indptr)),
-                           shape=(P.n_states, P.n_base))
+        csr = sp.csr_array(
+            (np.asarray(P.data, np.float64), np.asarray(P.indices), np.asarray(P.indptr)), shape=(P.n_states, P.n_base)
+        )
         return cls(csr, np.asarray(P.tail, np.float64), P.n_base)
 
     @property
@@ -74,8 +75,9 @@ class Dictionary:
             csc = self.csr.tocsc()
             n = self.csr.shape[0]
             colsum = np.asarray(self.csr.sum(axis=0)).ravel()
-            counts_u = np.bincount(self.csr.indices, weights=self.uniform[np.repeat(np.arange(n), self.k)],
-                                   minlength=self.n_base)
+            counts_u = np.bincount(
+                self.csr.indices, weights=self.uniform[np.repeat(np.arange(n), self.k)], minlength=self.n_base
+            )
             pbar = (colsum + self.uniform.sum() - counts_u) / n
             lp = self.csr.copy()
             lp.data = np.log(np.maximum(lp.data, LOG_FLOOR)) - np.repeat(self.log_uniform, np.diff(lp.indptr))
@@ -171,9 +173,17 @@ def sample_counts(q: TailRow, N: int, rng: np.random.Generator) -> tuple[np.ndar
 
 
 # --------------------------------------------------------------------------- planted problems
-def make_dictionary(T: int, k: int, seed: int = 0, *, shared_frac: float = 0.5, popularity_a: float = 1.1,
-                    zipf_a: float = 1.0, top_mass: tuple[float, float] = (0.6, 0.95),
-                    n_states: int | None = None):
+def make_dictionary(
+    T: int,
+    k: int,
+    seed: int = 0,
+    *,
+    shared_frac: float = 0.5,
+    popularity_a: float = 1.1,
+    zipf_a: float = 1.0,
+    top_mass: tuple[float, float] = (0.6, 0.95),
+    n_states: int | None = None,
+):
     """Zipf-like rows whose top-k sets share frequent tokens, as LM rows do.
 
     Each row stores k base states: ``shared_frac * k`` drawn from a global
@@ -215,8 +225,9 @@ def pd_unique(a: np.ndarray) -> np.ndarray:
     return a[np.sort(first)]
 
 
-def planted_alpha(n_states: int, s: int, rng: np.random.Generator, *, scale: float = 1.0,
-                  exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def planted_alpha(
+    n_states: int, s: int, rng: np.random.Generator, *, scale: float = 1.0, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """s distinct atoms with weights bounded away from zero: w_i in [1, 3] normalised to sum ``scale``.
 
     For the mixture link use scale = 1 (the simplex); for the logit link the
@@ -315,6 +326,7 @@ class Problem:
                     t *= 0.5
                 a = a + t * step
             return a
+
         a = solve(0.0, a)
         if np.linalg.norm(a) <= bound * (1 + 1e-12):
             return a
@@ -365,19 +377,31 @@ class Problem:
         """scipy L-BFGS-B on the fixed support (mixture: a >= 0 with the sum-free form)."""
         S = np.asarray(S)
         if self.link == "mixture":
+
             def fun(a):
                 v, g = self.obj(S, np.maximum(a, 1e-300), True)[:2]
                 return v + a.sum(), g + 1.0
 
-            res = opt.minimize(fun, np.maximum(a0, 1e-3), jac=True, method="L-BFGS-B",
-                               bounds=[(0, None)] * len(S), options=dict(ftol=tol, gtol=1e-12, maxiter=20000,
-                                                                         maxcor=30))
+            res = opt.minimize(
+                fun,
+                np.maximum(a0, 1e-3),
+                jac=True,
+                method="L-BFGS-B",
+                bounds=[(0, None)] * len(S),
+                options=dict(ftol=tol, gtol=1e-12, maxiter=20000, maxcor=30),
+            )
             return res.x / res.x.sum(), res
+
         def fun_logit(a):
             return self.obj(S, a, True)[:2]
 
-        res = opt.minimize(fun_logit, np.asarray(a0, float), jac=True, method="L-BFGS-B",
-                           options=dict(ftol=tol, gtol=1e-12, maxiter=20000, maxcor=30))
+        res = opt.minimize(
+            fun_logit,
+            np.asarray(a0, float),
+            jac=True,
+            method="L-BFGS-B",
+            options=dict(ftol=tol, gtol=1e-12, maxiter=20000, maxcor=30),
+        )
         return res.x, res
 
     # ------------------------------------------------------------------ greedy selection
@@ -514,8 +538,9 @@ class Problem:
         return S, a
 
 
-def screen(D: Dictionary, q_ids: np.ndarray, q_p: np.ndarray, link: str, C: int,
-           allowed: np.ndarray | None = None) -> np.ndarray:
+def screen(
+    D: Dictionary, q_ids: np.ndarray, q_p: np.ndarray, link: str, C: int, allowed: np.ndarray | None = None
+) -> np.ndarray:
     """Candidate pool: the C states whose rows best explain q_hat, found by column access.
 
     mixture: score_v = sum_x q(x) p(x|v) / pbar(x), pbar the average row (the
@@ -543,6 +568,7 @@ def screen(D: Dictionary, q_ids: np.ndarray, q_p: np.ndarray, link: str, C: int,
     top = np.argpartition(-score, C - 1)[:C]
     return np.sort(top[np.argsort(-score[top])])
 
+
 def tail_rows(rows, n_base: int) -> list[TailRow]:
     """TailRow per row of an (m, n_base) sparse matrix whose missing mass is the tail (e.g. AlphaFit.predict())."""
     csr = sp.csr_array(rows)
@@ -569,6 +595,7 @@ def planted_targets(D: Dictionary, s: int, N: int, m: int, link: str, seed: int,
         rows.append(np.full(len(ids), i))
         cols.append(ids)
         vals.append(cnt)
-    C = sp.csr_array((np.concatenate(vals).astype(np.float64), (np.concatenate(rows), np.concatenate(cols))),
-                     shape=(m, D.n_base))
+    C = sp.csr_array(
+        (np.concatenate(vals).astype(np.float64), (np.concatenate(rows), np.concatenate(cols))), shape=(m, D.n_base)
+    )
     return np.array(Ss), np.array(Ws), qs, C

@@ -31,14 +31,14 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import fit_reference as ref  # noqa: E402
-from bench_fit import loadavg  # noqa: E402
+import fit_reference as ref
+from bench_fit import loadavg
 
-import markovmem as mm  # noqa: E402
+import markovmem as mm
 
 
 def load_dictionary(T: int, k: int, cache: str | None):
@@ -92,9 +92,15 @@ def ours_results(P, D, C, qs, S, s: int, fit_kwargs: dict):
     res = np.empty((m, 6))
     A = fit.alpha.tocsr()
     for i in range(m):
-        a = A.data[A.indptr[i]:A.indptr[i + 1]]
-        res[i] = [ref.kl_rows(qs[i], f_hat[i]), fit.kl[i], np.isin(S[i], fit.support[i]).mean(),
-                  np.linalg.norm(a), np.count_nonzero(a), dt]
+        a = A.data[A.indptr[i] : A.indptr[i + 1]]
+        res[i] = [
+            ref.kl_rows(qs[i], f_hat[i]),
+            fit.kl[i],
+            np.isin(S[i], fit.support[i]).mean(),
+            np.linalg.norm(a),
+            np.count_nonzero(a),
+            dt,
+        ]
     return res
 
 
@@ -104,28 +110,49 @@ def summary(ours, gr) -> dict:
     d = o[:, 0] - g[:, 0]
     n = int(ok.sum())
     se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else np.nan
-    return dict(n=n, n_timeout=int((~ok).sum()), ours_mean=o[:, 0].mean(), gr_mean=g[:, 0].mean(),
-                ours_med=np.median(o[:, 0]), gr_med=np.median(g[:, 0]), diff=d.mean(), se=se,
-                wins=int((d < 0).sum()), losses=int((d > 0).sum()),
-                ours_rec=o[:, 2].mean(), gr_rec=g[:, 2].mean(), ours_obj=o[:, 1].mean(), gr_obj=g[:, 1].mean(),
-                ours_norm=o[:, 3].mean(), gr_norm=g[:, 3].mean(), ours_size=o[:, 4].mean(), gr_size=g[:, 4].mean(),
-                ours_t=ours[0, 5], gr_t=g[:, 5].mean() if n else np.nan,
-                ours_all=ours[:, 0].mean(), ours_rec_all=ours[:, 2].mean())
+    return dict(
+        n=n,
+        n_timeout=int((~ok).sum()),
+        ours_mean=o[:, 0].mean(),
+        gr_mean=g[:, 0].mean(),
+        ours_med=np.median(o[:, 0]),
+        gr_med=np.median(g[:, 0]),
+        diff=d.mean(),
+        se=se,
+        wins=int((d < 0).sum()),
+        losses=int((d > 0).sum()),
+        ours_rec=o[:, 2].mean(),
+        gr_rec=g[:, 2].mean(),
+        ours_obj=o[:, 1].mean(),
+        gr_obj=g[:, 1].mean(),
+        ours_norm=o[:, 3].mean(),
+        gr_norm=g[:, 3].mean(),
+        ours_size=o[:, 4].mean(),
+        gr_size=g[:, 4].mean(),
+        ours_t=ours[0, 5],
+        gr_t=g[:, 5].mean() if n else np.nan,
+        ours_all=ours[:, 0].mean(),
+        ours_rec_all=ours[:, 2].mean(),
+    )
 
 
-HEADER = ("| k | s | n paired (greedy timeouts) | true KL mean ours / greedy | median ours / greedy "
-          "| paired diff ours - greedy ± SE | wins / losses | recall ours / greedy | KL(q̂‖f) ours / greedy "
-          "| ‖α‖ ours / greedy | size ours / greedy | s per target ours / greedy (ratio) |")
+HEADER = (
+    "| k | s | n paired (greedy timeouts) | true KL mean ours / greedy | median ours / greedy "
+    "| paired diff ours - greedy ± SE | wins / losses | recall ours / greedy | KL(q̂‖f) ours / greedy "
+    "| ‖α‖ ours / greedy | size ours / greedy | s per target ours / greedy (ratio) |"
+)
 SEP = "|" + "---|" * 12
 
 
 def fmt(k, s, r) -> str:
-    return (f"| {k} | {s} | {r['n']} ({r['n_timeout']}) | {r['ours_mean']:.4f} / {r['gr_mean']:.4f} "
-            f"| {r['ours_med']:.4f} / {r['gr_med']:.4f} | {r['diff']:+.4f} ± {r['se']:.4f} "
-            f"| {r['wins']} / {r['losses']} | {r['ours_rec']:.2f} / {r['gr_rec']:.2f} "
-            f"| {r['ours_obj']:.4f} / {r['gr_obj']:.4f} | {r['ours_norm']:.2f} / {r['gr_norm']:.2f} "
-            f"| {r['ours_size']:.1f} / {r['gr_size']:.1f} "
-            f"| {r['ours_t'] * 1e3:.2f} ms / {r['gr_t']:.1f} s ({r['gr_t'] / r['ours_t']:.0f}x) |")
+    return (
+        f"| {k} | {s} | {r['n']} ({r['n_timeout']}) | {r['ours_mean']:.4f} / {r['gr_mean']:.4f} "
+        f"| {r['ours_med']:.4f} / {r['gr_med']:.4f} | {r['diff']:+.4f} ± {r['se']:.4f} "
+        f"| {r['wins']} / {r['losses']} | {r['ours_rec']:.2f} / {r['gr_rec']:.2f} "
+        f"| {r['ours_obj']:.4f} / {r['gr_obj']:.4f} | {r['ours_norm']:.2f} / {r['gr_norm']:.2f} "
+        f"| {r['ours_size']:.1f} / {r['gr_size']:.1f} "
+        f"| {r['ours_t'] * 1e3:.2f} ms / {r['gr_t']:.1f} s ({r['gr_t'] / r['ours_t']:.0f}x) |"
+    )
 
 
 def main(argv=None) -> int:
@@ -134,7 +161,9 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="64:4,64:16,256:4", help="k:s pairs, comma-separated")
     ap.add_argument("--targets", type=int, default=40, help="targets per config (the greedy runs on each)")
     ap.add_argument("--greedy-limit", type=float, default=120.0, help="seconds of numpy greedy per target")
-    ap.add_argument("--cache", default="/tmp/logit_vs_greedy", help="directory for dictionaries and greedy results ('' = none)")
+    ap.add_argument(
+        "--cache", default="/tmp/logit_vs_greedy", help="directory for dictionaries and greedy results ('' = none)"
+    )
     ap.add_argument("--no-greedy", action="store_true", help="only use cached greedy results (skip missing targets)")
     ap.add_argument("--oversize", type=float, default=None, help="fit_alpha oversize (default: the library's)")
     ap.add_argument("--bound", type=float, default=10.0, help="fit_alpha bound")
@@ -145,8 +174,10 @@ def main(argv=None) -> int:
     fit_kwargs = dict(bound=args.bound)
     if args.oversize is not None:
         fit_kwargs["oversize"] = args.oversize
-    print(f"markovmem {mm.__version__}, numpy {np.__version__}, T = {args.T}, fit options {fit_kwargs}, "
-          f"load average at start: {loadavg()}")
+    print(
+        f"markovmem {mm.__version__}, numpy {np.__version__}, T = {args.T}, fit options {fit_kwargs}, "
+        f"load average at start: {loadavg()}"
+    )
     print(HEADER)
     print(SEP, flush=True)
     for cfg in args.configs.split(","):
@@ -168,8 +199,11 @@ def main(argv=None) -> int:
             np.savez(os.path.join(cache, f"ours_T{args.T}_k{k}_s{s}.npz"), res=ours)
         r = summary(ours, gr)
         print(fmt(k, s, r), flush=True)
-        print(f"<!-- k={k} s={s}: ours on all {args.targets} targets: true KL {r['ours_all']:.4f}, "
-              f"recall {r['ours_rec_all']:.3f} -->", flush=True)
+        print(
+            f"<!-- k={k} s={s}: ours on all {args.targets} targets: true KL {r['ours_all']:.4f}, "
+            f"recall {r['ours_rec_all']:.3f} -->",
+            flush=True,
+        )
     print(f"load average at end: {loadavg()}")
     return 0
 

@@ -26,9 +26,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import fit_reference as ref  # noqa: E402
+import fit_reference as ref
 
-import markovmem as mm  # noqa: E402
+import markovmem as mm
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -58,17 +58,29 @@ def run(T: int, k: int, links, s_values, n_per_s, seeds, threads):
             import scipy.sparse as sp
 
             m = len(rows)
-            C = sp.csr_array((np.concatenate([c for _, c in rows]).astype(np.float64),
-                              (np.repeat(np.arange(m), [len(i) for i, _ in rows]), np.concatenate([i for i, _ in rows]))),
-                             shape=(m, T))
+            C = sp.csr_array(
+                (
+                    np.concatenate([c for _, c in rows]).astype(np.float64),
+                    (np.repeat(np.arange(m), [len(i) for i, _ in rows]), np.concatenate([i for i, _ in rows])),
+                ),
+                shape=(m, T),
+            )
             fit = mm.fit_alpha(P, C, s=s, link=link, n_threads=threads)
             planted = mm.fit_alpha(P, C, support=Ss, link=link, n_threads=threads)
             f_hat = ref.tail_rows(fit.predict(), T)
             f_pl = ref.tail_rows(planted.predict(), T)
             for i in range(m):
-                out.append(dict(link=link, T=T, s=s, N=Ns[i], kl=ref.kl_rows(qs[i], f_hat[i]),
-                                kl_planted=ref.kl_rows(qs[i], f_pl[i]),
-                                recall=float(np.isin(Ss[i], fit.support[i]).mean())))
+                out.append(
+                    dict(
+                        link=link,
+                        T=T,
+                        s=s,
+                        N=Ns[i],
+                        kl=ref.kl_rows(qs[i], f_hat[i]),
+                        kl_planted=ref.kl_rows(qs[i], f_pl[i]),
+                        recall=float(np.isin(Ss[i], fit.support[i]).mean()),
+                    )
+                )
             print(f"  {link} s={s}: {m} fits in {time.perf_counter() - t1:.1f} s", flush=True)
     return out
 
@@ -89,8 +101,9 @@ def main(argv=None) -> int:
     ap.add_argument("--T", default="1024,16384,131072", help="vocabulary sizes, comma-separated")
     ap.add_argument("--k", type=int, default=64, help="stored entries per dictionary row")
     ap.add_argument("--s", default="1,2,4,8,16", help="support sizes, comma-separated")
-    ap.add_argument("--n-per-s", default="25,50,100,200,400,800,1600,3200",
-                    help="sample sizes as multiples of s, comma-separated")
+    ap.add_argument(
+        "--n-per-s", default="25,50,100,200,400,800,1600,3200", help="sample sizes as multiples of s, comma-separated"
+    )
     ap.add_argument("--links", default="mixture,logit", help="links, comma-separated")
     ap.add_argument("--seeds", type=int, default=6, help="planted problems per (T, s, N)")
     ap.add_argument("--threads", type=int, default=None, help="markovmem threads (default: all cores)")
@@ -106,14 +119,18 @@ def main(argv=None) -> int:
     os.makedirs(args.outdir, exist_ok=True)
     with open(os.path.join(args.outdir, "fit_sample_complexity.csv"), "w") as fh:
         fh.write("link,T,s,N,kl,kl_planted,recall\n")
-        for r in rows:
-            fh.write(f"{r['link']},{r['T']},{r['s']},{r['N']},{r['kl']:.6g},{r['kl_planted']:.6g},{r['recall']:.4g}\n")
+        fh.writelines(
+            f"{r['link']},{r['T']},{r['s']},{r['N']},{r['kl']:.6g},{r['kl_planted']:.6g},{r['recall']:.4g}\n"
+            for r in rows
+        )
     plot(rows, Ts, s_values, links, os.path.join(args.outdir, "fit_sample_complexity.png"))
     cmd = "python bench/sample_complexity.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = [f"Command: `{cmd.strip()}` (k = {args.k}, {args.seeds} planted problems per point)", ""]
     for link in links:
-        md.append(f"**{link} link** — smallest N (samples per new token) from which the mean support recall "
-                  "stays >= 0.9 on the grid (— : not reached):")
+        md.append(
+            f"**{link} link** — smallest N (samples per new token) from which the mean support recall "
+            "stays >= 0.9 on the grid (— : not reached):"
+        )
         md.append("")
         md.append("| s | " + " | ".join(f"T = {T:,}" for T in Ts) + " |")
         md.append("|---|" + "---|" * len(Ts))
@@ -121,8 +138,10 @@ def main(argv=None) -> int:
             cells = [needed_n(rows, link, T, s, "recall", 0.9) for T in Ts]
             md.append(f"| {s} | " + " | ".join("—" if c is None else f"{c:,} ({c / s:g} s)" for c in cells) + " |")
         md.append("")
-        md.append(f"**{link} link** — median KL(q ‖ f(alpha_hat)) in nats at N = 200 s and N = 3200 s "
-                  "(planted-support fit in brackets):")
+        md.append(
+            f"**{link} link** — median KL(q ‖ f(alpha_hat)) in nats at N = 200 s and N = 3200 s "
+            "(planted-support fit in brackets):"
+        )
         md.append("")
         md.append("| s | " + " | ".join(f"T = {T:,}" for T in Ts) + " |")
         md.append("|---|" + "---|" * len(Ts))
@@ -131,10 +150,13 @@ def main(argv=None) -> int:
             for T in Ts:
                 parts = []
                 for mult in (200, 3200):
-                    sel = [r for r in rows if r["link"] == link and r["T"] == T and r["s"] == s and r["N"] == int(mult * s)]
+                    sel = [
+                        r for r in rows if r["link"] == link and r["T"] == T and r["s"] == s and r["N"] == int(mult * s)
+                    ]
                     if sel:
-                        parts.append(f"{np.median([r['kl'] for r in sel]):.2g} "
-                                     f"({np.median([r['kl_planted'] for r in sel]):.2g})")
+                        parts.append(
+                            f"{np.median([r['kl'] for r in sel]):.2g} ({np.median([r['kl_planted'] for r in sel]):.2g})"
+                        )
                 cells.append(" / ".join(parts) if parts else "—")
             md.append(f"| {s} | " + " | ".join(cells) + " |")
         md.append("")
@@ -150,8 +172,9 @@ def plot(rows, Ts, s_values, links, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(links), len(Ts), figsize=(4.2 * len(Ts), 3.6 * len(links)), squeeze=False,
-                             sharey="row")
+    fig, axes = plt.subplots(
+        len(links), len(Ts), figsize=(4.2 * len(Ts), 3.6 * len(links)), squeeze=False, sharey="row"
+    )
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(s_values)))
     for a, link in enumerate(links):
         for b, T in enumerate(Ts):
@@ -171,8 +194,11 @@ def plot(rows, Ts, s_values, links, path):
                 ax.set_ylabel("median KL(q ‖ f(α̂)) [nats]")
             ax.grid(True, which="major", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("KL(q ‖ f(α̂)) against N — solid: fit_alpha (support selected); dotted: fit on the planted "
-                 "support.\nMixture s = 1 is fitted exactly (KL 0, drawn at 1e-7).", fontsize=9)
+    fig.suptitle(
+        "KL(q ‖ f(α̂)) against N — solid: fit_alpha (support selected); dotted: fit on the planted "
+        "support.\nMixture s = 1 is fitted exactly (KL 0, drawn at 1e-7).",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -42,9 +42,8 @@ void bind_expansion(py::module_& m) {
         }
         return py::make_tuple(std::move(e->matrix), to_dict(e->certificate));
       },
-      py::arg("P"), py::arg("indptr").noconvert(), py::arg("indices").noconvert(),
-      py::arg("data").noconvert(), py::arg("tol"), py::arg("n_threads"),
-      "(Q, certificate dict) for P grown by the given rows.");
+      py::arg("P"), py::arg("indptr").noconvert(), py::arg("indices").noconvert(), py::arg("data").noconvert(),
+      py::arg("tol"), py::arg("n_threads"), "(Q, certificate dict) for P grown by the given rows.");
   m.def(
       "verify_expansion",
       [](const TransitionMatrix& before, const TransitionMatrix& after, double tol, int n_threads) {

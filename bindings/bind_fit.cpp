@@ -34,9 +34,7 @@ py::tuple to_py(AlphaResult&& r) {
 
 // The FitControl behind a Python argument (None = no control).  The caller keeps the
 // object alive for the call, which is what lets the core use it without the GIL.
-FitControl* control_of(const py::object& control) {
-  return control.is_none() ? nullptr : control.cast<FitControl*>();
-}
+FitControl* control_of(const py::object& control) { return control.is_none() ? nullptr : control.cast<FitControl*>(); }
 
 Link to_link(int link) {
   if (link != 0 && link != 1) throw std::invalid_argument("link must be 0 (logit) or 1 (mixture)");
@@ -50,8 +48,7 @@ void bind_fit(py::module_& m) {
                          "Progress and cancellation of a running fit, shared with another Python thread.")
       .def(py::init<>())
       .def_property_readonly(
-          "done", [](const FitControl& c) { return c.done.load(std::memory_order_relaxed); },
-          "Rows finished so far.")
+          "done", [](const FitControl& c) { return c.done.load(std::memory_order_relaxed); }, "Rows finished so far.")
       .def(
           "cancel", [](FitControl& c) { c.cancel.store(true); },
           "Skip the rows not yet started; the fit then raises FitCancelled.");

@@ -9,8 +9,8 @@
 namespace markovmem::bindings {
 
 void bind_io(py::module_& m) {
-  m.def("save", &save, py::arg("P"), py::arg("path"), py::arg("metadata"),
-        py::call_guard<py::gil_scoped_release>(), "Atomic save to a safetensors file.");
+  m.def("save", &save, py::arg("P"), py::arg("path"), py::arg("metadata"), py::call_guard<py::gil_scoped_release>(),
+        "Atomic save to a safetensors file.");
   m.def(
       "load",
       [](const std::string& path, bool use_mmap, bool verify, int n_threads) {

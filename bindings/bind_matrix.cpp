@@ -18,8 +18,8 @@ CsrView csr_view(const carray<Index>& indptr, const carray<StateIndex>& indices,
 }
 
 template <class IndexT>
-TransitionMatrix topk(Index n_states, Index n_base, const carray<IndexT>& indices,
-                      const carray<Prob>& probs, double tol, int n_threads) {
+TransitionMatrix topk(Index n_states, Index n_base, const carray<IndexT>& indices, const carray<Prob>& probs,
+                      double tol, int n_threads) {
   if (indices.ndim() != 2 || probs.ndim() != 2 || indices.shape(0) != probs.shape(0) ||
       indices.shape(1) != probs.shape(1))
     throw std::invalid_argument("indices and probs must both have shape (n_states, k)");
@@ -49,15 +49,15 @@ void bind_matrix(py::module_& m) {
             py::gil_scoped_release release;  // reads numpy buffers kept alive by the caller
             return TransitionMatrix::copy_csr(n_states, n_base, v, tol, n_threads, tp);
           },
-          py::arg("n_states"), py::arg("n_base"), py::arg("indptr").noconvert(),
-          py::arg("indices").noconvert(), py::arg("data").noconvert(), py::arg("tol"), py::arg("n_threads"),
-          py::arg("tail").noconvert() = py::none(), "Owning matrix copied from CSR arrays (checked).")
+          py::arg("n_states"), py::arg("n_base"), py::arg("indptr").noconvert(), py::arg("indices").noconvert(),
+          py::arg("data").noconvert(), py::arg("tol"), py::arg("n_threads"), py::arg("tail").noconvert() = py::none(),
+          "Owning matrix copied from CSR arrays (checked).")
       .def_static("from_topk", &topk<std::int64_t>, py::arg("n_states"), py::arg("n_base"),
-                  py::arg("indices").noconvert(), py::arg("probs").noconvert(), py::arg("tol"),
-                  py::arg("n_threads"), "Matrix from (n_states, k) int64 indices and float32 probs.")
+                  py::arg("indices").noconvert(), py::arg("probs").noconvert(), py::arg("tol"), py::arg("n_threads"),
+                  "Matrix from (n_states, k) int64 indices and float32 probs.")
       .def_static("from_topk", &topk<std::int32_t>, py::arg("n_states"), py::arg("n_base"),
-                  py::arg("indices").noconvert(), py::arg("probs").noconvert(), py::arg("tol"),
-                  py::arg("n_threads"), "Matrix from (n_states, k) int32 indices and float32 probs.")
+                  py::arg("indices").noconvert(), py::arg("probs").noconvert(), py::arg("tol"), py::arg("n_threads"),
+                  "Matrix from (n_states, k) int32 indices and float32 probs.")
       .def_static(
           "count_transitions",
           [](const carray<std::int32_t>& tokens, const carray<Index>& offsets, Index n_states, Index top_k,
@@ -70,8 +70,8 @@ void bind_matrix(py::module_& m) {
             py::gil_scoped_release release;  // reads numpy buffers kept alive by the caller
             return count_transitions(tp, n_tok, op, n_seq, n_states, opts);
           },
-          py::arg("tokens").noconvert(), py::arg("offsets").noconvert(), py::arg("n_states"),
-          py::arg("top_k"), py::arg("smoothing"), py::arg("n_threads"), "Bigram counts to a matrix.")
+          py::arg("tokens").noconvert(), py::arg("offsets").noconvert(), py::arg("n_states"), py::arg("top_k"),
+          py::arg("smoothing"), py::arg("n_threads"), "Bigram counts to a matrix.")
       .def_property_readonly("n_states", &TransitionMatrix::n_states)
       .def_property_readonly("n_base", &TransitionMatrix::n_base)
       .def_property_readonly("nnz", &TransitionMatrix::nnz)
@@ -108,8 +108,7 @@ void bind_matrix(py::module_& m) {
       .def("log_prob", &TransitionMatrix::log_prob, py::arg("v"), py::arg("x"), "log p(x | v).")
       .def(
           "prob_many",
-          [](const TransitionMatrix& P, const carray<Index>& v, const carray<Index>& x, bool log,
-             int n_threads) {
+          [](const TransitionMatrix& P, const carray<Index>& v, const carray<Index>& x, bool log, int n_threads) {
             const Index* vp = ptr_1d(v, "v");
             const Index* xp = ptr_1d(x, "x", v.shape(0));
             std::vector<double> out(static_cast<std::size_t>(v.shape(0)));

@@ -52,10 +52,9 @@ PYBIND11_MODULE(_core, m) {
         return py::reinterpret_steal<py::object>(
             PyUnicode_DecodeFSDefaultAndSize(s.data(), static_cast<Py_ssize_t>(s.size())));
       };
-      py::object exc = e.error_number() != 0
-                           ? py::reinterpret_borrow<py::object>(PyExc_OSError)(e.error_number(), e.reason(),
-                                                                               fs_str(e.path()))
-                           : py::reinterpret_borrow<py::object>(PyExc_OSError)(fs_str(e.what()));
+      py::object exc = e.error_number() != 0 ? py::reinterpret_borrow<py::object>(PyExc_OSError)(
+                                                   e.error_number(), e.reason(), fs_str(e.path()))
+                                             : py::reinterpret_borrow<py::object>(PyExc_OSError)(fs_str(e.what()));
       PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
     }
   });

@@ -16,9 +16,18 @@ from typing import Any
 
 #: Modules the test's fork server imports once, so that each rank forked from it starts with them
 #: (names importable from site-packages: the server does not see the tests directory).
-PRELOAD = ["numpy", "scipy.sparse", "torch", "torch.distributed", "transformers",
-           "transformers.models.llama.modeling_llama", "safetensors.numpy", "markovmem.llm",
-           "markovmem.llm.distillation", "markovmem.llm.testing"]
+PRELOAD = [
+    "numpy",
+    "scipy.sparse",
+    "torch",
+    "torch.distributed",
+    "transformers",
+    "transformers.models.llama.modeling_llama",
+    "safetensors.numpy",
+    "markovmem.llm",
+    "markovmem.llm.distillation",
+    "markovmem.llm.testing",
+]
 
 
 def load_model(spec: dict[str, Any]) -> Any:
@@ -49,6 +58,7 @@ def _patch_shards(rank: int, job: dict[str, Any], log: dict[str, Any]) -> None:
 
     distillation._Shards.save = counted  # type: ignore[method-assign]
     if job.get("raise_rank") == rank:
+
         def failing(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("injected failure in the top-k selection")
 
@@ -78,8 +88,15 @@ def run_jobs(rank: int, job: dict[str, Any], log: dict[str, Any]) -> None:
         with np.load(job["fit"]["targets"]) as z:
             C = sp.csr_array((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
         fit = mm.fit_alpha(P, C, progress=False, **job["fit"]["kwargs"])
-        np.savez(Path(job["results"]) / f"fit-{rank}.npz", indptr=fit.alpha.indptr, indices=fit.alpha.indices,
-                 data=fit.alpha.data, kl=fit.kl, n_iter=fit.n_iter, converged=fit.converged)
+        np.savez(
+            Path(job["results"]) / f"fit-{rank}.npz",
+            indptr=fit.alpha.indptr,
+            indices=fit.alpha.indices,
+            data=fit.alpha.data,
+            kl=fit.kl,
+            n_iter=fit.n_iter,
+            converged=fit.converged,
+        )
 
 
 def main(rank: int, world: int, job: dict[str, Any]) -> None:
@@ -99,11 +116,16 @@ def main(rank: int, world: int, job: dict[str, Any]) -> None:
     code = 0
     log["t_start"] = time.time()
     try:
-        td.init_process_group("gloo", init_method=f"file://{job['init_file']}", rank=rank, world_size=world,
-                              timeout=datetime.timedelta(seconds=job.get("timeout", 30)))
+        td.init_process_group(
+            "gloo",
+            init_method=f"file://{job['init_file']}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=job.get("timeout", 30)),
+        )
         log["t_group"] = time.time()
         run_jobs(rank, job, log)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure is logged for the test to read
         log["error"] = f"{type(exc).__name__}: {exc}"
         log["error_at"] = time.time()
         log["traceback"] = traceback.format_exc()

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -40,8 +41,9 @@ def dense_of(P: mm.TransitionMatrix) -> np.ndarray:
     return dense_reference(P.n_states, P.n_base, P.indptr, P.indices, P.data)
 
 
-def random_csr(rng: np.random.Generator, n_states: int, n_base: int | None = None, *,
-               density: float = 0.4, full_rows: bool = False) -> sp.csr_array:
+def random_csr(
+    rng: np.random.Generator, n_states: int, n_base: int | None = None, *, density: float = 0.4, full_rows: bool = False
+) -> sp.csr_array:
     """A random valid (n_states, n_states) CSR over the first n_base columns.
 
     Each row stores a random subset of base columns with a random total mass in
@@ -89,7 +91,7 @@ def write_matrix_file(
     indices = np.ascontiguousarray(indices, dtype=np.int32)
     data = np.ascontiguousarray(data, dtype=np.float32)
     if tail is None:
-        sums = np.array([data[indptr[v]:indptr[v + 1]].astype(np.float64).sum() for v in range(n_states)])
+        sums = np.array([data[indptr[v] : indptr[v + 1]].astype(np.float64).sum() for v in range(n_states)])
         tail = np.maximum(0.0, 1.0 - sums)
     tail = np.ascontiguousarray(tail, dtype=np.float64)
     arrays = [("indptr", "I64", indptr), ("tail", "F64", tail), ("indices", "I32", indices), ("data", "F32", data)]

@@ -11,10 +11,10 @@ import scipy.sparse as sp
 
 torch = pytest.importorskip("torch")
 
-import markovmem as mm  # noqa: E402
-from markovmem import llm  # noqa: E402
-from markovmem.cli import main  # noqa: E402
-from markovmem.llm.testing import tiny_model, tiny_tokenizer  # noqa: E402
+import markovmem as mm
+from markovmem import llm
+from markovmem.cli import main
+from markovmem.llm.testing import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture
@@ -49,12 +49,30 @@ def test_distill_fit_expand(model_dir, tmp_path, capsys) -> None:
 def test_add_tokens_writes_an_expansion_that_reloads(model_dir, tmp_path, capsys) -> None:
     rng = np.random.default_rng(1)
     text = tmp_path / "train.txt"
-    text.write_text("\n\n".join(" ".join(["w5", "glorp"] + [f"w{int(i)}" for i in rng.integers(3, 48, 6)])
-                                for _ in range(24)))
+    text.write_text(
+        "\n\n".join(" ".join(["w5", "glorp"] + [f"w{int(i)}" for i in rng.integers(3, 48, 6)]) for _ in range(24))
+    )
     out = tmp_path / "glorp.safetensors"
     merged = tmp_path / "merged"
-    code = main(["add-tokens", str(model_dir), "--tokens", "glorp", "--text", str(text), "-o", str(out),
-                 "--s", "2", "--tune-steps", "2", "--merged", str(merged), "--quiet"])
+    code = main(
+        [
+            "add-tokens",
+            str(model_dir),
+            "--tokens",
+            "glorp",
+            "--text",
+            str(text),
+            "-o",
+            str(out),
+            "--s",
+            "2",
+            "--tune-steps",
+            "2",
+            "--merged",
+            str(merged),
+            "--quiet",
+        ]
+    )
     assert code == 0
     printed, err = capsys.readouterr()
     assert "glorp" in printed and "ids [48]" in printed
@@ -72,8 +90,26 @@ def test_distill_corpus_mode_records_how_rows_were_made(model_dir, tmp_path) -> 
     text = tmp_path / "corpus.txt"
     text.write_text("w5 w6 w7 w5\n\nw6 w5 w9")
     matrix = tmp_path / "P.safetensors"
-    assert main(["distill", str(model_dir), "-o", str(matrix), "--top-k", "8", "--corpus", str(text),
-                 "--fallback", "unigram", "--shrinkage", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                str(model_dir),
+                "-o",
+                str(matrix),
+                "--top-k",
+                "8",
+                "--corpus",
+                str(text),
+                "--fallback",
+                "unigram",
+                "--shrinkage",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     info = llm.dictionary_info(mm.TransitionMatrix.load(matrix, verify=True))
     assert info["mode"] == "corpus" and info["fallback"] == "unigram" and info["shrinkage"] == 2.0
     assert info["rows_seen"] >= 3 and len(info["corpus"]) == 32

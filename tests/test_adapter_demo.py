@@ -9,12 +9,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
+import numpy as np
+import scipy.sparse as sp
 
-import markovmem as mm  # noqa: E402
-from markovmem import llm  # noqa: E402
-from markovmem.llm import demo  # noqa: E402
+import markovmem as mm
+from markovmem import llm
+from markovmem.llm import demo
 
 
 class FirstRowsFit:
@@ -29,12 +29,17 @@ class FirstRowsFit:
 
 
 def test_demo_runs_and_caches_the_base_model(tmp_path, capsys):
-    kwargs = dict(n_examples=8, s=2, tune_steps=2, base_steps=3, cache_dir=tmp_path, threads=1, progress=False,
-                  fit=FirstRowsFit)
+    kwargs = dict(
+        n_examples=8, s=2, tune_steps=2, base_steps=3, cache_dir=tmp_path, threads=1, progress=False, fit=FirstRowsFit
+    )
     result = llm.run_demo(**kwargs)
     assert [r["method"] for r in result.rows] == [
-        "E^T alpha, logit link (no training)", "E^T alpha, mixture link (no training)", "ET from E^T alpha (logit)",
-        "ET from mean embedding", "full fine-tuning"]
+        "E^T alpha, logit link (no training)",
+        "E^T alpha, mixture link (no training)",
+        "ET from E^T alpha (logit)",
+        "ET from mean embedding",
+        "full fine-tuning",
+    ]
     for row in result.rows[:4]:
         assert row["max_abs_logit_diff"] == 0.0
     assert result.rows[0]["trainable_params"] == 0 and result.rows[2]["trainable_params"] == 64

@@ -10,14 +10,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import markovmem as mm  # noqa: E402
-from markovmem import llm  # noqa: E402
-from markovmem.llm.testing import tiny_model, tiny_tokenizer  # noqa: E402
+import markovmem as mm
+from markovmem import llm
+from markovmem.llm.testing import tiny_model, tiny_tokenizer
 
 V = 48
-
 
 
 def reference_rows(model, prefix, dtype=torch.float32):
@@ -142,8 +141,17 @@ def test_corpus_mode_averages_over_occurrences(tmp_path):
     info = llm.dictionary_info(P)
     assert info["mode"] == "corpus" and info["fallback"] == "none" and info["shrinkage"] == 0.0
     assert info["row_counts"][5] == 3 and info["row_counts"][6] == 2 and info["row_counts"][10] == 0
-    sharded = llm.distill(model, top_k=V, mode="corpus", sequences=seqs, batch_size=1, progress=False,
-                          out=tmp_path / "c", shard_rows=1, fallback="none")
+    sharded = llm.distill(
+        model,
+        top_k=V,
+        mode="corpus",
+        sequences=seqs,
+        batch_size=1,
+        progress=False,
+        out=tmp_path / "c",
+        shard_rows=1,
+        fallback="none",
+    )
     np.testing.assert_allclose(sharded.to_dense(), P.to_dense(), atol=1e-7)
     saved = mm.TransitionMatrix.load(tmp_path / "c" / "matrix.safetensors")
     assert llm.dictionary_info(saved)["corpus"] == info["corpus"]
@@ -157,8 +165,17 @@ def test_corpus_rows_shrink_toward_the_fallback_by_occurrence_count(fallback):
     seqs = [[1, 5, 6, 5, 7, 5], [1, 6, 5], [3, 4]]
     masks = [np.array([True, True, False, True, True, True]), np.ones(3, bool), np.ones(2, bool)]
     lam = 2.5
-    P = llm.distill(model, top_k=V, mode="corpus", sequences=seqs, mask=masks, fallback=fallback,
-                    shrinkage=lam, prefix=[1] if fallback == "token" else None, progress=False)
+    P = llm.distill(
+        model,
+        top_k=V,
+        mode="corpus",
+        sequences=seqs,
+        mask=masks,
+        fallback=fallback,
+        shrinkage=lam,
+        prefix=[1] if fallback == "token" else None,
+        progress=False,
+    )
     sums = _direct_corpus_sums(model, seqs, masks)
     if fallback == "token":
         with torch.no_grad():
@@ -188,7 +205,7 @@ def test_corpus_longer_than_the_context_is_windowed_not_truncated():
     expected = {}
     with torch.no_grad():
         for j, a in enumerate(starts):
-            piece = seq[a:a + 8]
+            piece = seq[a : a + 8]
             probs = torch.softmax(model(torch.tensor([piece])).logits[0].float(), -1).numpy()
             lo = 0 if j == 0 else 4
             for t in range(lo, len(piece)):

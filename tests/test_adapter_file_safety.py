@@ -19,13 +19,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-from safetensors.torch import save as st_save  # noqa: E402
+import numpy as np
+import scipy.sparse as sp
+from safetensors.torch import save as st_save
 
-from markovmem import llm  # noqa: E402
-from markovmem.llm import _stfile, expansion_io  # noqa: E402
-from markovmem.llm.testing import tiny_model, tiny_tokenizer  # noqa: E402
+from markovmem import llm
+from markovmem.llm import _stfile, expansion_io
+from markovmem.llm.testing import tiny_model, tiny_tokenizer
 
 V = 48
 ALPHA = sp.csr_array(([0.25, 0.75, 1.0], ([0, 0, 1], [3, 9, 11])), shape=(2, V))
@@ -36,8 +36,9 @@ def expanded(block_output=True, tied=True, arch="llama"):
     base = copy.deepcopy(model)
     tok = tiny_tokenizer(V)
     gen = torch.Generator().manual_seed(0)
-    llm.add_tokens(model, tok, ["glorp", "blip"], embeddings=torch.randn(2, 32, generator=gen),
-                   block_output=block_output)
+    llm.add_tokens(
+        model, tok, ["glorp", "blip"], embeddings=torch.randn(2, 32, generator=gen), block_output=block_output
+    )
     return base, model, tok
 
 
@@ -68,8 +69,13 @@ def forge(src, dst, *, tensors=None, meta=None, resign=True):
 
 
 def snapshot(model, tok):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, tok.get_vocab(), len(tok),
-            model.config.vocab_size, llm.get_expansion(model))
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        tok.get_vocab(),
+        len(tok),
+        model.config.vocab_size,
+        llm.get_expansion(model),
+    )
 
 
 def assert_unchanged(before, model, tok):
@@ -158,7 +164,7 @@ def test_changed_bytes_fail_the_content_fingerprint(saved, tmp_path, what):
     st = _stfile.parse(bytes(data), "x")
     n = int.from_bytes(data[:8], "little")
     if what in st.records:
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
         at = 8 + n + header[what]["data_offsets"][0]
         data[at] ^= 0x10
     else:
@@ -257,8 +263,12 @@ WRITER = textwrap.dedent("""
 def concurrent_saves(path, seconds=4.0, timeout=180.0):
     """Two processes save different expansions to ``path`` for ``seconds``; this process reads
     it meanwhile.  Returns (saves per writer, reads, torn reads, read errors)."""
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(i), str(seconds)],
-                              stdout=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), str(i), str(seconds)], stdout=subprocess.PIPE, text=True
+        )
+        for i in range(2)
+    ]
     try:
         for p in procs:
             assert p.stdout.readline().strip() == "ready"
@@ -275,7 +285,8 @@ def concurrent_saves(path, seconds=4.0, timeout=180.0):
             reads += 1
             tokens, rows = json.loads(meta["tokens"]), tensors["input_rows"]
             whole = (tokens == ["aaa"] and bool((rows == 1).all())) or (
-                tokens == ["bbb", "ccc", "ddd"] and bool((rows == 2).all()))
+                tokens == ["bbb", "ccc", "ddd"] and bool((rows == 2).all())
+            )
             torn += not whole
         saves = [int(p.communicate(timeout=timeout)[0].strip()) for p in procs]
         assert [p.returncode for p in procs] == [0, 0]
@@ -380,14 +391,17 @@ def test_next_token_counts_checks_ids_before_allocating():
     assert counts.toarray()[0, 4] == 1
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"new_token_ids": [512.7]}, r"new_token_ids\[0\] must be an integer; got float 512.7"),
-    ({"new_token_ids": [True]}, r"new_token_ids\[0\] must be an integer; got a bool \(True\)"),
-    ({"new_token_ids": np.array([48.0])}, "new_token_ids must hold integer ids; got dtype float64"),
-    ({"new_token_ids": np.array([True])}, "new_token_ids must hold integer ids; got dtype bool"),
-    ({"n_base": 47.5}, "n_base must be an integer; got float 47.5"),
-    ({"n_base": True}, r"n_base must be an integer; got a bool \(True\)"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"new_token_ids": [512.7]}, r"new_token_ids\[0\] must be an integer; got float 512.7"),
+        ({"new_token_ids": [True]}, r"new_token_ids\[0\] must be an integer; got a bool \(True\)"),
+        ({"new_token_ids": np.array([48.0])}, "new_token_ids must hold integer ids; got dtype float64"),
+        ({"new_token_ids": np.array([True])}, "new_token_ids must hold integer ids; got dtype bool"),
+        ({"n_base": 47.5}, "n_base must be an integer; got float 47.5"),
+        ({"n_base": True}, r"n_base must be an integer; got a bool \(True\)"),
+    ],
+)
 def test_ids_must_be_integers(bad, match):
     kwargs = {"new_token_ids": [48], "n_base": 48, **bad}
     with pytest.raises(TypeError, match=match):

@@ -9,15 +9,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
+import numpy as np
+import scipy.sparse as sp
 
-from markovmem import llm  # noqa: E402
-from markovmem.llm.testing import assert_no_forgetting, tiny_model, tiny_tokenizer  # noqa: E402
+from markovmem import llm
+from markovmem.llm.testing import assert_no_forgetting, tiny_model, tiny_tokenizer
 
 V = 48
 PROBE = torch.tensor([[1, 5, V, 7, V + 1, 9], [1, 3, 4, 5, 6, 7]])
-
 
 
 def bits(t):
@@ -29,16 +28,20 @@ def expanded(arch="llama", tied=True, dtype=torch.float32, block_output=True):
     base = copy.deepcopy(model)
     tok = tiny_tokenizer(V)
     gen = torch.Generator().manual_seed(0)
-    ids = llm.add_tokens(model, tok, ["glorp", "blip"], embeddings=torch.randn(2, 32, generator=gen),
-                         block_output=block_output)
+    ids = llm.add_tokens(
+        model, tok, ["glorp", "blip"], embeddings=torch.randn(2, 32, generator=gen), block_output=block_output
+    )
     return base, model, tok, ids
 
 
-@pytest.mark.parametrize("arch, tied, dtype, block", [
-    ("llama", True, torch.float32, True),
-    ("qwen2", False, torch.bfloat16, True),
-    ("gpt2", False, torch.float32, False),
-])
+@pytest.mark.parametrize(
+    "arch, tied, dtype, block",
+    [
+        ("llama", True, torch.float32, True),
+        ("qwen2", False, torch.bfloat16, True),
+        ("gpt2", False, torch.float32, False),
+    ],
+)
 def test_save_load_round_trip_is_bitwise(tmp_path, arch, tied, dtype, block):
     base, model, tok, ids = expanded(arch, tied, dtype, block)
     alpha = sp.csr_array(([0.25, 0.75, 1.0], ([0, 0, 1], [3, 9, 11])), shape=(2, V))

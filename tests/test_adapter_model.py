@@ -12,11 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
+import numpy as np
+import scipy.sparse as sp
 
-from markovmem import llm  # noqa: E402
-from markovmem.llm.testing import assert_no_forgetting, tiny_model, tiny_tokenizer  # noqa: E402
+from markovmem import llm
+from markovmem.llm.testing import assert_no_forgetting, tiny_model, tiny_tokenizer
 
 V = 64
 CONTEXTS = [[1, 5, 6, 7, 8], [1, 9, 10, 11, 12], [1, 3], [4, 4, 4, 4, 4], [1, 60, 61, 62, 63]]
@@ -26,7 +26,6 @@ CASES = [
     for tied in (True, False)
     for dtype in (torch.float32, torch.bfloat16)
 ]
-
 
 
 @pytest.fixture
@@ -210,8 +209,9 @@ def test_training_loss_and_generate_work_on_the_expanded_model(pair):
     out = model.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 11) and (out[0, 5:] < V).all()
     plain = base.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=6, do_sample=False, pad_token_id=0),
-                       plain)
+    assert torch.equal(
+        model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=6, do_sample=False, pad_token_id=0), plain
+    )
 
 
 def test_padded_vocabulary_gets_reserved_tokens():

@@ -10,15 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
+import numpy as np
+import scipy.sparse as sp
 
-import markovmem as mm  # noqa: E402
-from markovmem import llm  # noqa: E402
-from markovmem.llm.testing import tiny_model, tiny_tokenizer  # noqa: E402
+import markovmem as mm
+from markovmem import llm
+from markovmem.llm.testing import tiny_model, tiny_tokenizer
 
 V = 48
-
 
 
 class NearestRowsFit:
@@ -29,8 +28,9 @@ class NearestRowsFit:
         dense = P.to_dense()
         q = counts.toarray()
         q = q / q.sum(1, keepdims=True)
-        kl = np.array([[np.sum(qi[qi > 0] * np.log(qi[qi > 0] / np.maximum(row[qi > 0], 1e-12))) for row in dense]
-                       for qi in q])
+        kl = np.array(
+            [[np.sum(qi[qi > 0] * np.log(qi[qi > 0] / np.maximum(row[qi > 0], 1e-12))) for row in dense] for qi in q]
+        )
         cols = np.argsort(kl, axis=1)[:, :s]
         rows = np.repeat(np.arange(q.shape[0]), s)
         self.alpha = sp.csr_array((np.full(rows.size, 1.0 / s), (rows, cols.ravel())), shape=(q.shape[0], P.n_states))
@@ -65,8 +65,9 @@ def test_learn_tokens_with_a_stand_in_fit(monkeypatch):
     model = tiny_model("qwen2", V, tied=False)
     base = copy.deepcopy(model)
     tok = tiny_tokenizer(V)
-    result = llm.learn_tokens(model, tok, ["glorp"], texts(), s=2, tune_steps=4, tune_batch_size=4, top_k=8,
-                              base_model=base, progress=False)
+    result = llm.learn_tokens(
+        model, tok, ["glorp"], texts(), s=2, tune_steps=4, tune_batch_size=4, top_k=8, base_model=base, progress=False
+    )
     assert result.ids == [V] and result.tokens == ["glorp"]
     assert result.matrix.n_states == V and result.counts.shape == (1, V)
     assert result.history is not None and len(result.history.loss) == 4
@@ -76,11 +77,20 @@ def test_learn_tokens_with_a_stand_in_fit(monkeypatch):
     assert result.fit.alpha is not None and result.choices == [("logit", 2)]
     (rep,) = result.tokens_report
     assert rep.n_contexts == 24 and rep.token == "glorp" and np.isfinite(rep.heldout_loss)
-    (name, weight), = result.decomposition(tok, top=1)["glorp"][:1]
+    ((name, weight),) = result.decomposition(tok, top=1)["glorp"][:1]
     assert name.startswith("w") or name in ("<s>", "</s>", "<unk>")
     assert weight == pytest.approx(0.5)
-    again = llm.learn_tokens(tiny_model("qwen2", V, tied=False), tiny_tokenizer(V), ["glorp"], texts(), s=1,
-                             tune_steps=0, matrix=result.matrix, distill_mode="corpus", progress=False)
+    again = llm.learn_tokens(
+        tiny_model("qwen2", V, tied=False),
+        tiny_tokenizer(V),
+        ["glorp"],
+        texts(),
+        s=1,
+        tune_steps=0,
+        matrix=result.matrix,
+        distill_mode="corpus",
+        progress=False,
+    )
     assert again.history is None and again.report.ok
 
 
@@ -89,8 +99,7 @@ def test_learn_tokens_failure_removes_the_expansion(monkeypatch):
     model = tiny_model("llama", V)
     tok = tiny_tokenizer(V)
     with pytest.raises(ValueError, match=r"tokens \['blip'\] are never followed by a base token"):
-        llm.learn_tokens(model, tok, ["glorp", "blip"], texts() + ["w5 blip"], tune_steps=0, top_k=4,
-                         progress=False)
+        llm.learn_tokens(model, tok, ["glorp", "blip"], texts() + ["w5 blip"], tune_steps=0, top_k=4, progress=False)
     assert llm.get_expansion(model) is None and model.config.vocab_size == V
     with pytest.raises(TypeError, match="unknown options"):
         llm.learn_tokens(model, tiny_tokenizer(V), ["glorp"], texts(), tune_step=3, progress=False)

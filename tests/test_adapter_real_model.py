@@ -12,12 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
+import numpy as np
+import scipy.sparse as sp
 
-import markovmem as mm  # noqa: E402
-from markovmem import llm  # noqa: E402
-from markovmem.llm.testing import assert_no_forgetting  # noqa: E402
+import markovmem as mm
+from markovmem import llm
+from markovmem.llm.testing import assert_no_forgetting
 
 MODEL_DIR = os.environ.get("MARKOVMEM_TEST_MODEL")
 pytestmark = pytest.mark.skipif(not MODEL_DIR, reason="MARKOVMEM_TEST_MODEL is not set (a stories260k directory)")
@@ -43,8 +43,10 @@ def loaded():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def load():
-        return (AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval(),
-                AutoTokenizer.from_pretrained(MODEL_DIR))
+        return (
+            AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(MODEL_DIR),
+        )
 
     return load
 
@@ -114,8 +116,14 @@ def test_end_to_end(loaded, matrix, tmp_path):
     assert np.isfinite(nll_alpha) and np.isfinite(nll_mean_init)
     assert nll_tuned < nll_alpha
     assert history.final_loss < history.loss[0]
-    contexts = [tok(t)["input_ids"] for t in ["Once upon a time, there was a little girl named Lily.",
-                                               "One day, Tom went to the park with his mom.", "The"]]
+    contexts = [
+        tok(t)["input_ids"]
+        for t in [
+            "Once upon a time, there was a little girl named Lily.",
+            "One day, Tom went to the park with his mom.",
+            "The",
+        ]
+    ]
     report = assert_no_forgetting(base, model, contexts)
     assert report.max_abs_logit_diff == 0.0 and report.max_new_token_prob == 0.0
     # The fitted matrix expands with a certificate, the model with a file that round-trips.

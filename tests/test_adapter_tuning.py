@@ -9,15 +9,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
+import numpy as np
+import scipy.sparse as sp
 
-from markovmem import llm  # noqa: E402
-from markovmem.llm.testing import assert_no_forgetting, tiny_model, tiny_tokenizer  # noqa: E402
+from markovmem import llm
+from markovmem.llm.testing import assert_no_forgetting, tiny_model, tiny_tokenizer
 
 V = 48
 CONTEXTS = [[1, 5, 6, 7], [1, 20, 21, 22, 23]]
-
 
 
 def training_sequences(new_id, n=24, seed=0):
@@ -26,11 +25,14 @@ def training_sequences(new_id, n=24, seed=0):
     return [[1, *rng.integers(3, V, 3).tolist(), new_id, 7, 8, *rng.integers(3, V, 2).tolist()] for _ in range(n)]
 
 
-@pytest.mark.parametrize("arch, tied, dtype", [
-    ("llama", True, torch.float32),
-    ("qwen2", False, torch.float32),
-    ("gpt2", True, torch.bfloat16),
-])
+@pytest.mark.parametrize(
+    "arch, tied, dtype",
+    [
+        ("llama", True, torch.float32),
+        ("qwen2", False, torch.float32),
+        ("gpt2", True, torch.bfloat16),
+    ],
+)
 def test_only_new_rows_change(arch, tied, dtype):
     model = tiny_model(arch, V, tied=tied, dtype=dtype)
     base = copy.deepcopy(model)
@@ -40,12 +42,15 @@ def test_only_new_rows_change(arch, tied, dtype):
     before_rows = state.input_layer.new_weight.detach().clone()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     fp = llm.base_fingerprint(model)
-    history = llm.embedding_tune(model, [ids[0]], training_sequences(ids[0]), steps=30, lr=0.05, batch_size=8,
-                                 progress=False)
+    history = llm.embedding_tune(
+        model, [ids[0]], training_sequences(ids[0]), steps=30, lr=0.05, batch_size=8, progress=False
+    )
     rows = state.input_layer.new_weight.detach()
     assert not torch.equal(rows[0], before_rows[0])
-    assert torch.equal(rows[1].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                       before_rows[1].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert torch.equal(
+        rows[1].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        before_rows[1].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+    )
     assert rows.dtype == dtype
     assert llm.base_fingerprint(model) == fp
     assert all(p.grad is None for n, p in model.named_parameters() if "new_weight" not in n)
@@ -78,8 +83,9 @@ def test_init_alpha_writes_e_t_alpha():
     tok = tiny_tokenizer(V)
     ids = llm.add_tokens(model, tok, ["glorp"])
     alpha = sp.csr_array(([0.7, 0.3], ([0, 0], [7, 8])), shape=(1, V))
-    history = llm.embedding_tune(model, ids, training_sequences(ids[0]), steps=0, init="alpha", alpha=alpha,
-                                 progress=False)
+    history = llm.embedding_tune(
+        model, ids, training_sequences(ids[0]), steps=0, init="alpha", alpha=alpha, progress=False
+    )
     assert history.loss == []
     row = llm.get_expansion(model).input_layer.new_weight[0].detach()
     assert torch.equal(row, llm.alpha_to_embeddings(model, alpha)[0])

@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from helpers import random_csr
 
 import markovmem as mm
 from markovmem import _core
-from helpers import random_csr
 
 I64, I32, F32, F64 = np.int64, np.int32, np.float32, np.float64
 
@@ -40,8 +40,13 @@ def parts():
 def copy_csr(n=3, n_base=3, indptr=None, indices=None, data=None):
     ip, ix, d = parts()
     return _core.TransitionMatrix.copy_csr(
-        n, n_base, ip if indptr is None else indptr, ix if indices is None else indices,
-        d if data is None else data, 1e-5, 1,
+        n,
+        n_base,
+        ip if indptr is None else indptr,
+        ix if indices is None else indices,
+        d if data is None else data,
+        1e-5,
+        1,
     )
 
 
@@ -74,8 +79,17 @@ def test_copy_csr_builds_the_matrix(core):
         {"data": f32(0.5, 0.0, 0.25, 0.0, 1.0, 0.0)[::2]},  # not contiguous
         {"indices": np.array([[0, 9], [2, 9], [1, 9]], dtype=I32)[:, 0]},  # a column: strided
     ],
-    ids=["indptr-int32", "indptr-uint64", "indptr-list", "indices-int64", "indices-uint32", "data-float64",
-         "data-float16", "data-strided", "indices-column"],
+    ids=[
+        "indptr-int32",
+        "indptr-uint64",
+        "indptr-list",
+        "indices-int64",
+        "indices-uint32",
+        "data-float64",
+        "data-float16",
+        "data-strided",
+        "indices-column",
+    ],
 )
 def test_copy_csr_rejects_wrong_dtype_without_copying(kwargs):
     with pytest.raises(TypeError, match="incompatible function arguments"):
@@ -105,9 +119,20 @@ def test_contiguous_view_of_right_dtype_is_accepted():
         (lambda P: _core.TransitionMatrix.count_transitions(i64(0, 1), i64(0, 2), 3, 0, 0.0, 1), "incompatible"),
         (lambda P: _core.verify_expansion(P, "Q", 1e-5, 1), "incompatible"),
     ],
-    ids=["prob_many-v-int32", "prob_many-x-float", "step-float32", "step-list", "ll-tokens-int64",
-         "ll-offsets-int32", "expand-indptr-int32", "expand-data-float64", "topk-probs-float64",
-         "topk-indices-int16", "count-tokens-int64", "verify-not-matrix"],
+    ids=[
+        "prob_many-v-int32",
+        "prob_many-x-float",
+        "step-float32",
+        "step-list",
+        "ll-tokens-int64",
+        "ll-offsets-int32",
+        "expand-indptr-int32",
+        "expand-data-float64",
+        "topk-probs-float64",
+        "topk-indices-int16",
+        "count-tokens-int64",
+        "verify-not-matrix",
+    ],
 )
 def test_core_rejects_wrong_dtype(core, call, match):
     with pytest.raises(TypeError, match=match):
@@ -123,8 +148,7 @@ def test_core_rejects_wrong_dtype(core, call, match):
         ({"indptr": i64(0, 2, 3)}, ValueError, "indptr has length 3; expected 4"),
         ({"indptr": np.array([[0, 2, 3, 3]], dtype=I64)}, ValueError, "indptr must be 1-D; got 2 dimensions"),
         ({"data": f32(0.5, 0.25)}, ValueError, "data has length 2; expected 3"),
-        ({"indices": i32(0, 2), "data": f32(0.5, 0.25)}, ValueError,
-         r"indptr\[-1\] = 3 but indices has 2 entries"),
+        ({"indices": i32(0, 2), "data": f32(0.5, 0.25)}, ValueError, r"indptr\[-1\] = 3 but indices has 2 entries"),
         ({"indptr": i64(0, 2, 3, 99)}, ValueError, r"indptr\[-1\] = 99"),
         ({"indptr": i64(0, 2, 3, -1)}, ValueError, r"indptr\[-1\] = -1"),
         ({"indptr": i64(0, 5, 3, 3)}, mm.InvariantError, "exceeds the number of stored entries 3"),
@@ -136,9 +160,22 @@ def test_core_rejects_wrong_dtype(core, call, match):
         ({"n_base": 4}, ValueError, "n_base is 4"),
         ({"n_base": -1}, ValueError, "n_base is -1"),
     ],
-    ids=["indptr-short", "indptr-2d", "data-short", "nnz-mismatch", "indptr-end-large", "indptr-end-negative",
-         "indptr-middle-large", "indptr-middle-negative", "indptr-start", "index-range", "n_states-0",
-         "n_states-beyond-int32", "n_base-large", "n_base-negative"],
+    ids=[
+        "indptr-short",
+        "indptr-2d",
+        "data-short",
+        "nnz-mismatch",
+        "indptr-end-large",
+        "indptr-end-negative",
+        "indptr-middle-large",
+        "indptr-middle-negative",
+        "indptr-start",
+        "index-range",
+        "n_states-0",
+        "n_states-beyond-int32",
+        "n_base-large",
+        "n_base-negative",
+    ],
 )
 def test_copy_csr_checks_shapes_and_structure(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -148,45 +185,83 @@ def test_copy_csr_checks_shapes_and_structure(kwargs, exc, match):
 @pytest.mark.parametrize(
     ("call", "exc", "match"),
     [
-        (lambda P: P.prob_many(i64(0, 1), i64(0), False, 1), ValueError,
-         "x has length 1; expected 2"),
-        (lambda P: P.prob_many(np.zeros((2, 1), dtype=I64), np.zeros((2, 1), dtype=I64), False, 1),
-         ValueError, "v must be 1-D"),
+        (lambda P: P.prob_many(i64(0, 1), i64(0), False, 1), ValueError, "x has length 1; expected 2"),
+        (
+            lambda P: P.prob_many(np.zeros((2, 1), dtype=I64), np.zeros((2, 1), dtype=I64), False, 1),
+            ValueError,
+            "v must be 1-D",
+        ),
         (lambda P: P.step(np.ones(4), 1), ValueError, "distribution has length 4; expected 3"),
-        (lambda P: P.log_likelihood(i32(0, 1), i64(), 1), ValueError,
-         "offsets must have at least one entry"),
-        (lambda P: P.log_likelihood(i32(0, 1), i64(0, 3), 1), ValueError,
-         r"offsets\[1\] = 3 is not within"),
-        (lambda P: P.log_likelihood(i32(0, 1), i64(1, 0), 1), ValueError,
-         r"offsets\[1\] = 0 is not within"),
-        (lambda P: P.log_likelihood(i32(0, 1), i64(-1, 2), 1), ValueError,
-         r"offsets\[0\] is -1"),
+        (lambda P: P.log_likelihood(i32(0, 1), i64(), 1), ValueError, "offsets must have at least one entry"),
+        (lambda P: P.log_likelihood(i32(0, 1), i64(0, 3), 1), ValueError, r"offsets\[1\] = 3 is not within"),
+        (lambda P: P.log_likelihood(i32(0, 1), i64(1, 0), 1), ValueError, r"offsets\[1\] = 0 is not within"),
+        (lambda P: P.log_likelihood(i32(0, 1), i64(-1, 2), 1), ValueError, r"offsets\[0\] is -1"),
         (lambda P: P.stationary(-1.0, 10, 1), ValueError, "tol is -1"),
         (lambda P: P.sample(0, 0, 1), ValueError, "length is 0"),
-        (lambda P: _core.expand(P, i64(0), i32(), f32(), 1e-5, 1),
-         ValueError, "at least 2 entries"),
-        (lambda P: _core.expand(P, i64(0, 2), i32(0), f32(1.0), 1e-5, 1),
-         ValueError, r"new_rows indptr\[-1\] = 2 but indices has 1 entries"),
-        (lambda P: _core.expand(P, i64(0, 1), i32(3), f32(1.0), 1e-5, 1),
-         mm.InvariantError, "new row 0: column index 3 is out of range|new row 0: puts mass on state 3"),
-        (lambda P: topk(4, np.zeros((3, 1), dtype=I64), np.zeros((3, 1), dtype=F32)),
-         ValueError, "indices has 3 rows; expected n_states = 4"),
-        (lambda P: topk(3, np.zeros((3, 1), dtype=I64), np.zeros((3, 2), dtype=F32)),
-         ValueError, r"must both have shape \(n_states, k\)"),
-        (lambda P: _core.TransitionMatrix.count_transitions(i32(0, 1), i64(), 3, 0, 0.0, 1),
-         ValueError, "offsets must have at least one entry"),
-        (lambda P: _core.TransitionMatrix.count_transitions(i32(0, 1), i64(0, 5), 3, 0, 0.0, 1),
-         ValueError, r"offsets\[1\] = 5 is not within"),
-        (lambda P: _core.TransitionMatrix.count_transitions(i32(0, 1), i64(0, 2), 3, -1, 0.0, 1),
-         ValueError, "top_k must be >= 0"),
-        (lambda P: _core.verify_expansion(P, _core.TransitionMatrix.copy_csr(
-            1, 1, i64(0, 0), i32(), f32(), 1e-5, 1), 1e-5, 1),
-         ValueError, "fewer than the original's 3"),
+        (lambda P: _core.expand(P, i64(0), i32(), f32(), 1e-5, 1), ValueError, "at least 2 entries"),
+        (
+            lambda P: _core.expand(P, i64(0, 2), i32(0), f32(1.0), 1e-5, 1),
+            ValueError,
+            r"new_rows indptr\[-1\] = 2 but indices has 1 entries",
+        ),
+        (
+            lambda P: _core.expand(P, i64(0, 1), i32(3), f32(1.0), 1e-5, 1),
+            mm.InvariantError,
+            "new row 0: column index 3 is out of range|new row 0: puts mass on state 3",
+        ),
+        (
+            lambda P: topk(4, np.zeros((3, 1), dtype=I64), np.zeros((3, 1), dtype=F32)),
+            ValueError,
+            "indices has 3 rows; expected n_states = 4",
+        ),
+        (
+            lambda P: topk(3, np.zeros((3, 1), dtype=I64), np.zeros((3, 2), dtype=F32)),
+            ValueError,
+            r"must both have shape \(n_states, k\)",
+        ),
+        (
+            lambda P: _core.TransitionMatrix.count_transitions(i32(0, 1), i64(), 3, 0, 0.0, 1),
+            ValueError,
+            "offsets must have at least one entry",
+        ),
+        (
+            lambda P: _core.TransitionMatrix.count_transitions(i32(0, 1), i64(0, 5), 3, 0, 0.0, 1),
+            ValueError,
+            r"offsets\[1\] = 5 is not within",
+        ),
+        (
+            lambda P: _core.TransitionMatrix.count_transitions(i32(0, 1), i64(0, 2), 3, -1, 0.0, 1),
+            ValueError,
+            "top_k must be >= 0",
+        ),
+        (
+            lambda P: _core.verify_expansion(
+                P, _core.TransitionMatrix.copy_csr(1, 1, i64(0, 0), i32(), f32(), 1e-5, 1), 1e-5, 1
+            ),
+            ValueError,
+            "fewer than the original's 3",
+        ),
     ],
-    ids=["prob_many-lengths", "prob_many-2d", "step-length", "ll-offsets-empty", "ll-offsets-beyond",
-         "ll-offsets-decreasing", "ll-offsets-negative", "stationary-tol", "sample-length", "expand-indptr-short",
-         "expand-nnz-mismatch", "expand-column", "topk-rows", "topk-shapes", "count-offsets-empty",
-         "count-offsets-beyond", "count-top_k", "verify-fewer-states"],
+    ids=[
+        "prob_many-lengths",
+        "prob_many-2d",
+        "step-length",
+        "ll-offsets-empty",
+        "ll-offsets-beyond",
+        "ll-offsets-decreasing",
+        "ll-offsets-negative",
+        "stationary-tol",
+        "sample-length",
+        "expand-indptr-short",
+        "expand-nnz-mismatch",
+        "expand-column",
+        "topk-rows",
+        "topk-shapes",
+        "count-offsets-empty",
+        "count-offsets-beyond",
+        "count-top_k",
+        "verify-fewer-states",
+    ],
 )
 def test_core_checks_shapes(core, call, exc, match):
     with pytest.raises(exc, match=match):
@@ -203,15 +278,28 @@ def test_core_checks_shapes(core, call, exc, match):
         (lambda P: P.prob_many(i64(0), i64(-3), True, 1), r"x\[0\] = -3"),
         (lambda P: P.sample(3, 5, 1), "start = 3 is out of range"),
         (lambda P: P.fingerprint(4), "n_rows = 4 .*n_states = 3"),
-        (lambda P: P.log_likelihood(i32(0, 5), i64(0, 2), 1),
-         "sequence 0 position 1: token 5 is out of range"),
-        (lambda P: _core.TransitionMatrix.count_transitions(i32(0, 1, 9), i64(0, 3), 3, 0, 0.0, 1),
-         "sequence 0 position 2: token 9 is out of range"),
-        (lambda P: _core.TransitionMatrix.count_transitions(i32(0, 1, 9), i64(0, 2), 3, 0, 0.0, 1),
-         "outside every sequence"),
+        (lambda P: P.log_likelihood(i32(0, 5), i64(0, 2), 1), "sequence 0 position 1: token 5 is out of range"),
+        (
+            lambda P: _core.TransitionMatrix.count_transitions(i32(0, 1, 9), i64(0, 3), 3, 0, 0.0, 1),
+            "sequence 0 position 2: token 9 is out of range",
+        ),
+        (
+            lambda P: _core.TransitionMatrix.count_transitions(i32(0, 1, 9), i64(0, 2), 3, 0, 0.0, 1),
+            "outside every sequence",
+        ),
     ],
-    ids=["prob-v", "prob-x", "log_prob-huge", "prob_many-v", "prob_many-x", "sample-start", "fingerprint-rows",
-         "ll-token", "count-token", "count-token-outside"],
+    ids=[
+        "prob-v",
+        "prob-x",
+        "log_prob-huge",
+        "prob_many-v",
+        "prob_many-x",
+        "sample-start",
+        "fingerprint-rows",
+        "ll-token",
+        "count-token",
+        "count-token-outside",
+    ],
 )
 def test_core_index_errors(core, call, match):
     with pytest.raises(IndexError, match=match):

@@ -26,9 +26,11 @@ pytest.importorskip("transformers")
 if not torch.distributed.is_available():  # pragma: no cover - CPU builds of torch have gloo
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-import dist_workers  # noqa: E402  (tests/ is on sys.path; spawned ranks import it by name)
+import itertools
 
-from markovmem import llm  # noqa: E402
+import dist_workers
+
+from markovmem import llm
 
 MODEL_DIR = os.environ.get("MARKOVMEM_TEST_MODEL")
 DATA_DIR = os.environ.get("MARKOVMEM_TEST_DATA")
@@ -124,7 +126,7 @@ def test_blocks_partition_the_rows_whatever_the_world_size():
         for world in (1, 2, 3, 4):
             blocks = [_distributed.block(n, r, world) for r in range(world)]
             assert blocks[0][0] == 0 and blocks[-1][1] == n
-            assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks))
             assert max(b - a for a, b in blocks) - min(b - a for a, b in blocks) <= 1
 
 
@@ -152,8 +154,11 @@ def test_dist_true_outside_torchrun_says_what_is_missing(monkeypatch):
     with pytest.raises(ValueError, match="dist=True needs the environment torchrun sets"):
         llm.distill(dist_workers.load_model({"tiny": {"vocab_size": 16, "hidden_size": 8}}), dist=True)
     with pytest.raises(ValueError, match="RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT missing"):
-        mm.fit_alpha(mm.TransitionMatrix.from_topk(np.array([[0], [1]]), np.array([[0.5], [0.5]])),
-                     np.array([[1.0, 0.0]]), dist=True)
+        mm.fit_alpha(
+            mm.TransitionMatrix.from_topk(np.array([[0], [1]]), np.array([[0.5], [0.5]])),
+            np.array([[1.0, 0.0]]),
+            dist=True,
+        )
 
 
 # ----------------------------------------------------------------------------- across 2 ranks
@@ -172,10 +177,14 @@ def test_two_ranks_equal_one_process(tmp_path, monkeypatch):
     one_corpus = llm.distill(m, sequences=seqs, progress=False, **corpus_kw)
     kwargs = {"s": 3, "link": "logit", "seed": 7, "n_threads": 1}
     ref = mm.fit_alpha(mm.TransitionMatrix.load(matrix, mmap=True), C, progress=False, **kwargs)
-    job = {"model": MODEL,
-           "distill": {"token": {"top_k": 16, "batch_size": 32, "shard_rows": shard, "out": str(tmp_path / "two")},
-                       "corpus": dict(corpus_kw, sequences_file=str(seq_file), out=str(tmp_path / "corpus"))},
-           "fit": {"matrix": str(matrix), "targets": str(targets), "kwargs": kwargs}}
+    job = {
+        "model": MODEL,
+        "distill": {
+            "token": {"top_k": 16, "batch_size": 32, "shard_rows": shard, "out": str(tmp_path / "two")},
+            "corpus": dict(corpus_kw, sequences_file=str(seq_file), out=str(tmp_path / "corpus")),
+        },
+        "fit": {"matrix": str(matrix), "targets": str(targets), "kwargs": kwargs},
+    }
     run = launch(tmp_path, job)
     logs = run.logs
     assert run.codes == [0, 0], [log and log.get("traceback") for log in logs]
@@ -203,8 +212,11 @@ def test_a_killed_rank_resumes_without_recomputing_written_shards(tmp_path):
     shard = -(-m.config.vocab_size // 6)
     out = tmp_path / "run"
     one = llm.distill(m, top_k=16, batch_size=32, shard_rows=shard, progress=False)
-    job = {"model": MODEL, "distill": {"token": {"top_k": 16, "batch_size": 32, "shard_rows": shard, "out": str(out)}},
-           "timeout": 20}
+    job = {
+        "model": MODEL,
+        "distill": {"token": {"top_k": 16, "batch_size": 32, "shard_rows": shard, "out": str(out)}},
+        "timeout": 20,
+    }
     killed = launch(tmp_path, dict(job, kill_rank=1, kill_after=1))
     assert killed.codes[1] == -9 and killed.logs[1] is None  # SIGKILL after writing its first shard
     assert killed.codes[0] == 1 and "DistributedError: rank 0 of 2: a collective" in killed.logs[0]["error"]
@@ -224,8 +236,12 @@ def test_a_killed_rank_resumes_without_recomputing_written_shards(tmp_path):
 
 def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
     shard = -(-dist_workers.load_model(MODEL).config.vocab_size // 4)
-    job = {"model": MODEL, "distill": {"token": {"top_k": 8, "batch_size": 32, "shard_rows": shard}},
-           "raise_rank": 1, "timeout": 20}
+    job = {
+        "model": MODEL,
+        "distill": {"token": {"top_k": 8, "batch_size": 32, "shard_rows": shard}},
+        "raise_rank": 1,
+        "timeout": 20,
+    }
     run = launch(tmp_path, job)
     assert run.codes == [1, 1]
     for log in run.logs:
@@ -242,14 +258,32 @@ def test_cli_distill_under_torchrun(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     prefix = [tok.bos_token_id] if tok("a")["input_ids"][:1] == [tok.bos_token_id] else None  # as the CLI does
-    one = llm.distill(AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval(), top_k=16, progress=False,
-                      shard_rows=128, prefix=prefix)
+    one = llm.distill(
+        AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval(), top_k=16, progress=False, shard_rows=128, prefix=prefix
+    )
     out = tmp_path / "P.safetensors"
     env = dict(os.environ, OMP_NUM_THREADS="1", MARKOVMEM_DIST_TIMEOUT="60")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "markovmem",
-           "distill", MODEL_DIR, "-o", str(out), "--top-k", "16", "--shard-rows", "128",
-           "--shards", str(tmp_path / "shards"), "--quiet"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "markovmem",
+        "distill",
+        MODEL_DIR,
+        "-o",
+        str(out),
+        "--top-k",
+        "16",
+        "--shard-rows",
+        "128",
+        "--shards",
+        str(tmp_path / "shards"),
+        "--quiet",
+    ]
+    proc = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert mm.TransitionMatrix.load(out).fingerprint() == one.fingerprint()
     assert proc.stdout.count("wrote ") == 1  # rank 0 only

@@ -9,14 +9,26 @@ import json
 import numpy as np
 import pytest
 import scipy.sparse as sp
-
-import markovmem as mm
 from helpers import dense_of, random_csr
 
+import markovmem as mm
+
 FIELDS = [
-    "n_old", "n_new", "n_base", "same_n_base", "old_block_identical", "max_abs_diff_old",
-    "leaked_mass_to_new", "new_to_new_mass", "max_row_sum_error", "fingerprint_before",
-    "fingerprint_after_old", "fingerprint_after", "after_valid", "after_violation", "ok",
+    "n_old",
+    "n_new",
+    "n_base",
+    "same_n_base",
+    "old_block_identical",
+    "max_abs_diff_old",
+    "leaked_mass_to_new",
+    "new_to_new_mass",
+    "max_row_sum_error",
+    "fingerprint_before",
+    "fingerprint_after_old",
+    "fingerprint_after",
+    "after_valid",
+    "after_violation",
+    "ok",
 ]
 
 
@@ -116,7 +128,7 @@ def test_expand_by_rows_adding_no_entries(before, m):
     assert cert.fingerprint_after_old == P.fingerprint()
     assert Q.nnz == P.nnz
     assert_old_rows_bitwise(P, Q)
-    np.testing.assert_allclose(Q.to_dense()[P.n_states:, : P.n_base], 1.0 / P.n_base)
+    np.testing.assert_allclose(Q.to_dense()[P.n_states :, : P.n_base], 1.0 / P.n_base)
 
 
 def test_expansions_compose(rng, P):
@@ -258,13 +270,14 @@ def test_verify_expansion_against_dense_reference(rng):
         n_new = int(rng.integers(0, 3))
         before = mm.TransitionMatrix.from_scipy(random_csr(rng, n_old, density=0.5))
         n_base_after = int(rng.choice([n_old, n_old + n_new]))
-        after = mm.TransitionMatrix.from_scipy(random_csr(rng, n_old + n_new, n_base_after, density=0.5),
-                                               n_base=n_base_after)
+        after = mm.TransitionMatrix.from_scipy(
+            random_csr(rng, n_old + n_new, n_base_after, density=0.5), n_base=n_base_after
+        )
         cert = mm.verify_expansion(before, after, n_threads=1)
         A, B = dense_of(before), dense_of(after)
         assert cert.max_abs_diff_old == pytest.approx(np.abs(B[:n_old, :n_old] - A).max(), rel=1e-9, abs=1e-15)
         assert cert.leaked_mass_to_new == pytest.approx(B[:n_old, n_old:].sum(axis=1).max(initial=0.0), abs=1e-12)
-        assert cert.new_to_new_mass == pytest.approx(B[n_old:, before.n_base:].sum(axis=1).max(initial=0.0), abs=1e-12)
+        assert cert.new_to_new_mass == pytest.approx(B[n_old:, before.n_base :].sum(axis=1).max(initial=0.0), abs=1e-12)
         assert cert.same_n_base == (after.n_base == before.n_base)
         assert not cert.ok
 
@@ -278,16 +291,33 @@ BAD_NEW_ROWS = [
     (np.zeros((0, 8)), ValueError, "new_rows has no rows; expected at least one new state", None),
     (sp.csr_array((0, 8)), ValueError, "new_rows has no rows", None),
     (np.zeros(8), ValueError, r"new_rows must be 2-D; got shape \(8,\)", None),
-    (np.array([[0.5] + [0] * 7, [np.nan] + [0] * 7]), mm.InvariantError, "new_rows row 1: probability is not finite", 1),
-    (sp.csr_array(np.array([[0.5] + [0] * 7, [0.1] + [np.inf] + [0] * 6])), mm.InvariantError,
-     "new row 1: probability at column 1 is not finite", 1),
+    (
+        np.array([[0.5] + [0] * 7, [np.nan] + [0] * 7]),
+        mm.InvariantError,
+        "new_rows row 1: probability is not finite",
+        1,
+    ),
+    (
+        sp.csr_array(np.array([[0.5] + [0] * 7, [0.1] + [np.inf] + [0] * 6])),
+        mm.InvariantError,
+        "new row 1: probability at column 1 is not finite",
+        1,
+    ),
     (np.array([[0.0] * 7 + [-0.1]]), mm.InvariantError, "new row 0: negative probability", 0),
     (np.array([[0.5] * 8, [0.1] * 8]), mm.InvariantError, "new row 0: probabilities sum to 4", 0),
     (np.array([[0.125] * 8, [0.6, 0.6] + [0.0] * 6]), mm.InvariantError, "new row 1: probabilities sum to 1.2", 1),
-    (sp.csr_array((np.float32([0.2, 0.3]), np.int32([3, 1]), np.array([0, 2])), shape=(1, 8)),
-     mm.InvariantError, r"new row 0: column indices are not sorted \(3 before 1\)", 0),
-    (sp.csr_array((np.float32([0.2, 0.3]), np.int32([1, 1]), np.array([0, 0, 2])), shape=(2, 8)),
-     mm.InvariantError, "new row 1: duplicate column index 1", 1),
+    (
+        sp.csr_array((np.float32([0.2, 0.3]), np.int32([3, 1]), np.array([0, 2])), shape=(1, 8)),
+        mm.InvariantError,
+        r"new row 0: column indices are not sorted \(3 before 1\)",
+        0,
+    ),
+    (
+        sp.csr_array((np.float32([0.2, 0.3]), np.int32([1, 1]), np.array([0, 0, 2])), shape=(2, 8)),
+        mm.InvariantError,
+        "new row 1: duplicate column index 1",
+        1,
+    ),
     (np.full((1, 8), 0.1j), TypeError, "must hold real numbers", None),
 ]
 
@@ -295,8 +325,21 @@ BAD_NEW_ROWS = [
 @pytest.mark.parametrize(
     ("rows", "exc", "match", "row"),
     BAD_NEW_ROWS,
-    ids=["too-few-columns", "too-many-columns", "no-rows", "no-rows-sparse", "1-D", "nan", "inf",
-         "negative", "sum>1", "sum>1-row1", "unsorted", "duplicate", "complex"],
+    ids=[
+        "too-few-columns",
+        "too-many-columns",
+        "no-rows",
+        "no-rows-sparse",
+        "1-D",
+        "nan",
+        "inf",
+        "negative",
+        "sum>1",
+        "sum>1-row1",
+        "unsorted",
+        "duplicate",
+        "complex",
+    ],
 )
 def test_expand_rejects_bad_new_rows(P, rows, exc, match, row):
     with pytest.raises(exc, match=match) as info:

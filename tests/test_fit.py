@@ -98,8 +98,13 @@ def ref_fixed_support(P, counts_row: np.ndarray, S: np.ndarray, link: str) -> fl
             f = np.exp(z - lse)
             return negH - q @ z + lse, L @ (f - q)
 
-        res = opt.minimize(fun, np.full(len(S), 1.0 / len(S)), jac=True, method="L-BFGS-B",
-                           options=dict(ftol=1e-15, gtol=1e-12, maxiter=10000))
+        res = opt.minimize(
+            fun,
+            np.full(len(S), 1.0 / len(S)),
+            jac=True,
+            method="L-BFGS-B",
+            options=dict(ftol=1e-15, gtol=1e-12, maxiter=10000),
+        )
         return float(res.fun)
     A = dense[S][:, nz].T
     qn = q[nz]
@@ -108,8 +113,14 @@ def ref_fixed_support(P, counts_row: np.ndarray, S: np.ndarray, link: str) -> fl
         f = A @ a
         return -qn @ np.log(f) + a.sum(), -(A.T @ (qn / f)) + 1.0
 
-    res = opt.minimize(fun, np.full(len(S), 1.0 / len(S)), jac=True, method="L-BFGS-B",
-                       bounds=[(1e-300, None)] * len(S), options=dict(ftol=1e-15, gtol=1e-12, maxiter=10000))
+    res = opt.minimize(
+        fun,
+        np.full(len(S), 1.0 / len(S)),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(1e-300, None)] * len(S),
+        options=dict(ftol=1e-15, gtol=1e-12, maxiter=10000),
+    )
     a = res.x / res.x.sum()
     return negH - float(qn @ np.log(A @ a))
 
@@ -150,9 +161,9 @@ def test_objective_and_gradient_match_dense_numpy(small_P, rng, link):
         a = A[[i]].toarray().ravel()
         f = f_dense(small_P, a, link)
         g_ref = logd @ f - logd @ q if link == "logit" else -(dense @ (q / f))
-        cols = A.indices[A.indptr[i]:A.indptr[i + 1]]
+        cols = A.indices[A.indptr[i] : A.indptr[i + 1]]
         assert kls[i] == pytest.approx(kl(q, f), rel=1e-10)
-        np.testing.assert_allclose(grad[A.indptr[i]:A.indptr[i + 1]], g_ref[cols], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(grad[A.indptr[i] : A.indptr[i + 1]], g_ref[cols], rtol=1e-9, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- fixed support
@@ -361,9 +372,25 @@ def test_progress_thread_passes_errors_to_the_caller(small_P):
 
 def _core_args(P, counts, s=4):
     c = sp.csr_array(counts)
-    return (P._m, np.ascontiguousarray(c.indptr, np.int64), np.ascontiguousarray(c.indices, np.int32),
-            np.ascontiguousarray(c.data, np.float64), 0, s, 10.0, 0, 0.0, 1, 100, 1e-10, 2, 0,
-            np.zeros(0, np.int32), True, 0)
+    return (
+        P._m,
+        np.ascontiguousarray(c.indptr, np.int64),
+        np.ascontiguousarray(c.indices, np.int32),
+        np.ascontiguousarray(c.data, np.float64),
+        0,
+        s,
+        10.0,
+        0,
+        0.0,
+        1,
+        100,
+        1e-10,
+        2,
+        0,
+        np.zeros(0, np.int32),
+        True,
+        0,
+    )
 
 
 def test_cancelled_control_skips_every_row_and_raises(planted_P):
@@ -584,11 +611,13 @@ def _fit_calls(P, counts, S):
     fit = mm.fit_alpha(P, counts, s=3, link="mixture")
     return {
         "logit selection + cv": lambda nt: mm.fit_alpha(P, counts, s=3, link="logit", n_threads=nt).alpha.data,
-        "logit within bound": lambda nt: mm.fit_alpha(P, counts, s=3, link="logit", cv_bound=False,
-                                                      n_threads=nt).alpha.data,
+        "logit within bound": lambda nt: (
+            mm.fit_alpha(P, counts, s=3, link="logit", cv_bound=False, n_threads=nt).alpha.data
+        ),
         "mixture selection": lambda nt: mm.fit_alpha(P, counts, s=3, link="mixture", n_threads=nt).alpha.data,
-        "candidate ids": lambda nt: mm.fit_alpha(P, counts, s=3, link="mixture", candidates=np.arange(0, 1024, 2),
-                                                 n_threads=nt).kl,
+        "candidate ids": lambda nt: (
+            mm.fit_alpha(P, counts, s=3, link="mixture", candidates=np.arange(0, 1024, 2), n_threads=nt).kl
+        ),
         "fixed logit": lambda nt: mm.fit_alpha(P, counts, support=S, link="logit", n_threads=nt).kl,
         "fixed mixture": lambda nt: mm.fit_alpha(P, counts, support=S, link="mixture", n_threads=nt).kl,
         "fixed from a fit": lambda nt: mm.fit_alpha(P, counts, support=fit, link="mixture", n_threads=nt).kl,

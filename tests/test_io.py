@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import random_csr, write_matrix_file
 
 import markovmem as mm
-from helpers import random_csr, write_matrix_file
 
 ARRAYS = ("indptr", "indices", "data", "tail")
 
@@ -85,8 +85,12 @@ def test_save_is_deterministic(tmp_path, P):
 
 
 def test_metadata_round_trip(tmp_path, chain4):
-    user = {"model": "gpt-tiny", "": "empty key", "quote\"back\\slash": "line\nbreak\ttab\x01\x00nul",
-            "unicode": "é – 😀 \u2028"}
+    user = {
+        "model": "gpt-tiny",
+        "": "empty key",
+        'quote"back\\slash': "line\nbreak\ttab\x01\x00nul",
+        "unicode": "é – 😀 \u2028",
+    }
     path = tmp_path / "m.safetensors"
     chain4.save(path, metadata=user)
     for mmap in (True, False):
@@ -140,8 +144,14 @@ def test_file_written_by_safetensors_loads(tmp_path, chain4):
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     path = tmp_path / "ext.safetensors"
     tensors = {name: np.array(getattr(chain4, name)) for name in ARRAYS}
-    meta = {"format": "markovmem.TransitionMatrix", "format_version": "1", "n_states": "4", "n_base": "4",
-            "nnz": "4", "fingerprint": chain4.fingerprint()}
+    meta = {
+        "format": "markovmem.TransitionMatrix",
+        "format_version": "1",
+        "n_states": "4",
+        "n_base": "4",
+        "nnz": "4",
+        "fingerprint": chain4.fingerprint(),
+    }
     safetensors_numpy.save_file(tensors, str(path), metadata=meta)
     # Without markovmem's metadata fingerprint, verify checks the arrays and says so.
     with pytest.warns(UserWarning, match="no metadata fingerprint"):
@@ -204,7 +214,9 @@ def test_failed_save_mid_write_leaves_existing_file(tmp_path, chain4):
     path = tmp_path / "m.safetensors"
     chain4.save(path)
     before = path.read_bytes()
-    out = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT, str(path)], capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", FSIZE_SCRIPT, str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["OSError", str(errno.EFBIG)]
     assert path.read_bytes() == before
@@ -314,10 +326,16 @@ STRUCTURAL = [
     ("index-out-of-range", {**BASE, "indices": [0, 7, 1]}, r"row 0: column index 7 is out of range \[0, 3\)"),
     ("index-negative", {**BASE, "indices": [0, 2, -1]}, "row 1: column index -1 is out of range"),
     ("index-huge", {**BASE, "indices": [0, 2, 2**31 - 1]}, "row 1: column index 2147483647"),
-    ("index-on-new-state", {**BASE, "n_base": 2, "indices": [0, 1, 2], "data": [0.5, 0.25, 1.0]},
-     "row 1: puts mass on state 2, a new state"),
-    ("indices-unsorted", {**BASE, "indices": [2, 0, 1], "data": [0.25, 0.5, 1.0]},
-     r"row 0: column indices are not sorted \(2 before 0\)"),
+    (
+        "index-on-new-state",
+        {**BASE, "n_base": 2, "indices": [0, 1, 2], "data": [0.5, 0.25, 1.0]},
+        "row 1: puts mass on state 2, a new state",
+    ),
+    (
+        "indices-unsorted",
+        {**BASE, "indices": [2, 0, 1], "data": [0.25, 0.5, 1.0]},
+        r"row 0: column indices are not sorted \(2 before 0\)",
+    ),
     ("indices-duplicate", {**BASE, "indices": [2, 2, 1]}, "row 0: duplicate column index 2"),
 ]
 
@@ -326,8 +344,11 @@ RAW = [
     ("seven-bytes", lambda p: (p.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00"), p)[1], "7 bytes, too few"),
     ("header-length-huge", lambda p: raw_file(p, b"{}", length=2**63), "header length 9223372036854775808 exceeds"),
     ("header-length-max", lambda p: raw_file(p, b"{}", length=2**64 - 1), "exceeds the file size"),
-    ("header-length-beyond-file", lambda p: raw_file(p, b"{}      ", length=100),
-     "header length 100 exceeds the file size 16"),
+    (
+        "header-length-beyond-file",
+        lambda p: raw_file(p, b"{}      ", length=100),
+        "header length 100 exceeds the file size 16",
+    ),
     ("header-over-100MB-limit", lambda p: raw_file(p, b"{}", length=200 << 20), "exceeds"),
     ("json-truncated", lambda p: raw_file(p, b'{"__metadata__":'), "JSON header ends early"),
     ("json-array", lambda p: raw_file(p, b"[]"), "the JSON header is not an object"),
@@ -401,8 +422,12 @@ VALUES = [
     ("tail-nan", {**BASE, "tail": [0.25, np.nan, 1.0]}, 1, r"row 1: tail mass nan is not in \[0, 1\]"),
     ("tail-negative", {**BASE, "tail": [-0.25, 0.0, 1.0]}, 0, r"row 0: tail mass -0.25 is not in \[0, 1\]"),
     ("tail-above-1", {**BASE, "tail": [0.25, 0.0, 2.0]}, 2, "tail mass 2 is not in"),
-    ("full-row-with-tail", dict(n_states=2, n_base=2, indptr=[0, 2, 3], indices=[0, 1, 0], data=[0.5, 0.2, 1.0]),
-     0, "row 0: stores every base state but sums to 0.7"),
+    (
+        "full-row-with-tail",
+        dict(n_states=2, n_base=2, indptr=[0, 2, 3], indices=[0, 1, 0], data=[0.5, 0.2, 1.0]),
+        0,
+        "row 0: stores every base state but sums to 0.7",
+    ),
 ]
 
 
@@ -522,7 +547,10 @@ def test_corrupted_files_never_crash(tmp_path, rng):
     work.mkdir()
     out = subprocess.run(
         [sys.executable, "-c", CORRUPTION_SCRIPT, str(src), str(work), str(crafted)],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert out.returncode == 0, f"subprocess died with {out.returncode}: {out.stderr[-2000:]}"
     report = json.loads(out.stdout)

@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from helpers import dense_of, dense_reference, random_csr
 
 import markovmem as mm
-from helpers import dense_of, dense_reference, random_csr
 
 CHAIN4_FINGERPRINT = "6122d7bb495e0b4c"
 
@@ -113,7 +113,9 @@ def test_from_topk_index_dtypes_agree(dtype):
     pr = np.float32([[0.5, 0.25], [0.1, 0.2], [0.3, 0.7]])
     base = mm.TransitionMatrix.from_topk(idx.astype(np.int64), pr)
     assert mm.TransitionMatrix.from_topk(idx.astype(dtype), pr).fingerprint() == base.fingerprint()
-    assert mm.TransitionMatrix.from_topk(idx.astype(np.int64), pr.astype(np.float64)).fingerprint() == base.fingerprint()
+    assert (
+        mm.TransitionMatrix.from_topk(idx.astype(np.int64), pr.astype(np.float64)).fingerprint() == base.fingerprint()
+    )
 
 
 def test_from_topk_k0_is_uniform():
@@ -507,7 +509,7 @@ def test_copies_keep_bytes_and_fingerprint(rng, how):
     elif how == "deepcopy":
         R = copy.deepcopy(Q)
     else:
-        R = pickle.loads(pickle.dumps(Q, protocol=int(how[len("pickle"):])))
+        R = pickle.loads(pickle.dumps(Q, protocol=int(how[len("pickle") :])))
     assert R is not Q and (R.n_states, R.n_base) == (Q.n_states, Q.n_base)
     assert same_bytes(R, Q)
     assert R.fingerprint() == Q.fingerprint()
@@ -557,21 +559,33 @@ def test_constructor_is_private():
 
 
 def csr(data, indices, indptr, shape):
-    return sp.csr_array((np.asarray(data, dtype=np.float32), np.asarray(indices, dtype=np.int32),
-                         np.asarray(indptr)), shape=shape)
+    return sp.csr_array(
+        (np.asarray(data, dtype=np.float32), np.asarray(indices, dtype=np.int32), np.asarray(indptr)), shape=shape
+    )
 
 
 BAD_FROM_SCIPY = [
     # (matrix, kwargs, exception, match, row)
     (np.array([[0.5, -0.1], [0.0, 0.0]]), {}, mm.InvariantError, "row 0: negative probability", 0),
-    (csr([0.5, np.nan], [0, 1], [0, 0, 2], (2, 2)), {}, mm.InvariantError, "row 1: probability at column 1 is not finite", 1),
+    (
+        csr([0.5, np.nan], [0, 1], [0, 0, 2], (2, 2)),
+        {},
+        mm.InvariantError,
+        "row 1: probability at column 1 is not finite",
+        1,
+    ),
     (csr([np.inf], [0], [0, 0, 0, 1], (3, 3)), {}, mm.InvariantError, "row 2: .* not finite", 2),
     (np.array([[0.5, 0.0], [np.nan, 0.0]]), {}, mm.InvariantError, "row 1: probability is not finite", 1),
     (np.array([[0.5, 0.6], [0.0, 0.0]]), {}, mm.InvariantError, "row 0: probabilities sum to 1.1", 0),
     (csr([0.2, 0.3], [1, 0], [0, 0, 2], (2, 2)), {}, mm.InvariantError, "row 1: column indices are not sorted", 1),
     (csr([0.2, 0.3], [1, 1], [0, 2, 2], (2, 2)), {}, mm.InvariantError, "row 0: duplicate column index 1", 0),
-    (np.array([[0.0, 0.0, 0.0], [0.5, 0.0, 0.5], [0.0, 0.0, 0.0]]), {"n_base": 2}, mm.InvariantError,
-     "row 1: puts mass on state 2, a new state", 1),
+    (
+        np.array([[0.0, 0.0, 0.0], [0.5, 0.0, 0.5], [0.0, 0.0, 0.0]]),
+        {"n_base": 2},
+        mm.InvariantError,
+        "row 1: puts mass on state 2, a new state",
+        1,
+    ),
     (np.eye(2)[:1], {}, ValueError, r"shape \(1, 2\); a transition matrix must be square", None),
     (np.zeros((0, 0)), {}, ValueError, "n_states is 0", None),
     (np.zeros(3), {}, ValueError, r"must be 2-D; got shape \(3,\)", None),
@@ -585,8 +599,23 @@ BAD_FROM_SCIPY = [
 @pytest.mark.parametrize(
     ("matrix", "kwargs", "exc", "match", "row"),
     BAD_FROM_SCIPY,
-    ids=["negative", "nan", "inf", "nan-dense", "sum>1", "unsorted", "duplicate", "mass-on-new-state",
-         "not-square", "empty", "1-D", "3-D", "n_base-0", "n_base-too-big", "complex"],
+    ids=[
+        "negative",
+        "nan",
+        "inf",
+        "nan-dense",
+        "sum>1",
+        "unsorted",
+        "duplicate",
+        "mass-on-new-state",
+        "not-square",
+        "empty",
+        "1-D",
+        "3-D",
+        "n_base-0",
+        "n_base-too-big",
+        "complex",
+    ],
 )
 def test_from_scipy_rejects(matrix, kwargs, exc, match, row):
     with pytest.raises(exc, match=match) as info:
@@ -607,8 +636,14 @@ P2 = np.array([[0.5, 0.2], [0.1, 0.1]])
 
 BAD_FROM_TOPK = [
     (np.array([[0, 0], [1, 0]]), P2, {}, mm.InvariantError, "row 0: duplicate column index 0", 0),
-    (np.array([[0, 1], [1, 2]]), P2, {}, mm.InvariantError,
-     r"row 1: index 2 at position 1 is out of range \[0, n_base = 2\)", 1),
+    (
+        np.array([[0, 1], [1, 2]]),
+        P2,
+        {},
+        mm.InvariantError,
+        r"row 1: index 2 at position 1 is out of range \[0, n_base = 2\)",
+        1,
+    ),
     (np.array([[0, -1], [1, 0]]), P2, {}, mm.InvariantError, "row 0: index -1 at position 1 is out of range", 0),
     (np.array([[0], [1], [2]]), np.ones((3, 1)), {"n_base": 2}, mm.InvariantError, "row 2: index 2", 2),
     (IDX2, np.array([[0.5, 0.5], [0.1, np.nan]]), {}, mm.InvariantError, "row 1: .* not finite", 1),
@@ -628,8 +663,23 @@ BAD_FROM_TOPK = [
 @pytest.mark.parametrize(
     ("indices", "probs", "kwargs", "exc", "match", "row"),
     BAD_FROM_TOPK,
-    ids=["duplicate", "id-too-big", "id-negative", "id>=n_base", "nan", "inf", "negative", "sum>1",
-         "shape-mismatch", "1-D", "empty", "k>n_base", "float-ids", "str-probs", "n_base>n_states"],
+    ids=[
+        "duplicate",
+        "id-too-big",
+        "id-negative",
+        "id>=n_base",
+        "nan",
+        "inf",
+        "negative",
+        "sum>1",
+        "shape-mismatch",
+        "1-D",
+        "empty",
+        "k>n_base",
+        "float-ids",
+        "str-probs",
+        "n_base>n_states",
+    ],
 )
 def test_from_topk_rejects(indices, probs, kwargs, exc, match, row):
     with pytest.raises(exc, match=match) as info:
@@ -657,9 +707,23 @@ def test_from_topk_rejects(indices, probs, kwargs, exc, match, row):
         ([[0, 1]], {"smoothing": float("inf")}, ValueError, "smoothing must be a finite number >= 0"),
         ([[0, 1]], {"n_threads": -1}, ValueError, "n_threads is -1"),
     ],
-    ids=["empty-list", "empty-2d", "id-too-big", "id-negative", "float", "bool", "string", "2-D-item",
-         "n_states-0", "n_states-beyond-int32", "top_k-0", "smoothing-negative", "smoothing-nan",
-         "smoothing-inf", "n_threads"],
+    ids=[
+        "empty-list",
+        "empty-2d",
+        "id-too-big",
+        "id-negative",
+        "float",
+        "bool",
+        "string",
+        "2-D-item",
+        "n_states-0",
+        "n_states-beyond-int32",
+        "top_k-0",
+        "smoothing-negative",
+        "smoothing-nan",
+        "smoothing-inf",
+        "n_threads",
+    ],
 )
 def test_from_sequences_rejects(seqs, kwargs, exc, match):
     kwargs = {"n_states": 3, **kwargs}
@@ -691,9 +755,27 @@ def test_from_sequences_rejects(seqs, kwargs, exc, match):
         (lambda P: P.log_likelihood([[0, 9]]), IndexError, r"sequences\[0\]\[1\] = 9 is out of range"),
         (lambda P: P.log_likelihood([[0, 1.5]]), TypeError, "integer token ids"),
     ],
-    ids=["x-too-big", "v-negative", "x-huge", "array-v", "log_prob-array-x", "float-v", "float-array",
-         "no-broadcast", "row", "row-str", "step-shape", "step-nan", "step-inf", "sample-length",
-         "sample-start", "perplexity-no-transition", "perplexity-empty", "ll-id", "ll-float"],
+    ids=[
+        "x-too-big",
+        "v-negative",
+        "x-huge",
+        "array-v",
+        "log_prob-array-x",
+        "float-v",
+        "float-array",
+        "no-broadcast",
+        "row",
+        "row-str",
+        "step-shape",
+        "step-nan",
+        "step-inf",
+        "sample-length",
+        "sample-start",
+        "perplexity-no-transition",
+        "perplexity-empty",
+        "ll-id",
+        "ll-float",
+    ],
 )
 def test_queries_reject(chain4, call, exc, match):
     with pytest.raises(exc, match=match):

@@ -6,7 +6,6 @@ real model at MARKOVMEM_TEST_MODEL when it is set."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,14 +14,21 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from helpers import tinystories_path  # noqa: E402
-from markovmem.llm import PseudoWord, PseudoWordBench, PseudoWordBenchConfig, build_corpus  # noqa: E402
-from markovmem.llm.pseudowords import _apportion  # noqa: E402
-from markovmem.llm.testing import tiny_model, tiny_tokenizer  # noqa: E402
+from helpers import tinystories_path
+
+from markovmem.llm import PseudoWord, PseudoWordBench, PseudoWordBenchConfig, build_corpus
+from markovmem.llm.pseudowords import _apportion
+from markovmem.llm.testing import tiny_model, tiny_tokenizer
 
 PSEUDO = [PseudoWord("glorp", ("w5",)), PseudoWord("zorp", ("w6", "w7"), (0.5, 0.5))]
-TINY_LRS = {"et_alpha": (0.1,), "et_mean": (0.1,), "et_random": (0.1,), "fft": (1e-2,), "lora": (1e-2,),
-            "prompt": (1e-2,)}
+TINY_LRS = {
+    "et_alpha": (0.1,),
+    "et_mean": (0.1,),
+    "et_random": (0.1,),
+    "fft": (1e-2,),
+    "lora": (1e-2,),
+    "prompt": (1e-2,),
+}
 
 
 def tiny_text(seed: int = 0, n_paragraphs: int = 60) -> str:
@@ -110,8 +116,14 @@ def check_miniature(bench: PseudoWordBench, n: int) -> dict[str, dict]:
 
 def test_miniature_et_forgets_nothing_and_baselines_do(tiny_corpus):
     tok = tiny_tokenizer(64)
-    config = PseudoWordBenchConfig(steps=3, batch_size=4, lrs=TINY_LRS, n_old_contexts=8, old_context_len=16,
-                                   alpha_grid=(("mixture", 1), ("logit", 2)))
+    config = PseudoWordBenchConfig(
+        steps=3,
+        batch_size=4,
+        lrs=TINY_LRS,
+        n_old_contexts=8,
+        old_context_len=16,
+        alpha_grid=(("mixture", 1), ("logit", 2)),
+    )
     bench = PseudoWordBench(tiny_model("llama", 64), tok, tiny_corpus, config, progress=False)
     rows = check_miniature(bench, 4)
     # A random model's rows carry no signal to recover the words by; only the figures' ranges are checked.
@@ -130,8 +142,13 @@ def test_bench_rejects_bad_settings(tiny_corpus):
         PseudoWordBenchConfig(lrs={"sgd": (0.1,)})
     with pytest.raises(ValueError, match="alpha_grid"):
         PseudoWordBenchConfig(alpha_grid=(("softmax", 2),))
-    bench = PseudoWordBench(tiny_model("llama", 64), tiny_tokenizer(64), tiny_corpus,
-                            PseudoWordBenchConfig(steps=1, n_old_contexts=2, old_context_len=8), progress=False)
+    bench = PseudoWordBench(
+        tiny_model("llama", 64),
+        tiny_tokenizer(64),
+        tiny_corpus,
+        PseudoWordBenchConfig(steps=1, n_old_contexts=2, old_context_len=8),
+        progress=False,
+    )
     with pytest.raises(ValueError, match="method is"):
         bench.train("adapter", 2, 0.1)
     with pytest.raises(ValueError, match="needs a learning rate"):
@@ -154,8 +171,9 @@ def test_miniature_on_the_real_model():
     with pytest.raises(ValueError, match="is a base token"):
         build_corpus(text, tok, [PseudoWord("the", ("Lily",))])
     corpus = build_corpus(text, tok, pws, n_val=4, n_test=8)
-    config = PseudoWordBenchConfig(steps=2, batch_size=8, lrs=TINY_LRS, n_old_contexts=8, old_context_len=32,
-                                   alpha_grid=(("mixture", 1),))
+    config = PseudoWordBenchConfig(
+        steps=2, batch_size=8, lrs=TINY_LRS, n_old_contexts=8, old_context_len=32, alpha_grid=(("mixture", 1),)
+    )
     bench = PseudoWordBench(model, tok, corpus, config, progress=False)
     assert bench.ids == [512, 513]
     rows = check_miniature(bench, 8)

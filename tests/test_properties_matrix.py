@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from helpers import dense_reference, random_csr, write_matrix_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import markovmem as mm
 from markovmem import _core
-from helpers import dense_reference, random_csr, write_matrix_file
 
 # No example database: tests write nothing outside their tmp directories.
 SETTINGS = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -85,7 +85,7 @@ def test_step_is_the_dense_product_and_keeps_mass(spec, seed):
     out = P.step(d, n_threads=1)
     np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-14)
     assert out.sum() == pytest.approx(1.0, abs=1e-5)
-    assert np.all(out[P.n_base:] >= 0)
+    assert np.all(out[P.n_base :] >= 0)
 
 
 # ---------------------------------------------------------------- expansion
@@ -95,8 +95,9 @@ def test_step_is_the_dense_product_and_keeps_mass(spec, seed):
 def new_rows(draw, n_base: int):
     m = draw(st.integers(1, 4))
     seed = draw(st.integers(0, 2**32 - 1))
-    rows = random_csr(np.random.default_rng(seed), max(m, n_base), n_base,
-                      density=draw(st.sampled_from([0.0, 0.3, 1.0])))
+    rows = random_csr(
+        np.random.default_rng(seed), max(m, n_base), n_base, density=draw(st.sampled_from([0.0, 0.3, 1.0]))
+    )
     return sp.csr_array(rows[:m, :n_base])
 
 
@@ -118,7 +119,7 @@ def test_expansion_keeps_old_rows_bitwise(data, spec):
     dense = Q.to_dense()
     np.testing.assert_array_equal(dense[:n, :n], P.to_dense())
     assert np.all(dense[:n, n:] == 0.0)  # p(u | v) = 0 for old v
-    assert np.all(dense[n:, P.n_base:] == 0.0)  # new rows live over base states only
+    assert np.all(dense[n:, P.n_base :] == 0.0)  # new rows live over base states only
     np.testing.assert_allclose(dense[n:].sum(axis=1), 1.0, atol=1e-5)
     # a second expansion composes
     R, cert2 = Q.expand(rows, n_threads=1)
@@ -152,10 +153,18 @@ def test_verify_expansion_detects_any_changed_old_value(spec, which, scale):
 
 
 @SETTINGS
-@given(spec=csr_specs(), mmap=st.booleans(), expand=st.booleans(),
-       meta=st.dictionaries(st.text(max_size=8).filter(lambda k: k not in {"format", "format_version", "n_states",
-                                                                          "n_base", "nnz", "fingerprint"}),
-                            st.text(max_size=12), max_size=3))
+@given(
+    spec=csr_specs(),
+    mmap=st.booleans(),
+    expand=st.booleans(),
+    meta=st.dictionaries(
+        st.text(max_size=8).filter(
+            lambda k: k not in {"format", "format_version", "n_states", "n_base", "nnz", "fingerprint"}
+        ),
+        st.text(max_size=12),
+        max_size=3,
+    ),
+)
 def test_save_load_round_trip(io_dir, spec, mmap, expand, meta):
     P = build(spec)
     if expand:
@@ -196,8 +205,10 @@ def corrupt(csr: sp.csr_array, n_base: int, row: int, kind: str):
     so every kind applies; other rows stay valid.
     """
     n = csr.shape[0]
-    dense_rows = [(csr.indices[csr.indptr[v]:csr.indptr[v + 1]].tolist(), csr.data[csr.indptr[v]:csr.indptr[v + 1]].tolist())
-                  for v in range(n)]
+    dense_rows = [
+        (csr.indices[csr.indptr[v] : csr.indptr[v + 1]].tolist(), csr.data[csr.indptr[v] : csr.indptr[v + 1]].tolist())
+        for v in range(n)
+    ]
     dense_rows[row] = ([0, 1], [0.25, 0.25])
     cols, vals = dense_rows[row]
     if kind == "negative":
@@ -274,16 +285,26 @@ def test_validate_reports_value_corruption_of_loaded_files(io_dir, spec, kind, p
     tail = np.array(P.tail)
     if kind.startswith("tail"):
         row = pick % n
-        tail[row] = {"tail-mismatch": tail[row] + 0.5 if tail[row] < 0.5 else tail[row] - 0.5,
-                     "tail-nan": np.nan, "tail-negative": -0.125}[kind]
+        tail[row] = {
+            "tail-mismatch": tail[row] + 0.5 if tail[row] < 0.5 else tail[row] - 0.5,
+            "tail-nan": np.nan,
+            "tail-negative": -0.125,
+        }[kind]
     else:
         if P.nnz == 0:
             return
         j = pick % P.nnz
         row = int(np.searchsorted(P.indptr, j, side="right") - 1)
         data[j] = {"negative": -0.125, "nan": np.nan, "inf": np.inf, "sum>1": 1.5}[kind]
-    path = write_matrix_file(io_dir / f"v{next(_counter)}.safetensors", n_states=n, n_base=n_base,
-                             indptr=P.indptr, indices=P.indices, data=data, tail=tail)
+    path = write_matrix_file(
+        io_dir / f"v{next(_counter)}.safetensors",
+        n_states=n,
+        n_base=n_base,
+        indptr=P.indptr,
+        indices=P.indices,
+        data=data,
+        tail=tail,
+    )
     try:
         L = mm.TransitionMatrix.load(path, n_threads=1)
         with pytest.raises(mm.InvariantError, match=f"row {row}: ") as info:
@@ -301,8 +322,12 @@ def test_validate_reports_value_corruption_of_loaded_files(io_dir, spec, kind, p
 
 
 @SETTINGS
-@given(n=st.integers(1, 6), seqs=st.lists(st.lists(st.integers(0, 5), max_size=12), min_size=1, max_size=4),
-       smoothing=st.sampled_from([0.0, 0.5]), top_k=st.sampled_from([None, 1, 2]))
+@given(
+    n=st.integers(1, 6),
+    seqs=st.lists(st.lists(st.integers(0, 5), max_size=12), min_size=1, max_size=4),
+    smoothing=st.sampled_from([0.0, 0.5]),
+    top_k=st.sampled_from([None, 1, 2]),
+)
 def test_from_sequences_rows_are_distributions(n, seqs, smoothing, top_k):
     seqs = [[t % n for t in s] for s in seqs]
     P = mm.TransitionMatrix.from_sequences(seqs, n, top_k=top_k, smoothing=smoothing, n_threads=1)

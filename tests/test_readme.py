@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _block(text: str, marker: str) -> list[str]:
-    m = re.search(rf"<!-- {marker} -->\n```bash\n(.*?)```\n<!-- /{marker} -->", text, re.S)
+    m = re.search(rf"<!-- {marker} -->\n```bash\n(.*?)```\n<!-- /{marker} -->", text, re.DOTALL)
     assert m, f"README.md has no {marker} block"
     return [line for line in m.group(1).splitlines() if line.strip()]
 

@@ -14,11 +14,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from helpers import tinystories_path  # noqa: E402
+from helpers import tinystories_path
 
-import markovmem as mm  # noqa: E402
-from markovmem import llm  # noqa: E402
-from markovmem.llm.selection import position_losses  # noqa: E402
+import markovmem as mm
+from markovmem import llm
+from markovmem.llm.selection import position_losses
 
 MODEL_DIR = os.environ.get("MARKOVMEM_TEST_MODEL")
 DATA = tinystories_path()
@@ -27,8 +27,7 @@ pytestmark = [
     pytest.mark.skipif(not DATA.is_file(), reason="no TinyStories text (set MARKOVMEM_TEST_DATA)"),
 ]
 
-WORDS = [("daxo", "named"), ("kivo", "day"), ("florp", "there"), ("nuvix", "little"), ("snib", "big"),
-         ("fepi", "very")]
+WORDS = [("daxo", "named"), ("kivo", "day"), ("florp", "there"), ("nuvix", "little"), ("snib", "big"), ("fepi", "very")]
 
 
 def _after_new_token(seqs, ids):
@@ -47,9 +46,14 @@ def test_default_path_finds_the_replaced_words_and_beats_the_mean_init():
     train = [s for _, s in corpus.sentences("train", 30)]
     result = llm.learn_tokens(model, tok, corpus.tokens, train, tune_steps=0, progress=False)
     assert llm.dictionary_info(result.matrix)["mode"] == "corpus"
-    top = [int(result.alpha.indices[result.alpha.indptr[i]:result.alpha.indptr[i + 1]]
-               [np.argmax(result.alpha.data[result.alpha.indptr[i]:result.alpha.indptr[i + 1]])])
-           for i in range(len(pws))]
+    top = [
+        int(
+            result.alpha.indices[result.alpha.indptr[i] : result.alpha.indptr[i + 1]][
+                np.argmax(result.alpha.data[result.alpha.indptr[i] : result.alpha.indptr[i + 1]])
+            ]
+        )
+        for i in range(len(pws))
+    ]
     recall = np.mean([t in ids for t, ids in zip(top, corpus.word_ids)])
     assert recall >= 0.8, result.decomposition(tok, top=3)
     for rep in result.tokens_report:

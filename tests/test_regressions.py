@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from helpers import write_matrix_file
 
 import markovmem as mm
-from helpers import write_matrix_file
 
 
 # 1. A row that stores every base state but sums below 1 has a tail with nowhere
@@ -25,7 +25,9 @@ from helpers import write_matrix_file
     [
         lambda: mm.TransitionMatrix.from_scipy(np.array([[0.5, 0.2], [0.3, 0.7]])),
         lambda: mm.TransitionMatrix.from_topk(np.array([[0, 1], [1, 0]]), np.array([[0.5, 0.2], [0.5, 0.5]])),
-        lambda: mm.TransitionMatrix.from_scipy(np.array([[0.25, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 1.0, 0.0]]), n_base=1),
+        lambda: mm.TransitionMatrix.from_scipy(
+            np.array([[0.25, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 1.0, 0.0]]), n_base=1
+        ),
     ],
     ids=["from_scipy", "from_topk", "from_scipy-n_base"],
 )
@@ -58,8 +60,9 @@ def test_expand_rejects_full_new_row_summing_below_one():
         lambda: mm.TransitionMatrix.from_topk(np.array([[0], [1]]), np.array([[2.0], [2.0]]), tol=float("nan")),
         lambda: mm.TransitionMatrix.from_scipy(np.eye(2)).expand(np.array([[2.0, 0.0]]), tol=float("nan")),
         lambda: mm.TransitionMatrix.from_scipy(np.eye(2)).validate(tol=float("nan")),
-        lambda: mm.verify_expansion(mm.TransitionMatrix.from_scipy(np.eye(2)),
-                                    mm.TransitionMatrix.from_scipy(np.eye(2)), tol=float("nan")),
+        lambda: mm.verify_expansion(
+            mm.TransitionMatrix.from_scipy(np.eye(2)), mm.TransitionMatrix.from_scipy(np.eye(2)), tol=float("nan")
+        ),
     ],
     ids=["from_scipy", "from_topk", "expand", "validate", "verify_expansion"],
 )
@@ -73,8 +76,15 @@ def test_nan_tolerance_is_rejected(call):
 #    str conversion, without the file name or the usual "not a valid markovmem
 #    matrix" message (safetensors itself requires UTF-8 JSON).
 def test_non_utf8_header_is_reported_as_a_corrupt_file(tmp_path: Path):
-    path = write_matrix_file(tmp_path / "m.safetensors", n_states=2, n_base=2, indptr=[0, 1, 2], indices=[0, 1],
-                             data=[1.0, 1.0], meta={"note": "x"})
+    path = write_matrix_file(
+        tmp_path / "m.safetensors",
+        n_states=2,
+        n_base=2,
+        indptr=[0, 1, 2],
+        indices=[0, 1],
+        data=[1.0, 1.0],
+        meta={"note": "x"},
+    )
     path.write_bytes(path.read_bytes().replace(b'"note":"x"', b'"note":"\xff"'))
     with pytest.raises(ValueError, match="is not a valid markovmem matrix") as info:
         mm.TransitionMatrix.load(path)
@@ -100,8 +110,9 @@ def test_one_dimensional_sparse_input_gives_value_error(call):
 # 5. Dense input of a non-numeric dtype gets numpy's internal "ufunc 'isfinite'
 #    not supported ..." TypeError instead of the "must hold real numbers" message
 #    sparse input of the same dtype gets.
-@pytest.mark.parametrize("dense", [np.array([["a", "b"], ["c", "d"]]), np.array([[None, 1], [1, None]])],
-                         ids=["str", "object"])
+@pytest.mark.parametrize(
+    "dense", [np.array([["a", "b"], ["c", "d"]]), np.array([[None, 1], [1, None]])], ids=["str", "object"]
+)
 def test_non_numeric_dense_input_message(dense):
     with pytest.raises(TypeError, match="must hold real numbers"):
         mm.TransitionMatrix.from_scipy(dense)
@@ -181,8 +192,9 @@ def test_pickle_keeps_the_stored_tail_and_fingerprint(tmp_path: Path):
     indptr, indices, data = [0, 2, 3, 3], [0, 2, 1], [0.3, 0.3, 0.7]
     recomputed = np.array([1 - (np.float32(0.3) + np.float64(np.float32(0.3))), 1 - np.float64(np.float32(0.7)), 1.0])
     stored = recomputed + np.array([1e-9, -2e-9, 0.0])  # within tol of 1 - sum, not equal to it
-    path = write_matrix_file(tmp_path / "m.safetensors", n_states=3, n_base=3, indptr=indptr, indices=indices,
-                             data=data, tail=stored)
+    path = write_matrix_file(
+        tmp_path / "m.safetensors", n_states=3, n_base=3, indptr=indptr, indices=indices, data=data, tail=stored
+    )
     P = mm.TransitionMatrix.load(path)
     P.validate()
     Q = pickle.loads(pickle.dumps(P))

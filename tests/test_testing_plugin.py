@@ -58,7 +58,15 @@ def test_plugin_fixture_and_option(pytester, chain, tmp_path) -> None:
             markov_invariants.assert_expansion_preserves({str(base)!r}, {str(good)!r})
         """
     )
-    result = pytester.runpytest("-p", "no:cacheprovider", "--markovmem-expansion", str(base), str(good),
-                                "--markovmem-expansion", str(base), str(bad))
+    result = pytester.runpytest(
+        "-p",
+        "no:cacheprovider",
+        "--markovmem-expansion",
+        str(base),
+        str(good),
+        "--markovmem-expansion",
+        str(base),
+        str(bad),
+    )
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*n_base changed*"])

@@ -29,8 +29,12 @@ def _check(x: np.ndarray, k: int, n_threads: int | None = None) -> None:
     # The same entries as the reference (selected by logit, ties by smaller index) ...
     np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(ref_ids, axis=1))
     order = np.argsort(ref_ids, axis=1)
-    np.testing.assert_allclose(np.take_along_axis(probs, np.argsort(ids, axis=1), 1),
-                               np.take_along_axis(ref_p, order, 1), rtol=2e-6, atol=1e-30)
+    np.testing.assert_allclose(
+        np.take_along_axis(probs, np.argsort(ids, axis=1), 1),
+        np.take_along_axis(ref_p, order, 1),
+        rtol=2e-6,
+        atol=1e-30,
+    )
     # ... ordered by descending probability, equal probabilities by smaller index.
     for r in range(ids.shape[0]):
         key = list(zip((-probs[r]).tolist(), ids[r].tolist()))

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_fit import planted, zipf_dictionary
 
 import markovmem as mm
 from markovmem import _core
-from test_fit import planted, zipf_dictionary
 
 ULP = np.finfo(np.float64).eps
 

@@ -30,23 +30,42 @@ SWEEP_LRS = {"et_alpha": (1e-2, 3e-2), "et_mean": (3e-2, 1e-1), "fft": (3e-4, 1e
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("table", "sweep", "all", "report"), nargs="?", default="all", help="which experiment")
-    p.add_argument("--model", default=os.environ.get("MARKOVMEM_TEST_MODEL"),
-                   help="transformers model directory (default: $MARKOVMEM_TEST_MODEL)")
-    p.add_argument("--data", default=os.environ.get("MARKOVMEM_TEST_DATA", str(DEFAULT_DATA)),
-                   help="text, stories/paragraphs separated by blank lines (default: $MARKOVMEM_TEST_DATA, "
-                        "else ../shared/data/tinystories-sample.txt beside the repository)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "what", choices=("table", "sweep", "all", "report"), nargs="?", default="all", help="which experiment"
+    )
+    p.add_argument(
+        "--model",
+        default=os.environ.get("MARKOVMEM_TEST_MODEL"),
+        help="transformers model directory (default: $MARKOVMEM_TEST_MODEL)",
+    )
+    p.add_argument(
+        "--data",
+        default=os.environ.get("MARKOVMEM_TEST_DATA", str(DEFAULT_DATA)),
+        help="text, stories/paragraphs separated by blank lines (default: $MARKOVMEM_TEST_DATA, "
+        "else ../shared/data/tinystories-sample.txt beside the repository)",
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "paper"), help="output directory")
     p.add_argument("--n", type=int, default=100, help="train sentences per pseudo-word for the table")
     p.add_argument("--ns", type=int, nargs="+", default=[3, 10, 30, 100, 300], help="N of the sweep")
     p.add_argument("--repeats", type=int, default=1, help="draws of the train sentences per N in the sweep")
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="methods of the table (default: all) or of the sweep (default: et_alpha et_mean fft; "
-                        "alpha only always runs there)")
-    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR[,LR...]",
-                   help="learning-rate grid of one method, e.g. fft=3e-4,1e-3 (repeatable; default: the module's "
-                        "grid for the table, SWEEP_LRS for the sweep)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="methods of the table (default: all) or of the sweep (default: et_alpha et_mean fft; "
+        "alpha only always runs there)",
+    )
+    p.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="METHOD=LR[,LR...]",
+        help="learning-rate grid of one method, e.g. fft=3e-4,1e-3 (repeatable; default: the module's "
+        "grid for the table, SWEEP_LRS for the sweep)",
+    )
     p.add_argument("--steps", type=int, default=150, help="optimizer steps of every trained method")
     p.add_argument("--batch-size", type=int, default=32, help="sentences per step")
     p.add_argument("--seed", type=int, default=0, help="seed of corpus draws, batch order and initialisation")
@@ -72,8 +91,9 @@ def _setup(args: argparse.Namespace) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     corpus = build_corpus(Path(args.data).read_text(encoding="utf-8"), tokenizer, seed=args.seed)
     try:
-        config = PseudoWordBenchConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                                       lrs=_lr_grids(args))
+        config = PseudoWordBenchConfig(
+            steps=args.steps, batch_size=args.batch_size, seed=args.seed, lrs=_lr_grids(args)
+        )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     return PseudoWordBench(model, tokenizer, corpus, config, progress=not args.no_progress)
@@ -98,14 +118,23 @@ def _environment(args: argparse.Namespace, bench: Any) -> dict[str, Any]:
 
     return {
         "command": "python bench/paper/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "model": Path(args.model).name, "data": Path(args.data).name,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__},
-        "threads": args.threads, "cpus": os.cpu_count(),
-        "config": bench.config.to_dict(), "corpus": bench.corpus.settings,
+        "model": Path(args.model).name,
+        "data": Path(args.data).name,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "config": bench.config.to_dict(),
+        "corpus": bench.corpus.settings,
         "pseudo_words": [[p.token, list(p.words), list(p.weights)] for p in bench.corpus.pseudo_words],
-        "n_val_sentences": len(bench.sequences("val")), "n_test_sentences": len(bench.sequences("test")),
-        "n_old_contexts": len(bench.old_contexts), "base_old_nll": bench.base_old_nll,
+        "n_val_sentences": len(bench.sequences("val")),
+        "n_test_sentences": len(bench.sequences("test")),
+        "n_old_contexts": len(bench.old_contexts),
+        "base_old_nll": bench.base_old_nll,
         "distill_seconds": bench.distill_seconds,
     }
 
@@ -115,38 +144,51 @@ def _fmt(x: Any, spec: str) -> str:
 
 
 def _table_md(rows: list[dict[str, Any]], env: dict[str, Any], n: int) -> str:
-    head = ("| method | lr | val loss after | **test loss after** | test loss sentence | delta loss, old stories "
-            "| max abs delta logit, old | trainable params | time s | alpha support P / R |")
+    head = (
+        "| method | lr | val loss after | **test loss after** | test loss sentence | delta loss, old stories "
+        "| max abs delta logit, old | trainable params | time s | alpha support P / R |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
-        support = "" if "support_recall" not in r else (
-            f"{r['support_precision']:.2f} / {r['support_recall']:.2f} ({r['alpha_link']}, s={r['alpha_s']})")
+        support = (
+            ""
+            if "support_recall" not in r
+            else (f"{r['support_precision']:.2f} / {r['support_recall']:.2f} ({r['alpha_link']}, s={r['alpha_s']})")
+        )
         verified = " (verified)" if r.get("verified") else ""
         lines.append(
             f"| {r['method']} | {_fmt(r['lr'], 'g')} | {r['val_after']:.3f} | **{r['test_after']:.3f}** "
             f"| {r['test_sentence']:.3f} | {r['delta_old_loss']:+.4f} | {r['max_abs_logit_diff']:.3g}{verified} "
-            f"| {r['trainable']:,} | {r['seconds']:.1f} | {support} |")
-    return "\n".join([
-        (
-            f"# Synthetic vocabulary on {env['model']}: {len(env['pseudo_words'])} pseudo-words, N = {n} train "
-            f"sentences each"
-        ),
-        "",
-        f"`{env['command']}`", "",
-        *lines, "",
-        (
-            "Losses are mean next-token NLL in nats on held-out sentences: *after* = the position right after "
-            "a pseudo-word, *sentence* = every position whose target is an old token. Delta loss is the change "
-            f"of mean NLL on {env['n_old_contexts']} held-out original stories (base: {env['base_old_nll']:.4f}); "
-            "max abs delta logit compares old-vocabulary logits with the base model there, and *(verified)* "
-            "means `verify_no_forgetting` also found bitwise-equal logits and unchanged base tensors. "
-            f"Time: fit + training of the kept candidate (the shared distillation took {env['distill_seconds']:.0f} s). "
-            f"{env['config']['steps']} steps of {env['config']['batch_size']} sentences for every trained method, "
-            "learning rate picked from the grid on the validation *after* loss."
-        ),
-        "",
-        f"Environment: {json.dumps(env['versions'])}, {env['threads']} torch thread(s), {env['cpus']} CPUs.",
-    ]) + "\n"
+            f"| {r['trainable']:,} | {r['seconds']:.1f} | {support} |"
+        )
+    return (
+        "\n".join(
+            [
+                (
+                    f"# Synthetic vocabulary on {env['model']}: {len(env['pseudo_words'])} pseudo-words, N = {n} train "
+                    f"sentences each"
+                ),
+                "",
+                f"`{env['command']}`",
+                "",
+                *lines,
+                "",
+                (
+                    "Losses are mean next-token NLL in nats on held-out sentences: *after* = the position right after "
+                    "a pseudo-word, *sentence* = every position whose target is an old token. Delta loss is the change "
+                    f"of mean NLL on {env['n_old_contexts']} held-out original stories (base: {env['base_old_nll']:.4f}); "
+                    "max abs delta logit compares old-vocabulary logits with the base model there, and *(verified)* "
+                    "means `verify_no_forgetting` also found bitwise-equal logits and unchanged base tensors. "
+                    f"Time: fit + training of the kept candidate (the shared distillation took {env['distill_seconds']:.0f} s). "
+                    f"{env['config']['steps']} steps of {env['config']['batch_size']} sentences for every trained method, "
+                    "learning rate picked from the grid on the validation *after* loss."
+                ),
+                "",
+                f"Environment: {json.dumps(env['versions'])}, {env['threads']} torch thread(s), {env['cpus']} CPUs.",
+            ]
+        )
+        + "\n"
+    )
 
 
 def run_table(args: argparse.Namespace, bench: Any, env: dict[str, Any], out: Path) -> None:
@@ -182,10 +224,14 @@ def run_sweep(args: argparse.Namespace, bench: Any, env: dict[str, Any], out: Pa
                         row[f"recall_{link}_s4"] = fixed["support_recall"]
                         row[f"precision_{link}_s4"] = fixed["support_precision"]
                 rows.append(row)
-                print(f"[sweep] repeat {repeat} N={n} {m}: test after {row['test_after']:.3f} "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(
+                    f"[sweep] repeat {repeat} N={n} {m}: test after {row['test_after']:.3f} "
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
                 (out / "sample_efficiency.json").write_text(
-                    json.dumps({"environment": env, "reference": ref, "rows": rows}, indent=1) + "\n")
+                    json.dumps({"environment": env, "reference": ref, "rows": rows}, indent=1) + "\n"
+                )
     md = _sweep_md(rows, ref, env, ns)
     (out / "sample_efficiency.md").write_text(md)
     _sweep_png(rows, ref, ns, out / "sample_efficiency.png")
@@ -202,32 +248,45 @@ def _sweep_md(rows: list[dict[str, Any]], ref: dict[str, Any], env: dict[str, An
     from markovmem.llm.pseudowords import METHOD_NAMES
 
     methods = [m for m in ("alpha", *SWEEP_METHODS) if any(r["key"] == m for r in rows)]
-    lines = ["| N per pseudo-word | " + " | ".join(METHOD_NAMES[m] for m in methods)
-             + " | alpha (link, s) chosen | support recall: chosen / mixture s=4 / logit s=4 |",
-             "|" + "---|" * (len(methods) + 3)]
+    lines = [
+        "| N per pseudo-word | "
+        + " | ".join(METHOD_NAMES[m] for m in methods)
+        + " | alpha (link, s) chosen | support recall: chosen / mixture s=4 / logit s=4 |",
+        "|" + "---|" * (len(methods) + 3),
+    ]
     for n in ns:
         chosen = [r for r in rows if r["key"] == "alpha" and r["n"] == n]
         settings = ", ".join(sorted({f"{r['alpha_link']} s={r['alpha_s']}" for r in chosen}))
         lines.append(
-            f"| {n} | " + " | ".join(f"{_mean(rows, 'test_after', m, n):.3f}" for m in methods)
+            f"| {n} | "
+            + " | ".join(f"{_mean(rows, 'test_after', m, n):.3f}" for m in methods)
             + f" | {settings} | {_mean(rows, 'support_recall', 'alpha', n):.2f} / "
-            f"{_mean(rows, 'recall_mixture_s4', 'alpha', n):.2f} / {_mean(rows, 'recall_logit_s4', 'alpha', n):.2f} |")
+            f"{_mean(rows, 'recall_mixture_s4', 'alpha', n):.2f} / {_mean(rows, 'recall_logit_s4', 'alpha', n):.2f} |"
+        )
     repeats = len({r["repeat"] for r in rows})
     grids = {m: sorted({float(lr) for r in rows if r["key"] == m for lr in r["val_by_lr"]}) for m in methods[1:]}
     grid_text = "; ".join(f"{METHOD_NAMES[m]} {', '.join(f'{x:g}' for x in v)}" for m, v in grids.items())
-    return "\n".join([
-        f"# Sample efficiency on {env['model']}: held-out loss after the pseudo-word vs N", "",
-        f"`{env['command']}`", "",
-        *lines, "",
-        (
-            f"Mean over {repeats} draw(s) of the train sentences; learning rate (and alpha's link and s) "
-            f"picked on validation at every N. Reference (base model with the real words in place): "
-            f"{ref['test_after']:.3f}. {env['config']['steps']} steps of {env['config']['batch_size']} sentences "
-            f"at every N. Learning rates tried: {grid_text}."
-        ),
-        "",
-        f"Environment: {json.dumps(env['versions'])}, {env['threads']} torch thread(s), {env['cpus']} CPUs.",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                f"# Sample efficiency on {env['model']}: held-out loss after the pseudo-word vs N",
+                "",
+                f"`{env['command']}`",
+                "",
+                *lines,
+                "",
+                (
+                    f"Mean over {repeats} draw(s) of the train sentences; learning rate (and alpha's link and s) "
+                    f"picked on validation at every N. Reference (base model with the real words in place): "
+                    f"{ref['test_after']:.3f}. {env['config']['steps']} steps of {env['config']['batch_size']} sentences "
+                    f"at every N. Learning rates tried: {grid_text}."
+                ),
+                "",
+                f"Environment: {json.dumps(env['versions'])}, {env['threads']} torch thread(s), {env['cpus']} CPUs.",
+            ]
+        )
+        + "\n"
+    )
 
 
 def _sweep_png(rows: list[dict[str, Any]], ref: dict[str, Any], ns: list[int], path: Path) -> None:
@@ -244,15 +303,26 @@ def _sweep_png(rows: list[dict[str, Any]], ref: dict[str, Any], ns: list[int], p
             continue
         ax1.plot(ns, [_mean(rows, "test_after", m, n) for n in ns], style, label=METHOD_NAMES[m])
     ax1.axhline(ref["test_after"], color="grey", lw=1, ls="--", label="base model, real words")
-    ax1.set(xscale="log", xlabel="train sentences per pseudo-word (N)", ylabel="held-out NLL after pseudo-word (nats)",
-            title="target loss vs N")
+    ax1.set(
+        xscale="log",
+        xlabel="train sentences per pseudo-word (N)",
+        ylabel="held-out NLL after pseudo-word (nats)",
+        title="target loss vs N",
+    )
     ax1.legend(fontsize=8)
-    for key, style, label in (("support_recall", "k-o", "alpha chosen on validation"),
-                              ("recall_mixture_s4", "C2-s", "mixture link, s=4"),
-                              ("recall_logit_s4", "C4-^", "logit link, s=4")):
+    for key, style, label in (
+        ("support_recall", "k-o", "alpha chosen on validation"),
+        ("recall_mixture_s4", "C2-s", "mixture link, s=4"),
+        ("recall_logit_s4", "C4-^", "logit link, s=4"),
+    ):
         ax2.plot(ns, [_mean(rows, key, "alpha", n) for n in ns], style, label=label)
-    ax2.set(xscale="log", ylim=(0, 1.02), xlabel="train sentences per pseudo-word (N)",
-            ylabel="support recall of the source words", title="alpha recovers the words a pseudo-word stands for")
+    ax2.set(
+        xscale="log",
+        ylim=(0, 1.02),
+        xlabel="train sentences per pseudo-word (N)",
+        ylabel="support recall of the source words",
+        title="alpha recovers the words a pseudo-word stands for",
+    )
     ax2.legend(fontsize=8)
     for ax in (ax1, ax2):
         ax.set_xticks(ns, [str(n) for n in ns])

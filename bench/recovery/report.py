@@ -1,6 +1,6 @@
 """Markdown table and PNG figure of the recovery benchmark (bench/recovery/run.py's results.json).
 
-    python bench/recovery/report.py bench/results/recovery/results.json
+python bench/recovery/report.py bench/results/recovery/results.json
 """
 
 from __future__ import annotations
@@ -23,27 +23,47 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
     """Write recovery.md and recovery.png under ``out_dir``."""
     cells = results["cells"]
     variants = list(dict.fromkeys(c["variant"] for c in cells))
-    lines = ["# Real-model recovery benchmark", "",
-             "stories260k; pseudo-words stand for 20 frequent single-token words and 6 blends of two words "
-             "(table below). `llm.learn_tokens` learns them from N sentences each; scores on held-out "
-             "sentences. Loss: mean next-token loss right after the pseudo-word (nats), E^T alpha and the "
-             "other inits with no training, and after the same embedding-tuning budget (\"tuned\").", "",
-             f"Command: `{results['command']}`", "",
-             "Environment: " + ", ".join(f"{k} {v}" for k, v in results["environment"].items()), ""]
+    lines = [
+        "# Real-model recovery benchmark",
+        "",
+        (
+            "stories260k; pseudo-words stand for 20 frequent single-token words and 6 blends of two words "
+            "(table below). `llm.learn_tokens` learns them from N sentences each; scores on held-out "
+            "sentences. Loss: mean next-token loss right after the pseudo-word (nats), E^T alpha and the "
+            'other inits with no training, and after the same embedding-tuning budget ("tuned").'
+        ),
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        "Environment: " + ", ".join(f"{k} {v}" for k, v in results["environment"].items()),
+        "",
+    ]
     for v in variants:
         rows = [c for c in cells if c["variant"] == v]
         cfg = rows[0]["config"]
-        lines += [f"## {v}", "",
-                  f"distill_mode `{cfg['distill_mode']}`, link `{cfg['link']}`, s {cfg['s']}, "
-                  f"fallback `{cfg.get('fallback')}`, shrinkage {cfg.get('shrinkage')}", "",
-                  "| corpus | N | recall@1 | recall@s | E^T alpha | mean | subword mean | oracle "
-                  "| tuned: E^T alpha | tuned: mean | tuned: subword | tuned: oracle |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {v}",
+            "",
+            (
+                f"distill_mode `{cfg['distill_mode']}`, link `{cfg['link']}`, s {cfg['s']}, "
+                f"fallback `{cfg.get('fallback')}`, shrinkage {cfg.get('shrinkage')}"
+            ),
+            "",
+            (
+                "| corpus | N | recall@1 | recall@s | E^T alpha | mean | subword mean | oracle "
+                "| tuned: E^T alpha | tuned: mean | tuned: subword | tuned: oracle |"
+            ),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for c in rows:
             tuned = [f"{_mean(c['loss_tuned'][k]):.3f}" if c["loss_tuned"] else "-" for k in INIT_NAMES]
-            lines.append(f"| {c['corpus']} | {c['n']} | {_mean(c['recall1']):.2f} | {_mean(c['recalls']):.2f} | "
-                         + " | ".join(f"{_mean(c['loss'][k]):.3f}" for k in INIT_NAMES) + " | "
-                         + " | ".join(tuned) + " |")
+            lines.append(
+                f"| {c['corpus']} | {c['n']} | {_mean(c['recall1']):.2f} | {_mean(c['recalls']):.2f} | "
+                + " | ".join(f"{_mean(c['loss'][k]):.3f}" for k in INIT_NAMES)
+                + " | "
+                + " | ".join(tuned)
+                + " |"
+            )
         lines.append("")
     lines += ["## Pseudo-words", "", "| pseudo-word | stands for |", "|---|---|"]
     lines += [f"| {tok} | {' / '.join(words)} |" for tok, words in results["pseudo_words"]]
@@ -70,8 +90,13 @@ def _figure(results: dict[str, Any], path: Path) -> None:
                 ax.axis("off")
                 continue
             for init, name in INIT_NAMES.items():
-                ax.plot(ns, [_mean(c[key][init]) for c in rows], marker="o", label=name,
-                        linestyle="--" if init == "oracle" else "-")
+                ax.plot(
+                    ns,
+                    [_mean(c[key][init]) for c in rows],
+                    marker="o",
+                    label=name,
+                    linestyle="--" if init == "oracle" else "-",
+                )
             ax.set_xscale("log")
             ax.set_xticks(ns, [str(n) for n in ns])
             ax.set_xlabel("sentences per pseudo-word (N)")

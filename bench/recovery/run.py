@@ -33,12 +33,36 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 
 #: 20 pseudo-words standing for one frequent single-token word, 6 for a blend of two.
-SINGLE = [("glorp", "Lily"), ("zorp", "said"), ("blick", "saw"), ("wug", "play"), ("daxo", "named"),
-          ("fepi", "very"), ("tomav", "mom"), ("kivo", "day"), ("bouba", "but"), ("florp", "there"),
-          ("snib", "big"), ("quax", "you"), ("nuvix", "little"), ("grelt", "happy"), ("zibber", "so"),
-          ("frobble", "time"), ("wopsy", "Timmy"), ("drax", "upon"), ("yibble", "up"), ("kren", "be")]
-BLENDS = [("vren", ("he", "she")), ("drazzle", ("his", "her")), ("yurk", ("was", "had")),
-          ("mibble", ("it", "that")), ("splonk", ("to", "for")), ("jeck", ("in", "on"))]
+SINGLE = [
+    ("glorp", "Lily"),
+    ("zorp", "said"),
+    ("blick", "saw"),
+    ("wug", "play"),
+    ("daxo", "named"),
+    ("fepi", "very"),
+    ("tomav", "mom"),
+    ("kivo", "day"),
+    ("bouba", "but"),
+    ("florp", "there"),
+    ("snib", "big"),
+    ("quax", "you"),
+    ("nuvix", "little"),
+    ("grelt", "happy"),
+    ("zibber", "so"),
+    ("frobble", "time"),
+    ("wopsy", "Timmy"),
+    ("drax", "upon"),
+    ("yibble", "up"),
+    ("kren", "be"),
+]
+BLENDS = [
+    ("vren", ("he", "she")),
+    ("drazzle", ("his", "her")),
+    ("yurk", ("was", "had")),
+    ("mibble", ("it", "that")),
+    ("splonk", ("to", "for")),
+    ("jeck", ("in", "on")),
+]
 
 #: learn_tokens settings compared, each on top of the defaults; "default" is whatever learn_tokens does
 #: with no options, "token+logit s16 bound10" the defaults before the corpus dictionary.
@@ -82,9 +106,16 @@ def generated_text(model: Any, tok: Any, n: int, seed: int, length: int = 256, b
         torch.manual_seed(seed + i)
         inp = torch.full((b, 1), bos, dtype=torch.long)
         with torch.no_grad():
-            out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), do_sample=True,
-                                 temperature=1.0, top_p=0.9, max_new_tokens=length, eos_token_id=bos,
-                                 pad_token_id=bos)
+            out = model.generate(
+                input_ids=inp,
+                attention_mask=torch.ones_like(inp),
+                do_sample=True,
+                temperature=1.0,
+                top_p=0.9,
+                max_new_tokens=length,
+                eos_token_id=bos,
+                pad_token_id=bos,
+            )
         for row in out:
             text = tok.decode(row[1:], skip_special_tokens=True).strip()
             stories += [p.strip() for p in text.split("\n") if p.strip()]
@@ -95,8 +126,9 @@ def _encode(tok: Any, sentences: list[str]) -> list[np.ndarray]:
     return [np.asarray(x, dtype=np.int64) for x in tok(sentences)["input_ids"]]
 
 
-def target_loss(model: Any, seqs: list[np.ndarray], owner: list[int], ids: list[int], n_words: int,
-                batch: int = 64) -> np.ndarray:
+def target_loss(
+    model: Any, seqs: list[np.ndarray], owner: list[int], ids: list[int], n_words: int, batch: int = 64
+) -> np.ndarray:
     """Mean next-token loss right after each pseudo-word, per pseudo-word (nats)."""
     import torch
 
@@ -106,15 +138,16 @@ def target_loss(model: Any, seqs: list[np.ndarray], owner: list[int], ids: list[
     model.eval()
     with torch.no_grad():
         for a in range(0, len(seqs), batch):
-            chunk = seqs[a:a + batch]
+            chunk = seqs[a : a + batch]
             length = max(s.size for s in chunk)
             x = np.zeros((len(chunk), length), dtype=np.int64)
             m = np.zeros_like(x)
             for r, s in enumerate(chunk):
-                x[r, :s.size] = s
-                m[r, :s.size] = 1
-            logp = torch.log_softmax(model(input_ids=torch.as_tensor(x), attention_mask=torch.as_tensor(m))
-                                     .logits.float(), -1).numpy()
+                x[r, : s.size] = s
+                m[r, : s.size] = 1
+            logp = torch.log_softmax(
+                model(input_ids=torch.as_tensor(x), attention_mask=torch.as_tensor(m)).logits.float(), -1
+            ).numpy()
             for r, s in enumerate(chunk):
                 for t in range(s.size - 1):
                     w = id_to_word.get(int(s[t]))
@@ -153,13 +186,20 @@ def _init_rows(model: Any, base_tok: Any, alpha: Any, pws: list[Any], word_ids: 
         pieces = base_tok(p.token, add_special_tokens=False)["input_ids"]
         sub.append(base[torch.as_tensor(pieces)].mean(0))
     rows["subword"] = torch.stack(sub)
-    rows["oracle"] = torch.stack([sum(w * base[i] for w, i in zip(p.weights, ids))
-                                  for p, ids in zip(pws, word_ids)])
+    rows["oracle"] = torch.stack([sum(w * base[i] for w, i in zip(p.weights, ids)) for p, ids in zip(pws, word_ids)])
     return rows
 
 
-def run_cell(model0: Any, tok0: Any, corpus: Any, n: int, variant: dict[str, Any], tune_steps: int,
-             seed: int, general: list[str] | None = None) -> dict[str, Any]:
+def run_cell(
+    model0: Any,
+    tok0: Any,
+    corpus: Any,
+    n: int,
+    variant: dict[str, Any],
+    tune_steps: int,
+    seed: int,
+    general: list[str] | None = None,
+) -> dict[str, Any]:
     """One (corpus, N, variant): learn_tokens, then every init scored before and after tuning."""
     import torch
 
@@ -174,8 +214,9 @@ def run_cell(model0: Any, tok0: Any, corpus: Any, n: int, variant: dict[str, Any
     # The held-out diagnostics do not change alpha; they run where they choose it (link='auto') or are
     # reported (the default path).
     diag = variant.get("link") == "auto" or not variant
-    res = llm.learn_tokens(model, tok, tokens, train, tune_steps=0, progress=False, corpus=general,
-                           diagnostics=diag, **variant)
+    res = llm.learn_tokens(
+        model, tok, tokens, train, tune_steps=0, progress=False, corpus=general, diagnostics=diag, **variant
+    )
     seconds = time.perf_counter() - t0
     ids = res.ids
     test_seqs = _encode(tok, [s for _, s in test])
@@ -183,11 +224,16 @@ def run_cell(model0: Any, tok0: Any, corpus: Any, n: int, variant: dict[str, Any
     train_seqs = _encode(tok, train)
     r1, rs = _recall(res.alpha, corpus.word_ids)
     rows = _init_rows(model, tok0, res.alpha, pws, corpus.word_ids)
-    out: dict[str, Any] = {"n": n, "seconds_learn": seconds, "recall1": r1.tolist(), "recalls": rs.tolist(),
-                           "config": res.config.to_dict(),
-                           "decomposition": {k: [(str(t), w) for t, w in v[:4]]
-                                             for k, v in res.decomposition(tok0, top=4).items()},
-                           "loss": {}, "loss_tuned": {}}
+    out: dict[str, Any] = {
+        "n": n,
+        "seconds_learn": seconds,
+        "recall1": r1.tolist(),
+        "recalls": rs.tolist(),
+        "config": res.config.to_dict(),
+        "decomposition": {k: [(str(t), w) for t, w in v[:4]] for k, v in res.decomposition(tok0, top=4).items()},
+        "loss": {},
+        "loss_tuned": {},
+    }
     if getattr(res, "choices", None):
         out["choices"] = res.choices
     for name in INITS:
@@ -195,8 +241,16 @@ def run_cell(model0: Any, tok0: Any, corpus: Any, n: int, variant: dict[str, Any
         out["loss"][name] = target_loss(model, test_seqs, owner, ids, len(pws)).tolist()
         if tune_steps > 0:
             cfg = res.config
-            llm.embedding_tune(model, ids, train_seqs, steps=tune_steps, lr=cfg.tune_lr,
-                               batch_size=cfg.tune_batch_size, seed=seed, progress=False)
+            llm.embedding_tune(
+                model,
+                ids,
+                train_seqs,
+                steps=tune_steps,
+                lr=cfg.tune_lr,
+                batch_size=cfg.tune_batch_size,
+                seed=seed,
+                progress=False,
+            )
             out["loss_tuned"][name] = target_loss(model, test_seqs, owner, ids, len(pws)).tolist()
     torch.set_grad_enabled(True)
     return out
@@ -204,21 +258,37 @@ def run_cell(model0: Any, tok0: Any, corpus: Any, n: int, variant: dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=os.environ.get("MARKOVMEM_TEST_MODEL", str(ROOT.parent / "shared/models/stories260k")))
-    p.add_argument("--data", default=os.environ.get("MARKOVMEM_TEST_DATA", str(ROOT.parent / "shared/data")),
-                   help="directory holding tinystories-sample.txt")
+    p.add_argument(
+        "--model", default=os.environ.get("MARKOVMEM_TEST_MODEL", str(ROOT.parent / "shared/models/stories260k"))
+    )
+    p.add_argument(
+        "--data",
+        default=os.environ.get("MARKOVMEM_TEST_DATA", str(ROOT.parent / "shared/data")),
+        help="directory holding tinystories-sample.txt",
+    )
     p.add_argument("--out", default=str(ROOT / "bench/results/recovery"))
     p.add_argument("--n", type=int, nargs="+", default=[3, 10, 30, 100], help="sentences per pseudo-word")
     p.add_argument("--corpora", nargs="+", default=["tinystories", "generated"], choices=["tinystories", "generated"])
-    p.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS),
-                   help="learn_tokens settings to compare (default: the defaults only)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["default"],
+        choices=sorted(VARIANTS),
+        help="learn_tokens settings to compare (default: the defaults only)",
+    )
     p.add_argument("--tune-steps", type=int, default=50, help="embedding-tuning steps for every init (0: none)")
     p.add_argument("--samples", type=int, default=1500, help="stories sampled from the model for 'generated'")
     p.add_argument("--n-test", type=int, default=30, help="held-out sentences per pseudo-word")
-    p.add_argument("--general-corpus", action="store_true",
-                   help="also pass the train split's original stories as learn_tokens(corpus=...)")
-    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "markovmem" / "recovery"),
-                   help="where the sampled stories are kept between runs")
+    p.add_argument(
+        "--general-corpus",
+        action="store_true",
+        help="also pass the train split's original stories as learn_tokens(corpus=...)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=str(Path.home() / ".cache" / "markovmem" / "recovery"),
+        help="where the sampled stories are kept between runs",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
@@ -250,18 +320,23 @@ def main(argv: list[str] | None = None) -> int:
             cache.write_text(texts["generated"], encoding="utf-8")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"command": "python bench/recovery/run.py " + " ".join(argv or sys.argv[1:]),
-                               "pseudo_words": [[p.token, list(p.words)] for p in pws],
-                               "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                                               "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
-                               "cells": []}
+    results: dict[str, Any] = {
+        "command": "python bench/recovery/run.py " + " ".join(argv or sys.argv[1:]),
+        "pseudo_words": [[p.token, list(p.words)] for p in pws],
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+        },
+        "cells": [],
+    }
     for cname, text in texts.items():
         corpus = llm.build_corpus(text, tok, pws, n_val=1, n_test=args.n_test, seed=args.seed)
         avail = corpus.max_train()
         for n in args.n:
             if n > avail:
-                print(f"{cname}: N = {n} skipped, {avail} train sentences per pseudo-word available",
-                      file=sys.stderr)
+                print(f"{cname}: N = {n} skipped, {avail} train sentences per pseudo-word available", file=sys.stderr)
                 continue
             for vname in args.variants:
                 t0 = time.perf_counter()
@@ -270,13 +345,20 @@ def main(argv: list[str] | None = None) -> int:
                 cell.update(corpus=cname, variant=vname, general_corpus=bool(general))
                 results["cells"].append(cell)
                 loss = {k: float(np.mean(v)) for k, v in cell["loss"].items()}
-                print(f"{cname:>11} N={n:>3} {vname:<28} r@1 {np.mean(cell['recall1']):.2f} "
-                      f"r@s {np.mean(cell['recalls']):.2f} loss " +
-                      " ".join(f"{k} {v:.3f}" for k, v in loss.items()) +
-                      (" | tuned " + " ".join(f"{k} {np.mean(v):.3f}" for k, v in cell["loss_tuned"].items())
-                       if cell["loss_tuned"] else "") + f"  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+                print(
+                    f"{cname:>11} N={n:>3} {vname:<28} r@1 {np.mean(cell['recall1']):.2f} "
+                    f"r@s {np.mean(cell['recalls']):.2f} loss "
+                    + " ".join(f"{k} {v:.3f}" for k, v in loss.items())
+                    + (
+                        " | tuned " + " ".join(f"{k} {np.mean(v):.3f}" for k, v in cell["loss_tuned"].items())
+                        if cell["loss_tuned"]
+                        else ""
+                    )
+                    + f"  [{time.perf_counter() - t0:.0f} s]",
+                    file=sys.stderr,
+                )
                 (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    from report import write_report  # noqa: E402 (bench/recovery/report.py, beside this script)
+    from report import write_report
 
     write_report(results, out_dir)
     return 0

@@ -22,8 +22,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -315,13 +315,15 @@ TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const In
         const Index r0 = bfirst[c], r1 = bfirst[c + 1];
         const std::uint64_t w = r1 - r0 == 1 ? solo_width : sizeof(Code);
         for (Index v = r0; v < r1; ++v)
-          place[static_cast<std::size_t>(v)] = static_cast<std::uint64_t>(c) << 36 | w << 32 | static_cast<std::uint64_t>(v - r0);
+          place[static_cast<std::size_t>(v)] =
+              static_cast<std::uint64_t>(c) << 36 | w << 32 | static_cast<std::uint64_t>(v - r0);
       }
       const auto nb = static_cast<Index>(bfirst.size()) - 1;
       const Index pool_chunks = n_pairs / per_chunk(sizeof(Code)) + team * (nb + 1) + 1;
       alloc_error.run([&] {
         pool = detail::Buffer<unsigned char>::uninitialized(static_cast<std::size_t>(pool_chunks) * kChunkBytes);
-        for (int u = 0; u < team; ++u) chunks[static_cast<std::size_t>(u)].reserve(static_cast<std::size_t>(pool_chunks));
+        for (int u = 0; u < team; ++u)
+          chunks[static_cast<std::size_t>(u)].reserve(static_cast<std::size_t>(pool_chunks));
         pool_start = reinterpret_cast<unsigned char*>(
             (reinterpret_cast<std::uintptr_t>(pool.data()) + kChunkBytes - 1) & ~(kChunkBytes - 1));
       });
@@ -383,8 +385,9 @@ TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const In
     for (const ChunkRec& r : chunks[uu]) {
       const unsigned char* c = cursors[uu * V + r.bucket];
       const std::size_t w = bfirst[r.bucket + 1] - bfirst[r.bucket] == 1 ? solo_width : sizeof(Code);
-      const Index n = c >= r.data && c < r.data + kChunkBytes ? static_cast<Index>(static_cast<std::size_t>(c - r.data) / w)
-                                                               : per_chunk(w);
+      const Index n = c >= r.data && c < r.data + kChunkBytes
+                          ? static_cast<Index>(static_cast<std::size_t>(c - r.data) / w)
+                          : per_chunk(w);
       if (n == 0) continue;
       segments[r.bucket].push_back({r.data, n});
       bucket_size[r.bucket] += n;
@@ -423,8 +426,10 @@ TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const In
     counters.emplace_back(n_states);
     locals.emplace_back(new Local[static_cast<std::size_t>(max_local)]);
     if (u > 0) {  // address space only, like the final arrays
-      arena_idx[static_cast<std::size_t>(u)] = detail::Buffer<StateIndex>::uninitialized(static_cast<std::size_t>(n_pairs + 1));
-      arena_val[static_cast<std::size_t>(u)] = detail::Buffer<Prob>::uninitialized(static_cast<std::size_t>(n_pairs + 1));
+      arena_idx[static_cast<std::size_t>(u)] =
+          detail::Buffer<StateIndex>::uninitialized(static_cast<std::size_t>(n_pairs + 1));
+      arena_val[static_cast<std::size_t>(u)] =
+          detail::Buffer<Prob>::uninitialized(static_cast<std::size_t>(n_pairs + 1));
     }
   }
   const Index top_k = opts.top_k;
@@ -478,20 +483,31 @@ TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const In
         if (n_rows == 1) {
           // The code of a single-row bucket is the successor itself.
           if (solo_width == 2)
-            do_row(r0, [&](auto&& f) {
-              for (const auto& sg : segs)
-                for (Index j = 0; j < sg.size; ++j) f(static_cast<std::uint32_t>(load<std::uint16_t>(sg.data + 2 * j)));
-            }, bucket_size[c]);
+            do_row(
+                r0,
+                [&](auto&& f) {
+                  for (const auto& sg : segs)
+                    for (Index j = 0; j < sg.size; ++j)
+                      f(static_cast<std::uint32_t>(load<std::uint16_t>(sg.data + 2 * j)));
+                },
+                bucket_size[c]);
           else if (solo_width == 4)
-            do_row(r0, [&](auto&& f) {
-              for (const auto& sg : segs)
-                for (Index j = 0; j < sg.size; ++j) f(load<std::uint32_t>(sg.data + 4 * j));
-            }, bucket_size[c]);
+            do_row(
+                r0,
+                [&](auto&& f) {
+                  for (const auto& sg : segs)
+                    for (Index j = 0; j < sg.size; ++j) f(load<std::uint32_t>(sg.data + 4 * j));
+                },
+                bucket_size[c]);
           else
-            do_row(r0, [&](auto&& f) {
-              for (const auto& sg : segs)
-                for (Index j = 0; j < sg.size; ++j) f(static_cast<std::uint32_t>(load<Code>(sg.data + sizeof(Code) * j)));
-            }, bucket_size[c]);
+            do_row(
+                r0,
+                [&](auto&& f) {
+                  for (const auto& sg : segs)
+                    for (Index j = 0; j < sg.size; ++j)
+                      f(static_cast<std::uint32_t>(load<Code>(sg.data + sizeof(Code) * j)));
+                },
+                bucket_size[c]);
         } else {
           // Group by row: a counting sort.  Two independent chains of counter updates,
           // so a row that dominates the bucket does not serialise the loops: even and
@@ -535,9 +551,12 @@ TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const In
           for (Index r = 0, s = 0; r < n_rows; ++r) {
             const Index len = h0[r];
             const Local* const xs = local + s;
-            do_row(r0 + r, [&](auto&& f) {
-              for (Index j = 0; j < len; ++j) f(static_cast<std::uint32_t>(xs[j]));
-            }, len);
+            do_row(
+                r0 + r,
+                [&](auto&& f) {
+                  for (Index j = 0; j < len; ++j) f(static_cast<std::uint32_t>(xs[j]));
+                },
+                len);
             s += len;
           }
         }
@@ -570,14 +589,14 @@ TransitionMatrix count_impl(const std::int32_t* tokens, Index n_tokens, const In
   // increasing and in [0, n_states); values are float32((c + a) / (c_v + a n))
   // with the kept counts c summing to at most c_v, so they are finite, >= 0 and
   // sum to 1 up to float32 rounding; tails are computed as from_csr does.
-  return TransitionMatrix::adopt_buffers(n_states, n_states, std::move(indptr), std::move(indices),
-                                         std::move(data), std::move(tail));
+  return TransitionMatrix::adopt_buffers(n_states, n_states, std::move(indptr), std::move(indices), std::move(data),
+                                         std::move(tail));
 }
 
 }  // namespace
 
-TransitionMatrix count_transitions(const std::int32_t* tokens, Index n_tokens, const Index* offsets,
-                                   Index n_seq, Index n_states, const CountOptions& opts) {
+TransitionMatrix count_transitions(const std::int32_t* tokens, Index n_tokens, const Index* offsets, Index n_seq,
+                                   Index n_states, const CountOptions& opts) {
   check_sizes(n_states, n_states);
   if (opts.top_k < 0) throw std::invalid_argument("top_k must be >= 0 (0 keeps every count)");
   if (!(opts.smoothing >= 0.0) || !std::isfinite(opts.smoothing))

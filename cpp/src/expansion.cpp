@@ -75,8 +75,10 @@ double row_max_diff(const RowAccess& A, const RowAccess& B, Index v, Index n_col
     }
     if (x >= n_cols) continue;
     worst = std::max(worst, std::abs(pa - pb));
-    if (x < lo) ++union_below_lo;
-    else if (x < hi) ++union_lo_hi;
+    if (x < lo)
+      ++union_below_lo;
+    else if (x < hi)
+      ++union_lo_hi;
   }
   if (lo - union_below_lo > 0) worst = std::max(worst, std::abs(pa_unstored(0) - pb_unstored(0)));
   if (hi - lo - union_lo_hi > 0) worst = std::max(worst, std::abs(pa_unstored(lo) - pb_unstored(lo)));
@@ -127,8 +129,8 @@ BlockEvidence compare_and_hash(const TransitionMatrix& before, const TransitionM
   return ev;
 }
 
-ExpansionCertificate certify(const TransitionMatrix& before, const TransitionMatrix& after,
-                             const BlockEvidence& ev, double tol, int n_threads) {
+ExpansionCertificate certify(const TransitionMatrix& before, const TransitionMatrix& after, const BlockEvidence& ev,
+                             double tol, int n_threads) {
   ExpansionCertificate c;
   const Index n_old = before.n_states();
   c.n_old = n_old;
@@ -194,16 +196,16 @@ ExpansionCertificate certify(const TransitionMatrix& before, const TransitionMat
   } else {
     c.after_valid = true;
   }
-  c.ok = c.same_n_base && c.old_block_identical && c.max_abs_diff_old == 0.0 &&
-         c.leaked_mass_to_new == 0.0 && c.new_to_new_mass == 0.0 && c.max_row_sum_error <= tol &&
-         c.fingerprint_before == c.fingerprint_after_old && c.after_valid;
+  c.ok = c.same_n_base && c.old_block_identical && c.max_abs_diff_old == 0.0 && c.leaked_mass_to_new == 0.0 &&
+         c.new_to_new_mass == 0.0 && c.max_row_sum_error <= tol && c.fingerprint_before == c.fingerprint_after_old &&
+         c.after_valid;
   return c;
 }
 
 }  // namespace
 
-ExpansionCertificate verify_expansion(const TransitionMatrix& before, const TransitionMatrix& after,
-                                      double tol, int n_threads) {
+ExpansionCertificate verify_expansion(const TransitionMatrix& before, const TransitionMatrix& after, double tol,
+                                      int n_threads) {
   if (!(tol >= 0.0) || !std::isfinite(tol)) {
     std::ostringstream os;
     os << "tol is " << tol << "; expected a finite number >= 0";
@@ -211,8 +213,7 @@ ExpansionCertificate verify_expansion(const TransitionMatrix& before, const Tran
   }
   if (after.n_states() < before.n_states()) {
     std::ostringstream os;
-    os << "the expanded matrix has " << after.n_states() << " states, fewer than the original's "
-       << before.n_states();
+    os << "the expanded matrix has " << after.n_states() << " states, fewer than the original's " << before.n_states();
     throw std::invalid_argument(os.str());
   }
   return certify(before, after, compare_and_hash(before, after, n_threads), tol, n_threads);
@@ -257,16 +258,15 @@ Expansion expand(const TransitionMatrix& P, const CsrView& new_rows, double tol,
   auto data = Buffer<Prob>::uninitialized(static_cast<std::size_t>(nnz_all + spare_nnz));
   const auto old = P.array_layout(n_old);
   void* dst[4] = {indptr.data(), tail.data(), indices.data(), data.data()};
-  const std::size_t full[4] = {sizeof(Index) * static_cast<std::size_t>(n_old + m + 1),
-                               sizeof(double) * static_cast<std::size_t>(n_old + m),
-                               sizeof(StateIndex) * static_cast<std::size_t>(nnz_all),
-                               sizeof(Prob) * static_cast<std::size_t>(nnz_all)};
+  const std::size_t full[4] = {
+      sizeof(Index) * static_cast<std::size_t>(n_old + m + 1), sizeof(double) * static_cast<std::size_t>(n_old + m),
+      sizeof(StateIndex) * static_cast<std::size_t>(nnz_all), sizeof(Prob) * static_cast<std::size_t>(nnz_all)};
   BlockEvidence ev;
   for (int i = 0; i < 4; ++i) {
     const std::size_t pre = old.full_bytes[i];
     // Whole chunks inside the old block now; the chunk straddling old and new bytes after the new rows land.
-    process_chunks(ev.arrays[i], dst[i], old.ptr[i], pre, full[i], pre, 0, n_chunks(pre),
-                   PrefixMode::kCopyAndCompare, n_threads);
+    process_chunks(ev.arrays[i], dst[i], old.ptr[i], pre, full[i], pre, 0, n_chunks(pre), PrefixMode::kCopyAndCompare,
+                   n_threads);
   }
   for (Index r = 1; r <= m; ++r) indptr[static_cast<std::size_t>(n_old + r)] = nnz_old + new_rows.indptr[r];
   std::memcpy(indices.data() + nnz_old, new_rows.indices, sizeof(StateIndex) * static_cast<std::size_t>(nnz_new));

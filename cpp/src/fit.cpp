@@ -128,7 +128,8 @@ std::shared_ptr<const ScreenIndex> make_screen(const TransitionMatrix& P, Link l
       for (Index j = ip[v]; j < ip[v + 1]; ++j) {
         const std::size_t k = static_cast<std::size_t>(next[ix[j]]++);
         S.crow[k] = static_cast<StateIndex>(v);
-        S.cval[k] = static_cast<float>(logit ? dev[static_cast<std::size_t>(j)] : static_cast<double>(px[j]) - rc.u[sv]);
+        S.cval[k] =
+            static_cast<float>(logit ? dev[static_cast<std::size_t>(j)] : static_cast<double>(px[j]) - rc.u[sv]);
       }
     }
   }
@@ -198,12 +199,12 @@ FitContext::FitContext(const TransitionMatrix& P_, Link link_, Dev with_dev, boo
                                         [&] { return make_log_deviations(P_, *rows_, resolve_threads(n_threads)); })
                 : std::static_pointer_cast<const LogDeviations>(P_.find_derived("fit.log_deviations"))),
       screen_(!with_screening ? nullptr
-              : allowed       ? make_screen(P_, link_, *rows_, devs_->dev, allowed, n_allowed, resolve_threads(n_threads))
-                              : cached<ScreenIndex>(P_, link_ == Link::kLogit ? "fit.screen.logit" : "fit.screen.mixture",
-                                                    [&] {
-                                                      return make_screen(P_, link_, *rows_, devs_->dev, nullptr, 0,
-                                                                         resolve_threads(n_threads));
-                                                    })),
+              : allowed ? make_screen(P_, link_, *rows_, devs_->dev, allowed, n_allowed, resolve_threads(n_threads))
+                        : cached<ScreenIndex>(P_, link_ == Link::kLogit ? "fit.screen.logit" : "fit.screen.mixture",
+                                              [&] {
+                                                return make_screen(P_, link_, *rows_, devs_->dev, nullptr, 0,
+                                                                   resolve_threads(n_threads));
+                                              })),
       u(rows_->u),
       logu(rows_->logu),
       total(rows_->total),
@@ -214,7 +215,8 @@ const std::vector<double>& FitContext::background_mean(std::size_t i) const {
   std::call_once(scr.grid_once[i], [&] {
     std::vector<double> fbg(static_cast<std::size_t>(n_base));
     for (Index x = 0; x < n_base; ++x)
-      fbg[static_cast<std::size_t>(x)] = std::exp(scr.grid_c[i] * scr.dbar[static_cast<std::size_t>(x)] - scr.grid_logz[i]);
+      fbg[static_cast<std::size_t>(x)] =
+          std::exp(scr.grid_c[i] * scr.dbar[static_cast<std::size_t>(x)] - scr.grid_logz[i]);
     std::vector<double> e(static_cast<std::size_t>(n_states), 0.0);
     for (Index v = 0; v < n_states; ++v) {
       if (!scr.eligible[static_cast<std::size_t>(v)]) continue;
@@ -332,8 +334,10 @@ std::vector<Index> screen(const FitContext& c, Workspace& w, const StateIndex* i
     const std::size_t x = static_cast<std::size_t>(ids[i]);
     const double q = counts[i] / total;
     const double wt = logit ? q : q / c.scr.pbar[x];
-    if (logit) mdbar += q * c.scr.dbar[x];
-    else W += wt;
+    if (logit)
+      mdbar += q * c.scr.dbar[x];
+    else
+      W += wt;
     // Mixture: columns stored by a large share of the rows (the most frequent
     // tokens) add nearly the same to every score and dominate the cost of the
     // product, so they are left out of the screen (never out of the objective)
@@ -415,8 +419,9 @@ void select_one(Model& model, const std::vector<Index>& wide, const FitOptions& 
   for (Index round = 0; round < kRounds; ++round) {
     std::vector<Index> before_round(model.atoms());
     std::sort(before_round.begin(), before_round.end());
-    const Index n_fwd = std::min<Index>(static_cast<Index>(pool.size()),
-                                        std::max<Index>(s_eff, static_cast<Index>(std::ceil(over * static_cast<double>(o.s)))));
+    const Index n_fwd =
+        std::min<Index>(static_cast<Index>(pool.size()),
+                        std::max<Index>(s_eff, static_cast<Index>(std::ceil(over * static_cast<double>(o.s)))));
     std::vector<std::uint8_t> taken(pool.size(), 0);
     std::vector<Index> slot_pool;  // pool index of each support slot
     for (Index v : model.atoms()) {
@@ -607,16 +612,15 @@ void parallel_rows_with(Index m, int n_threads, const FitContext& ctx, Index chu
 
 template <class Body>
 void parallel_rows(Index m, int n_threads, const FitContext& ctx, Body body, FitControl* control = nullptr) {
-  parallel_rows_with(m, n_threads, ctx, 1, control, [](Workspace&) { return 0; },
-                     [&](Workspace& ws, int, Index r) { body(ws, r); });
+  parallel_rows_with(
+      m, n_threads, ctx, 1, control, [](Workspace&) { return 0; }, [&](Workspace& ws, int, Index r) { body(ws, r); });
 }
 
 // One model of each link per thread, reused across the rows of a fixed-support call.
 struct ThreadModels {
   LogitModel logit;
   MixtureModel mixture;
-  ThreadModels(const FitContext& ctx, Workspace& ws, double bound)
-      : logit(ctx, ws, bound, false), mixture(ctx, ws) {}
+  ThreadModels(const FitContext& ctx, Workspace& ws, double bound) : logit(ctx, ws, bound, false), mixture(ctx, ws) {}
 };
 
 // Rows per scheduling chunk of the fixed-support calls (each row prefetches the next, which
@@ -630,8 +634,8 @@ Index fixed_chunk(Index m, int n_threads) {
 // Prefetches what fitting `targets` row r on support row r will read first: the
 // support rows' stored entries (the cache misses of building the support structure)
 // and the workspace slots of the target's tokens.
-void prefetch_row(const FitContext& ctx, const Workspace& ws, const TargetsView& targets,
-                  const SupportView& support, Index r) {
+void prefetch_row(const FitContext& ctx, const Workspace& ws, const TargetsView& targets, const SupportView& support,
+                  Index r) {
 #if defined(__GNUC__) || defined(__clang__)
   if (r >= targets.n_rows) return;
   const StateIndex* sb = support.indices + support.indptr[r];
@@ -866,8 +870,7 @@ void check_targets(const TransitionMatrix& P, const TargetsView& t) {
       total += c;
     }
     if (!(total > 0))
-      throw std::invalid_argument(row_msg(r) +
-                                  " has no counts; every target needs at least one observed next token");
+      throw std::invalid_argument(row_msg(r) + " has no counts; every target needs at least one observed next token");
   }
 }
 
@@ -877,30 +880,34 @@ AlphaResult fit_alpha(const TransitionMatrix& P, const TargetsView& targets, con
   for (Index i = 0; i < o.n_allowed; ++i)
     if (o.allowed[i] < 0 || o.allowed[i] >= P.n_states() || (i > 0 && o.allowed[i] <= o.allowed[i - 1]))
       throw std::invalid_argument("candidates must be sorted, unique state ids in [0, n_states)");
-  const FitContext ctx(P, o.link, FitContext::Dev::kYes, true, o.n_allowed > 0 ? o.allowed : nullptr, o.n_allowed, o.n_threads);
+  const FitContext ctx(P, o.link, FitContext::Dev::kYes, true, o.n_allowed > 0 ? o.allowed : nullptr, o.n_allowed,
+                       o.n_threads);
   const Index C = o.n_candidates > 0 ? o.n_candidates : std::max<Index>(256, 16 * o.s);
   std::vector<RowOut> rows(static_cast<std::size_t>(targets.n_rows));
-  parallel_rows(targets.n_rows, o.n_threads, ctx, [&](Workspace& ws, Index r) {
-    const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
-    const StateIndex* ids = targets.indices + a;
-    const double* cnt = targets.data + a;
-    RowOut& out = rows[static_cast<std::size_t>(r)];
-    if (o.link == Link::kLogit) {
-      std::vector<Index> plain;
-      const std::vector<Index> pool = screen(ctx, ws, ids, cnt, nq, C, false, &plain);
-      fit_logit_row(ctx, ws, ids, cnt, nq, o, r, C, o.bound, pool, plain, out);
-      if (o.cv_bound) cross_validate_radius(ctx, ws, ids, cnt, nq, o, r, C, pool, out);
-      return;
-    }
-    const std::vector<Index> pool = screen(ctx, ws, ids, cnt, nq, C);
-    out.n_candidates = static_cast<Index>(pool.size());
-    MixtureModel model(ctx, ws);
-    model.load(ids, cnt, nq);
-    select_one(model, pool, o, r, C, out);
-    emit(model, ctx.n_base, out, true);
-    model.unload();
-    if (pool.empty()) out.converged = false;
-  }, o.control);
+  parallel_rows(
+      targets.n_rows, o.n_threads, ctx,
+      [&](Workspace& ws, Index r) {
+        const Index a = targets.indptr[r], nq = targets.indptr[r + 1] - a;
+        const StateIndex* ids = targets.indices + a;
+        const double* cnt = targets.data + a;
+        RowOut& out = rows[static_cast<std::size_t>(r)];
+        if (o.link == Link::kLogit) {
+          std::vector<Index> plain;
+          const std::vector<Index> pool = screen(ctx, ws, ids, cnt, nq, C, false, &plain);
+          fit_logit_row(ctx, ws, ids, cnt, nq, o, r, C, o.bound, pool, plain, out);
+          if (o.cv_bound) cross_validate_radius(ctx, ws, ids, cnt, nq, o, r, C, pool, out);
+          return;
+        }
+        const std::vector<Index> pool = screen(ctx, ws, ids, cnt, nq, C);
+        out.n_candidates = static_cast<Index>(pool.size());
+        MixtureModel model(ctx, ws);
+        model.load(ids, cnt, nq);
+        select_one(model, pool, o, r, C, out);
+        emit(model, ctx.n_base, out, true);
+        model.unload();
+        if (pool.empty()) out.converged = false;
+      },
+      o.control);
   return assemble(rows);
 }
 
@@ -1016,7 +1023,8 @@ PredictedRows predict_rows(const TransitionMatrix& P, const SupportView& alpha, 
           val.push_back(0.0);
         }
         val[static_cast<std::size_t>(p)] +=
-            a * (link == Link::kLogit ? ctx.d_of(j, v) : static_cast<double>(ctx.px[j]) - ctx.u[static_cast<std::size_t>(v)]);
+            a * (link == Link::kLogit ? ctx.d_of(j, v)
+                                      : static_cast<double>(ctx.px[j]) - ctx.u[static_cast<std::size_t>(v)]);
       }
     }
     for (StateIndex x : U) ws.pos[static_cast<std::size_t>(x)] = -1;
@@ -1044,7 +1052,8 @@ PredictedRows predict_rows(const TransitionMatrix& P, const SupportView& alpha, 
   PredictedRows res;
   res.indptr.assign(static_cast<std::size_t>(m) + 1, 0);
   for (Index r = 0; r < m; ++r)
-    res.indptr[static_cast<std::size_t>(r) + 1] = res.indptr[static_cast<std::size_t>(r)] + static_cast<Index>(out[static_cast<std::size_t>(r)].size());
+    res.indptr[static_cast<std::size_t>(r) + 1] =
+        res.indptr[static_cast<std::size_t>(r)] + static_cast<Index>(out[static_cast<std::size_t>(r)].size());
   res.indices.reserve(static_cast<std::size_t>(res.indptr.back()));
   res.data.reserve(static_cast<std::size_t>(res.indptr.back()));
   for (const auto& row : out)

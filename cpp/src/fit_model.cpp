@@ -160,7 +160,8 @@ struct Shortlist {
     } else {
       return;
     }
-    for (int k = n - 1; k > 0 && best[static_cast<std::size_t>(k)].first > best[static_cast<std::size_t>(k - 1)].first; --k)
+    for (int k = n - 1; k > 0 && best[static_cast<std::size_t>(k)].first > best[static_cast<std::size_t>(k - 1)].first;
+         --k)
       std::swap(best[static_cast<std::size_t>(k)], best[static_cast<std::size_t>(k - 1)]);
   }
 };
@@ -253,7 +254,8 @@ void SupportRows::weighted_gram(const double* w, MatrixXd& G, VectorXd* wsum) co
     // The dense block's pairs; its diagonal is already in (it was counted by slot).
     const Index nh = static_cast<Index>(heavy.size());
     wh_.resize(nh);
-    for (Index h = 0; h < nh; ++h) wh_(h) = std::max(w[static_cast<std::size_t>(heavy[static_cast<std::size_t>(h)])], 0.0);
+    for (Index h = 0; h < nh; ++h)
+      wh_(h) = std::max(w[static_cast<std::size_t>(heavy[static_cast<std::size_t>(h)])], 0.0);
     scaled_.noalias() = wh_.cwiseSqrt().asDiagonal() * dense;
     G.diagonal() -= scaled_.colwise().squaredNorm().transpose();
     G.selfadjointView<Eigen::Lower>().rankUpdate(scaled_.transpose());  // lower triangle only: half a GEMM
@@ -613,8 +615,8 @@ Pick LogitModel::best_addition(const std::vector<Index>& pool, const std::vector
   for (int k = 0; k < sl.n; ++k) {
     const Index i = sl.best[static_cast<std::size_t>(k)].second;
     double t = 0.0;
-    const double gain = tmax > 0 ? line_gain(pool[static_cast<std::size_t>(i)], tmax, t)
-                                 : sl.best[static_cast<std::size_t>(k)].first;
+    const double gain =
+        tmax > 0 ? line_gain(pool[static_cast<std::size_t>(i)], tmax, t) : sl.best[static_cast<std::size_t>(k)].first;
     if (gain > best.gain || (gain == best.gain && i < best.index)) best = {i, t, gain};
   }
   return best;
@@ -653,7 +655,8 @@ std::vector<Index> LogitModel::rescreen(const std::vector<Index>& wide, Index C)
   }
   for (Index v : atoms_) w_.mark[static_cast<std::size_t>(v)] = 0;
   std::vector<Index> pool(atoms_);
-  const std::size_t keep = std::min<std::size_t>(scored.size(), static_cast<std::size_t>(std::max<Index>(C - size(), 0)));
+  const std::size_t keep =
+      std::min<std::size_t>(scored.size(), static_cast<std::size_t>(std::max<Index>(C - size(), 0)));
   std::partial_sort(scored.begin(), scored.begin() + static_cast<std::ptrdiff_t>(keep), scored.end());
   for (std::size_t i = 0; i < keep; ++i) pool.push_back(scored[i].second);
   return pool;
@@ -722,9 +725,11 @@ void MixtureModel::set_support(std::vector<Index> atoms, VectorXd alpha, bool pr
   }
   alpha_ = alpha.cwiseMax(0.0);
   double mass = 0.0;
-  for (std::size_t i = 0; i < atoms_.size(); ++i) mass += alpha_(static_cast<Index>(i)) * c_.total[static_cast<std::size_t>(atoms_[i])];
+  for (std::size_t i = 0; i < atoms_.size(); ++i)
+    mass += alpha_(static_cast<Index>(i)) * c_.total[static_cast<std::size_t>(atoms_[i])];
   if (!(mass > 0) || !std::isfinite(mass)) {
-    alpha_ = VectorXd::Constant(static_cast<Index>(atoms_.size()), atoms_.empty() ? 0.0 : 1.0 / static_cast<double>(atoms_.size()));
+    alpha_ = VectorXd::Constant(static_cast<Index>(atoms_.size()),
+                                atoms_.empty() ? 0.0 : 1.0 / static_cast<double>(atoms_.size()));
   } else {
     alpha_ /= mass;
   }
@@ -834,8 +839,7 @@ Index MixtureModel::newton(Index max_iter, double tol, bool& converged) {
     while (t > 1e-14) {
       trial = (alpha_ + t * step).cwiseMax(0.0);
       double pred = 0.0;
-      for (Index i = 0; i < n; ++i)
-        pred += bind[static_cast<std::size_t>(i)] ? g(i) * (alpha_(i) - trial(i)) : 0.0;
+      for (Index i = 0; i < n; ++i) pred += bind[static_cast<std::size_t>(i)] ? g(i) * (alpha_(i) - trial(i)) : 0.0;
       pred += t * dec_free;
       const bool full = t == 1.0;
       const double Gt = full ? eval(trial, &gt, nullptr) : eval(trial, nullptr, nullptr);
@@ -868,7 +872,8 @@ Index MixtureModel::newton(Index max_iter, double tol, bool& converged) {
     }
   }
   double mass = 0.0;
-  for (Index i = 0; i < n; ++i) mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
+  for (Index i = 0; i < n; ++i)
+    mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
   if (mass > 0) alpha_ /= mass;
   return it;
 }
@@ -892,7 +897,8 @@ void MixtureModel::em(Index steps) {
 double MixtureModel::line_value(Index atom, double t) const {
   // G((1 - t) alpha + t e_c), with rbuf_ holding r_c over J (set by the caller).
   double mass = 0.0;
-  for (Index i = 0; i < size(); ++i) mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
+  for (Index i = 0; i < size(); ++i)
+    mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
   double v = (1.0 - t) * mass + t * c_.total[static_cast<std::size_t>(atom)];
   for (std::size_t p = 0; p < static_cast<std::size_t>(nq_); ++p)
     v -= qJ_[p] * std::log(std::max((1.0 - t) * fJ_[p] + t * rbuf_[p], kLogFloor));
@@ -924,7 +930,8 @@ Pick MixtureModel::best_addition(const std::vector<Index>& pool, const std::vect
   const double G0 = eval(alpha_, nullptr, nullptr);
   fill_fJ();
   double mass = 0.0;
-  for (Index i = 0; i < size(); ++i) mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
+  for (Index i = 0; i < size(); ++i)
+    mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
   // Screen every candidate by a lower bound on its exact gain along (1 - t) alpha + t e_c
   // that reads only its hits on J: a token the candidate does not store keeps at
   // least (1 - t) f.  Unlike a second-order estimate it stays faithful when the

@@ -343,7 +343,9 @@ class LogitModel {
   const VectorXd& alpha() const { return alpha_; }
   Index size() const { return static_cast<Index>(atoms_.size()); }
   /// KL(q_hat || f(alpha)) at the current alpha.
-  double kl() { return neg_h_ + memo_.at(alpha_, [&] { return value(); }); }
+  double kl() {
+    return neg_h_ + memo_.at(alpha_, [&] { return value(); });
+  }
   /// Objective (KL(q_hat || f) up to the constant sum q log q) at a; optional gradient and Hessian.
   double eval(const VectorXd& a, VectorXd* g, MatrixXd* H);
   double value() { return eval(alpha_, nullptr, nullptr); }
@@ -393,7 +395,7 @@ class LogitModel {
   std::vector<std::int32_t> epos_;  ///< rebuild: the U position of each atom entry, in build order
   std::vector<double> qU_, zU_, eU_, fU_;
   VectorXd eq_;  ///< E_q_hat[d_i] per slot
-  VectorXd m_;   ///< E_f[d_i] per slot at the last eval with a gradient
+  VectorXd m_;  ///< E_f[d_i] per slot at the last eval with a gradient
   mutable NewtonScratch nw_;
   ValueMemo memo_;
   double zmax_ = 0.0, zs_ = 1.0;  ///< shift and shifted partition function of the last eval
@@ -403,13 +405,13 @@ class LogitModel {
   // E_q[d_c] is computed once per candidate.
   void cache_pool(const std::vector<Index>& pool);
   bool pool_cached_ = false;
-  std::vector<Index> cpool_;        ///< the pool the cache describes (compared by content)
-  std::vector<Index> cptr_;         ///< per pool entry: its range in cw_ / cd_
-  std::vector<std::int32_t> cw_;    ///< per stored entry: the column's index in W
-  std::vector<double> cd_;          ///< per stored entry: d_c(x)
-  std::vector<double> cmq_;         ///< per pool entry: E_q_hat[d_c]
-  std::vector<StateIndex> wlist_;   ///< W
-  std::vector<double> fW_;          ///< f over W at the last screen
+  std::vector<Index> cpool_;  ///< the pool the cache describes (compared by content)
+  std::vector<Index> cptr_;  ///< per pool entry: its range in cw_ / cd_
+  std::vector<std::int32_t> cw_;  ///< per stored entry: the column's index in W
+  std::vector<double> cd_;  ///< per stored entry: d_c(x)
+  std::vector<double> cmq_;  ///< per pool entry: E_q_hat[d_c]
+  std::vector<StateIndex> wlist_;  ///< W
+  std::vector<double> fW_;  ///< f over W at the last screen
 };
 
 class MixtureModel {
@@ -426,7 +428,8 @@ class MixtureModel {
   /// KL(q_hat || f(alpha)) = sum q log q - sum q log f at the current alpha.
   double kl() {
     double mass = 0.0;
-    for (Index i = 0; i < size(); ++i) mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
+    for (Index i = 0; i < size(); ++i)
+      mass += alpha_(i) * c_.total[static_cast<std::size_t>(atoms_[static_cast<std::size_t>(i)])];
     return neg_h_ + memo_.at(alpha_, [&] { return value(); }) - mass;
   }
   /// G(a) = -sum q log f + sum a_v total_v (its minimiser over a >= 0 lies on the simplex;
@@ -477,10 +480,10 @@ class MixtureModel {
   SupportRows rows_;
   std::vector<Index> covered_;
   std::vector<double> qc_, fc_, w1c_, w2c_;  ///< q_hat, f, q/f, q/f^2 on the covered positions
-  double q_unc_ = 0.0;                       ///< q_hat mass on the uncovered positions
-  double ft_ = 1.0;                          ///< f of an uncovered position at the last eval
-  VectorXd uS_, tS_, s1_;                    ///< per slot: u_v, total_v; gradient scratch
-  std::vector<double> fJ_;                   ///< f over J at the last eval, filled by fill_fJ()
+  double q_unc_ = 0.0;  ///< q_hat mass on the uncovered positions
+  double ft_ = 1.0;  ///< f of an uncovered position at the last eval
+  VectorXd uS_, tS_, s1_;  ///< per slot: u_v, total_v; gradient scratch
+  std::vector<double> fJ_;  ///< f over J at the last eval, filled by fill_fJ()
   std::vector<double> rbuf_;
   double W1_ = 0.0, W2_ = 0.0, qsum_ = 0.0;
   mutable NewtonScratch nw_;

@@ -96,9 +96,9 @@ void ArrayHashes::append_full(std::vector<std::uint64_t>& out) const {
   out.insert(out.end(), chunks.begin(), chunks.end());
 }
 
-void process_chunks(ArrayHashes& h, void* dst, const void* src, std::size_t prefix_bytes,
-                    std::size_t full_bytes, std::size_t ready_bytes, std::size_t first_chunk,
-                    std::size_t last_chunk, PrefixMode mode, int n_threads) {
+void process_chunks(ArrayHashes& h, void* dst, const void* src, std::size_t prefix_bytes, std::size_t full_bytes,
+                    std::size_t ready_bytes, std::size_t first_chunk, std::size_t last_chunk, PrefixMode mode,
+                    int n_threads) {
   if (h.chunks.size() != n_chunks(full_bytes)) {
     h.chunks.assign(n_chunks(full_bytes), 0);
     h.full_bytes = full_bytes;

@@ -78,11 +78,21 @@ std::string json_escape(const std::string& s) {
   std::string out;
   for (unsigned char c : s) {
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\t': out += "\\t"; break;
-      case '\r': out += "\\r"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
       default:
         if (c < 0x20) {
           char buf[8];
@@ -143,8 +153,7 @@ class JsonParser {
       fail("JSON header holds more than " + std::to_string(kMaxHeaderEntries) + " entries");
   }
   Json value(int depth) {
-    if (depth > kMaxHeaderDepth)
-      fail("JSON header nests deeper than " + std::to_string(kMaxHeaderDepth) + " levels");
+    if (depth > kMaxHeaderDepth) fail("JSON header nests deeper than " + std::to_string(kMaxHeaderDepth) + " levels");
     const char c = peek();
     if (c == '{') return object(depth);
     if (c == '[') return array(depth);
@@ -233,24 +242,44 @@ class JsonParser {
       if (p_ == end_) fail("JSON header: unterminated escape");
       const char e = *p_++;
       switch (e) {
-        case '"': out += '"'; break;
-        case '\\': out += '\\'; break;
-        case '/': out += '/'; break;
-        case 'b': out += '\b'; break;
-        case 'f': out += '\f'; break;
-        case 'n': out += '\n'; break;
-        case 'r': out += '\r'; break;
-        case 't': out += '\t'; break;
+        case '"':
+          out += '"';
+          break;
+        case '\\':
+          out += '\\';
+          break;
+        case '/':
+          out += '/';
+          break;
+        case 'b':
+          out += '\b';
+          break;
+        case 'f':
+          out += '\f';
+          break;
+        case 'n':
+          out += '\n';
+          break;
+        case 'r':
+          out += '\r';
+          break;
+        case 't':
+          out += '\t';
+          break;
         case 'u': {
           if (end_ - p_ < 4) fail("JSON header: short \\u escape");
           unsigned code = 0;
           for (int i = 0; i < 4; ++i) {
             const char h = *p_++;
             code <<= 4;
-            if (h >= '0' && h <= '9') code |= static_cast<unsigned>(h - '0');
-            else if (h >= 'a' && h <= 'f') code |= static_cast<unsigned>(h - 'a' + 10);
-            else if (h >= 'A' && h <= 'F') code |= static_cast<unsigned>(h - 'A' + 10);
-            else fail("JSON header: bad \\u escape");
+            if (h >= '0' && h <= '9')
+              code |= static_cast<unsigned>(h - '0');
+            else if (h >= 'a' && h <= 'f')
+              code |= static_cast<unsigned>(h - 'a' + 10);
+            else if (h >= 'A' && h <= 'F')
+              code |= static_cast<unsigned>(h - 'A' + 10);
+            else
+              fail("JSON header: bad \\u escape");
           }
           // Encode the code unit as UTF-8 (surrogate pairs are kept as two units; metadata only).
           if (code < 0x80) {
@@ -265,7 +294,8 @@ class JsonParser {
           }
           break;
         }
-        default: fail("JSON header: bad escape");
+        default:
+          fail("JSON header: bad escape");
       }
     }
   }
@@ -343,15 +373,14 @@ void write_all(int fd, const void* src, std::size_t n, const std::string& path) 
 }
 
 std::uint64_t header_length(int fd, std::size_t file_size, const std::string& path) {
-  if (file_size < 8)
-    corrupt(path, "it has " + std::to_string(file_size) + " bytes, too few for a safetensors header");
+  if (file_size < 8) corrupt(path, "it has " + std::to_string(file_size) + " bytes, too few for a safetensors header");
   unsigned char len_bytes[8];
   read_exact(fd, len_bytes, 8, 0, path);
   std::uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | len_bytes[i];
   if (n > kMaxHeader || n > file_size - 8)
-    corrupt(path, "header length " + std::to_string(n) + " exceeds the file size " +
-                      std::to_string(file_size) + " (truncated or not safetensors)");
+    corrupt(path, "header length " + std::to_string(n) + " exceeds the file size " + std::to_string(file_size) +
+                      " (truncated or not safetensors)");
   return n;
 }
 
@@ -428,7 +457,7 @@ int open_regular(const std::string& path, std::size_t* size) {
   if (::fstat(fd.get(), &st) != 0) os_fail(path, "cannot stat");
   if (!S_ISREG(st.st_mode)) {
     errno = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
-    os_fail(path, S_ISDIR(st.st_mode)   ? "not a regular file (a directory)"
+    os_fail(path, S_ISDIR(st.st_mode)    ? "not a regular file (a directory)"
                   : S_ISFIFO(st.st_mode) ? "not a regular file (a FIFO)"
                                          : "not a regular file");
   }
@@ -509,7 +538,6 @@ std::string metadata_fingerprint(const Metadata& entries) {
   return to_hex(xxh64(parts.data(), parts.size() * sizeof(parts[0])));
 }
 
-
 void save(const TransitionMatrix& P, const std::string& path, const Metadata& extra) {
   if (!little_endian()) throw std::runtime_error("markovmem files are little-endian; this host is not");
   const Index T = P.n_states(), nnz = P.nnz();
@@ -518,12 +546,9 @@ void save(const TransitionMatrix& P, const std::string& path, const Metadata& ex
   const void* ptrs[4] = {P.indptr(), P.tail(), P.indices(), P.data()};
   const Index shapes[4] = {T + 1, T, nnz, nnz};
 
-  Metadata meta = {{"format", kFormatName},
-                   {"format_version", kFormatVersion},
-                   {"n_states", std::to_string(T)},
-                   {"n_base", std::to_string(P.n_base())},
-                   {"nnz", std::to_string(nnz)},
-                   {"fingerprint", P.fingerprint()}};
+  Metadata meta = {{"format", kFormatName},         {"format_version", kFormatVersion},
+                   {"n_states", std::to_string(T)}, {"n_base", std::to_string(P.n_base())},
+                   {"nnz", std::to_string(nnz)},    {"fingerprint", P.fingerprint()}};
   const std::size_t n_ours = meta.size();
   if (extra.size() > kMaxUserMetadata)
     throw std::invalid_argument("metadata has " + std::to_string(extra.size()) + " entries; a file holds at most " +
@@ -534,7 +559,8 @@ void save(const TransitionMatrix& P, const std::string& path, const Metadata& ex
     for (std::size_t i = 0; i < n_ours; ++i)
       if (kv.first == meta[i].first) throw std::invalid_argument("metadata key '" + kv.first + "' is reserved");
     if (kv.first.rfind("markovmem.", 0) == 0)
-      throw std::invalid_argument("metadata key '" + kv.first + "' is reserved (keys starting with 'markovmem.' are the library's)");
+      throw std::invalid_argument("metadata key '" + kv.first +
+                                  "' is reserved (keys starting with 'markovmem.' are the library's)");
     meta.push_back(kv);
   }
   meta.emplace_back(kMetadataFingerprintKey, metadata_fingerprint(meta));
@@ -545,8 +571,8 @@ void save(const TransitionMatrix& P, const std::string& path, const Metadata& ex
   h << "}";
   std::size_t offset = 0;
   for (int i = 0; i < 4; ++i) {
-    h << ",\"" << kTensors[i].name << "\":{\"dtype\":\"" << kTensors[i].dtype << "\",\"shape\":["
-      << shapes[i] << "],\"data_offsets\":[" << offset << "," << offset + sizes[i] << "]}";
+    h << ",\"" << kTensors[i].name << "\":{\"dtype\":\"" << kTensors[i].dtype << "\",\"shape\":[" << shapes[i]
+      << "],\"data_offsets\":[" << offset << "," << offset + sizes[i] << "]}";
     offset += sizes[i];
   }
   h << "}";
@@ -598,8 +624,8 @@ Loaded load(const std::string& path, bool use_mmap, bool verify, int n_threads) 
   Metadata meta = parse_metadata(header, path);
   const std::string* format = find(meta, "format");
   if (!format || *format != kFormatName)
-    corrupt(path, "__metadata__ 'format' is '" + (format ? *format : std::string("<missing>")) +
-                      "'; expected '" + kFormatName + "'");
+    corrupt(path, "__metadata__ 'format' is '" + (format ? *format : std::string("<missing>")) + "'; expected '" +
+                      kFormatName + "'");
   const std::string* version = find(meta, "format_version");
   if (!version || *version != kFormatVersion)
     corrupt(path, "format version '" + (version ? *version : std::string("<missing>")) +
@@ -624,23 +650,21 @@ Loaded load(const std::string& path, bool use_mmap, bool verify, int n_threads) 
     if (!dtype || dtype->kind != Json::kString || dtype->str != spec.dtype)
       corrupt(path, std::string("tensor '") + spec.name + "' must have dtype " + spec.dtype);
     const Json* shape = t->get("shape");
-    if (!shape || shape->kind != Json::kArray || shape->array.size() != 1 ||
-        shape->array[0].kind != Json::kInteger ||
+    if (!shape || shape->kind != Json::kArray || shape->array.size() != 1 || shape->array[0].kind != Json::kInteger ||
         shape->array[0].integer != static_cast<std::uint64_t>(expected[i]))
-      corrupt(path, std::string("tensor '") + spec.name + "' must have shape [" +
-                        std::to_string(expected[i]) + "]");
+      corrupt(path, std::string("tensor '") + spec.name + "' must have shape [" + std::to_string(expected[i]) + "]");
     const Json* offs = t->get("data_offsets");
-    if (!offs || offs->kind != Json::kArray || offs->array.size() != 2 ||
-        offs->array[0].kind != Json::kInteger || offs->array[1].kind != Json::kInteger)
+    if (!offs || offs->kind != Json::kArray || offs->array.size() != 2 || offs->array[0].kind != Json::kInteger ||
+        offs->array[1].kind != Json::kInteger)
       corrupt(path, std::string("tensor '") + spec.name + "' has no valid data_offsets");
     const std::uint64_t a = offs->array[0].integer, b = offs->array[1].integer;
     if (a > b || b > data_len || b - a != static_cast<std::uint64_t>(expected[i]) * spec.itemsize)
       corrupt(path, std::string("tensor '") + spec.name + "' data_offsets [" + std::to_string(a) + ", " +
-                        std::to_string(b) + "] do not fit its shape within the " +
-                        std::to_string(data_len) + " data bytes (truncated?)");
+                        std::to_string(b) + "] do not fit its shape within the " + std::to_string(data_len) +
+                        " data bytes (truncated?)");
     if ((data_start + a) % spec.itemsize != 0)
-      corrupt(path, std::string("tensor '") + spec.name + "' is not aligned to " +
-                        std::to_string(spec.itemsize) + " bytes");
+      corrupt(path,
+              std::string("tensor '") + spec.name + "' is not aligned to " + std::to_string(spec.itemsize) + " bytes");
     begin[i] = data_start + static_cast<std::size_t>(a);
   }
 
@@ -677,9 +701,9 @@ Loaded load(const std::string& path, bool use_mmap, bool verify, int n_threads) 
     indices = bytes->indices.data();
   }
   try {
-    TransitionMatrix m = TransitionMatrix::from_buffers(
-        T, n_base, nnz, indptr, indices, reinterpret_cast<const Prob*>(base + begin[3]),
-        reinterpret_cast<const double*>(base + begin[1]), bytes, verify, n_threads);
+    TransitionMatrix m =
+        TransitionMatrix::from_buffers(T, n_base, nnz, indptr, indices, reinterpret_cast<const Prob*>(base + begin[3]),
+                                       reinterpret_cast<const double*>(base + begin[1]), bytes, verify, n_threads);
     bool metadata_verified = false;
     if (verify) {
       const std::string* stored = find(meta, "fingerprint");

@@ -41,9 +41,7 @@ struct Cand {
   std::int32_t idx;
 };
 
-inline bool better(const Cand& a, const Cand& b) noexcept {
-  return a.key > b.key || (a.key == b.key && a.idx < b.idx);
-}
+inline bool better(const Cand& a, const Cand& b) noexcept { return a.key > b.key || (a.key == b.key && a.idx < b.idx); }
 
 inline float sort_key(float x) noexcept { return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x; }
 
@@ -227,15 +225,15 @@ namespace detail {
 float fast_exp_nonpos(float x) noexcept { return fast_exp(x); }
 }  // namespace detail
 
-void softmax_topk(const float* logits, Index n_rows, Index n_cols, Index row_stride, Index k,
-                  std::int32_t* indices, float* probs, int n_threads) {
+void softmax_topk(const float* logits, Index n_rows, Index n_cols, Index row_stride, Index k, std::int32_t* indices,
+                  float* probs, int n_threads) {
   if (n_rows < 0) throw std::invalid_argument("n_rows is " + std::to_string(n_rows) + "; expected >= 0");
   if (n_cols < 1) throw std::invalid_argument("the rows are empty; expected at least one column");
   if (n_cols > kMaxStates)
     throw std::invalid_argument("n_cols is " + std::to_string(n_cols) + "; expected <= 2147483647");
   if (row_stride < n_cols)
-    throw std::invalid_argument("row_stride is " + std::to_string(row_stride) + "; expected >= n_cols = " +
-                                std::to_string(n_cols));
+    throw std::invalid_argument("row_stride is " + std::to_string(row_stride) +
+                                "; expected >= n_cols = " + std::to_string(n_cols));
   if (k < 1 || k > n_cols)
     throw std::invalid_argument("k is " + std::to_string(k) + "; expected 1 <= k <= " + std::to_string(n_cols));
   if (n_rows == 0) return;

@@ -48,13 +48,13 @@ bool row_problem(const CsrView& rows, const double* tail, Index cap, Index n_sta
   const char* label = opts.label ? opts.label : "row";
   const Index a = rows.indptr[r], b = rows.indptr[r + 1];
   if (a < 0 || a > b) {
-    if (msg) *msg = cat(label, " ", r, ": indptr[", r, "] = ", a, " > indptr[", r + 1, "] = ", b,
-                        " (row pointers must not decrease)");
+    if (msg)
+      *msg = cat(label, " ", r, ": indptr[", r, "] = ", a, " > indptr[", r + 1, "] = ", b,
+                 " (row pointers must not decrease)");
     return true;
   }
   if (b > cap) {
-    if (msg) *msg = cat(label, " ", r, ": indptr[", r + 1, "] = ", b,
-                        " exceeds the number of stored entries ", cap);
+    if (msg) *msg = cat(label, " ", r, ": indptr[", r + 1, "] = ", b, " exceeds the number of stored entries ", cap);
     return true;
   }
   double sum = 0.0;
@@ -65,8 +65,9 @@ bool row_problem(const CsrView& rows, const double* tail, Index cap, Index n_sta
       return true;
     }
     if (c >= n_base) {
-      if (msg) *msg = cat(label, " ", r, ": puts mass on state ", c, ", a new state (>= n_base = ",
-                          n_base, "); rows may only put mass on base states");
+      if (msg)
+        *msg = cat(label, " ", r, ": puts mass on state ", c, ", a new state (>= n_base = ", n_base,
+                   "); rows may only put mass on base states");
       return true;
     }
     if (j > a) {
@@ -98,8 +99,9 @@ bool row_problem(const CsrView& rows, const double* tail, Index cap, Index n_sta
     return true;
   }
   if (opts.values && b - a >= n_base && sum < 1.0 - opts.tol) {
-    if (msg) *msg = cat(label, " ", r, ": stores every base state but sums to ", sum,
-                        ", below 1 - ", opts.tol, " (the missing mass has no state to go to)");
+    if (msg)
+      *msg = cat(label, " ", r, ": stores every base state but sums to ", sum, ", below 1 - ", opts.tol,
+                 " (the missing mass has no state to go to)");
     return true;
   }
   if (opts.tail && tail) {
@@ -128,8 +130,7 @@ namespace {
 // The same verdict as row_problem without building a message: a tight,
 // branch-light loop for the common case that every row is fine.  row_problem
 // explains the (rare) row this flags.
-bool row_ok_fast(const CsrView& rows, const double* tail, Index cap, Index n_base, const CheckOptions& opts,
-                 Index r) {
+bool row_ok_fast(const CsrView& rows, const double* tail, Index cap, Index n_base, const CheckOptions& opts, Index r) {
   const Index a = rows.indptr[r], b = rows.indptr[r + 1];
   if (a < 0 || a > b || b > cap) return false;
   if (a == b) return !opts.tail || !tail || (tail[r] >= 0.0 && tail[r] <= 1.0 && std::abs(tail[r] - 1.0) <= opts.tol);
@@ -138,7 +139,8 @@ bool row_ok_fast(const CsrView& rows, const double* tail, Index cap, Index n_bas
   const auto nb = static_cast<std::uint32_t>(std::min<Index>(n_base, kMaxStates));
   unsigned bad = static_cast<std::uint32_t>(idx[a]) >= nb;  // negative ids wrap to huge values
   for (Index j = a + 1; j < b; ++j)
-    bad |= static_cast<unsigned>(idx[j] <= idx[j - 1]) | static_cast<unsigned>(static_cast<std::uint32_t>(idx[j]) >= nb);
+    bad |=
+        static_cast<unsigned>(idx[j] <= idx[j - 1]) | static_cast<unsigned>(static_cast<std::uint32_t>(idx[j]) >= nb);
   if (bad) return false;
   if (!opts.values) return true;
   const Prob* p = rows.data;
@@ -184,13 +186,12 @@ inline std::uint64_t splitmix64(std::uint64_t& state) {
 
 }  // namespace
 
-std::optional<Violation> check_rows(const CsrView& rows, const double* tail, Index nnz_capacity,
-                                    Index n_states, Index n_base, const CheckOptions& opts) {
+std::optional<Violation> check_rows(const CsrView& rows, const double* tail, Index nnz_capacity, Index n_states,
+                                    Index n_base, const CheckOptions& opts) {
   if (!(opts.tol >= 0.0) || !std::isfinite(opts.tol))
     throw std::invalid_argument(cat("tol is ", opts.tol, "; expected a finite number >= 0"));
   if (rows.n_rows < 0) return Violation{-1, "negative number of rows"};
-  if (rows.indptr[0] != 0)
-    return Violation{0, cat("indptr[0] is ", rows.indptr[0], "; expected 0")};
+  if (rows.indptr[0] != 0) return Violation{0, cat("indptr[0] is ", rows.indptr[0], "; expected 0")};
   const long long n = rows.n_rows;
   long long first = n;
   const long long r0 = std::max<Index>(0, opts.first_row);
@@ -206,8 +207,8 @@ std::optional<Violation> check_rows(const CsrView& rows, const double* tail, Ind
     return v;
   }
   if (rows.indptr[n] != nnz_capacity)
-    return Violation{n > 0 ? n - 1 : -1, cat("indptr[", n, "] = ", rows.indptr[n],
-                                             " but ", nnz_capacity, " entries are stored")};
+    return Violation{n > 0 ? n - 1 : -1,
+                     cat("indptr[", n, "] = ", rows.indptr[n], " but ", nnz_capacity, " entries are stored")};
   return std::nullopt;
 }
 
@@ -277,8 +278,8 @@ TransitionMatrix TransitionMatrix::extended(Extension ext, Index m) const {
 }
 
 TransitionMatrix TransitionMatrix::from_csr(Index n_states, Index n_base, std::vector<Index> indptr,
-                                            std::vector<StateIndex> indices, std::vector<Prob> data,
-                                            double tol, int n_threads) {
+                                            std::vector<StateIndex> indices, std::vector<Prob> data, double tol,
+                                            int n_threads) {
   check_sizes(n_states, n_base);
   if (static_cast<Index>(indptr.size()) != n_states + 1)
     throw std::invalid_argument(cat("indptr has length ", indptr.size(), "; expected n_states + 1 = ", n_states + 1));
@@ -300,8 +301,8 @@ TransitionMatrix TransitionMatrix::from_csr(Index n_states, Index n_base, std::v
   return adopt(n_states, n_base, std::move(owned));
 }
 
-TransitionMatrix TransitionMatrix::copy_csr(Index n_states, Index n_base, const CsrView& rows,
-                                            double tol, int n_threads, const double* tail) {
+TransitionMatrix TransitionMatrix::copy_csr(Index n_states, Index n_base, const CsrView& rows, double tol,
+                                            int n_threads, const double* tail) {
   check_sizes(n_states, n_base);
   if (rows.n_rows != n_states)
     throw std::invalid_argument(cat("the matrix has ", rows.n_rows, " rows; expected n_states = ", n_states));
@@ -313,8 +314,7 @@ TransitionMatrix TransitionMatrix::copy_csr(Index n_states, Index n_base, const 
   opts.tol = tol;
   opts.tail = tail != nullptr;
   opts.n_threads = n_threads;
-  if (auto v = check_rows(rows, tail, nnz, n_states, n_base, opts))
-    throw InvariantViolation(v->row, v->reason);
+  if (auto v = check_rows(rows, tail, nnz, n_states, n_base, opts)) throw InvariantViolation(v->row, v->reason);
   auto owned = std::make_shared<Owned>();
   const auto [spare_rows, spare_nnz] = headroom(n_states, nnz);
   owned->indptr = detail::Buffer<Index>::copy_of(rows.indptr, static_cast<std::size_t>(n_states + 1),
@@ -332,12 +332,10 @@ TransitionMatrix TransitionMatrix::copy_csr(Index n_states, Index n_base, const 
 }
 
 template <class IndexT>
-TransitionMatrix TransitionMatrix::from_topk(Index n_states, Index n_base, Index k,
-                                             const IndexT* indices, const Prob* probs, double tol,
-                                             int n_threads) {
+TransitionMatrix TransitionMatrix::from_topk(Index n_states, Index n_base, Index k, const IndexT* indices,
+                                             const Prob* probs, double tol, int n_threads) {
   check_sizes(n_states, n_base);
-  if (k < 0 || k > n_base)
-    throw std::invalid_argument(cat("k is ", k, "; expected 0 <= k <= n_base = ", n_base));
+  if (k < 0 || k > n_base) throw std::invalid_argument(cat("k is ", k, "; expected 0 <= k <= n_base = ", n_base));
   auto owned = std::make_shared<Owned>();
   const auto [spare_rows, spare_nnz] = headroom(n_states, n_states * k);
   owned->indptr = detail::Buffer<Index>::uninitialized(static_cast<std::size_t>(n_states + 1 + spare_rows));
@@ -364,8 +362,7 @@ TransitionMatrix TransitionMatrix::from_topk(Index n_states, Index n_base, Index
         bad = std::min(bad, r);
         continue;
       }
-      std::sort(buf.begin(), buf.end(),
-                [](const auto& x, const auto& y) { return x.first < y.first; });
+      std::sort(buf.begin(), buf.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
       for (Index j = 0; j < k; ++j) {
         owned->indices[static_cast<std::size_t>(r * k + j)] = buf[static_cast<std::size_t>(j)].first;
         owned->data[static_cast<std::size_t>(r * k + j)] = buf[static_cast<std::size_t>(j)].second;
@@ -376,8 +373,8 @@ TransitionMatrix TransitionMatrix::from_topk(Index n_states, Index n_base, Index
     for (Index j = 0; j < k; ++j) {
       const auto raw = static_cast<long long>(indices[bad * k + j]);
       if (raw < 0 || raw >= n_base)
-        throw InvariantViolation(bad, cat("row ", bad, ": index ", raw, " at position ", j,
-                                          " is out of range [0, n_base = ", n_base, ")"));
+        throw InvariantViolation(
+            bad, cat("row ", bad, ": index ", raw, " at position ", j, " is out of range [0, n_base = ", n_base, ")"));
     }
   }
   CsrView view{n_states, owned->indptr.data(), owned->indices.data(), owned->data.data()};
@@ -392,11 +389,9 @@ TransitionMatrix TransitionMatrix::from_topk(Index n_states, Index n_base, Index
   return adopt(n_states, n_base, std::move(owned));
 }
 
-template TransitionMatrix TransitionMatrix::from_topk<std::int32_t>(Index, Index, Index,
-                                                                    const std::int32_t*,
+template TransitionMatrix TransitionMatrix::from_topk<std::int32_t>(Index, Index, Index, const std::int32_t*,
                                                                     const Prob*, double, int);
-template TransitionMatrix TransitionMatrix::from_topk<std::int64_t>(Index, Index, Index,
-                                                                    const std::int64_t*,
+template TransitionMatrix TransitionMatrix::from_topk<std::int64_t>(Index, Index, Index, const std::int64_t*,
                                                                     const Prob*, double, int);
 
 TransitionMatrix TransitionMatrix::adopt_buffers(Index n_states, Index n_base, detail::Buffer<Index> indptr,
@@ -410,19 +405,16 @@ TransitionMatrix TransitionMatrix::adopt_buffers(Index n_states, Index n_base, d
   return adopt(n_states, n_base, std::move(owned));
 }
 
-TransitionMatrix TransitionMatrix::from_buffers(Index n_states, Index n_base, Index nnz,
-                                                const Index* indptr, const StateIndex* indices,
-                                                const Prob* data, const double* tail,
-                                                std::shared_ptr<const void> owner,
-                                                bool check_values, int n_threads) {
+TransitionMatrix TransitionMatrix::from_buffers(Index n_states, Index n_base, Index nnz, const Index* indptr,
+                                                const StateIndex* indices, const Prob* data, const double* tail,
+                                                std::shared_ptr<const void> owner, bool check_values, int n_threads) {
   check_sizes(n_states, n_base);
   CsrView view{n_states, indptr, indices, data};
   CheckOptions opts;
   opts.values = check_values;
   opts.tail = check_values;
   opts.n_threads = n_threads;
-  if (auto v = check_rows(view, tail, nnz, n_states, n_base, opts))
-    throw InvariantViolation(v->row, v->reason);
+  if (auto v = check_rows(view, tail, nnz, n_states, n_base, opts)) throw InvariantViolation(v->row, v->reason);
   TransitionMatrix m;
   m.n_states_ = n_states;
   m.n_base_ = n_base;
@@ -435,8 +427,7 @@ TransitionMatrix TransitionMatrix::from_buffers(Index n_states, Index n_base, In
 }
 
 Index TransitionMatrix::storage_bytes() const noexcept {
-  return (n_states_ + 1) * static_cast<Index>(sizeof(Index)) +
-         n_states_ * static_cast<Index>(sizeof(double)) +
+  return (n_states_ + 1) * static_cast<Index>(sizeof(Index)) + n_states_ * static_cast<Index>(sizeof(double)) +
          nnz() * static_cast<Index>(sizeof(StateIndex) + sizeof(Prob));
 }
 
@@ -446,8 +437,8 @@ void TransitionMatrix::check_state(Index v, const char* what) const {
 }
 
 namespace {
-inline double prob_unchecked(const Index* indptr, const StateIndex* indices, const Prob* data,
-                             const double* tail, Index n_base, Index v, Index x) {
+inline double prob_unchecked(const Index* indptr, const StateIndex* indices, const Prob* data, const double* tail,
+                             Index n_base, Index v, Index x) {
   const StateIndex* first = indices + indptr[v];
   const StateIndex* last = indices + indptr[v + 1];
   const StateIndex* it = std::lower_bound(first, last, static_cast<StateIndex>(x));
@@ -464,12 +455,9 @@ double TransitionMatrix::prob(Index v, Index x) const {
   return prob_unchecked(indptr_, indices_, data_, tail_, n_base_, v, x);
 }
 
-double TransitionMatrix::log_prob(Index v, Index x) const {
-  return std::log(std::max(prob(v, x), kLogFloor));
-}
+double TransitionMatrix::log_prob(Index v, Index x) const { return std::log(std::max(prob(v, x), kLogFloor)); }
 
-void TransitionMatrix::prob_many(const Index* v, const Index* x, Index n, double* out, bool log,
-                                 int n_threads) const {
+void TransitionMatrix::prob_many(const Index* v, const Index* x, Index n, double* out, bool log, int n_threads) const {
   for (Index i = 0; i < n; ++i) {
     if (v[i] < 0 || v[i] >= n_states_)
       throw std::out_of_range(cat("v[", i, "] = ", v[i], " is out of range [0, n_states = ", n_states_, ")"));
@@ -524,8 +512,7 @@ std::vector<double> TransitionMatrix::step(const double* dist, int n_threads) co
   return out;
 }
 
-TransitionMatrix::Stationary TransitionMatrix::stationary(double tol, Index max_iter,
-                                                          int n_threads) const {
+TransitionMatrix::Stationary TransitionMatrix::stationary(double tol, Index max_iter, int n_threads) const {
   if (!(tol > 0.0)) throw std::invalid_argument(cat("tol is ", tol, "; expected > 0"));
   if (max_iter < 1) throw std::invalid_argument(cat("max_iter is ", max_iter, "; expected >= 1"));
   Stationary res;
@@ -555,15 +542,14 @@ TransitionMatrix::Stationary TransitionMatrix::stationary(double tol, Index max_
   return res;
 }
 
-std::vector<double> TransitionMatrix::log_likelihood(const std::int32_t* tokens, Index n_tokens,
-                                                     const Index* offsets, Index n_seq,
-                                                     int n_threads) const {
+std::vector<double> TransitionMatrix::log_likelihood(const std::int32_t* tokens, Index n_tokens, const Index* offsets,
+                                                     Index n_seq, int n_threads) const {
   if (n_seq < 0) throw std::invalid_argument("negative number of sequences");
   if (offsets[0] < 0) throw std::invalid_argument(cat("offsets[0] is ", offsets[0], "; expected >= 0"));
   for (Index s = 0; s < n_seq; ++s)
     if (offsets[s + 1] < offsets[s] || offsets[s + 1] > n_tokens)
-      throw std::invalid_argument(cat("offsets[", s + 1, "] = ", offsets[s + 1],
-                                      " is not within [offsets[", s, "], n_tokens = ", n_tokens, "]"));
+      throw std::invalid_argument(cat("offsets[", s + 1, "] = ", offsets[s + 1], " is not within [offsets[", s,
+                                      "], n_tokens = ", n_tokens, "]"));
   for (Index s = 0; s < n_seq; ++s)
     for (Index i = offsets[s]; i < offsets[s + 1]; ++i)
       if (tokens[i] < 0 || tokens[i] >= n_states_)
@@ -571,8 +557,7 @@ std::vector<double> TransitionMatrix::log_likelihood(const std::int32_t* tokens,
                                     " is out of range [0, n_states = ", n_states_, ")"));
   std::vector<double> out(static_cast<std::size_t>(n_seq), 0.0);
   const long long ns = n_seq;
-#pragma omp parallel for schedule(dynamic, 16) num_threads(detail::resolve_threads(n_threads)) \
-    if (n_tokens > 65536)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(detail::resolve_threads(n_threads)) if (n_tokens > 65536)
   for (long long s = 0; s < ns; ++s) {
     double ll = 0.0;
     for (Index i = offsets[s] + 1; i < offsets[s + 1]; ++i) {
@@ -629,7 +614,7 @@ std::vector<std::int32_t> TransitionMatrix::sample(Index start, Index length, st
 }
 
 std::shared_ptr<const void> TransitionMatrix::derived(const std::string& key,
-                                                     const std::function<std::shared_ptr<const void>()>& make) const {
+                                                      const std::function<std::shared_ptr<const void>()>& make) const {
   // Built under the lock so that concurrent callers of one key pay for one build.
   std::lock_guard<std::mutex> lock(derived_->mutex);
   auto it = derived_->entries.find(key);
@@ -666,9 +651,9 @@ const std::array<ArrayHashes, 4>& TransitionMatrix::chunk_hashes() const {
   const ArrayLayout layout = array_layout(n_states_);
   std::array<ArrayHashes, 4> hashes;
   for (int i = 0; i < 4; ++i)
-    process_chunks(hashes[static_cast<std::size_t>(i)], const_cast<void*>(layout.ptr[i]), nullptr,
-                   layout.full_bytes[i], layout.full_bytes[i], layout.full_bytes[i], 0,
-                   n_chunks(layout.full_bytes[i]), PrefixMode::kHashOnly, 0);
+    process_chunks(hashes[static_cast<std::size_t>(i)], const_cast<void*>(layout.ptr[i]), nullptr, layout.full_bytes[i],
+                   layout.full_bytes[i], layout.full_bytes[i], 0, n_chunks(layout.full_bytes[i]), PrefixMode::kHashOnly,
+                   0);
   seed_chunk_hashes(hashes);
   std::lock_guard<std::mutex> lock(hash_cache_->mutex);
   return hash_cache_->hashes;
@@ -695,8 +680,8 @@ std::pair<std::string, std::string> TransitionMatrix::fingerprint_prefix_and_ful
     const std::size_t whole = layout.prefix_bytes[i] / kHashChunk;
     pre.insert(pre.end(), h.chunks.begin(), h.chunks.begin() + static_cast<std::ptrdiff_t>(whole));
     if (layout.prefix_bytes[i] % kHashChunk != 0)
-      pre.push_back(xxh64(static_cast<const char*>(layout.ptr[i]) + whole * kHashChunk,
-                          layout.prefix_bytes[i] % kHashChunk));
+      pre.push_back(
+          xxh64(static_cast<const char*>(layout.ptr[i]) + whole * kHashChunk, layout.prefix_bytes[i] % kHashChunk));
   }
   return {fingerprint_from_parts(n_rows, n_base_, indptr_[n_rows], pre),
           fingerprint_from_parts(n_states_, n_base_, nnz(), full)};
@@ -704,11 +689,12 @@ std::pair<std::string, std::string> TransitionMatrix::fingerprint_prefix_and_ful
 
 TransitionMatrix::ArrayLayout TransitionMatrix::array_layout(Index n_rows) const noexcept {
   const Index nnz_pre = indptr_[n_rows], nnz_all = nnz();
-  return ArrayLayout{{indptr_, tail_, indices_, data_},
-                     {static_cast<std::size_t>(n_rows + 1) * sizeof(Index), static_cast<std::size_t>(n_rows) * sizeof(double),
-                      static_cast<std::size_t>(nnz_pre) * sizeof(StateIndex), static_cast<std::size_t>(nnz_pre) * sizeof(Prob)},
-                     {static_cast<std::size_t>(n_states_ + 1) * sizeof(Index), static_cast<std::size_t>(n_states_) * sizeof(double),
-                      static_cast<std::size_t>(nnz_all) * sizeof(StateIndex), static_cast<std::size_t>(nnz_all) * sizeof(Prob)}};
+  return ArrayLayout{
+      {indptr_, tail_, indices_, data_},
+      {static_cast<std::size_t>(n_rows + 1) * sizeof(Index), static_cast<std::size_t>(n_rows) * sizeof(double),
+       static_cast<std::size_t>(nnz_pre) * sizeof(StateIndex), static_cast<std::size_t>(nnz_pre) * sizeof(Prob)},
+      {static_cast<std::size_t>(n_states_ + 1) * sizeof(Index), static_cast<std::size_t>(n_states_) * sizeof(double),
+       static_cast<std::size_t>(nnz_all) * sizeof(StateIndex), static_cast<std::size_t>(nnz_all) * sizeof(Prob)}};
 }
 
 std::string TransitionMatrix::fingerprint(Index n_rows) const {
@@ -720,8 +706,7 @@ std::string TransitionMatrix::fingerprint(Index n_rows) const {
   return fingerprint_prefix_and_full(n_rows).first;
 }
 
-std::optional<Violation> TransitionMatrix::find_violation(double tol, int n_threads,
-                                                         Index first_row) const {
+std::optional<Violation> TransitionMatrix::find_violation(double tol, int n_threads, Index first_row) const {
   CheckOptions opts;
   opts.tol = tol;
   opts.n_threads = n_threads;

@@ -96,8 +96,8 @@ constexpr Kernels kLevels[] = {
 #ifdef MARKOVMEM_SIMD_X86
     {"avx512", [] { return __builtin_cpu_supports("avx512f") != 0; }, detail::avx512::exp_shifted_sum,
      detail::avx512::max_dot, detail::avx512::dot_log, detail::avx512::mixture_terms},
-    {"avx2", [] { return __builtin_cpu_supports("avx2") != 0; }, detail::avx2::exp_shifted_sum,
-     detail::avx2::max_dot, detail::avx2::dot_log, detail::avx2::mixture_terms},
+    {"avx2", [] { return __builtin_cpu_supports("avx2") != 0; }, detail::avx2::exp_shifted_sum, detail::avx2::max_dot,
+     detail::avx2::dot_log, detail::avx2::mixture_terms},
 #endif
     {"generic", [] { return true; }, detail::generic::exp_shifted_sum, detail::generic::max_dot,
      detail::generic::dot_log, detail::generic::mixture_terms},
@@ -140,7 +140,8 @@ void set_simd_level(const std::string& name) {
     return;
   }
   if (name != "avx512" && name != "avx2" && name != "generic")
-    throw std::invalid_argument("unknown instruction set '" + name + "'; expected 'auto', 'avx512', 'avx2' or 'generic'");
+    throw std::invalid_argument("unknown instruction set '" + name +
+                                "'; expected 'auto', 'avx512', 'avx2' or 'generic'");
   for (const Kernels& k : kLevels)
     if (name == k.name && k.cpu_has()) {
       active().store(&k);

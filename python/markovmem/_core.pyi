@@ -92,7 +92,9 @@ def expand(
     tol: float,
     n_threads: int,
 ) -> tuple[TransitionMatrix, dict[str, Any]]: ...
-def verify_expansion(before: TransitionMatrix, after: TransitionMatrix, tol: float, n_threads: int) -> dict[str, Any]: ...
+def verify_expansion(
+    before: TransitionMatrix, after: TransitionMatrix, tol: float, n_threads: int
+) -> dict[str, Any]: ...
 def save(P: TransitionMatrix, path: str | bytes, metadata: list[tuple[str, str]]) -> None: ...
 def load(
     path: str | bytes, mmap: bool, verify: bool, n_threads: int
@@ -124,19 +126,49 @@ def fit_alpha(
     row_offset: int,
     control: FitControl | None = None,
 ) -> tuple[Any, ...]: ...
-def fit_on_support(P: TransitionMatrix, indptr: npt.NDArray[np.int64], indices: npt.NDArray[np.int32],
-                   data: npt.NDArray[np.float64], support_indptr: npt.NDArray[np.int64],
-                   support_indices: npt.NDArray[np.int32], support_values: Any, link: int, bound: float,
-                   max_iter: int, tol: float, n_threads: int, control: FitControl | None = None) -> tuple[Any, ...]: ...
-def closed_form_alpha(P: TransitionMatrix, indptr: npt.NDArray[np.int64], indices: npt.NDArray[np.int32],
-                      data: npt.NDArray[np.float64], support_indptr: npt.NDArray[np.int64],
-                      support_indices: npt.NDArray[np.int32], n_threads: int) -> tuple[Any, ...]: ...
-def fit_objective(P: TransitionMatrix, indptr: npt.NDArray[np.int64], indices: npt.NDArray[np.int32],
-                  data: npt.NDArray[np.float64], alpha_indptr: npt.NDArray[np.int64],
-                  alpha_indices: npt.NDArray[np.int32], alpha_values: npt.NDArray[np.float64], link: int,
-                  n_threads: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
-def predict_rows(P: TransitionMatrix, alpha_indptr: npt.NDArray[np.int64], alpha_indices: npt.NDArray[np.int32],
-                 alpha_values: npt.NDArray[np.float64], link: int, n_threads: int) -> tuple[Any, ...]: ...
+def fit_on_support(
+    P: TransitionMatrix,
+    indptr: npt.NDArray[np.int64],
+    indices: npt.NDArray[np.int32],
+    data: npt.NDArray[np.float64],
+    support_indptr: npt.NDArray[np.int64],
+    support_indices: npt.NDArray[np.int32],
+    support_values: Any,
+    link: int,
+    bound: float,
+    max_iter: int,
+    tol: float,
+    n_threads: int,
+    control: FitControl | None = None,
+) -> tuple[Any, ...]: ...
+def closed_form_alpha(
+    P: TransitionMatrix,
+    indptr: npt.NDArray[np.int64],
+    indices: npt.NDArray[np.int32],
+    data: npt.NDArray[np.float64],
+    support_indptr: npt.NDArray[np.int64],
+    support_indices: npt.NDArray[np.int32],
+    n_threads: int,
+) -> tuple[Any, ...]: ...
+def fit_objective(
+    P: TransitionMatrix,
+    indptr: npt.NDArray[np.int64],
+    indices: npt.NDArray[np.int32],
+    data: npt.NDArray[np.float64],
+    alpha_indptr: npt.NDArray[np.int64],
+    alpha_indices: npt.NDArray[np.int32],
+    alpha_values: npt.NDArray[np.float64],
+    link: int,
+    n_threads: int,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def predict_rows(
+    P: TransitionMatrix,
+    alpha_indptr: npt.NDArray[np.int64],
+    alpha_indices: npt.NDArray[np.int32],
+    alpha_values: npt.NDArray[np.float64],
+    link: int,
+    n_threads: int,
+) -> tuple[Any, ...]: ...
 def release_fit_workspaces() -> None: ...
 def fit_workspaces_state() -> tuple[int, bool]: ...
 def simd_level() -> str: ...
@@ -144,5 +176,6 @@ def set_simd_level(name: str) -> None: ...
 def exp_shifted_sum(z: npt.NDArray[np.float64], shift: float) -> tuple[npt.NDArray[np.float64], float]: ...
 def max_dot(z: npt.NDArray[np.float64], q: npt.NDArray[np.float64]) -> tuple[float, float]: ...
 def dot_log(q: npt.NDArray[np.float64], x: npt.NDArray[np.float64], floor: float = 1e-12) -> float: ...
-def mixture_terms(q: npt.NDArray[np.float64], f: npt.NDArray[np.float64]) -> tuple[
-    npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], float, float, float]: ...
+def mixture_terms(
+    q: npt.NDArray[np.float64], f: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], float, float, float]: ...

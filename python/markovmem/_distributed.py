@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from ._errors import DistributedError
 
@@ -52,8 +53,8 @@ def resolve(dist: bool | None, group: Any) -> Ranks | None:
         return None
     if dist is not None and not isinstance(dist, bool):
         raise TypeError(f"dist must be None, True or False; got {dist!r}")
-    td = sys.modules.get("torch.distributed")
-    if dist is None and group is None and (td is None or not td.is_available() or not td.is_initialized()):
+    loaded = sys.modules.get("torch.distributed")
+    if dist is None and group is None and (loaded is None or not loaded.is_available() or not loaded.is_initialized()):
         return None
     import torch.distributed as td
 
@@ -76,10 +77,11 @@ def _init_from_env(td: Any) -> None:
     if missing:
         raise ValueError(
             f"dist=True needs the environment torchrun sets ({', '.join(_ENV_NEEDED)}); {', '.join(missing)} "
-            "missing: start the program with torchrun, or call torch.distributed.init_process_group first")
-    seconds = float(os.environ.get(TIMEOUT_ENV, 1800))
+            "missing: start the program with torchrun, or call torch.distributed.init_process_group first"
+        )
+    seconds = float(os.environ.get(TIMEOUT_ENV, "1800"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
@@ -92,7 +94,7 @@ def local_device() -> Any:
 
     if not torch.cuda.is_available():
         return None
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def block(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -128,16 +130,17 @@ def exchange(ranks: Ranks | None, work: Callable[[], T]) -> list[T]:
     error: BaseException | None = None
     try:
         mine: tuple[bool, Any] = (True, work())
-    except Exception as exc:  # sent to the other ranks, raised below on every rank
+    except Exception as exc:  # noqa: BLE001 - any failure is sent to the other ranks and raised below on every rank
         error = exc
         mine = (False, f"{type(exc).__name__}: {exc}")
     got: list[Any] = [None] * ranks.world
     try:
         td.all_gather_object(got, mine, group=ranks.group)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any collective failure means a peer is gone: say so, with the cause
         raise DistributedError(
             f"rank {ranks.rank} of {ranks.world}: a collective with the other ranks failed (a rank exited, or did "
-            f"not answer within the process group's timeout): {exc}") from (error or exc)
+            f"not answer within the process group's timeout): {exc}"
+        ) from (error or exc)
     failed = [(r, msg) for r, (ok, msg) in enumerate(got) if not ok]
     if failed:
         r, msg = failed[0]

@@ -3,8 +3,9 @@ expansion kept every old transition and sent no old mass to new states."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from . import _core
 from ._matrix import DEFAULT_TOL, TransitionMatrix, _threads, _tol
@@ -65,7 +66,7 @@ class ExpansionCertificate:
     ok: bool
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "ExpansionCertificate":
+    def from_dict(cls, values: Mapping[str, Any]) -> ExpansionCertificate:
         """Build from a mapping with exactly the field names (as the core returns)."""
         names = {f.name for f in fields(cls)}
         missing = names - set(values)

@@ -15,8 +15,9 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 __all__ = ["atomic_publish_dir", "atomic_write", "remove_stale_temps"]
 
@@ -53,7 +54,7 @@ def remove_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
     """
     target = Path(target)
     pattern = re.compile(re.escape(target.name + TMP_INFIX) + r"(\d+)-[0-9A-Za-z]+$")
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(target.parent))
     except OSError:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,7 @@ class AlphaFit:
     def support(self) -> list[np.ndarray]:
         """The support of each row: a list of m sorted (k_i,) int32 arrays of state ids (views into ``alpha``)."""
         ip = self.alpha.indptr
-        return [self.alpha.indices[ip[i]:ip[i + 1]] for i in range(self.alpha.shape[0])]
+        return [self.alpha.indices[ip[i] : ip[i + 1]] for i in range(self.alpha.shape[0])]
 
     def __len__(self) -> int:
         return int(self.alpha.shape[0])
@@ -83,17 +84,26 @@ class AlphaFit:
 
         a = self.alpha
         indptr, indices, data = _core.predict_rows(
-            self._P._m, np.ascontiguousarray(a.indptr, dtype=np.int64), np.ascontiguousarray(a.indices, dtype=np.int32),
-            np.ascontiguousarray(a.data, dtype=np.float64), _LINKS[self.link], _threads(n_threads))
+            self._P._m,
+            np.ascontiguousarray(a.indptr, dtype=np.int64),
+            np.ascontiguousarray(a.indices, dtype=np.int32),
+            np.ascontiguousarray(a.data, dtype=np.float64),
+            _LINKS[self.link],
+            _threads(n_threads),
+        )
         return sp.csr_array((data, indices, indptr), shape=(a.shape[0], self._P.n_base))
 
     def __repr__(self) -> str:
-        return (f"AlphaFit(m={len(self)}, link={self.link!r}, nnz={self.alpha.nnz}, "
-                f"mean_kl={float(np.mean(self.kl)):.4g}, converged={int(np.sum(self.converged))}/{len(self)})")
+        return (
+            f"AlphaFit(m={len(self)}, link={self.link!r}, nnz={self.alpha.nnz}, "
+            f"mean_kl={float(np.mean(self.kl)):.4g}, converged={int(np.sum(self.converged))}/{len(self)})"
+        )
 
 
 # ----------------------------------------------------------------------------- argument handling
-def _targets(P: TransitionMatrix, targets: Any, n_samples: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _targets(
+    P: TransitionMatrix, targets: Any, n_samples: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(indptr int64, indices int32, data float64, totals) of the targets after the cheap checks."""
     import scipy.sparse as sp
 
@@ -137,8 +147,9 @@ def _targets(P: TransitionMatrix, targets: Any, n_samples: Any) -> tuple[np.ndar
     if indices.size and int(indices.max()) >= P.n_base:
         k = int(np.argmax(indices >= P.n_base))
         r = _row_of(indptr, k)
-        raise IndexError(f"targets row {r} has a count on state {int(indices[k])}, outside the base states "
-                         f"[0, n_base = {P.n_base})")
+        raise IndexError(
+            f"targets row {r} has a count on state {int(indices[k])}, outside the base states [0, n_base = {P.n_base})"
+        )
     empty = np.diff(indptr) == 0
     if empty.any():
         r = int(np.flatnonzero(empty)[0])
@@ -154,8 +165,9 @@ def _targets(P: TransitionMatrix, targets: Any, n_samples: Any) -> tuple[np.ndar
         off = np.abs(totals - 1.0) > 1e-4
         if off.any():
             r = int(np.flatnonzero(off)[0])
-            raise ValueError(f"with n_samples, targets rows must be probabilities summing to 1; row {r} sums to "
-                             f"{totals[r]:.6g}")
+            raise ValueError(
+                f"with n_samples, targets rows must be probabilities summing to 1; row {r} sums to {totals[r]:.6g}"
+            )
         data = np.ascontiguousarray(data * np.repeat(ns, np.diff(indptr)))
         totals = ns.astype(np.float64).copy()
     return indptr, indices, data, totals
@@ -478,9 +490,28 @@ def fit_alpha(
     ranks = _distributed.resolve(dist, group)
     if ranks is not None:
         progress = progress and ranks.rank == 0
-    parts = _distributed.exchange(ranks, lambda: _fit_block(
-        P, targets, s, link, bound, candidates, max_iter, tol, n_threads, seed, n_samples, support, oversize,
-        swap_passes, cv_bound, progress, ranks))
+    parts = _distributed.exchange(
+        ranks,
+        lambda: _fit_block(
+            P,
+            targets,
+            s,
+            link,
+            bound,
+            candidates,
+            max_iter,
+            tol,
+            n_threads,
+            seed,
+            n_samples,
+            support,
+            oversize,
+            swap_passes,
+            cv_bound,
+            progress,
+            ranks,
+        ),
+    )
     fit = _make_fit(P, _concat_rows([res for res, _ in parts]), link, parts[0][1])
     short = fit.n_candidates < s if support is None else np.zeros(len(fit), bool)
     if short.any():
@@ -488,13 +519,31 @@ def fit_alpha(
         warnings.warn(
             f"{len(rows)} of {len(fit)} targets had fewer than s = {s} candidate states (first: row {int(rows[0])} "
             f"with {int(fit.n_candidates[rows[0]])}); they were fitted on what exists, see AlphaFit.n_candidates",
-            UserWarning, stacklevel=2)
+            UserWarning,
+            stacklevel=2,
+        )
     return fit
 
 
-def _fit_block(P: TransitionMatrix, targets: Any, s: Any, link: str, bound: Any, candidates: Any, max_iter: Any,
-               tol: Any, n_threads: Any, seed: Any, n_samples: Any, support: Any, oversize: Any, swap_passes: Any,
-               cv_bound: bool, progress: bool, ranks: _distributed.Ranks | None) -> tuple[tuple, np.ndarray]:
+def _fit_block(
+    P: TransitionMatrix,
+    targets: Any,
+    s: Any,
+    link: str,
+    bound: Any,
+    candidates: Any,
+    max_iter: Any,
+    tol: Any,
+    n_threads: Any,
+    seed: Any,
+    n_samples: Any,
+    support: Any,
+    oversize: Any,
+    swap_passes: Any,
+    cv_bound: bool,
+    progress: bool,
+    ranks: _distributed.Ranks | None,
+) -> tuple[tuple, np.ndarray]:
     """Checks every argument, then fits this rank's contiguous block of targets (all of them in
     one process).  Returns (the core's result tuple for the block, every target's total count)."""
     _check_matrix(P)
@@ -512,15 +561,20 @@ def _fit_block(P: TransitionMatrix, targets: Any, s: Any, link: str, bound: Any,
     m = len(indptr) - 1
     a, b = (0, m) if ranks is None else _distributed.block(m, ranks.rank, ranks.world)
     # The block's targets as CSR parts of their own (views; indptr rebased to 0).
-    ip = np.ascontiguousarray(indptr[a:b + 1] - indptr[a])
-    ix, dt = indices[indptr[a]:indptr[b]], data[indptr[a]:indptr[b]]
+    ip = np.ascontiguousarray(indptr[a : b + 1] - indptr[a])
+    ix, dt = indices[indptr[a] : indptr[b]], data[indptr[a] : indptr[b]]
     if support is not None:
         sp_ip, sp_ix = _support(P, support, m)
-        sp_ip, sp_ix = np.ascontiguousarray(sp_ip[a:b + 1] - sp_ip[a]), sp_ix[sp_ip[a]:sp_ip[b]]
-        res = _run_rows(lambda control: _core.fit_on_support(
-            P._m, ip, ix, dt, sp_ip, sp_ix, None, lk, bound, max_iter, tol,
-            _threads(n_threads), control), b - a, progress, f"fit_alpha ({link}, fixed support)",
-            _WORKER_ROWS["fixed"])
+        sp_ip, sp_ix = np.ascontiguousarray(sp_ip[a : b + 1] - sp_ip[a]), sp_ix[sp_ip[a] : sp_ip[b]]
+        res = _run_rows(
+            lambda control: _core.fit_on_support(
+                P._m, ip, ix, dt, sp_ip, sp_ix, None, lk, bound, max_iter, tol, _threads(n_threads), control
+            ),
+            b - a,
+            progress,
+            f"fit_alpha ({link}, fixed support)",
+            _WORKER_ROWS["fixed"],
+        )
         return res, totals
     n_cand = 0
     allowed = np.zeros(0, np.int32)
@@ -544,10 +598,32 @@ def _fit_block(P: TransitionMatrix, targets: Any, s: Any, link: str, bound: Any,
             raise ValueError(f"oversize is {oversize}; expected >= 1")
     swap_passes = integer(swap_passes, "swap_passes", low=0)
     # row_offset = a: row a + i of the whole draws from the same random streams on every world size.
-    res = _run_rows(lambda control: _core.fit_alpha(
-        P._m, ip, ix, dt, lk, s, bound, n_cand, 0.0 if oversize is None else oversize,
-        swap_passes, max_iter, tol, _threads(n_threads), seed & (2**64 - 1), allowed,
-        bool(cv_bound), a, control), b - a, progress, f"fit_alpha ({link}, s = {s})", _WORKER_ROWS[link])
+    res = _run_rows(
+        lambda control: _core.fit_alpha(
+            P._m,
+            ip,
+            ix,
+            dt,
+            lk,
+            s,
+            bound,
+            n_cand,
+            0.0 if oversize is None else oversize,
+            swap_passes,
+            max_iter,
+            tol,
+            _threads(n_threads),
+            seed & (2**64 - 1),
+            allowed,
+            bool(cv_bound),
+            a,
+            control,
+        ),
+        b - a,
+        progress,
+        f"fit_alpha ({link}, s = {s})",
+        _WORKER_ROWS[link],
+    )
     return res, totals
 
 
@@ -557,12 +633,13 @@ def _concat_rows(parts: list[tuple]) -> tuple:
     if len(parts) == 1:
         return parts[0]
     ends = np.cumsum([0] + [int(p[0][-1]) for p in parts[:-1]])
-    indptr = np.concatenate([parts[0][0][:1]] + [p[0][1:] + e for p, e in zip(parts, ends)])
+    indptr = np.concatenate([parts[0][0][:1]] + [p[0][1:] + e for p, e in zip(parts, ends, strict=False)])
     return (indptr,) + tuple(np.concatenate([p[i] for p in parts]) for i in range(1, 7))
 
 
-def closed_form_alpha(P: TransitionMatrix, targets: Any, support: Any, *, n_threads: int | None = None,
-                      n_samples: Any = None) -> AlphaFit:
+def closed_form_alpha(
+    P: TransitionMatrix, targets: Any, support: Any, *, n_threads: int | None = None, n_samples: Any = None
+) -> AlphaFit:
     """Closed-form alpha on a given support: weighted least squares in centred log space.
 
     For each target minimises, over alpha and a constant c,
@@ -594,8 +671,9 @@ def closed_form_alpha(P: TransitionMatrix, targets: Any, support: Any, *, n_thre
     return _make_fit(P, res, "logit", totals)
 
 
-def objective(P: TransitionMatrix, targets: Any, alpha: Any, link: str = "logit", *,
-              n_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def objective(
+    P: TransitionMatrix, targets: Any, alpha: Any, link: str = "logit", *, n_threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """KL(q_hat || f(alpha)) per row and its gradient per stored entry of ``alpha`` (private; for tests).
 
     ``alpha`` is an (m, n_states) sparse matrix; the gradient is aligned with its
@@ -605,6 +683,14 @@ def objective(P: TransitionMatrix, targets: Any, alpha: Any, link: str = "logit"
     indptr, indices, data, _ = _targets(P, targets, None)
     A = sp.csr_array(alpha).copy()
     A.sort_indices()
-    return _core.fit_objective(P._m, indptr, indices, data, np.ascontiguousarray(A.indptr, np.int64),
-                               np.ascontiguousarray(A.indices, np.int32), np.ascontiguousarray(A.data, np.float64),
-                               _link(link), _threads(n_threads))
+    return _core.fit_objective(
+        P._m,
+        indptr,
+        indices,
+        data,
+        np.ascontiguousarray(A.indptr, np.int64),
+        np.ascontiguousarray(A.indices, np.int32),
+        np.ascontiguousarray(A.data, np.float64),
+        _link(link),
+        _threads(n_threads),
+    )

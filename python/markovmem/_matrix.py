@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -90,7 +91,9 @@ def _as_int64_ids(values: np.ndarray, name: str, upper: int) -> np.ndarray:
     return np.ascontiguousarray(values, dtype=np.int64).ravel()
 
 
-def _csr_parts(matrix: Any, n_cols: int | None, what: str) -> tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray]:
+def _csr_parts(
+    matrix: Any, n_cols: int | None, what: str
+) -> tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray]:
     """Shape and (indptr int64, indices int32, data float32) of a sparse or dense 2-D input.
 
     CSR input is taken as it is (unsorted or duplicate indices are reported, not
@@ -237,13 +240,12 @@ class TransitionMatrix:
     or :meth:`load`; the constructor is private.
     """
 
-    __slots__ = ("_m", "_metadata", "__weakref__")
+    __slots__ = ("__weakref__", "_m", "_metadata")
 
     def __init__(self, core: Any, metadata: Mapping[str, str] | None = None) -> None:
         if not isinstance(core, _core.TransitionMatrix):
             raise TypeError(
-                "TransitionMatrix is built with TransitionMatrix.from_scipy, from_topk, "
-                "from_sequences or load"
+                "TransitionMatrix is built with TransitionMatrix.from_scipy, from_topk, from_sequences or load"
             )
         self._m = core
         self._metadata = dict(metadata or {})
@@ -252,7 +254,7 @@ class TransitionMatrix:
     @classmethod
     def from_scipy(
         cls, matrix: Any, n_base: int | None = None, *, tol: float = DEFAULT_TOL, n_threads: int | None = None
-    ) -> "TransitionMatrix":
+    ) -> TransitionMatrix:
         """Build from a square scipy.sparse matrix (any format) or a dense array.
 
         Parameters
@@ -280,7 +282,9 @@ class TransitionMatrix:
             raise ValueError(f"matrix has shape {shape}; a transition matrix must be square")
         n_states = shape[0]
         n_base = n_states if n_base is None else integer(n_base, "n_base")
-        return cls(_core.TransitionMatrix.copy_csr(n_states, n_base, indptr, indices, data, _tol(tol), _threads(n_threads)))
+        return cls(
+            _core.TransitionMatrix.copy_csr(n_states, n_base, indptr, indices, data, _tol(tol), _threads(n_threads))
+        )
 
     @classmethod
     def from_topk(
@@ -291,7 +295,7 @@ class TransitionMatrix:
         *,
         tol: float = DEFAULT_TOL,
         n_threads: int | None = None,
-    ) -> "TransitionMatrix":
+    ) -> TransitionMatrix:
         """Build from per-state top-k arrays, as distillation produces them.
 
         Parameters
@@ -336,7 +340,7 @@ class TransitionMatrix:
         top_k: int | None = None,
         smoothing: float = 0.0,
         n_threads: int | None = None,
-    ) -> "TransitionMatrix":
+    ) -> TransitionMatrix:
         """Estimate a first-order chain from token-id sequences (bigram counts).
 
         p(x | v) = (c(v, x) + a) / (c(v) + a * n_states) with ``a = smoothing``.
@@ -384,8 +388,9 @@ class TransitionMatrix:
         after the matrix's own :attr:`metadata` (e.g. how ``llm.distill`` made
         it); a key in both takes the value given here.
         """
-        merged = {k: v for k, v in self._metadata.items()
-                  if k not in _RESERVED_METADATA and not k.startswith("markovmem.")}
+        merged = {
+            k: v for k, v in self._metadata.items() if k not in _RESERVED_METADATA and not k.startswith("markovmem.")
+        }
         merged.update(metadata or {})
         extra = []
         for k, v in merged.items():
@@ -402,7 +407,7 @@ class TransitionMatrix:
         mmap: bool = True,
         verify: bool = False,
         n_threads: int | None = None,
-    ) -> "TransitionMatrix":
+    ) -> TransitionMatrix:
         """Read a file written by :meth:`save`.
 
         With ``mmap=True`` the probabilities and tails view a read-only memory
@@ -520,8 +525,18 @@ class TransitionMatrix:
     def __reduce__(self) -> tuple[Any, ...]:
         # The stored tail travels too: recomputed from the float32 data it can differ in the
         # last bits from the stored one (a file's, an expansion's), and so would the fingerprint.
-        return (_rebuild, (self.n_states, self.n_base, np.array(self.indptr), np.array(self.indices),
-                           np.array(self.data), self.metadata, np.array(self.tail)))
+        return (
+            _rebuild,
+            (
+                self.n_states,
+                self.n_base,
+                np.array(self.indptr),
+                np.array(self.indices),
+                np.array(self.data),
+                self.metadata,
+                np.array(self.tail),
+            ),
+        )
 
     # ------------------------------------------------------------------ queries
     def _state(self, v: Any, name: str) -> int:
@@ -586,7 +601,9 @@ class TransitionMatrix:
         """The full (n_states, n_states) float64 matrix, tail spread in (small matrices only)."""
         max_states = integer(max_states, "max_states")
         if self.n_states > max_states:
-            raise ValueError(f"n_states = {self.n_states} exceeds max_states = {max_states}; a dense copy would be too large")
+            raise ValueError(
+                f"n_states = {self.n_states} exceeds max_states = {max_states}; a dense copy would be too large"
+            )
         n, nb = self.n_states, self.n_base
         counts = np.diff(self.indptr)
         free = nb - counts
@@ -688,7 +705,7 @@ class TransitionMatrix:
     # ------------------------------------------------------------------ expansion
     def expand(
         self, new_rows: Any, *, tol: float = DEFAULT_TOL, n_threads: int | None = None
-    ) -> tuple["TransitionMatrix", "ExpansionCertificate"]:
+    ) -> tuple[TransitionMatrix, ExpansionCertificate]:
         """Grow the state space by ``m`` new states (the paper's Markov expansion).
 
         Parameters
@@ -726,8 +743,15 @@ class TransitionMatrix:
         return TransitionMatrix(core), ExpansionCertificate.from_dict(cert)
 
 
-def _rebuild(n_states: int, n_base: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
-             metadata: dict[str, str], tail: np.ndarray | None = None) -> TransitionMatrix:
+def _rebuild(
+    n_states: int,
+    n_base: int,
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    metadata: dict[str, str],
+    tail: np.ndarray | None = None,
+) -> TransitionMatrix:
     # tol = 1: the pickled matrix was valid; the checks that remain are the structure
     # (memory safety) and every tail finite in [0, 1].  Pickles without a tail recompute it.
     core = _core.TransitionMatrix.copy_csr(n_states, n_base, indptr, indices, data, 1.0, 0, tail)

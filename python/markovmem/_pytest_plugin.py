@@ -66,6 +66,9 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     for base, expanded in config.getoption("markovmem_expansion") or []:
         items.append(
             MarkovExpansionItem.from_parent(
-                session, name=f"markovmem_expansion[{Path(base).name}->{Path(expanded).name}]", base=base, expanded=expanded
+                session,
+                name=f"markovmem_expansion[{Path(base).name}->{Path(expanded).name}]",
+                base=base,
+                expanded=expanded,
             )
         )

@@ -8,7 +8,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -64,8 +65,14 @@ def _save_csr_npz(path: str, **matrices: Any) -> None:
     for name, m in matrices.items():
         if sp.issparse(m):
             m = sp.csr_array(m)
-            arrays.update({f"{name}_indptr": m.indptr, f"{name}_indices": m.indices, f"{name}_data": m.data,
-                           f"{name}_shape": np.array(m.shape)})
+            arrays.update(
+                {
+                    f"{name}_indptr": m.indptr,
+                    f"{name}_indices": m.indices,
+                    f"{name}_data": m.data,
+                    f"{name}_shape": np.array(m.shape),
+                }
+            )
         else:
             arrays[name] = np.asarray(m)
     np.savez(path, **arrays)
@@ -78,16 +85,16 @@ def _load_rows(path: str, name: str = "rows") -> Any:
 
     with np.load(path, allow_pickle=False) as z:
         if f"{name}_indptr" in z.files:
-            return sp.csr_array((z[f"{name}_data"], z[f"{name}_indices"], z[f"{name}_indptr"]),
-                                shape=tuple(z[f"{name}_shape"]))
+            return sp.csr_array(
+                (z[f"{name}_data"], z[f"{name}_indices"], z[f"{name}_indptr"]), shape=tuple(z[f"{name}_shape"])
+            )
     return sp.load_npz(path)
 
 
 def _load_model(path: str, device: str | None, dtype: str | None, quiet: bool = False) -> tuple[Any, Any]:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    import torch
 
     if quiet:
         # transformers draws its own bars (e.g. "Loading weights") and info lines; --quiet means none.
@@ -123,7 +130,7 @@ def _under_torchrun() -> bool:
 
 def _rank0() -> bool:
     """This process writes the outputs and prints: the only one, or rank 0 of torchrun's."""
-    return int(os.environ.get("RANK", 0)) == 0 if _under_torchrun() else True
+    return int(os.environ.get("RANK", "0")) == 0 if _under_torchrun() else True
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
@@ -143,9 +150,20 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     prefix = [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
     if args.mode == "corpus" and args.fallback != "token":
         prefix = None
-    P = llm.distill(model, top_k=args.top_k, batch_size=args.batch_size, device=args.device, prefix=prefix,
-                    progress=not args.quiet, out=args.shards, mode=args.mode, sequences=sequences,
-                    shard_rows=args.shard_rows, dist=True if _under_torchrun() else None, **kwargs)
+    P = llm.distill(
+        model,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        device=args.device,
+        prefix=prefix,
+        progress=not args.quiet,
+        out=args.shards,
+        mode=args.mode,
+        sequences=sequences,
+        shard_rows=args.shard_rows,
+        dist=True if _under_torchrun() else None,
+        **kwargs,
+    )
     if _rank0():
         P.save(args.output, metadata={"model": str(args.model)})
         print(f"wrote {args.output}: {P}")
@@ -159,14 +177,23 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     P = TransitionMatrix.load(args.matrix, mmap=True)
     counts = _load_rows(args.counts, "counts")
-    fit = fit_alpha(P, counts, s=args.s, link=args.link, bound=args.bound, progress=not args.quiet,
-                    dist=True if _under_torchrun() else None)
+    fit = fit_alpha(
+        P,
+        counts,
+        s=args.s,
+        link=args.link,
+        bound=args.bound,
+        progress=not args.quiet,
+        dist=True if _under_torchrun() else None,
+    )
     if not _rank0():
         return 0
     _save_csr_npz(args.output, alpha=fit.alpha, rows=fit.predict(), kl=fit.kl, converged=fit.converged)
     print(f"wrote {args.output}: {fit}")
-    print(f"KL(q || f(alpha)) per target: mean {float(np.mean(fit.kl)):.4g}, max {float(np.max(fit.kl)):.4g}; "
-          f"converged {int(np.sum(fit.converged))}/{len(fit.kl)}")
+    print(
+        f"KL(q || f(alpha)) per target: mean {float(np.mean(fit.kl)):.4g}, max {float(np.max(fit.kl)):.4g}; "
+        f"converged {int(np.sum(fit.converged))}/{len(fit.kl)}"
+    )
     return 0
 
 
@@ -176,8 +203,10 @@ def _cmd_expand(args: argparse.Namespace) -> int:
     P = TransitionMatrix.load(args.matrix)
     Q, cert = P.expand(_load_rows(args.rows, "rows"))
     if cert.ok:
-        Q.save(args.output, metadata=P.metadata and {k: v for k, v in P.metadata.items()
-                                                      if k in ("model", "top_k", "mode")})
+        Q.save(
+            args.output,
+            metadata=P.metadata and {k: v for k, v in P.metadata.items() if k in ("model", "top_k", "mode")},
+        )
     print(json.dumps(cert.to_dict(), indent=2) if args.json else cert)
     if cert.ok:
         print(f"wrote {args.output}: {Q}")
@@ -191,8 +220,18 @@ def _cmd_add_tokens(args: argparse.Namespace) -> int:
     texts = _read_texts(args.text)
     corpus = _read_texts(args.corpus) if args.corpus else None
     options = {} if args.link is None else {"link": args.link}
-    result = llm.learn_tokens(model, tokenizer, args.tokens, texts, s=args.s, tune_steps=args.tune_steps,
-                              corpus=corpus, device=args.device, progress=not args.quiet, **options)
+    result = llm.learn_tokens(
+        model,
+        tokenizer,
+        args.tokens,
+        texts,
+        s=args.s,
+        tune_steps=args.tune_steps,
+        corpus=corpus,
+        device=args.device,
+        progress=not args.quiet,
+        **options,
+    )
     llm.save_expansion(model, tokenizer, args.output, alpha=result.alpha)
     info = llm.dictionary_info(result.matrix)
     seen = f", {info['rows_seen']} of {info['n_rows']} old tokens seen" if "rows_seen" in info else ""
@@ -257,7 +296,9 @@ def _cmd_demo_core(args: argparse.Namespace) -> int:
     path = Q.sample(P.n_states, 8, seed=args.seed)
     names = vocab + list(new_words)
     print("a walk from glorp: " + " ".join(names[int(i)] for i in path))
-    print(f"\nheld-out perplexity after the expansion {Q.perplexity(held_out):.3f} (unchanged: old rows are byte-identical)")
+    print(
+        f"\nheld-out perplexity after the expansion {Q.perplexity(held_out):.3f} (unchanged: old rows are byte-identical)"
+    )
     print(f"done in {time.perf_counter() - t0:.2f} s")
     return 0 if cert.ok else 1
 
@@ -289,20 +330,36 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="a local transformers model directory (weights + tokenizer)")
     q.add_argument("-o", "--output", required=True, help="matrix file to write (.safetensors)")
     q.add_argument("--top-k", type=int, default=256, help="entries kept per row (default 256)")
-    q.add_argument("--batch-size", type=int, default=None, help="contexts per forward pass (default: from the vocabulary)")
-    q.add_argument("--mode", choices=("token", "corpus"), default=None,
-                   help="'corpus': row v averaged over v's occurrences in --corpus; 'token': p(.|v) after a one-token "
-                   "context (default: corpus when --corpus is given, else token)")
-    q.add_argument("--corpus", "--text", dest="corpus",
-                   help="text file (blank-line separated paragraphs) for --mode corpus")
-    q.add_argument("--fallback", choices=("token", "unigram", "none"), default="token",
-                   help="--mode corpus: what rows seen rarely shrink toward (default token)")
-    q.add_argument("--shrinkage", type=float, default=1.0,
-                   help="--mode corpus: pseudo-count of the fallback row (default 1)")
+    q.add_argument(
+        "--batch-size", type=int, default=None, help="contexts per forward pass (default: from the vocabulary)"
+    )
+    q.add_argument(
+        "--mode",
+        choices=("token", "corpus"),
+        default=None,
+        help="'corpus': row v averaged over v's occurrences in --corpus; 'token': p(.|v) after a one-token "
+        "context (default: corpus when --corpus is given, else token)",
+    )
+    q.add_argument(
+        "--corpus", "--text", dest="corpus", help="text file (blank-line separated paragraphs) for --mode corpus"
+    )
+    q.add_argument(
+        "--fallback",
+        choices=("token", "unigram", "none"),
+        default="token",
+        help="--mode corpus: what rows seen rarely shrink toward (default token)",
+    )
+    q.add_argument(
+        "--shrinkage", type=float, default=1.0, help="--mode corpus: pseudo-count of the fallback row (default 1)"
+    )
     q.add_argument("--shards", help="directory for resumable shards (a rerun resumes)")
-    q.add_argument("--shard-rows", type=int, default=None,
-                   help="rows (token mode) or texts (corpus mode) per shard: the unit of resume and of the work "
-                        "shared between torchrun's ranks (default: about 16 MiB of rows, 256 texts)")
+    q.add_argument(
+        "--shard-rows",
+        type=int,
+        default=None,
+        help="rows (token mode) or texts (corpus mode) per shard: the unit of resume and of the work "
+        "shared between torchrun's ranks (default: about 16 MiB of rows, 256 texts)",
+    )
     q.add_argument("--device", help="torch device, e.g. cuda (default: the model's)")
     q.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="load the weights in this dtype")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -331,13 +388,21 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--text", required=True, help="training text using them (blank-line separated paragraphs)")
     q.add_argument("-o", "--output", required=True, help="expansion file to write (.safetensors)")
     q.add_argument("--merged", help="also export a merged transformers model directory here")
-    q.add_argument("--corpus", help="general text in the model's domain (blank-line separated paragraphs) "
-                   "added to --text for the dictionary rows")
+    q.add_argument(
+        "--corpus",
+        help="general text in the model's domain (blank-line separated paragraphs) "
+        "added to --text for the dictionary rows",
+    )
     q.add_argument("--s", type=int, default=None, help="sparsity of alpha (default: learn_tokens')")
-    q.add_argument("--link", choices=("mixture", "logit", "auto"), default=None,
-                   help="fit_alpha link; auto chooses link and s per token on held-out contexts "
-                   "(default: learn_tokens')")
-    q.add_argument("--tune-steps", type=int, default=50, help="embedding-tuning steps, 0 for E^T alpha only (default 50)")
+    q.add_argument(
+        "--link",
+        choices=("mixture", "logit", "auto"),
+        default=None,
+        help="fit_alpha link; auto chooses link and s per token on held-out contexts (default: learn_tokens')",
+    )
+    q.add_argument(
+        "--tune-steps", type=int, default=50, help="embedding-tuning steps, 0 for E^T alpha only (default 50)"
+    )
     q.add_argument("--device", help="torch device, e.g. cuda")
     q.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="load the weights in this dtype")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -345,8 +410,12 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("demo", help="the built-in demo: teach a tiny Llama a new operator (no downloads)")
     q.add_argument("--core", action="store_true", help="the matrix-only demo on built-in text (no torch needed)")
-    q.add_argument("--examples", type=int, default=None,
-                   help="training examples of the new operator (default 32); with --core, sentences per new word (200)")
+    q.add_argument(
+        "--examples",
+        type=int,
+        default=None,
+        help="training examples of the new operator (default 32); with --core, sentences per new word (200)",
+    )
     q.add_argument("--sentences", type=int, default=5000, help="--core: built-in training sentences (default 5000)")
     q.add_argument("--cache-dir", help="where the trained base model is cached (default ~/.cache/markovmem)")
     q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -363,7 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ImportError as exc:
-        print(f"markovmem {args.command}: error: {exc} (install markovmem[llm] for the model commands)", file=sys.stderr)
+        print(
+            f"markovmem {args.command}: error: {exc} (install markovmem[llm] for the model commands)", file=sys.stderr
+        )
         return 2
     except (OSError, ValueError, IndexError, TypeError, DistributedError) as exc:
         print(f"markovmem {args.command}: error: {exc}", file=sys.stderr)

@@ -24,10 +24,10 @@ from ._matrix import DEFAULT_TOL, TransitionMatrix
 from .llm.testing import assert_no_forgetting  # needs torch only when called
 
 __all__ = [
-    "assert_no_forgetting",
     "MatrixLike",
     "as_matrix",
     "assert_expansion_preserves",
+    "assert_no_forgetting",
     "assert_row_stochastic",
     "assert_same_matrix",
     "assert_valid",
@@ -67,7 +67,9 @@ def assert_row_stochastic(P: MatrixLike, *, tol: float = DEFAULT_TOL) -> None:
         raise AssertionError(f"row {worst} sums to {sums[worst]:.9g} (stored + tail), off 1 by more than {tol:g}")
 
 
-def assert_expansion_preserves(before: MatrixLike, after: MatrixLike, *, tol: float = DEFAULT_TOL) -> ExpansionCertificate:
+def assert_expansion_preserves(
+    before: MatrixLike, after: MatrixLike, *, tol: float = DEFAULT_TOL
+) -> ExpansionCertificate:
     """Assert ``after`` extends ``before`` without changing any old transition.
 
     Recomputes the certificate with :func:`markovmem.verify_expansion` and fails

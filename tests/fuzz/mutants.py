@@ -17,30 +17,69 @@ V = 48
 #: (architecture, tied, block_output) of each expansion seed.
 EXPANSION_BASES = {"llama": (True, True), "qwen2": (False, False)}
 
-_NP = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "U32": "<u4", "I8": "i1",
-       "U8": "u1", "U64": "<u8", "I16": "<i2", "U16": "<u2", "BOOL": "u1", "BF16": "<u2"}
+_NP = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "U32": "<u4",
+    "I8": "i1",
+    "U8": "u1",
+    "U64": "<u8",
+    "I16": "<i2",
+    "U16": "<u2",
+    "BOOL": "u1",
+    "BF16": "<u2",
+}
 INTS = [0, 1, -1, 2, 3, 7, 8, 47, 48, 49, 255, 2**31 - 1, 2**31, 2**32, 2**53, 2**63 - 1, -(2**63), 10**12]
 FLOATS = [0.0, -0.0, 0.5, 1.0, 2.0, -1.0, float("nan"), float("inf"), float("-inf"), 1e-45, 3.4e38, 1e300]
 JSON_VALUES = st.one_of(
-    st.sampled_from(INTS), st.integers(-(2**64), 2**64), st.sampled_from([1.5, -0.0, 1e308, None, True, False]),
-    st.text(max_size=8), st.lists(st.sampled_from(INTS), max_size=4), st.just({"a": 1}),
+    st.sampled_from(INTS),
+    st.integers(-(2**64), 2**64),
+    st.sampled_from([1.5, -0.0, 1e308, None, True, False]),
+    st.text(max_size=8),
+    st.lists(st.sampled_from(INTS), max_size=4),
+    st.just({"a": 1}),
     st.just([[[[[[[[[[]]]]]]]]]]),
 )
 META_STRINGS = st.one_of(
-    st.sampled_from(["", "-1", "0", "2.5", "1e9", "true", "null", "[]", "[1, 2]", "[48, 1e30]", '["a", "a"]',
-                     '["", "b"]', "[1, 2]", '{"x": 1}', "[" * 100_000, "9" * 400, "NaN", '"x"', "\ud800"]),
-    st.text(max_size=12), st.builds(json.dumps, st.lists(st.sampled_from(INTS), max_size=3)),
+    st.sampled_from(
+        [
+            "",
+            "-1",
+            "0",
+            "2.5",
+            "1e9",
+            "true",
+            "null",
+            "[]",
+            "[1, 2]",
+            "[48, 1e30]",
+            '["a", "a"]',
+            '["", "b"]',
+            "[1, 2]",
+            '{"x": 1}',
+            "[" * 100_000,
+            "9" * 400,
+            "NaN",
+            '"x"',
+            "\ud800",
+        ]
+    ),
+    st.text(max_size=12),
+    st.builds(json.dumps, st.lists(st.sampled_from(INTS), max_size=3)),
 )
 
 
 def split(data: bytes) -> tuple[dict[str, Any], bytes]:
     """(header dict, data bytes) of a valid safetensors file."""
     (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def blobs_of(header: dict[str, Any], body: bytes) -> dict[str, bytes]:
-    return {k: body[v["data_offsets"][0]:v["data_offsets"][1]] for k, v in header.items() if k != "__metadata__"}
+    return {k: body[v["data_offsets"][0] : v["data_offsets"][1]] for k, v in header.items() if k != "__metadata__"}
 
 
 def build(header: dict[str, Any], blobs: dict[str, bytes], *, keep_offsets: bool = False) -> bytes:
@@ -113,8 +152,9 @@ def expansion_seeds(directory: Path) -> dict[str, bytes]:
     for arch, (_, block) in EXPANSION_BASES.items():
         model, tok = expansion_base(arch), tiny_tokenizer(V)
         gen = torch.Generator().manual_seed(0)
-        llm.add_tokens(model, tok, ["glorp", "blip", "zap"], embeddings=torch.randn(3, 16, generator=gen),
-                       block_output=block)
+        llm.add_tokens(
+            model, tok, ["glorp", "blip", "zap"], embeddings=torch.randn(3, 16, generator=gen), block_output=block
+        )
         alpha = sp.csr_array(([0.25, 0.75, 1.0, 0.5, 0.5], ([0, 0, 1, 2, 2], [3, 9, 11, 4, 40])), shape=(3, V))
         path = directory / f"seed-{arch}.safetensors"
         llm.save_expansion(model, tok, path, alpha=alpha)
@@ -142,8 +182,9 @@ def _tensor_values(dtype: str, n: int) -> st.SearchStrategy[bytes]:
                 return arr.astype(np_dtype).tobytes()
     else:
         info = np.iinfo(np_dtype)
-        values = st.one_of(st.sampled_from([x for x in INTS if info.min <= x <= info.max]),
-                           st.integers(int(info.min), int(info.max)))
+        values = st.one_of(
+            st.sampled_from([x for x in INTS if info.min <= x <= info.max]), st.integers(int(info.min), int(info.max))
+        )
 
         def pack(v: list[int]) -> bytes:
             return np.array(v, dtype=object).astype(np_dtype).tobytes()
@@ -170,13 +211,17 @@ def _truncate(draw: Any, data: bytes) -> tuple[bytes, str]:
 def _overwrite(draw: Any, data: bytes) -> tuple[bytes, str]:
     pos = draw(st.integers(0, len(data) - 1))
     junk = draw(st.binary(min_size=1, max_size=16))
-    return data[:pos] + junk + data[pos + len(junk):], f"bytes {junk!r} at {pos}"
+    return data[:pos] + junk + data[pos + len(junk) :], f"bytes {junk!r} at {pos}"
 
 
 @st.composite
 def _header_size(draw: Any, data: bytes) -> tuple[bytes, str]:
-    n = draw(st.one_of(st.sampled_from([0, 1, 7, 8, len(data) - 8, len(data), 100 * 2**20, 2**63, 2**64 - 1]),
-                       st.integers(0, 2**64 - 1)))
+    n = draw(
+        st.one_of(
+            st.sampled_from([0, 1, 7, 8, len(data) - 8, len(data), 100 * 2**20, 2**63, 2**64 - 1]),
+            st.integers(0, 2**64 - 1),
+        )
+    )
     return struct.pack("<Q", n) + data[8:], f"header size {n}"
 
 
@@ -191,13 +236,13 @@ def _header_edit(draw: Any, data: bytes) -> tuple[bytes, str]:
         name = draw(st.sampled_from(keys))
         field = draw(st.sampled_from(["dtype", "shape", "data_offsets", "extra", "whole"]))
         if field == "dtype":
-            value: Any = draw(st.sampled_from(["F64", "F32", "F16", "BF16", "I64", "I32", "U8", "BOOL", "X9", "",
-                                              7, None]))
+            value: Any = draw(
+                st.sampled_from(["F64", "F32", "F16", "BF16", "I64", "I32", "U8", "BOOL", "X9", "", 7, None])
+            )
         elif field == "shape":
             value = draw(st.one_of(st.lists(st.sampled_from(INTS), max_size=4), JSON_VALUES))
         elif field == "data_offsets":
-            value = draw(st.one_of(st.lists(st.sampled_from(INTS + [len(body)]), min_size=2, max_size=2),
-                                   JSON_VALUES))
+            value = draw(st.one_of(st.lists(st.sampled_from(INTS + [len(body)]), min_size=2, max_size=2), JSON_VALUES))
         elif field == "extra":
             value = draw(JSON_VALUES)
         else:
@@ -235,7 +280,7 @@ def _tensor_edit(draw: Any, data: bytes) -> tuple[bytes, str]:
         vals = draw(_tensor_values(dtype, k))
         blob = bytearray(blobs[name])
         for j, pos in enumerate(at):
-            blob[pos * itemsize:(pos + 1) * itemsize] = vals[j * itemsize:(j + 1) * itemsize]
+            blob[pos * itemsize : (pos + 1) * itemsize] = vals[j * itemsize : (j + 1) * itemsize]
         blobs[name] = bytes(blob)
         return build(header, blobs), f"{name}: {k} values rewritten at {at}"
     new_n = draw(st.integers(0, max(2 * n, 4)))
@@ -253,5 +298,6 @@ def mutation(data: bytes, resignable: bool) -> st.SearchStrategy[tuple[bytes, st
     edits = st.one_of(_header_edit(data), _tensor_edit(data))
     if resignable:
         edits = st.tuples(edits, st.booleans()).map(
-            lambda e: (resign(e[0][0]), e[0][1] + " (re-signed)") if e[1] else e[0])
+            lambda e: (resign(e[0][0]), e[0][1] + " (re-signed)") if e[1] else e[0]
+        )
     return st.one_of(plain, edits, edits)

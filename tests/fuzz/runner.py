@@ -49,10 +49,17 @@ class Worker:
         self._close_log()
         self.starts += 1
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        self.stderr = open(self.workdir / f"worker-{self.starts}.stderr", "w")
+        # Open for the worker's whole life (closed when it is restarted or stopped).
+        self.stderr = open(self.workdir / f"worker-{self.starts}.stderr", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("worker.py"))], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env, cwd=self.workdir)
+            [sys.executable, str(Path(__file__).with_name("worker.py"))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            env=env,
+            cwd=self.workdir,
+        )
         self.lines = queue.Queue()
         self.reader = threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True)
         self.reader.start()
@@ -133,18 +140,31 @@ class Stats:
         return self.signals + self.hangs + self.exits + self.dirty + self.late
 
     def report(self) -> str:
-        lines = [f"{self.fmt}: {self.mutants} mutants",
-                 "  outcomes (per load/stage): " + ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items())),
-                 f"  signals {len(self.signals)}, hangs {len(self.hangs)}, other worker exits {len(self.exits)}"]
+        lines = [
+            f"{self.fmt}: {self.mutants} mutants",
+            "  outcomes (per load/stage): " + ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items())),
+            f"  signals {len(self.signals)}, hangs {len(self.hangs)}, other worker exits {len(self.exits)}",
+        ]
         if self.fmt == "expansion":
-            lines.append(f"  failed loads that changed the model or tokenizer {len(self.dirty)}, "
-                         f"loads accepted that then failed to use or save {len(self.late)}")
+            lines.append(
+                f"  failed loads that changed the model or tokenizer {len(self.dirty)}, "
+                f"loads accepted that then failed to use or save {len(self.late)}"
+            )
         lines += [f"  FAILURE {f}" for f in self.failures[:20]]
         return "\n".join(lines)
 
 
-def fuzz(fmt: str, n: int, workdir: Path, keep: Path, worker: Worker, *, seed_value: int | None = None,
-         progress: bool = False, only: list[str] | None = None) -> Stats:
+def fuzz(
+    fmt: str,
+    n: int,
+    workdir: Path,
+    keep: Path,
+    worker: Worker,
+    *,
+    seed_value: int | None = None,
+    progress: bool = False,
+    only: list[str] | None = None,
+) -> Stats:
     """Try ``n`` hypothesis-drawn mutants of the ``fmt`` seeds (those named in ``only``, default all);
     failing mutants are copied to ``keep``."""
     seeds = mutants.matrix_seeds(workdir) if fmt == "matrix" else mutants.expansion_seeds(workdir)
@@ -162,8 +182,14 @@ def fuzz(fmt: str, n: int, workdir: Path, keep: Path, worker: Worker, *, seed_va
         saved.write_bytes(data)
         kind.append(f"{what} (mutant saved to {saved})")
 
-    @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck), derandomize=seed_value is None)
+    @settings(
+        max_examples=n,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        derandomize=seed_value is None,
+    )
     @given(data=st.data())
     def one(data: Any) -> None:
         name = data.draw(st.sampled_from(sorted(seeds)))
@@ -188,8 +214,11 @@ def fuzz(fmt: str, n: int, workdir: Path, keep: Path, worker: Worker, *, seed_va
             if fmt == "expansion" and len(answer["outcomes"]) > 1:
                 record(stats.late, mutant, f"accepted, then {answer['outcomes']}: {what}: {answer.get('message')}")
             if fmt == "expansion" and answer["outcomes"]["load"] != "ok" and not answer.get("value_error"):
-                record(stats.late, mutant, f"load raised {answer['outcomes']['load']}, not ValueError: {what}: "
-                       f"{answer.get('message')}")
+                record(
+                    stats.late,
+                    mutant,
+                    f"load raised {answer['outcomes']['load']}, not ValueError: {what}: {answer.get('message')}",
+                )
         if progress and stats.mutants % 500 == 0:
             print(f"  {fmt}: {stats.mutants} mutants, {len(stats.failures)} failures", flush=True)
 

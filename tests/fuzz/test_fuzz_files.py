@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("hypothesis")
 
-from .runner import FORMATS, Worker, fuzz  # noqa: E402
+from .runner import FORMATS, Worker, fuzz
 
 N = int(os.environ.get("MARKOVMEM_FUZZ_MUTANTS", "300"))
 

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import mutants  # noqa: E402  (run as a script: the sibling module by path)
+import mutants
 
 
 def _outcome(fn: Any) -> str:
     try:
         fn()
-    except Exception as exc:  # the answer is the exception's type
+    except Exception as exc:  # noqa: BLE001 - the answer is the exception's type
         return type(exc).__name__
     return "ok"
 
@@ -37,12 +37,14 @@ def run_matrix(path: str) -> dict[str, Any]:
     loads = {}
     for mmap in (True, False):
         for verify in (False, True):
-            def use() -> None:
+
+            def use(mmap: bool = mmap, verify: bool = verify) -> None:
                 P = mm.TransitionMatrix.load(path, mmap=mmap, verify=verify)
                 for v in range(min(P.n_states, 4)):
                     P.row(v)
                     P.prob(v, 0)
                 P.validate()
+
             loads[f"mmap={mmap},verify={verify}"] = _outcome(use)
     return {"outcomes": loads}
 
@@ -74,11 +76,15 @@ class ExpansionRunner:
         before = (llm.base_fingerprint(model), sorted(model.state_dict()), tok.get_vocab(), len(tok))
         try:
             ids = llm.load_expansion(model, tok, path)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any refusal is recorded and classified by the runner
             after = (llm.base_fingerprint(model), sorted(model.state_dict()), tok.get_vocab(), len(tok))
             dirty = after != before or llm.get_expansion(model) is not None
-            return {"outcomes": {"load": type(exc).__name__}, "dirty": dirty, "message": str(exc)[:300],
-                    "value_error": isinstance(exc, ValueError)}
+            return {
+                "outcomes": {"load": type(exc).__name__},
+                "dirty": dirty,
+                "message": str(exc)[:300],
+                "value_error": isinstance(exc, ValueError),
+            }
         state = llm.get_expansion(model)
         stage = "use"
         try:
@@ -88,7 +94,7 @@ class ExpansionRunner:
                 model(torch.tensor([[1, 5, ids[0], 7, ids[-1]]]))
             stage = "save"
             llm.save_expansion(model, tok, out)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure after a load is recorded for the runner
             return {"outcomes": {"load": "ok", stage: type(exc).__name__}, "message": str(exc)[:300]}
         return {"outcomes": {"load": "ok"}}
 

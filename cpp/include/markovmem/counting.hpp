@@ -25,7 +25,7 @@ struct CountOptions {
 /// grouped by row in cache and counted with per-thread dense counters; memory
 /// O(n_tokens + n_states * threads).  The result is the same bit for bit whatever
 /// the thread count.
-TransitionMatrix count_transitions(const std::int32_t* tokens, Index n_tokens, const Index* offsets,
-                                   Index n_seq, Index n_states, const CountOptions& opts);
+TransitionMatrix count_transitions(const std::int32_t* tokens, Index n_tokens, const Index* offsets, Index n_seq,
+                                   Index n_states, const CountOptions& opts);
 
 }  // namespace markovmem

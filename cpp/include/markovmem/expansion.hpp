@@ -43,7 +43,6 @@ struct Expansion {
 /// whose tail spreads over base states) as states n_states .. n_states + m - 1.
 /// Old rows are copied byte for byte; the certificate is then recomputed by
 /// verify_expansion.  Throws InvariantViolation naming the first bad new row.
-Expansion expand(const TransitionMatrix& P, const CsrView& new_rows, double tol = kRowSumTolerance,
-                 int n_threads = 0);
+Expansion expand(const TransitionMatrix& P, const CsrView& new_rows, double tol = kRowSumTolerance, int n_threads = 0);
 
 }  // namespace markovmem

@@ -41,9 +41,9 @@ enum class PrefixMode { kHashOnly, kCompare, kCopyAndCompare };
 /// (the bytes of dst already written) and the prefix's partial chunk are hashed
 /// into `h` (sized on first use).  Parallel over chunks; results do not depend
 /// on the thread count.
-void process_chunks(ArrayHashes& h, void* dst, const void* src, std::size_t prefix_bytes,
-                    std::size_t full_bytes, std::size_t ready_bytes, std::size_t first_chunk,
-                    std::size_t last_chunk, PrefixMode mode, int n_threads);
+void process_chunks(ArrayHashes& h, void* dst, const void* src, std::size_t prefix_bytes, std::size_t full_bytes,
+                    std::size_t ready_bytes, std::size_t first_chunk, std::size_t last_chunk, PrefixMode mode,
+                    int n_threads);
 
 /// Number of chunks of an array of `bytes` bytes.
 inline std::size_t n_chunks(std::size_t bytes) { return (bytes + kHashChunk - 1) / kHashChunk; }

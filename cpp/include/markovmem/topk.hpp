@@ -21,8 +21,8 @@ namespace markovmem {
 ///
 /// Throws std::invalid_argument when n_rows < 0, n_cols < 1, row_stride <
 /// n_cols, k < 1 or k > n_cols (before any work).  n_threads <= 0: the OpenMP default.
-void softmax_topk(const float* logits, Index n_rows, Index n_cols, Index row_stride, Index k,
-                  std::int32_t* indices, float* probs, int n_threads);
+void softmax_topk(const float* logits, Index n_rows, Index n_cols, Index row_stride, Index k, std::int32_t* indices,
+                  float* probs, int n_threads);
 
 namespace detail {
 /// exp(x) for x <= 0 in float32 (Cody-Waite reduction + degree-6 polynomial,

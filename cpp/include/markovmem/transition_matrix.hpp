@@ -50,8 +50,8 @@ struct CheckOptions {
 /// and below n_base).  tail may be null when opts.tail is false.
 /// O(nnz), parallel over rows; the row reported is the smallest offending one
 /// whatever the thread count.  Never reads outside [indptr[0], indptr[n_rows]).
-std::optional<Violation> check_rows(const CsrView& rows, const double* tail, Index nnz_capacity,
-                                    Index n_states, Index n_base, const CheckOptions& opts);
+std::optional<Violation> check_rows(const CsrView& rows, const double* tail, Index nnz_capacity, Index n_states,
+                                    Index n_base, const CheckOptions& opts);
 
 /// Immutable transition matrix.  Copies share storage (cheap); every method is
 /// const and safe to call from several threads at once.
@@ -68,17 +68,15 @@ class TransitionMatrix {
   /// The tail is computed, or copied from `tail` (n_states entries) when given, after checking
   /// it equals max(0, 1 - row sum) within tol: a matrix rebuilt from its own four arrays
   /// keeps its bytes, hence its fingerprint.
-  static TransitionMatrix copy_csr(Index n_states, Index n_base, const CsrView& rows,
-                                   double tol = kRowSumTolerance, int n_threads = 0,
-                                   const double* tail = nullptr);
+  static TransitionMatrix copy_csr(Index n_states, Index n_base, const CsrView& rows, double tol = kRowSumTolerance,
+                                   int n_threads = 0, const double* tail = nullptr);
 
   /// Builds from dense (n_rows, k) top-k arrays (one row per state, any column
   /// order, row-major).  Sorts each row by column; rejects duplicates, ids out of
   /// [0, n_base), non-finite or negative values, rows summing above 1 + tol.
   template <class IndexT>
-  static TransitionMatrix from_topk(Index n_states, Index n_base, Index k, const IndexT* indices,
-                                    const Prob* probs, double tol = kRowSumTolerance,
-                                    int n_threads = 0);
+  static TransitionMatrix from_topk(Index n_states, Index n_base, Index k, const IndexT* indices, const Prob* probs,
+                                    double tol = kRowSumTolerance, int n_threads = 0);
 
   /// Takes ownership of filled buffers (which may be longer than n_states rows /
   /// indptr[n_states] entries: the rest is spare capacity for in-place expansion).
@@ -90,9 +88,8 @@ class TransitionMatrix {
   /// Views buffers owned by `owner` (e.g. a memory map) without copying.
   /// Checks structure (memory safety) always, values and tail when check_values.
   static TransitionMatrix from_buffers(Index n_states, Index n_base, Index nnz, const Index* indptr,
-                                       const StateIndex* indices, const Prob* data,
-                                       const double* tail, std::shared_ptr<const void> owner,
-                                       bool check_values, int n_threads = 0);
+                                       const StateIndex* indices, const Prob* data, const double* tail,
+                                       std::shared_ptr<const void> owner, bool check_values, int n_threads = 0);
 
   Index n_states() const noexcept { return n_states_; }
   Index n_base() const noexcept { return n_base_; }
@@ -130,8 +127,8 @@ class TransitionMatrix {
 
   /// Sum of log p(s[i+1] | s[i]) per sequence.  tokens holds all sequences end to end;
   /// offsets (n_seq + 1, non-decreasing, offsets[n_seq] <= n_tokens) delimits them.
-  std::vector<double> log_likelihood(const std::int32_t* tokens, Index n_tokens,
-                                     const Index* offsets, Index n_seq, int n_threads) const;
+  std::vector<double> log_likelihood(const std::int32_t* tokens, Index n_tokens, const Index* offsets, Index n_seq,
+                                     int n_threads) const;
 
   /// A path of `length` states starting at `start` (included), drawn with a
   /// splitmix64 stream from `seed`: the same on every machine.
@@ -194,8 +191,7 @@ class TransitionMatrix {
   std::vector<std::string> derived_keys() const;
 
   /// First broken invariant (structure, values, tail) or nothing.
-  std::optional<Violation> find_violation(double tol = kRowSumTolerance, int n_threads = 0,
-                                          Index first_row = 0) const;
+  std::optional<Violation> find_violation(double tol = kRowSumTolerance, int n_threads = 0, Index first_row = 0) const;
 
  private:
   struct Owned;
@@ -232,9 +228,9 @@ void compute_tails(const CsrView& rows, double* tail, int n_threads);
 /// Validates the arguments of a matrix size: 1 <= n_base <= n_states <= kMaxStates.
 void check_sizes(Index n_states, Index n_base);
 
-extern template TransitionMatrix TransitionMatrix::from_topk<std::int32_t>(
-    Index, Index, Index, const std::int32_t*, const Prob*, double, int);
-extern template TransitionMatrix TransitionMatrix::from_topk<std::int64_t>(
-    Index, Index, Index, const std::int64_t*, const Prob*, double, int);
+extern template TransitionMatrix TransitionMatrix::from_topk<std::int32_t>(Index, Index, Index, const std::int32_t*,
+                                                                           const Prob*, double, int);
+extern template TransitionMatrix TransitionMatrix::from_topk<std::int64_t>(Index, Index, Index, const std::int64_t*,
+                                                                           const Prob*, double, int);
 
 }  // namespace markovmem

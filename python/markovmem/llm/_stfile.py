@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -15,8 +16,12 @@ __all__ = ["StFile", "content_fingerprint", "parse", "tensor_record"]
 
 #: safetensors dtype names <-> torch dtypes (those expansion files use).
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 #: Cap on the JSON header (safetensors' own limit is 100 MB; an expansion header is a few KB
@@ -28,8 +33,12 @@ class StFile:
     """Parsed safetensors bytes: ``tensors`` (name -> torch tensor owning its memory),
     ``metadata`` (str -> str) and ``records`` (name -> (dtype name, shape, raw bytes))."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                 records: dict[str, tuple[str, tuple[int, ...], bytes]]) -> None:
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        metadata: dict[str, str],
+        records: dict[str, tuple[str, tuple[int, ...], bytes]],
+    ) -> None:
         self.tensors = tensors
         self.metadata = metadata
         self.records = records
@@ -67,15 +76,18 @@ def parse(data: bytes, where: str) -> StFile:
         raise ValueError(f"{where} is not a safetensors file: {len(data)} bytes, shorter than the 8-byte header size")
     (n,) = struct.unpack("<Q", data[:8])
     if n > min(MAX_HEADER, len(data) - 8):
-        raise ValueError(f"{where} is not a safetensors file: header size {n} exceeds the file "
-                         f"({len(data) - 8} bytes after the size) or {MAX_HEADER}")
+        raise ValueError(
+            f"{where} is not a safetensors file: header size {n} exceeds the file "
+            f"({len(data) - 8} bytes after the size) or {MAX_HEADER}"
+        )
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(data[8 : 8 + n].decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ValueError(f"{where} has a corrupt safetensors header: {exc}") from exc
     if not isinstance(header, dict):
-        raise ValueError(f"{where} has a safetensors header that is a {type(header).__name__}; expected an object")
-    body = memoryview(data)[8 + n:]
+        # A corrupt file, not a wrong argument: ValueError like every other corruption.
+        raise ValueError(f"{where} has a safetensors header that is a {type(header).__name__}; expected an object")  # noqa: TRY004
+    body = memoryview(data)[8 + n :]
     meta = header.pop("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise ValueError(f"{where}: __metadata__ must map strings to strings")
@@ -91,18 +103,25 @@ def parse(data: bytes, where: str) -> StFile:
         # Sizes stay below 2**62 so torch (int64 sizes) never sees an overflowing dimension.
         if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(s) and 0 <= s < 2**62 for s in shape):
             raise ValueError(f"{field} has shape {shape!r:.100}; expected a list of at most 8 ints in [0, 2**62)")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= len(body)):
-            raise ValueError(f"{field} has data_offsets {offsets!r:.100}; expected [begin, end] "
-                             f"within the {len(body)} data bytes")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= len(body)
+        ):
+            raise ValueError(
+                f"{field} has data_offsets {offsets!r:.100}; expected [begin, end] within the {len(body)} data bytes"
+            )
         numel = 1
         for s in shape:
             numel *= s
         itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
         if offsets[1] - offsets[0] != numel * itemsize:
-            raise ValueError(f"{field} spans {offsets[1] - offsets[0]} bytes; shape {tuple(shape)} of "
-                             f"{dtype} needs {numel * itemsize}")
-        raw = bytes(body[offsets[0]:offsets[1]])
+            raise ValueError(
+                f"{field} spans {offsets[1] - offsets[0]} bytes; shape {tuple(shape)} of "
+                f"{dtype} needs {numel * itemsize}"
+            )
+        raw = bytes(body[offsets[0] : offsets[1]])
         # bytearray: the tensor owns writable memory (torch warns on read-only buffers).
         t = torch.frombuffer(bytearray(raw), dtype=DTYPES[dtype]) if raw else torch.empty(0, dtype=DTYPES[dtype])
         tensors[name] = t.reshape(shape)
@@ -117,8 +136,9 @@ def tensor_record(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
     return _NAMES[t.dtype], tuple(t.shape), raw
 
 
-def content_fingerprint(records: Iterable[tuple[str, tuple[str, tuple[int, ...], bytes]]],
-                        metadata: dict[str, str], skip: str) -> str:
+def content_fingerprint(
+    records: Iterable[tuple[str, tuple[str, tuple[int, ...], bytes]]], metadata: dict[str, str], skip: str
+) -> str:
     """blake2b (32 hex digits) over every tensor (name, dtype, shape, bytes) and every metadata
     entry except ``skip`` (the key that stores the fingerprint itself)."""
     h = hashlib.blake2b(digest_size=16)

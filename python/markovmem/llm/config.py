@@ -186,8 +186,9 @@ class LearnTokensConfig:
             raise ValueError(f"bound is {self.bound}; expected > 0")
         self.auto_grid = tuple((str(link), int(s)) for link, s in self.auto_grid)
         if not self.auto_grid or any(link not in ("logit", "mixture") or s < 1 for link, s in self.auto_grid):
-            raise ValueError(f"auto_grid is {self.auto_grid}; expected (link, s) pairs, link 'mixture' or 'logit', "
-                             "s >= 1")
+            raise ValueError(
+                f"auto_grid is {self.auto_grid}; expected (link, s) pairs, link 'mixture' or 'logit', s >= 1"
+            )
         if int(self.tune_steps) < 0:
             raise ValueError(f"tune_steps is {self.tune_steps}; expected >= 0")
         if not float(self.tune_lr) > 0:

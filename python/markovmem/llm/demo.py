@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ _SPECIALS = ["<pad>", "<s>", "</s>"]
 #: addition takes operands 0..19.  They differ in the digits that follow the
 #: operator, which is the Markov signal alpha can pick up.
 MUL_RANGE = range(1, 13)
-ADD_RANGE = range(0, 20)
+ADD_RANGE = range(20)
 _CACHE_VERSION = "2"
 
 
@@ -68,37 +69,57 @@ class DemoResult:
 
     def table(self) -> str:
         """The result table as text."""
-        head = ["method", f"acc '{NEW_OPERATOR}' (held out)", "acc '*' kept", "acc '+' kept",
-                "max |delta logit| old", "trainable", "time s"]
+        head = [
+            "method",
+            f"acc '{NEW_OPERATOR}' (held out)",
+            "acc '*' kept",
+            "acc '+' kept",
+            "max |delta logit| old",
+            "trainable",
+            "time s",
+        ]
         lines = [head]
         for r in self.rows:
-            lines.append([
-                r["method"], f"{r['new_op_acc']:.3f}", f"{r['mul_acc']:.3f}", f"{r['add_acc']:.3f}",
-                f"{r['max_abs_logit_diff']:.3g}", f"{r['trainable_params']:,}", f"{r['seconds']:.1f}",
-            ])
+            lines.append(
+                [
+                    r["method"],
+                    f"{r['new_op_acc']:.3f}",
+                    f"{r['mul_acc']:.3f}",
+                    f"{r['add_acc']:.3f}",
+                    f"{r['max_abs_logit_diff']:.3g}",
+                    f"{r['trainable_params']:,}",
+                    f"{r['seconds']:.1f}",
+                ]
+            )
         widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-        out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-               for row in lines]
+        out = [
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+            for row in lines
+        ]
         out.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(out)
 
     def __str__(self) -> str:
         s = self.settings
         base = ", ".join(f"'{k}' {v:.3f}" for k, v in self.base_accuracy.items())
-        deco = [f"E^T alpha, {link} link: '{NEW_OPERATOR}' = "
-                + (" ".join(f"{w:+.3f} x {tok!r}" for tok, w in pairs) or "(empty)")
-                for link, pairs in self.decomposition.items()]
-        return "\n".join([
-            (
-                f"markovmem demo: teach a tiny Llama the new operator '{NEW_OPERATOR}' (a{NEW_OPERATOR}b = a*b) "
-                f"from {s.get('n_examples')} examples"
-            ),
-            f"base model accuracy: {base}",
-            "",
-            self.table(),
-            "",
-            *deco,
-        ])
+        deco = [
+            f"E^T alpha, {link} link: '{NEW_OPERATOR}' = "
+            + (" ".join(f"{w:+.3f} x {tok!r}" for tok, w in pairs) or "(empty)")
+            for link, pairs in self.decomposition.items()
+        ]
+        return "\n".join(
+            [
+                (
+                    f"markovmem demo: teach a tiny Llama the new operator '{NEW_OPERATOR}' (a{NEW_OPERATOR}b = a*b) "
+                    f"from {s.get('n_examples')} examples"
+                ),
+                f"base model accuracy: {base}",
+                "",
+                self.table(),
+                "",
+                *deco,
+            ]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,16 +169,33 @@ def _new_model(vocab_size: int, seed: int) -> LlamaForCausalLM:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
 
-def _train(model: nn.Module, seqs: list[list[int]], steps: int, lr: float, batch_size: int, seed: int,
-           progress: bool, desc: str, one_cycle: bool = False) -> float:
+def _train(
+    model: nn.Module,
+    seqs: list[list[int]],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+    desc: str,
+    one_cycle: bool = False,
+) -> float:
     """Full training of every parameter with next-token cross-entropy (AdamW, constant lr or
     one-cycle); returns seconds."""
     from tqdm.auto import tqdm
@@ -200,16 +238,18 @@ def _base_model(cache_dir: Any, steps: int, seed: int, progress: bool) -> tuple[
     """The arithmetic Llama, trained once and cached; (model, tokenizer, seconds spent training now)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    key = hashlib.sha256(json.dumps([_CACHE_VERSION, steps, seed, list(MUL_RANGE), list(ADD_RANGE)])
-                         .encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps([_CACHE_VERSION, steps, seed, list(MUL_RANGE), list(ADD_RANGE)]).encode()
+    ).hexdigest()[:12]
     path = _cache_root(cache_dir) / f"demo-arith-llama-{key}"
     if (path / "config.json").exists():
         model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         return model, AutoTokenizer.from_pretrained(path), 0.0
     tok = _tokenizer()
     model = _new_model(len(tok), seed)
-    seconds = _train(model, _encode(tok, _base_corpus()), steps, 3e-3, 128, seed, progress, "train base model",
-                     one_cycle=True)
+    seconds = _train(
+        model, _encode(tok, _base_corpus()), steps, 3e-3, 128, seed, progress, "train base model", one_cycle=True
+    )
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -240,7 +280,7 @@ def _accuracy(model: nn.Module, tok: Any, pairs: list[tuple[int, int]], op: str)
             start = len(items[0][0])
             for row, (_, answer) in zip(ids[:, start:].tolist(), items, strict=True):
                 out = row[: row.index(eos)] if eos in row else None
-                correct += out is not None and tok.decode(out) .replace(" ", "") == answer
+                correct += out is not None and tok.decode(out).replace(" ", "") == answer
     return correct / len(pairs)
 
 
@@ -340,14 +380,26 @@ def run_demo(
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
-        return _run(int(n_examples), s, tune_steps, tune_lr, finetune_lr, base_steps, cache_dir, seed, progress,
-                    verbose, fit)
+        return _run(
+            int(n_examples), s, tune_steps, tune_lr, finetune_lr, base_steps, cache_dir, seed, progress, verbose, fit
+        )
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _run(n_examples: int, s: int, tune_steps: int, tune_lr: float, finetune_lr: float, base_steps: int,
-         cache_dir: Any, seed: int, progress: bool, verbose: bool, fit: Callable[..., Any]) -> DemoResult:
+def _run(
+    n_examples: int,
+    s: int,
+    tune_steps: int,
+    tune_lr: float,
+    finetune_lr: float,
+    base_steps: int,
+    cache_dir: Any,
+    seed: int,
+    progress: bool,
+    verbose: bool,
+    fit: Callable[..., Any],
+) -> DemoResult:
     base, tok, train_seconds = _base_model(cache_dir, base_steps, seed, progress)
     n_base = _io_modules(base)[0].num_embeddings
     rng = np.random.default_rng(seed + 1)
@@ -357,30 +409,42 @@ def _run(n_examples: int, s: int, tune_steps: int, tune_lr: float, finetune_lr: 
     held_out = [pairs[i] for i in order[n_examples:]]
     add_pairs = [(a, b) for a in ADD_RANGE for b in ADD_RANGE]
     contexts = _old_contexts(tok, 96, seed)
-    result = DemoResult(settings={
-        "n_examples": n_examples, "s": s, "tune_steps": tune_steps, "tune_lr": tune_lr,
-        "finetune_lr": finetune_lr, "base_steps": base_steps, "seed": seed,
-        "base_training_seconds_this_run": round(train_seconds, 1), "n_held_out": len(held_out),
-    })
+    result = DemoResult(
+        settings={
+            "n_examples": n_examples,
+            "s": s,
+            "tune_steps": tune_steps,
+            "tune_lr": tune_lr,
+            "finetune_lr": finetune_lr,
+            "base_steps": base_steps,
+            "seed": seed,
+            "base_training_seconds_this_run": round(train_seconds, 1),
+            "n_held_out": len(held_out),
+        }
+    )
     result.base_accuracy = {
-        "*": _accuracy(base, tok, pairs, "*"), "x": _accuracy(base, tok, pairs, "x"),
+        "*": _accuracy(base, tok, pairs, "*"),
+        "x": _accuracy(base, tok, pairs, "x"),
         "+": _accuracy(base, tok, add_pairs, "+"),
     }
     examples = [_equation(a, NEW_OPERATOR, b) for a, b in train_pairs]
 
-    def measure(method: str, model: nn.Module, tokenizer: Any, trainable: int, seconds: float,
-                diff: float | None = None) -> None:
+    def measure(
+        method: str, model: nn.Module, tokenizer: Any, trainable: int, seconds: float, diff: float | None = None
+    ) -> None:
         if diff is None:
             diff = _max_logit_diff(base, model, contexts, n_base)
-        result.rows.append({
-            "method": method,
-            "new_op_acc": _accuracy(model, tokenizer, held_out, NEW_OPERATOR),
-            "mul_acc": _accuracy(model, tokenizer, pairs, "*"),
-            "add_acc": _accuracy(model, tokenizer, add_pairs, "+"),
-            "max_abs_logit_diff": diff,
-            "trainable_params": int(trainable),
-            "seconds": seconds,
-        })
+        result.rows.append(
+            {
+                "method": method,
+                "new_op_acc": _accuracy(model, tokenizer, held_out, NEW_OPERATOR),
+                "mul_acc": _accuracy(model, tokenizer, pairs, "*"),
+                "add_acc": _accuracy(model, tokenizer, add_pairs, "+"),
+                "max_abs_logit_diff": diff,
+                "trainable_params": int(trainable),
+                "seconds": seconds,
+            }
+        )
 
     # 1. E^T alpha: distill once, count, fit (both links), write.  No gradient step.
     import scipy.sparse as sp
@@ -402,21 +466,32 @@ def _run(n_examples: int, s: int, tune_steps: int, tune_lr: float, finetune_lr: 
         _require_expansion(model).alpha = fitted.alpha
         alpha_seconds[link] = seconds_distill + time.perf_counter() - t0
         report = verify_no_forgetting(base, model, contexts)
-        measure(f"E^T alpha, {link} link (no training)", model, tok_a, 0, alpha_seconds[link],
-                report.max_abs_logit_diff)
+        measure(
+            f"E^T alpha, {link} link (no training)", model, tok_a, 0, alpha_seconds[link], report.max_abs_logit_diff
+        )
         alpha = sp.csr_array(fitted.alpha)
         cols, vals = alpha.indices[alpha.indptr[0] : alpha.indptr[1]], alpha.data[alpha.indptr[0] : alpha.indptr[1]]
         order_a = np.argsort(-np.abs(vals))
-        result.decomposition[link] = [(tok.convert_ids_to_tokens(int(c)), float(v))
-                                      for c, v in zip(cols[order_a], vals[order_a], strict=True)]
+        result.decomposition[link] = [
+            (tok.convert_ids_to_tokens(int(c)), float(v)) for c, v in zip(cols[order_a], vals[order_a], strict=True)
+        ]
         alpha_models[link] = model
 
     # 2. ET from E^T alpha (the paper's logit link), and from the mean embedding.
     for name, init in (("ET from E^T alpha (logit)", None), ("ET from mean embedding", "mean")):
         m = copy.deepcopy(alpha_models["logit"])
         t0 = time.perf_counter()
-        history = embedding_tune(m, ids, seqs, steps=tune_steps, lr=tune_lr, batch_size=min(16, n_examples),
-                                 init=init, seed=seed, progress=progress)
+        history = embedding_tune(
+            m,
+            ids,
+            seqs,
+            steps=tune_steps,
+            lr=tune_lr,
+            batch_size=min(16, n_examples),
+            init=init,
+            seed=seed,
+            progress=progress,
+        )
         seconds = (alpha_seconds["logit"] if init is None else 0.0) + time.perf_counter() - t0
         report = verify_no_forgetting(base, m, contexts)
         measure(name, m, tok_a, history.n_trainable, seconds, report.max_abs_logit_diff)
@@ -429,8 +504,9 @@ def _run(n_examples: int, s: int, tune_steps: int, tune_lr: float, finetune_lr: 
     with torch.no_grad():
         ft_rows = _io_modules(ft)[0].weight
         ft_rows[n_base:] = ft_rows[:n_base].mean(0)
-    seconds = _train(ft, _encode(tok_f, examples), tune_steps, finetune_lr, min(16, n_examples), seed, progress,
-                     "full fine-tuning")
+    seconds = _train(
+        ft, _encode(tok_f, examples), tune_steps, finetune_lr, min(16, n_examples), seed, progress, "full fine-tuning"
+    )
     measure("full fine-tuning", ft, tok_f, sum(p.numel() for p in ft.parameters()), seconds)
     if verbose:
         print(result)

@@ -7,13 +7,15 @@ cross to the host.  With ``out=DIR`` work is written in shards and resumed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
 import os
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -205,8 +207,16 @@ def _open_shards(shards: _Shards, ranks: _distributed.Ranks | None) -> None:
         _distributed.exchange(ranks, lambda: shards.open() if rank != 0 else None)
 
 
-def _run_shards(ranks: _distributed.Ranks | None, shards: _Shards, n_shards: int, span: Any, valid: Any,
-                compute: Any, consume: Any, bar: Any) -> None:
+def _run_shards(
+    ranks: _distributed.Ranks | None,
+    shards: _Shards,
+    n_shards: int,
+    span: Any,
+    valid: Any,
+    compute: Any,
+    consume: Any,
+    bar: Any,
+) -> None:
     """Every shard, loaded from ``out`` when a valid file is there and computed otherwise.
 
     Shard ``s`` belongs to rank ``s % world``, which loads or computes it (and writes its
@@ -232,7 +242,8 @@ def _run_shards(ranks: _distributed.Ranks | None, shards: _Shards, n_shards: int
         return True, tensors
 
     for start in range(0, n_shards, world):
-        for j, item in enumerate(_distributed.exchange(ranks, lambda: work(start + rank))):
+        first = start + rank
+        for j, item in enumerate(_distributed.exchange(ranks, functools.partial(work, first))):
             if item is None:
                 continue
             computed, tensors = item
@@ -297,10 +308,16 @@ class _LastLogits:
         out = get_output() if callable(get_output) else None
         base = getattr(out, "base_layer", out)  # NewTokenOutputLayer wraps the base head
         body = getattr(model, "base_model", None)
-        if (dev.type == "cpu" and n_base * batch >= _HEAD_MIN_LOGITS
-                and (dtype is None or dtype == _model_dtype(model)) and isinstance(base, nn.Linear)
-                and base.weight.dtype == torch.float32 and isinstance(body, nn.Module) and body is not model
-                and base.weight.shape[0] >= n_base):
+        if (
+            dev.type == "cpu"
+            and n_base * batch >= _HEAD_MIN_LOGITS
+            and (dtype is None or dtype == _model_dtype(model))
+            and isinstance(base, nn.Linear)
+            and base.weight.dtype == torch.float32
+            and isinstance(body, nn.Module)
+            and body is not model
+            and base.weight.shape[0] >= n_base
+        ):
             self.head = (body, base.weight, base.bias)
 
     def _model_logits(self, inp: torch.Tensor) -> torch.Tensor:
@@ -329,8 +346,9 @@ class _LastLogits:
         ref = self._model_logits(inp[:2])
         try:
             got = self._head_logits(inp[:2])
-            same = got.shape == ref.shape and torch.allclose(got, ref, rtol=1e-4,
-                                                             atol=1e-5 * float(ref.abs().max()) + 1e-6)
+            same = got.shape == ref.shape and torch.allclose(
+                got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-6
+            )
         except (TypeError, AttributeError, RuntimeError, ValueError):
             same = False
         if not same:
@@ -481,28 +499,72 @@ def distill(
             # A model the caller placed (on a GPU, or over several with a device_map) stays there.
             device = _distributed.local_device()
     # Checked on every rank inside one exchange: a rank that refuses its arguments stops the others.
-    rows, k, n_base, pre, seqs, masks, dev = _distributed.checked(ranks, lambda: _arguments(
-        model, mode, top_k, batch_size, shard_rows, fallback, shrinkage, window, token_ids, prefix, sequences, mask,
-        device))
+    rows, k, n_base, pre, seqs, masks, dev = _distributed.checked(
+        ranks,
+        lambda: _arguments(
+            model,
+            mode,
+            top_k,
+            batch_size,
+            shard_rows,
+            fallback,
+            shrinkage,
+            window,
+            token_ids,
+            prefix,
+            sequences,
+            mask,
+            device,
+        ),
+    )
     was_training = model.training
     model.eval()
     try:
         if mode == "token":
-            return _distill_tokens(model, rows, pre, k, n_base, batch_size, dev, dtype, progress, out, shard_rows,
-                                   ranks)
+            return _distill_tokens(
+                model, rows, pre, k, n_base, batch_size, dev, dtype, progress, out, shard_rows, ranks
+            )
         win = window if window is not None else _context_length(model)
         windows = _windows(seqs, masks, win)
-        corpus = _distill_corpus(model, windows, rows, k, n_base, batch_size, dev, dtype, progress, out, shard_rows,
-                                 ranks)
-        return _shrink(model, corpus, rows, pre, k, n_base, batch_size, dev, dtype, progress, out, fallback,
-                       float(shrinkage), win, ranks)
+        corpus = _distill_corpus(
+            model, windows, rows, k, n_base, batch_size, dev, dtype, progress, out, shard_rows, ranks
+        )
+        return _shrink(
+            model,
+            corpus,
+            rows,
+            pre,
+            k,
+            n_base,
+            batch_size,
+            dev,
+            dtype,
+            progress,
+            out,
+            fallback,
+            float(shrinkage),
+            win,
+            ranks,
+        )
     finally:
         model.train(was_training)
 
 
-def _arguments(model: nn.Module, mode: str, top_k: Any, batch_size: Any, shard_rows: Any, fallback: Any,
-               shrinkage: Any, window: Any, token_ids: Any, prefix: Any, sequences: Any, mask: Any,
-               device: Any) -> tuple[np.ndarray, int, int, np.ndarray, Any, Any, torch.device]:
+def _arguments(
+    model: nn.Module,
+    mode: str,
+    top_k: Any,
+    batch_size: Any,
+    shard_rows: Any,
+    fallback: Any,
+    shrinkage: Any,
+    window: Any,
+    token_ids: Any,
+    prefix: Any,
+    sequences: Any,
+    mask: Any,
+    device: Any,
+) -> tuple[np.ndarray, int, int, np.ndarray, Any, Any, torch.device]:
     """distill's arguments checked: (rows, k, n_base, prefix, the sequences and their masks (corpus
     mode; else None), the device, with the model moved there)."""
     if mode not in ("token", "corpus"):
@@ -539,29 +601,49 @@ def _arguments(model: nn.Module, mode: str, top_k: Any, batch_size: Any, shard_r
     return rows, k, n_base, pre, seqs, masks, _prepare_device(model, device)
 
 
-def _finish(P: TransitionMatrix, out: Path | None, info: dict[str, Any],
-            ranks: _distributed.Ranks | None) -> TransitionMatrix:
+def _finish(
+    P: TransitionMatrix, out: Path | None, info: dict[str, Any], ranks: _distributed.Ranks | None
+) -> TransitionMatrix:
     """Attach ``info`` (how the rows were made) as metadata; when sharded, rank 0 writes the final
     file and every rank returns once it is written."""
     meta = {f"distill.{key}": value if isinstance(value, str) else json.dumps(value) for key, value in info.items()}
     P = TransitionMatrix._with_metadata(P, meta)
     if out is not None:
-        _distributed.checked(ranks, lambda: P.save(out / "matrix.safetensors")
-                             if ranks is None or ranks.rank == 0 else None)
+        _distributed.checked(
+            ranks, lambda: P.save(out / "matrix.safetensors") if ranks is None or ranks.rank == 0 else None
+        )
     return P
 
 
-def _distill_tokens(model: nn.Module, rows: np.ndarray, pre: np.ndarray, k: int, n_base: int,
-                    batch_size: int | None, dev: torch.device, dtype: Any, progress: bool,
-                    out: Any, shard_rows: int | None, ranks: _distributed.Ranks | None) -> TransitionMatrix:
+def _distill_tokens(
+    model: nn.Module,
+    rows: np.ndarray,
+    pre: np.ndarray,
+    k: int,
+    n_base: int,
+    batch_size: int | None,
+    dev: torch.device,
+    dtype: Any,
+    progress: bool,
+    out: Any,
+    shard_rows: int | None,
+    ranks: _distributed.Ranks | None,
+) -> TransitionMatrix:
     n = rows.size
     n_logits = _n_embeddable(model)
     batch = int(batch_size) if batch_size is not None else _auto_batch(n_logits)
     per_shard = int(shard_rows) if shard_rows is not None else max(batch, (16 * 2**20) // (8 * k) // batch * batch)
     manifest = {
-        "format": _FORMAT, "version": 1, "mode": "token", "top_k": k, "n_base": n_base,
-        "prefix": [int(x) for x in pre], "rows": _digest(rows), "n_rows": int(n),
-        "shard_rows": per_shard, "model": base_fingerprint(model) if out is not None else "",
+        "format": _FORMAT,
+        "version": 1,
+        "mode": "token",
+        "top_k": k,
+        "n_base": n_base,
+        "prefix": [int(x) for x in pre],
+        "rows": _digest(rows),
+        "n_rows": int(n),
+        "shard_rows": per_shard,
+        "model": base_fingerprint(model) if out is not None else "",
     }
     shards = _Shards(out, manifest)
     _open_shards(shards, ranks)
@@ -615,8 +697,9 @@ def _distill_tokens(model: nn.Module, rows: np.ndarray, pre: np.ndarray, k: int,
         P = TransitionMatrix.from_topk(indices, probs)
     else:
         P = _from_row_subset(rows, indices, probs, n_base)
-    return _finish(P, shards.dir, {"mode": "token", "top_k": k, "prefix": [int(x) for x in pre],
-                                   "n_rows": int(n)}, ranks)
+    return _finish(
+        P, shards.dir, {"mode": "token", "top_k": k, "prefix": [int(x) for x in pre], "n_rows": int(n)}, ranks
+    )
 
 
 def _from_row_subset(rows: np.ndarray, indices: np.ndarray, probs: np.ndarray, n_base: int) -> TransitionMatrix:
@@ -659,7 +742,7 @@ def _as_masks(mask: Any, seqs: list[np.ndarray]) -> list[np.ndarray]:
 
 def _context_length(model: nn.Module) -> int | None:
     """The longest input the model's positions allow (None when the config does not say)."""
-    cfg = getattr(model, "config", None)
+    cfg: Any = getattr(model, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(cfg, name, None)
@@ -668,12 +751,14 @@ def _context_length(model: nn.Module) -> int | None:
     return None
 
 
-def _windows(seqs: list[np.ndarray], masks: list[np.ndarray], window: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+def _windows(
+    seqs: list[np.ndarray], masks: list[np.ndarray], window: int | None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """(ids, counted) pieces no longer than ``window``: a longer sequence becomes windows that overlap by
     half, and each position is counted in the first window that gives it >= window // 2 tokens of context
     (every position exactly once, none truncated away)."""
     out = []
-    for ids, counted in zip(seqs, masks):
+    for ids, counted in zip(seqs, masks, strict=False):
         if window is None or ids.size <= window:
             out.append((ids, counted))
             continue
@@ -691,9 +776,20 @@ def _windows(seqs: list[np.ndarray], masks: list[np.ndarray], window: int | None
     return out
 
 
-def _distill_corpus(model: nn.Module, windows: list[tuple[np.ndarray, np.ndarray]], rows: np.ndarray, k: int,
-                    n_base: int, batch_size: int | None, dev: torch.device, dtype: Any, progress: bool,
-                    out: Any, shard_rows: int | None, ranks: _distributed.Ranks | None) -> tuple[Any, np.ndarray, str]:
+def _distill_corpus(
+    model: nn.Module,
+    windows: list[tuple[np.ndarray, np.ndarray]],
+    rows: np.ndarray,
+    k: int,
+    n_base: int,
+    batch_size: int | None,
+    dev: torch.device,
+    dtype: Any,
+    progress: bool,
+    out: Any,
+    shard_rows: int | None,
+    ranks: _distributed.Ranks | None,
+) -> tuple[Any, np.ndarray, str]:
     """Row sums of the top-k next-token probabilities at the counted positions, and the counts.
 
     Returns ``(total, counts, corpus)``: ``total`` an (n_base, n_base) float64 CSR of summed
@@ -709,9 +805,16 @@ def _distill_corpus(model: nn.Module, windows: list[tuple[np.ndarray, np.ndarray
     offsets = np.cumsum([0] + [ids.size for ids, _ in windows])
     corpus = _digest(np.concatenate([ids for ids, _ in windows]), np.concatenate([c for _, c in windows]), offsets)
     manifest = {
-        "format": _FORMAT, "version": 2, "mode": "corpus", "top_k": k, "n_base": n_base,
-        "rows": _digest(rows), "sequences": corpus, "n_sequences": len(windows),
-        "shard_rows": per_shard, "model": base_fingerprint(model) if out is not None else "",
+        "format": _FORMAT,
+        "version": 2,
+        "mode": "corpus",
+        "top_k": k,
+        "n_base": n_base,
+        "rows": _digest(rows),
+        "sequences": corpus,
+        "n_sequences": len(windows),
+        "shard_rows": per_shard,
+        "model": base_fingerprint(model) if out is not None else "",
     }
     shards = _Shards(out, manifest)
     _open_shards(shards, ranks)
@@ -725,8 +828,11 @@ def _distill_corpus(model: nn.Module, windows: list[tuple[np.ndarray, np.ndarray
         return min(len(windows), (s + 1) * per_shard) - s * per_shard
 
     def valid(s: int, got: dict[str, np.ndarray]) -> bool:
-        return {"indptr", "indices", "data", "counts"} <= set(got) and got["counts"].shape == (n_base,) \
+        return (
+            {"indptr", "indices", "data", "counts"} <= set(got)
+            and got["counts"].shape == (n_base,)
             and got["indptr"].shape == (n_base + 1,)
+        )
 
     def compute(s: int) -> dict[str, np.ndarray]:
         a, b = s * per_shard, min(len(windows), (s + 1) * per_shard)
@@ -734,21 +840,22 @@ def _distill_corpus(model: nn.Module, windows: list[tuple[np.ndarray, np.ndarray
         shard_counts = np.zeros(n_base, dtype=np.int64)
         with torch.no_grad(), _autocast(dev, dtype, model):
             for i in range(a, b, batch):
-                chunk = windows[i:min(b, i + batch)]
+                chunk = windows[i : min(b, i + batch)]
                 length = max(ids.size for ids, _ in chunk)
                 ids = np.zeros((len(chunk), length), dtype=np.int64)
                 attend = np.zeros((len(chunk), length), dtype=np.int64)
                 keep = np.zeros((len(chunk), length), dtype=bool)
                 for r, (c, counted) in enumerate(chunk):
-                    ids[r, :c.size] = c
-                    attend[r, :c.size] = 1
-                    keep[r, :c.size] = counted & wanted[c]
+                    ids[r, : c.size] = c
+                    attend[r, : c.size] = 1
+                    keep[r, : c.size] = counted & wanted[c]
                 if not keep.any():
                     bar.update(len(chunk))
                     continue
                 ids_t = torch.as_tensor(ids, device=dev)
-                logits = model(input_ids=ids_t, attention_mask=torch.as_tensor(attend, device=dev),
-                               use_cache=False).logits
+                logits = model(
+                    input_ids=ids_t, attention_mask=torch.as_tensor(attend, device=dev), use_cache=False
+                ).logits
                 # Right padding leaves every real position's context unchanged.
                 keep_t = torch.as_tensor(keep, device=dev)
                 selected = logits[keep_t][:, :n_base]
@@ -770,8 +877,12 @@ def _distill_corpus(model: nn.Module, windows: list[tuple[np.ndarray, np.ndarray
         else:
             part = sp.csr_array((n_base, n_base), dtype=np.float64)
         part.sum_duplicates()
-        return {"indptr": part.indptr.astype(np.int64), "indices": part.indices.astype(np.int32),
-                "data": part.data.astype(np.float64), "counts": shard_counts}
+        return {
+            "indptr": part.indptr.astype(np.int64),
+            "indices": part.indices.astype(np.int32),
+            "data": part.data.astype(np.float64),
+            "counts": shard_counts,
+        }
 
     def consume(s: int, got: dict[str, np.ndarray]) -> None:
         # _run_shards hands the shards over in index order on every world size, whatever was
@@ -788,16 +899,31 @@ def _distill_corpus(model: nn.Module, windows: list[tuple[np.ndarray, np.ndarray
     return sp.csr_array(total), counts, corpus
 
 
-def _shrink(model: nn.Module, corpus: tuple[Any, np.ndarray, str], rows: np.ndarray, pre: np.ndarray, k: int,
-            n_base: int, batch_size: int | None, dev: torch.device, dtype: Any, progress: bool, out: Any,
-            fallback: str, shrinkage: float, window: int | None, ranks: _distributed.Ranks | None) -> TransitionMatrix:
+def _shrink(
+    model: nn.Module,
+    corpus: tuple[Any, np.ndarray, str],
+    rows: np.ndarray,
+    pre: np.ndarray,
+    k: int,
+    n_base: int,
+    batch_size: int | None,
+    dev: torch.device,
+    dtype: Any,
+    progress: bool,
+    out: Any,
+    fallback: str,
+    shrinkage: float,
+    window: int | None,
+    ranks: _distributed.Ranks | None,
+) -> TransitionMatrix:
     """The corpus rows shrunk toward their fallback rows (see :func:`distill`), as a TransitionMatrix."""
     import scipy.sparse as sp
 
     total, counts, digest = corpus
     if counts.sum() == 0:
-        raise ValueError("the corpus has no counted position of a distilled token; give texts (or a mask) "
-                         "in which the tokens occur")
+        raise ValueError(
+            "the corpus has no counted position of a distilled token; give texts (or a mask) in which the tokens occur"
+        )
     lam = shrinkage if fallback != "none" else 0.0
     extra = None
     if lam > 0 and fallback == "token":
@@ -810,17 +936,27 @@ def _shrink(model: nn.Module, corpus: tuple[Any, np.ndarray, str], rows: np.ndar
         rep = np.zeros(n_base, dtype=np.int64)
         rep[rows] = top.size
         indptr = np.concatenate([[0], np.cumsum(rep)])
-        extra = sp.csr_array((np.tile(mean[top] * lam, rows.size), np.tile(top, rows.size), indptr),
-                             shape=(n_base, n_base))
+        extra = sp.csr_array(
+            (np.tile(mean[top] * lam, rows.size), np.tile(top, rows.size), indptr), shape=(n_base, n_base)
+        )
     combined = total if extra is None else sp.csr_array(total + extra)
     denom = counts.astype(np.float64)
     if extra is not None:
         denom[rows] += lam
     P = _average_topk(combined, denom, k, n_base)
-    info = {"mode": "corpus", "top_k": k, "corpus": digest, "fallback": fallback, "shrinkage": lam,
-            "prefix": [int(x) for x in pre] if fallback == "token" else [], "window": window,
-            "n_occurrences": int(counts.sum()), "rows_seen": int((counts[rows] > 0).sum()),
-            "n_rows": int(rows.size), "row_counts": counts.tolist()}
+    info = {
+        "mode": "corpus",
+        "top_k": k,
+        "corpus": digest,
+        "fallback": fallback,
+        "shrinkage": lam,
+        "prefix": [int(x) for x in pre] if fallback == "token" else [],
+        "window": window,
+        "n_occurrences": int(counts.sum()),
+        "rows_seen": int((counts[rows] > 0).sum()),
+        "n_rows": int(rows.size),
+        "row_counts": counts.tolist(),
+    }
     return _finish(P, None if out is None else Path(out), info, ranks)
 
 
@@ -872,7 +1008,7 @@ def dictionary_info(P: TransitionMatrix) -> dict[str, Any]:
     for key, value in P.metadata.items():
         if not key.startswith("distill."):
             continue
-        name = key[len("distill."):]
+        name = key[len("distill.") :]
         try:
             out[name] = json.loads(value)
         except ValueError:

@@ -129,8 +129,13 @@ def save_expansion(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str
     alpha = alpha if alpha is not None else state.alpha
     tensors, alpha_shape = _expansion_tensors(state, alpha)
     if alpha is not None:
-        _check_alpha({k: v for k, v in tensors.items() if k.startswith("alpha_")}, json.loads(alpha_shape),
-                     state.n_new, state.n_base, "alpha")
+        _check_alpha(
+            {k: v for k, v in tensors.items() if k.startswith("alpha_")},
+            json.loads(alpha_shape),
+            state.n_new,
+            state.n_base,
+            "alpha",
+        )
     from .. import __version__
 
     metadata = {
@@ -163,19 +168,25 @@ def _json_field(meta: dict[str, str], key: str, where: str) -> Any:
 def _bool_field(meta: dict[str, str], key: str, where: str) -> bool:
     value = _json_field(meta, key, where)
     if not isinstance(value, bool):
-        raise ValueError(f"{where}: metadata field {key!r} is {meta[key]!r:.50}; expected true or false")
+        # A corrupt file, not a wrong argument: ValueError like every other corruption.
+        raise ValueError(f"{where}: metadata field {key!r} is {meta[key]!r:.50}; expected true or false")  # noqa: TRY004
     return value
 
 
-def _tensor(tensors: dict[str, torch.Tensor], key: str, where: str, shape: tuple[int | None, ...],
-            kinds: tuple[torch.dtype, ...]) -> torch.Tensor:
+def _tensor(
+    tensors: dict[str, torch.Tensor],
+    key: str,
+    where: str,
+    shape: tuple[int | None, ...],
+    kinds: tuple[torch.dtype, ...],
+) -> torch.Tensor:
     """``tensors[key]`` checked to a dtype in ``kinds`` and ``shape`` (None: any size), finite if floating."""
     if key not in tensors:
         raise ValueError(f"{where} lacks the tensor {key!r}")
     t = tensors[key]
     if t.dtype not in kinds:
         raise ValueError(f"{where}: tensor {key!r} has dtype {t.dtype}; expected {' or '.join(map(str, kinds))}")
-    if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+    if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape, strict=False)):
         want = tuple("*" if s is None else s for s in shape)
         raise ValueError(f"{where}: tensor {key!r} has shape {tuple(t.shape)}; expected {want}")
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -190,18 +201,23 @@ _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 def _check_alpha(parts: dict[str, torch.Tensor], shape: Any, m: int, n_base: int, where: str) -> None:
     """The CSR parts of alpha: (m, n) with n >= n_base, indptr from 0 to nnz and non-decreasing,
     column ids in [0, n_base) strictly increasing within each row, finite float64 data."""
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and not isinstance(s, bool)
-                                                                for s in shape)):
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
+    ):
         raise ValueError(f"{where}: alpha_shape is {shape!r:.80}; expected [m, n_states]")
     if shape[0] != m or not n_base <= shape[1] < 2**62:
-        raise ValueError(f"{where}: alpha_shape is {tuple(shape)}; expected ({m}, n_states) with n_states >= "
-                         f"n_base = {n_base}")
+        raise ValueError(
+            f"{where}: alpha_shape is {tuple(shape)}; expected ({m}, n_states) with n_states >= n_base = {n_base}"
+        )
     indptr = _tensor(parts, "alpha_indptr", where, (m + 1,), (torch.int64,)).numpy()
     indices = _tensor(parts, "alpha_indices", where, (None,), (torch.int64,)).numpy()
     _tensor(parts, "alpha_data", where, (indices.size,), (torch.float64,))
     if indptr[0] != 0 or indptr[-1] != indices.size:
-        raise ValueError(f"{where}: alpha_indptr runs from {indptr[0]} to {indptr[-1]}; expected 0 to "
-                         f"nnz = {indices.size}")
+        raise ValueError(
+            f"{where}: alpha_indptr runs from {indptr[0]} to {indptr[-1]}; expected 0 to nnz = {indices.size}"
+        )
     if np.any(np.diff(indptr) < 0):
         r = int(np.flatnonzero(np.diff(indptr) < 0)[0])
         raise ValueError(f"{where}: alpha_indptr decreases at row {r}")
@@ -215,15 +231,19 @@ def _check_alpha(parts: dict[str, torch.Tensor], shape: Any, m: int, n_base: int
         rises[indptr[1:-1][(indptr[1:-1] > 0) & (indptr[1:-1] < indices.size)] - 1] = True
         if not rises.all():
             k = int(np.flatnonzero(~rises)[0]) + 1
-            raise ValueError(f"{where}: alpha_indices[{k}] = {int(indices[k])} does not increase within its row "
-                             "(expected sorted, distinct column ids)")
+            raise ValueError(
+                f"{where}: alpha_indices[{k}] = {int(indices[k])} does not increase within its row "
+                "(expected sorted, distinct column ids)"
+            )
 
 
 def _tokens_field(meta: dict[str, str], m: int, where: str) -> list[str]:
     tokens = _json_field(meta, "tokens", where)
     if not isinstance(tokens, list) or len(tokens) != m:
-        raise ValueError(f"{where}: metadata field 'tokens' must be a list of {m} strings (one per input row); "
-                         f"got {meta['tokens']!r:.80}")
+        raise ValueError(
+            f"{where}: metadata field 'tokens' must be a list of {m} strings (one per input row); "
+            f"got {meta['tokens']!r:.80}"
+        )
     seen: set[str] = set()
     for i, t in enumerate(tokens):
         if not isinstance(t, str) or not t:
@@ -252,10 +272,14 @@ class _Expansion:
         if version != "1" or _CONTENT_KEY in meta:
             stored = meta.get(_CONTENT_KEY)
             if stored is None:
-                raise ValueError(f"{where} lacks the metadata field {_CONTENT_KEY!r} (version {version} files carry it)")
+                raise ValueError(
+                    f"{where} lacks the metadata field {_CONTENT_KEY!r} (version {version} files carry it)"
+                )
             if content_fingerprint(st.records.items(), meta, _CONTENT_KEY) != stored:
-                raise ValueError(f"{where} is corrupt: its content does not match its fingerprint {stored!r:.40} "
-                                 "(changed bytes in the rows, alpha or metadata)")
+                raise ValueError(
+                    f"{where} is corrupt: its content does not match its fingerprint {stored!r:.40} "
+                    "(changed bytes in the rows, alpha or metadata)"
+                )
         unknown = sorted(set(tensors) - _TENSORS)
         if unknown:
             raise ValueError(f"{where} holds unknown tensors {unknown[:5]}; expected some of {sorted(_TENSORS)}")
@@ -271,8 +295,9 @@ class _Expansion:
         ids = _tensor(tensors, "ids", where, (m,), (torch.int64,))
         expected = torch.arange(self.n_base, self.n_base + m, dtype=torch.int64)
         if not torch.equal(ids, expected):
-            raise ValueError(f"{where}: tensor 'ids' is {ids.tolist()[:8]}; expected n_base + 0 .. m - 1 = "
-                             f"{expected.tolist()[:8]}")
+            raise ValueError(
+                f"{where}: tensor 'ids' is {ids.tolist()[:8]}; expected n_base + 0 .. m - 1 = {expected.tolist()[:8]}"
+            )
         self.block_output = _bool_field(meta, "block_output", where)
         self.tied = _bool_field(meta, "tied", where) if "tied" in meta else None
         self.output_rows = None
@@ -280,14 +305,13 @@ class _Expansion:
             if self.block_output:
                 raise ValueError(f"{where} holds 'output_rows' but block_output is true (blocked tokens have none)")
             self.output_rows = _tensor(tensors, "output_rows", where, (m, None), _FLOATS)
-        self.output_bias = (_tensor(tensors, "output_bias", where, (m,), _FLOATS)
-                            if "output_bias" in tensors else None)
+        self.output_bias = _tensor(tensors, "output_bias", where, (m,), _FLOATS) if "output_bias" in tensors else None
         self.alpha = None
         alpha_shape = meta.get("alpha_shape", "")
         parts = {k: v for k, v in tensors.items() if k.startswith("alpha_")}
         if alpha_shape or parts:
-            shape = _json_field(meta, "alpha_shape", where) if alpha_shape else None
-            _check_alpha(parts, shape, m, self.n_base, where)
+            shape: Any = _json_field(meta, "alpha_shape", where) if alpha_shape else None
+            _check_alpha(parts, shape, m, self.n_base, where)  # refuses a missing shape
             import scipy.sparse as sp
 
             self.alpha = sp.csr_array(
@@ -312,8 +336,14 @@ def read_expansion(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
     return exp.tensors, exp.metadata
 
 
-def load_expansion(base_model: nn.Module, tokenizer: Any, path: str | os.PathLike[str], *,
-                   check_base: bool = True, allow_shadowing: bool = False) -> list[int]:
+def load_expansion(
+    base_model: nn.Module,
+    tokenizer: Any,
+    path: str | os.PathLike[str],
+    *,
+    check_base: bool = True,
+    allow_shadowing: bool = False,
+) -> list[int]:
     """Re-apply an expansion file to its base model (and tokenizer), in place, all or nothing.
 
     The whole file is read and checked before the model or the tokenizer is
@@ -377,13 +407,22 @@ def load_expansion(base_model: nn.Module, tokenizer: Any, path: str | os.PathLik
             f"{where} needs n_base = {exp.n_base} and width {exp.rows.shape[1]}; "
             f"this model has {n_base} and {here['hidden_size']}"
         )
-    out_features = base_model.get_output_embeddings().in_features
+    out_features = _io_modules(base_model)[1].in_features
     if exp.output_rows is not None and exp.output_rows.shape[1] != out_features:
-        raise ValueError(f"{where}: tensor 'output_rows' has width {exp.output_rows.shape[1]}; the model's output "
-                         f"head takes {out_features}")
+        raise ValueError(
+            f"{where}: tensor 'output_rows' has width {exp.output_rows.shape[1]}; the model's output "
+            f"head takes {out_features}"
+        )
     with _tokenizer_transaction(tokenizer):
-        ids = add_tokens(base_model, tokenizer, exp.tokens, embeddings=exp.rows, block_output=exp.block_output,
-                         output_embeddings=exp.output_rows, allow_shadowing=allow_shadowing)
+        ids = add_tokens(
+            base_model,
+            tokenizer,
+            exp.tokens,
+            embeddings=exp.rows,
+            block_output=exp.block_output,
+            output_embeddings=exp.output_rows,
+            allow_shadowing=allow_shadowing,
+        )
         try:
             state = _require_expansion(base_model)
             if exp.output_bias is not None and state.output_layer.new_bias is not None:
@@ -413,8 +452,14 @@ def _merged_module(
     return merged
 
 
-def export_merged(model: PreTrainedModel, tokenizer: Any, path: str | os.PathLike[str], *,
-                  suppress_new_tokens: bool | None = None, **save_kwargs: Any) -> Path:
+def export_merged(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    path: str | os.PathLike[str],
+    *,
+    suppress_new_tokens: bool | None = None,
+    **save_kwargs: Any,
+) -> Path:
     """Save the expanded model as a plain transformers checkpoint (``save_pretrained``).
 
     The input embedding and the output head become ordinary matrices of
@@ -469,14 +514,16 @@ def export_merged(model: PreTrainedModel, tokenizer: Any, path: str | os.PathLik
     path = Path(path)
     inp, out = state.input_layer, state.output_layer
     with torch.no_grad():
-        w_in = nn.Parameter(torch.cat([inp.base_layer.weight.detach(), inp.new_weight.detach()], 0),
-                            requires_grad=False)
+        w_in = nn.Parameter(
+            torch.cat([inp.base_layer.weight.detach(), inp.new_weight.detach()], 0), requires_grad=False
+        )
         if state.tied:
             w_out = w_in
         else:
             rows = out.new_weight.detach() if out.new_weight is not None else torch.zeros_like(inp.new_weight)
-            w_out = nn.Parameter(torch.cat([out.base_layer.weight.detach(), rows.to(out.base_layer.weight)], 0),
-                                 requires_grad=False)
+            w_out = nn.Parameter(
+                torch.cat([out.base_layer.weight.detach(), rows.to(out.base_layer.weight)], 0), requires_grad=False
+            )
         b_out = None
         if out.base_layer.bias is not None:
             extra = out.new_bias.detach() if out.new_bias is not None else out.base_layer.bias.new_zeros(state.n_new)
@@ -484,6 +531,7 @@ def export_merged(model: PreTrainedModel, tokenizer: Any, path: str | os.PathLik
     merged = {"input": _merged_module(inp.base_layer, w_in), "output": _merged_module(out.base_layer, w_out, b_out)}
     gen = getattr(model, "generation_config", None)
     old_suppress = getattr(gen, "suppress_tokens", None) if gen is not None else None
+
     def fill(tmp: Path) -> None:
         model.save_pretrained(str(tmp), **save_kwargs)
         tokenizer.save_pretrained(str(tmp))

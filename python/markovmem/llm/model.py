@@ -13,7 +13,8 @@ import contextlib
 import copy
 import hashlib
 import warnings
-from typing import Any, Iterator, NoReturn, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -54,7 +55,9 @@ def _text_config(model: nn.Module) -> Any:
 def _io_modules(model: nn.Module) -> tuple[nn.Embedding, nn.Linear]:
     """The unexpanded model's input embedding and output head, checked to be types markovmem wraps."""
     # Looked up by name: nn.Module declares neither method, transformers models have both.
-    getters: dict[str, Any] = {name: getattr(model, name, None) for name in ("get_input_embeddings", "get_output_embeddings")}
+    getters: dict[str, Any] = {
+        name: getattr(model, name, None) for name in ("get_input_embeddings", "get_output_embeddings")
+    }
     for name, getter in getters.items():
         if not callable(getter):
             raise TypeError(f"model must be a transformers causal LM with {name}(); got {type(model).__name__}")
@@ -160,8 +163,13 @@ class MarkovMemModel:
         (kept for save_expansion).
     """
 
-    def __init__(self, model: nn.Module, config: MarkovMemConfig, new_rows: torch.Tensor,
-                 new_output_rows: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MarkovMemConfig,
+        new_rows: torch.Tensor,
+        new_output_rows: torch.Tensor | None = None,
+    ) -> None:
         if get_expansion(model) is not None:
             raise ValueError("model already carries a markovmem expansion; add tokens to it with add_tokens")
         self.n_base = _model_n_base(model)
@@ -174,7 +182,9 @@ class MarkovMemModel:
         self.tied = inp.weight is out.weight
         self._model_ref = model
         self._sites: dict[str, list[tuple[nn.Module, str]]] = {
-            "input": _locate(model, inp), "output": _locate(model, out)}
+            "input": _locate(model, inp),
+            "output": _locate(model, out),
+        }
         self._originals = {"input": inp, "output": out}
         in_wrapper = NewTokenEmbeddingLayer(inp, new_rows)
         out_weight = self._output_rows(in_wrapper, out, new_output_rows)
@@ -185,8 +195,9 @@ class MarkovMemModel:
         object.__setattr__(model, _STATE_ATTR, self)
 
     # ------------------------------------------------------------------ wiring
-    def _output_rows(self, in_wrapper: NewTokenEmbeddingLayer, out: nn.Linear,
-                     new_output_rows: torch.Tensor | None) -> nn.Parameter | None:
+    def _output_rows(
+        self, in_wrapper: NewTokenEmbeddingLayer, out: nn.Linear, new_output_rows: torch.Tensor | None
+    ) -> nn.Parameter | None:
         if self.config.block_output:
             return None
         if self.tied:
@@ -318,7 +329,7 @@ def _base_named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
             continue
         for old, new in renames:
             if name.startswith(old):
-                name = new + name[len(old):]
+                name = new + name[len(old) :]
                 break
         out.append((name, t))
     return out
@@ -372,8 +383,9 @@ def _require_tokenizer(tokenizer: Any) -> None:
         raise TypeError(f"tokenizer must be a transformers tokenizer; got {type(tokenizer).__name__}")
 
 
-def _prepare_tokenizer(tokenizer: Any, tokens: Sequence[str], first_id: int, n_base: int, pad: bool,
-                       expanded: bool) -> bool:
+def _prepare_tokenizer(
+    tokenizer: Any, tokens: Sequence[str], first_id: int, n_base: int, pad: bool, expanded: bool
+) -> bool:
     """Check ``tokenizer`` can give ``tokens`` ids ``first_id ..``; True if it already does."""
     _require_tokenizer(tokenizer)
     expected = list(range(first_id, first_id + len(tokens)))
@@ -547,11 +559,14 @@ def add_tokens(
     they never occur in text.
     """
     if isinstance(tokens, (str, bytes)):
-        raise TypeError(f"tokens must be a sequence of strings; got the single string {tokens!r} "
-                        f"(pass [{tokens!r}] to add it as one token)")
+        raise TypeError(
+            f"tokens must be a sequence of strings; got the single string {tokens!r} "
+            f"(pass [{tokens!r}] to add it as one token)"
+        )
     state = get_expansion(model)
-    config = MarkovMemConfig(tokens=list(tokens), block_output=block_output, init=init,
-                             pad_tokenizer=pad_tokenizer, seed=seed)
+    config = MarkovMemConfig(
+        tokens=list(tokens), block_output=block_output, init=init, pad_tokenizer=pad_tokenizer, seed=seed
+    )
     m = len(config.tokens)
     if m == 0:
         raise ValueError("tokens is empty; expected at least one new token")
@@ -574,16 +589,20 @@ def add_tokens(
         inp, out_layer = _io_modules(model)
         emb_weight = inp.weight
     d = emb_weight.shape[1]
-    rows = (_as_rows(embeddings, (m, d), emb_weight, "embeddings") if embeddings is not None
-            else _init_rows(emb_weight, m, config.init, config.seed))
+    rows = (
+        _as_rows(embeddings, (m, d), emb_weight, "embeddings")
+        if embeddings is not None
+        else _init_rows(emb_weight, m, config.init, config.seed)
+    )
     out_rows = None
     if output_embeddings is not None:
         if config.block_output:
             raise ValueError("output_embeddings needs block_output=False (blocked tokens have no output rows)")
         out_rows = _as_rows(output_embeddings, (m, out_layer.in_features), out_layer.weight, "output_embeddings")
     with _tokenizer_transaction(tokenizer):
-        already = _prepare_tokenizer(tokenizer, config.tokens, first_id, n_base, config.pad_tokenizer,
-                                     state is not None)
+        already = _prepare_tokenizer(
+            tokenizer, config.tokens, first_id, n_base, config.pad_tokenizer, state is not None
+        )
         if not already:
             _check_shadowing(tokenizer, config.tokens, n_base, allow_shadowing)
             n_added = tokenizer.add_tokens(list(config.tokens))

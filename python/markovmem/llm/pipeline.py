@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -24,8 +25,8 @@ from .model import (
     remove_expansion,
     set_embeddings,
 )
-from .tuning import TuneHistory, embedding_tune
 from .selection import cross_fit
+from .tuning import TuneHistory, embedding_tune
 from .verify import ForgettingReport, verify_no_forgetting
 
 __all__ = ["LearnResult", "TokenReport", "learn_tokens"]
@@ -77,8 +78,10 @@ class TokenReport:
         parts = " ".join(f"{w:+.3f} x {t!r}" for t, w in self.decomposition)
         gain = "n/a (< 2 contexts)" if np.isnan(self.heldout_loss) else f"{self.heldout_gain:+.3f} nats"
         flag = f" (few: < 10 s = {10 * self.s})" if self.few_contexts else ""
-        return (f"{self.token} = {parts}\n    {self.link}, s = {self.s}, {self.n_contexts} contexts{flag}, "
-                f"held-out gain over the mean init: {gain}")
+        return (
+            f"{self.token} = {parts}\n    {self.link}, s = {self.s}, {self.n_contexts} contexts{flag}, "
+            f"held-out gain over the mean init: {gain}"
+        )
 
 
 @dataclass
@@ -139,7 +142,7 @@ class LearnResult:
 
     def decomposition(self, tokenizer: Any = None, top: int = 8) -> dict[str, list[tuple[Any, float]]]:
         """Largest dictionary weights of each new token: {token: [(base token or id, weight), ...]}."""
-        return {tok: pairs for tok, pairs in zip(self.tokens, _decompose(self.alpha, tokenizer, top))}
+        return {tok: pairs for tok, pairs in zip(self.tokens, _decompose(self.alpha, tokenizer, top), strict=False)}
 
 
 def _decompose(alpha: Any, tokenizer: Any, top: int) -> list[list[tuple[Any, float]]]:
@@ -175,7 +178,9 @@ def _bos_prefix(tokenizer: Any) -> list[int] | None:
     return [int(bos)] if ids and ids[0] == bos else None
 
 
-def _dictionary_corpus(tokenizer: Any, texts: Sequence[str], tokens: Sequence[str]) -> tuple[list[list[int]], list[np.ndarray]]:
+def _dictionary_corpus(
+    tokenizer: Any, texts: Sequence[str], tokens: Sequence[str]
+) -> tuple[list[list[int]], list[np.ndarray]]:
     """The texts tokenized by the base tokenizer, with a mask that drops the positions of new-token strings.
 
     The base model reads the texts as it would without the new tokens (their strings split into
@@ -332,15 +337,30 @@ def learn_tokens(
         prefix = _bos_prefix(tokenizer) if cfg.prefix == "bos" else None
         if cfg.distill_mode == "corpus":
             seqs, masks = _dictionary_corpus(tokenizer, texts + list(corpus or []), tokens)
-            matrix = distill(model, top_k=cfg.top_k, batch_size=cfg.distill_batch_size,
-                             prefix=prefix if cfg.fallback == "token" else None, device=device, progress=progress,
-                             mode="corpus", sequences=seqs, mask=masks, fallback=cfg.fallback,
-                             shrinkage=cfg.shrinkage)
+            matrix = distill(
+                model,
+                top_k=cfg.top_k,
+                batch_size=cfg.distill_batch_size,
+                prefix=prefix if cfg.fallback == "token" else None,
+                device=device,
+                progress=progress,
+                mode="corpus",
+                sequences=seqs,
+                mask=masks,
+                fallback=cfg.fallback,
+                shrinkage=cfg.shrinkage,
+            )
         else:
             if corpus is not None:
                 raise ValueError("corpus is only used with distill_mode='corpus'")
-            matrix = distill(model, top_k=cfg.top_k, batch_size=cfg.distill_batch_size, prefix=prefix,
-                             device=device, progress=progress)
+            matrix = distill(
+                model,
+                top_k=cfg.top_k,
+                batch_size=cfg.distill_batch_size,
+                prefix=prefix,
+                device=device,
+                progress=progress,
+            )
     elif matrix.n_base != n_base:
         raise ValueError(f"matrix has n_base = {matrix.n_base}; the model has {n_base} base tokens")
     ids = add_tokens(model, tokenizer, tokens, block_output=cfg.block_output)
@@ -350,14 +370,24 @@ def learn_tokens(
         empty = [tok for tok, n in zip(tokens, np.diff(counts.indptr), strict=True) if n == 0]
         if empty:
             raise ValueError(f"tokens {empty} are never followed by a base token in texts; add examples using them")
-        alpha, fits, tokens_report = _fit_tokens(model, ids, list(tokens), seqs, counts, matrix, cfg, fit_alpha,
-                                                 tokenizer, device, progress)
+        alpha, fits, tokens_report = _fit_tokens(
+            model, ids, list(tokens), seqs, counts, matrix, cfg, fit_alpha, tokenizer, device, progress
+        )
         set_embeddings(model, ids, alpha_to_embeddings(model, alpha))
         _require_expansion(model).alpha = alpha
         history = None
         if cfg.tune_steps > 0:
-            history = embedding_tune(model, ids, seqs, steps=cfg.tune_steps, lr=cfg.tune_lr,
-                                     batch_size=cfg.tune_batch_size, seed=cfg.seed, device=device, progress=progress)
+            history = embedding_tune(
+                model,
+                ids,
+                seqs,
+                steps=cfg.tune_steps,
+                lr=cfg.tune_lr,
+                batch_size=cfg.tune_batch_size,
+                seed=cfg.seed,
+                device=device,
+                progress=progress,
+            )
         if contexts is None:
             contexts = _old_contexts(seqs, n_base, cfg.n_verify_contexts)
             if not contexts:
@@ -366,13 +396,33 @@ def learn_tokens(
     except BaseException:
         remove_expansion(model)
         raise
-    return LearnResult(tokens=list(tokens), ids=ids, matrix=matrix, counts=counts, alpha=alpha, fits=fits,
-                       tokens_report=tokens_report, history=history, report=report, config=cfg)
+    return LearnResult(
+        tokens=list(tokens),
+        ids=ids,
+        matrix=matrix,
+        counts=counts,
+        alpha=alpha,
+        fits=fits,
+        tokens_report=tokens_report,
+        history=history,
+        report=report,
+        config=cfg,
+    )
 
 
-def _fit_tokens(model: nn.Module, ids: list[int], tokens: list[str], seqs: list[Any], counts: Any,
-                matrix: TransitionMatrix, cfg: LearnTokensConfig, fit_alpha: Any, tokenizer: Any, device: Any,
-                progress: bool) -> tuple[Any, dict[tuple[str, int], tuple[list[int], Any]], list[TokenReport]]:
+def _fit_tokens(
+    model: nn.Module,
+    ids: list[int],
+    tokens: list[str],
+    seqs: list[Any],
+    counts: Any,
+    matrix: TransitionMatrix,
+    cfg: LearnTokensConfig,
+    fit_alpha: Any,
+    tokenizer: Any,
+    device: Any,
+    progress: bool,
+) -> tuple[Any, dict[tuple[str, int], tuple[list[int], Any]], list[TokenReport]]:
     """Fit alpha for every token (per-token (link, s) when ``cfg.link == 'auto'``) and its diagnostics."""
     import scipy.sparse as sp
 
@@ -396,11 +446,19 @@ def _fit_tokens(model: nn.Module, ids: list[int], tokens: list[str], seqs: list[
     n = np.asarray(counts.sum(axis=1)).reshape(-1).astype(np.int64)
     decomp = _decompose(alpha, tokenizer, 6)
     nan = float("nan")
-    report = [TokenReport(token=t, id=int(i), n_contexts=int(n[k]), link=grid[chosen[k]][0], s=grid[chosen[k]][1],
-                          heldout_loss=float(cv.loss[chosen[k], k]) if cv is not None else nan,
-                          mean_loss=float(cv.mean_loss[k]) if cv is not None else nan,
-                          decomposition=[(str(a), w) for a, w in decomp[k]])
-              for k, (t, i) in enumerate(zip(tokens, ids))]
+    report = [
+        TokenReport(
+            token=t,
+            id=int(i),
+            n_contexts=int(n[k]),
+            link=grid[chosen[k]][0],
+            s=grid[chosen[k]][1],
+            heldout_loss=float(cv.loss[chosen[k], k]) if cv is not None else nan,
+            mean_loss=float(cv.mean_loss[k]) if cv is not None else nan,
+            decomposition=[(str(a), w) for a, w in decomp[k]],
+        )
+        for k, (t, i) in enumerate(zip(tokens, ids, strict=False))
+    ]
     few = [r for r in report if r.few_contexts]
     if few:
         warnings.warn(
@@ -408,5 +466,7 @@ def _fit_tokens(model: nn.Module, ids: list[int], tokens: list[str], seqs: list[
             + ", ".join(f"{r.token!r} has {r.n_contexts} for s = {r.s}" for r in few[:8])
             + ("" if len(few) <= 8 else f" and {len(few) - 8} more")
             + "; the decomposition may name the wrong old words; add texts using them or lower s",
-            SampleSizeWarning, stacklevel=3)
+            SampleSizeWarning,
+            stacklevel=3,
+        )
     return alpha, fits, report

@@ -14,8 +14,9 @@ import copy
 import re
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distillation import distill, next_token_counts
-from .model import _io_modules, _require_expansion, add_tokens, alpha_to_embeddings, set_embeddings
+from .model import _require_expansion, add_tokens, alpha_to_embeddings, set_embeddings
 from .tuning import Forward, TuneHistory, _model_forward, _train_steps, embedding_tune
 from .verify import verify_no_forgetting
 
@@ -90,8 +91,9 @@ class PseudoWord:
         if not 1 <= len(words) <= 3 or len(set(words)) != len(words):
             raise ValueError(f"words of {self.token!r} are {words}; expected 1 to 3 distinct words")
         if len(weights) != len(words) or min(weights) <= 0 or abs(sum(weights) - 1.0) > 1e-9:
-            raise ValueError(f"weights of {self.token!r} are {weights}; expected {len(words)} positive weights "
-                             "summing to 1")
+            raise ValueError(
+                f"weights of {self.token!r} are {weights}; expected {len(words)} positive weights summing to 1"
+            )
 
 
 def _pw(token: str, *pairs: tuple[str, float]) -> PseudoWord:
@@ -101,14 +103,26 @@ def _pw(token: str, *pairs: tuple[str, float]) -> PseudoWord:
 #: 24 pseudo-words for TinyStories-like text (stories260k's vocabulary): 12 stand for one
 #: word, 8 for a blend of two and 4 for a blend of three, every source word used once.
 DEFAULT_PSEUDO_WORDS: tuple[PseudoWord, ...] = (
-    _pw("glorp", ("Lily", 1.0)), _pw("zorp", ("said", 1.0)), _pw("blick", ("saw", 1.0)),
-    _pw("wug", ("play", 1.0)), _pw("daxo", ("named", 1.0)), _pw("fepi", ("very", 1.0)),
-    _pw("tomav", ("mom", 1.0)), _pw("kivo", ("day", 1.0)), _pw("bouba", ("but", 1.0)),
-    _pw("florp", ("there", 1.0)), _pw("snib", ("big", 1.0)), _pw("quax", ("you", 1.0)),
-    _pw("vren", ("he", 0.5), ("she", 0.5)), _pw("plim", ("He", 0.6), ("She", 0.4)),
-    _pw("drazzle", ("his", 0.5), ("her", 0.5)), _pw("greeble", ("the", 0.7), ("a", 0.3)),
-    _pw("yurk", ("was", 0.6), ("had", 0.4)), _pw("mibble", ("it", 0.5), ("that", 0.5)),
-    _pw("splonk", ("to", 0.6), ("for", 0.4)), _pw("trazz", ("They", 0.5), ("they", 0.5)),
+    _pw("glorp", ("Lily", 1.0)),
+    _pw("zorp", ("said", 1.0)),
+    _pw("blick", ("saw", 1.0)),
+    _pw("wug", ("play", 1.0)),
+    _pw("daxo", ("named", 1.0)),
+    _pw("fepi", ("very", 1.0)),
+    _pw("tomav", ("mom", 1.0)),
+    _pw("kivo", ("day", 1.0)),
+    _pw("bouba", ("but", 1.0)),
+    _pw("florp", ("there", 1.0)),
+    _pw("snib", ("big", 1.0)),
+    _pw("quax", ("you", 1.0)),
+    _pw("vren", ("he", 0.5), ("she", 0.5)),
+    _pw("plim", ("He", 0.6), ("She", 0.4)),
+    _pw("drazzle", ("his", 0.5), ("her", 0.5)),
+    _pw("greeble", ("the", 0.7), ("a", 0.3)),
+    _pw("yurk", ("was", 0.6), ("had", 0.4)),
+    _pw("mibble", ("it", 0.5), ("that", 0.5)),
+    _pw("splonk", ("to", 0.6), ("for", 0.4)),
+    _pw("trazz", ("They", 0.5), ("they", 0.5)),
     _pw("jeck", ("in", 0.4), ("on", 0.3), ("with", 0.3)),
     _pw("nuvix", ("little", 0.4), ("happy", 0.3), ("friend", 0.3)),
     _pw("frobble", ("of", 0.4), ("up", 0.3), ("time", 0.3)),
@@ -160,13 +174,17 @@ class PseudoWordCorpus:
         for p, per_word in zip(self.pseudo_words, self.pools["train"], strict=True):
             best.append(min(int(len(pool) / w) for pool, w in zip(per_word, p.weights, strict=True)))
         n = min(best)
-        while n > 0 and any(a > len(pool) for p, per_word in zip(self.pseudo_words, self.pools["train"], strict=True)
-                            for a, pool in zip(_apportion(n, p.weights), per_word, strict=True)):
+        while n > 0 and any(
+            a > len(pool)
+            for p, per_word in zip(self.pseudo_words, self.pools["train"], strict=True)
+            for a, pool in zip(_apportion(n, p.weights), per_word, strict=True)
+        ):
             n -= 1
         return n
 
-    def sentences(self, split: str, n: int | None = None, *, repeat: int = 0,
-                  original: bool = False) -> list[tuple[int, str]]:
+    def sentences(
+        self, split: str, n: int | None = None, *, repeat: int = 0, original: bool = False
+    ) -> list[tuple[int, str]]:
         """(pseudo-word index, sentence) pairs of one split.
 
         Parameters
@@ -192,8 +210,10 @@ class PseudoWordCorpus:
             counts = [len(pool) for pool in per_word] if n is None else _apportion(int(n), p.weights)
             for pool, k in zip(per_word, counts, strict=True):
                 if k > len(pool):
-                    raise ValueError(f"pseudo-word {p.token!r} has {len(pool)} train sentences for a word that "
-                                     f"needs {k} at n = {n}; at most n = {self.max_train()} is available")
+                    raise ValueError(
+                        f"pseudo-word {p.token!r} has {len(pool)} train sentences for a word that "
+                        f"needs {k} at n = {n}; at most n = {self.max_train()} is available"
+                    )
                 order = np.arange(len(pool)) if repeat == 0 else rng.permutation(len(pool))
                 out += [(i, pool[int(j)][1 if original else 0]) for j in order[:k]]
         return out
@@ -335,16 +355,25 @@ def build_corpus(
             for j, (w, k) in enumerate(zip(p.words, need, strict=True)):
                 have = len(pools[name][i][j])
                 if have < k:
-                    raise ValueError(f"the {name} split has {have} sentences with {w!r} for {p.token!r}; "
-                                     f"{k} needed (lower n_{name} or use more text)")
+                    raise ValueError(
+                        f"the {name} split has {have} sentences with {w!r} for {p.token!r}; "
+                        f"{k} needed (lower n_{name} or use more text)"
+                    )
                 pools[name][i][j] = pools[name][i][j][:k]
-    settings = {"n_paragraphs": len(paras), "split": list(split), "n_val": n_val, "n_test": n_test,
-                "max_chars": max_chars, "seed": seed}
+    settings = {
+        "n_paragraphs": len(paras),
+        "split": list(split),
+        "n_val": n_val,
+        "n_test": n_test,
+        "max_chars": max_chars,
+        "seed": seed,
+    }
     return PseudoWordCorpus(pws, word_ids, pools, stories, settings)
 
 
-def _aligned(base_tok: Any, expanded_tok: Any, originals: list[str], injected: list[str], word_id: int,
-             new: int) -> list[tuple[str, str]]:
+def _aligned(
+    base_tok: Any, expanded_tok: Any, originals: list[str], injected: list[str], word_id: int, new: int
+) -> list[tuple[str, str]]:
     """The (injected, original) pairs whose token sequences differ exactly where word_id became new."""
     if not originals:
         return []
@@ -369,10 +398,20 @@ class PseudoWordBenchConfig:
     steps: int = field(default=300, metadata={"help": "Optimizer steps of every trained method."})
     batch_size: int = field(default=16, metadata={"help": "Sentences per step (all pseudo-words mixed)."})
     alpha_grid: tuple[tuple[str, int], ...] = field(
-        default=(("logit", 1), ("logit", 2), ("logit", 4), ("logit", 8),
-                 ("mixture", 1), ("mixture", 2), ("mixture", 4), ("mixture", 8)),
-        metadata={"help": "(link, s) fits tried for alpha; the best validation target loss of E^T alpha wins "
-                          "and also starts 'ET from E^T alpha'."},
+        default=(
+            ("logit", 1),
+            ("logit", 2),
+            ("logit", 4),
+            ("logit", 8),
+            ("mixture", 1),
+            ("mixture", 2),
+            ("mixture", 4),
+            ("mixture", 8),
+        ),
+        metadata={
+            "help": "(link, s) fits tried for alpha; the best validation target loss of E^T alpha wins "
+            "and also starts 'ET from E^T alpha'."
+        },
     )
     lrs: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: dict(DEFAULT_LRS),
@@ -388,8 +427,16 @@ class PseudoWordBenchConfig:
     seed: int = field(default=0, metadata={"help": "Seeds batch order, random rows and adapter initialisation."})
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "top_k", "lora_r", "lora_alpha", "n_virtual", "n_old_contexts",
-                     "eval_batch_size"):
+        for name in (
+            "steps",
+            "batch_size",
+            "top_k",
+            "lora_r",
+            "lora_alpha",
+            "n_virtual",
+            "n_old_contexts",
+            "eval_batch_size",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} is {getattr(self, name)}; expected >= 1")
         if int(self.old_context_len) < 2:
@@ -468,8 +515,15 @@ class PseudoWordBench:
         tqdm bars for distillation and training.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, corpus: PseudoWordCorpus,
-                 config: PseudoWordBenchConfig | None = None, *, progress: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        corpus: PseudoWordCorpus,
+        config: PseudoWordBenchConfig | None = None,
+        *,
+        progress: bool = True,
+    ) -> None:
         import markovmem
 
         self.config = config or PseudoWordBenchConfig()
@@ -490,8 +544,9 @@ class PseudoWordBench:
         self.base_old_nll = self._old_nll(self._base_old)
         train_stories = [s[:512] for s in self._encode(corpus.stories["train"])]
         t0 = time.perf_counter()
-        self.matrix = distill(self.base, top_k=self.config.top_k, mode="corpus", sequences=train_stories,
-                              progress=progress)
+        self.matrix = distill(
+            self.base, top_k=self.config.top_k, mode="corpus", sequences=train_stories, progress=progress
+        )
         self.distill_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ data
@@ -563,8 +618,17 @@ class PseudoWordBench:
         t0 = time.perf_counter()
         if method.startswith("et_"):
             init = {"et_alpha": None, "et_mean": "mean", "et_random": "random"}[method]
-            history = embedding_tune(model, self.ids, seqs, steps=cfg.steps, lr=float(lr), batch_size=cfg.batch_size,
-                                     init=init, seed=cfg.seed, progress=self.progress)
+            history = embedding_tune(
+                model,
+                self.ids,
+                seqs,
+                steps=cfg.steps,
+                lr=float(lr),
+                batch_size=cfg.batch_size,
+                init=init,
+                seed=cfg.seed,
+                progress=self.progress,
+            )
             seconds = time.perf_counter() - t0 + fit_seconds
             return _Trained(model, _model_forward(model), history.n_trainable, seconds, fitted, history)
         new_rows = _require_expansion(model).input_layer.new_weight
@@ -581,10 +645,29 @@ class PseudoWordBench:
         params = [p for p in runner.parameters() if p.requires_grad]
         runner.eval()
         # The new rows start where add_tokens put them: the mean base row.
-        history = TuneHistory(steps=cfg.steps, batch_size=cfg.batch_size, lr=float(lr), init="mean",
-                              n_trainable=sum(p.numel() for p in params), n_sequences=len(seqs))
-        _train_steps(forward, params, seqs, self._ids_arr, self.n_base, True, history=history, steps=cfg.steps,
-                     lr=float(lr), batch_size=cfg.batch_size, seed=cfg.seed, progress=self.progress, desc=method)
+        history = TuneHistory(
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            lr=float(lr),
+            init="mean",
+            n_trainable=sum(p.numel() for p in params),
+            n_sequences=len(seqs),
+        )
+        _train_steps(
+            forward,
+            params,
+            seqs,
+            self._ids_arr,
+            self.n_base,
+            True,
+            history=history,
+            steps=cfg.steps,
+            lr=float(lr),
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            progress=self.progress,
+            desc=method,
+        )
         for p in runner.parameters():
             p.requires_grad_(False)
         history.seconds = time.perf_counter() - t0
@@ -593,8 +676,9 @@ class PseudoWordBench:
     def _lora(self, model: nn.Module) -> tuple[nn.Module, Forward]:
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=self.config.lora_r, lora_alpha=self.config.lora_alpha, lora_dropout=0.0,
-                         target_modules=_LORA_TARGETS)
+        cfg = LoraConfig(
+            r=self.config.lora_r, lora_alpha=self.config.lora_alpha, lora_dropout=0.0, target_modules=_LORA_TARGETS
+        )
         with _quiet_peft():
             peft_model = get_peft_model(model, cfg)
         return peft_model, _model_forward(peft_model)
@@ -638,7 +722,9 @@ class PseudoWordBench:
             out.append((pick, ids, mask))
         return out
 
-    def target_loss(self, forward: Forward, seqs: list[np.ndarray], after: np.ndarray | None = None) -> dict[str, float]:
+    def target_loss(
+        self, forward: Forward, seqs: list[np.ndarray], after: np.ndarray | None = None
+    ) -> dict[str, float]:
         """Mean next-token NLL (nats) right after a pseudo-word and over the whole sentence.
 
         Positions whose target is a pseudo-word are left out (its logit is -inf for
@@ -698,8 +784,11 @@ class PseudoWordBench:
             prec.append(hit.mean() if cols.size else 0.0)
             rec.append(len(set(cols[hit].tolist())) / len(words))
             mass.append(vals[hit].sum() / vals.sum() if vals.sum() > 0 else 0.0)
-        return {"support_precision": float(np.mean(prec)), "support_recall": float(np.mean(rec)),
-                "alpha_mass_on_words": float(np.mean(mass))}
+        return {
+            "support_precision": float(np.mean(prec)),
+            "support_recall": float(np.mean(rec)),
+            "alpha_mass_on_words": float(np.mean(mass)),
+        }
 
     def reference(self) -> dict[str, Any]:
         """The base model on the original sentences (the real words in place): the loss a
@@ -708,9 +797,18 @@ class PseudoWordBench:
         forward = _model_forward(self.base)
         val = self.target_loss(forward, self.sequences("val", original=True), after=words)
         test = self.target_loss(forward, self.sequences("test", original=True), after=words)
-        return {"method": "reference: base model, real words in place", "key": "reference", "lr": None,
-                "val_after": val["after"], "test_after": test["after"], "test_sentence": test["sentence"],
-                "delta_old_loss": 0.0, "max_abs_logit_diff": 0.0, "trainable": 0, "seconds": 0.0}
+        return {
+            "method": "reference: base model, real words in place",
+            "key": "reference",
+            "lr": None,
+            "val_after": val["after"],
+            "test_after": test["after"],
+            "test_sentence": test["sentence"],
+            "delta_old_loss": 0.0,
+            "max_abs_logit_diff": 0.0,
+            "trainable": 0,
+            "seconds": 0.0,
+        }
 
     def start(self) -> dict[str, Any]:
         """The expanded model before any fit or training (new rows at the mean base embedding):
@@ -718,12 +816,21 @@ class PseudoWordBench:
         forward = _model_forward(self.template)
         val = self.target_loss(forward, self.sequences("val"))
         test = self.target_loss(forward, self.sequences("test"))
-        return {"method": "start: new rows at the mean embedding, no training", "key": "start", "lr": None,
-                "val_after": val["after"], "test_after": test["after"], "test_sentence": test["sentence"],
-                **self.forgetting(forward), "trainable": 0, "seconds": 0.0}
+        return {
+            "method": "start: new rows at the mean embedding, no training",
+            "key": "start",
+            "lr": None,
+            "val_after": val["after"],
+            "test_after": test["after"],
+            "test_sentence": test["sentence"],
+            **self.forgetting(forward),
+            "trainable": 0,
+            "seconds": 0.0,
+        }
 
-    def run(self, method: str, n: int, *, repeat: int = 0, lrs: Sequence[float] | None = None,
-            full: bool = True) -> dict[str, Any]:
+    def run(
+        self, method: str, n: int, *, repeat: int = 0, lrs: Sequence[float] | None = None, full: bool = True
+    ) -> dict[str, Any]:
         """Train ``method`` at each learning rate, keep the best on validation, score it.
 
         Parameters
@@ -760,14 +867,26 @@ class PseudoWordBench:
         assert best is not None
         test = self.target_loss(best.forward, self.sequences("test"))
         row: dict[str, Any] = {
-            "method": METHOD_NAMES[method], "key": method, "n": int(n), "repeat": int(repeat), "lr": best_lr,
-            "val_after": best_loss, "val_by_lr": by_lr, "test_after": test["after"],
-            "test_sentence": test["sentence"], "trainable": int(best.trainable), "seconds": best.seconds,
+            "method": METHOD_NAMES[method],
+            "key": method,
+            "n": int(n),
+            "repeat": int(repeat),
+            "lr": best_lr,
+            "val_after": best_loss,
+            "val_by_lr": by_lr,
+            "test_after": test["after"],
+            "test_sentence": test["sentence"],
+            "trainable": int(best.trainable),
+            "seconds": best.seconds,
         }
         if best.fit is not None:
             chosen = self.select_alpha(n, repeat)
-            row.update(self.support(best.fit.alpha), alpha_link=chosen["link"], alpha_s=chosen["s"],
-                       alpha_val_by_setting=chosen["val_by_setting"])
+            row.update(
+                self.support(best.fit.alpha),
+                alpha_link=chosen["link"],
+                alpha_s=chosen["s"],
+                alpha_val_by_setting=chosen["val_by_setting"],
+            )
         if full:
             row.update(self.forgetting(best.forward))
             if method == "alpha" or method.startswith("et_"):

@@ -6,8 +6,9 @@ E^T alpha over the mean init, and with ``link='auto'`` to choose link and s per 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,8 +19,13 @@ from .model import _require_expansion, alpha_to_embeddings, set_embeddings
 __all__ = ["CrossFit", "cross_fit", "position_losses"]
 
 
-def position_losses(model: nn.Module, seqs: Sequence[np.ndarray], positions: Sequence[tuple[int, int]],
-                    batch_size: int = 32, device: Any = None) -> np.ndarray:
+def position_losses(
+    model: nn.Module,
+    seqs: Sequence[np.ndarray],
+    positions: Sequence[tuple[int, int]],
+    batch_size: int = 32,
+    device: Any = None,
+) -> np.ndarray:
     """Next-token loss ``-log p(seq[t + 1] | seq[:t + 1])`` (nats) at each ``(sequence, t)`` of ``positions``.
 
     Sequences are right-padded into batches of ``batch_size``; only the sequences named in
@@ -36,15 +42,18 @@ def position_losses(model: nn.Module, seqs: Sequence[np.ndarray], positions: Seq
     try:
         with torch.no_grad():
             for a in range(0, len(order), batch_size):
-                chunk = order[a:a + batch_size]
+                chunk = order[a : a + batch_size]
                 length = max(len(seqs[j]) for j in chunk)
                 ids = np.zeros((len(chunk), length), dtype=np.int64)
                 attend = np.zeros_like(ids)
                 for r, j in enumerate(chunk):
-                    ids[r, :len(seqs[j])] = seqs[j]
-                    attend[r, :len(seqs[j])] = 1
-                logits = model(input_ids=torch.as_tensor(ids, device=dev),
-                               attention_mask=torch.as_tensor(attend, device=dev), use_cache=False).logits
+                    ids[r, : len(seqs[j])] = seqs[j]
+                    attend[r, : len(seqs[j])] = 1
+                logits = model(
+                    input_ids=torch.as_tensor(ids, device=dev),
+                    attention_mask=torch.as_tensor(attend, device=dev),
+                    use_cache=False,
+                ).logits
                 rows, cols, nxt, where = [], [], [], []
                 for r, j in enumerate(chunk):
                     for k, t in by_seq[j]:
@@ -104,8 +113,16 @@ def _occurrences(seqs: Sequence[np.ndarray], ids: Sequence[int], n_base: int) ->
     return out
 
 
-def cross_fit(model: nn.Module, ids: Sequence[int], seqs: Sequence[np.ndarray], fit: Callable[..., Any],
-              candidates: Sequence[tuple[str, int]], *, folds: int = 2, device: Any = None) -> CrossFit:
+def cross_fit(
+    model: nn.Module,
+    ids: Sequence[int],
+    seqs: Sequence[np.ndarray],
+    fit: Callable[..., Any],
+    candidates: Sequence[tuple[str, int]],
+    *,
+    folds: int = 2,
+    device: Any = None,
+) -> CrossFit:
     """Score each candidate (link, s) on held-out occurrences of every new token (see the module docstring).
 
     ``fit(counts, link, s)`` returns an AlphaFit for an (r, n_base) CSR of counts.  The new rows of

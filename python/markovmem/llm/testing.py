@@ -52,8 +52,16 @@ def tiny_tokenizer(vocab_size: int = 64) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_model(arch: str = "llama", vocab_size: int = 64, *, tied: bool = True, dtype: Any = None,
-               hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Any:
+def tiny_model(
+    arch: str = "llama",
+    vocab_size: int = 64,
+    *,
+    tied: bool = True,
+    dtype: Any = None,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    seed: int = 0,
+) -> Any:
     """A randomly initialised transformers causal LM built from a config, in eval mode, for tests.
 
     Parameters
@@ -77,8 +85,13 @@ def tiny_model(arch: str = "llama", vocab_size: int = 64, *, tied: bool = True, 
         vocab_size=vocab_size, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0
     )
     decoder: dict[str, Any] = dict(
-        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **common,
     )
     torch.manual_seed(seed)
     model: Any

@@ -5,8 +5,9 @@ and bitwise unchanged."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,8 +64,9 @@ class TuneHistory:
         return asdict(self)
 
 
-def _pad_batch(seqs: list[np.ndarray], new_ids: np.ndarray, n_base: int, block_output: bool,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pad_batch(
+    seqs: list[np.ndarray], new_ids: np.ndarray, n_base: int, block_output: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """input ids, attention mask and targets (-100 where not scored) of one right-padded batch."""
     length = max(s.size for s in seqs)
     ids = np.zeros((len(seqs), length), dtype=np.int64)
@@ -79,13 +81,16 @@ def _pad_batch(seqs: list[np.ndarray], new_ids: np.ndarray, n_base: int, block_o
         # Position t predicts s[t + 1]; only positions at or after the first new
         # token depend on its row, so only they are scored.
         first = int(hit[0])
-        nxt = s[first + 1:].copy()
+        nxt = s[first + 1 :].copy()
         if block_output:
             # Blocked tokens have logit -inf: they are never targets.
             nxt[nxt >= n_base] = -100
         targets[r, first : s.size - 1] = nxt
-    return (torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device),
-            torch.as_tensor(targets, device=device))
+    return (
+        torch.as_tensor(ids, device=device),
+        torch.as_tensor(mask, device=device),
+        torch.as_tensor(targets, device=device),
+    )
 
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -99,10 +104,24 @@ def _model_forward(model: nn.Module) -> Forward:
     return forward
 
 
-def _train_steps(forward: Forward, params: Sequence[torch.Tensor], seqs: list[np.ndarray], new_ids: np.ndarray,
-                n_base: int, block_output: bool, *, history: TuneHistory, steps: int, lr: float, batch_size: int,
-                weight_decay: float = 0.0, seed: int = 0, device: Any = None, progress: bool = True,
-                desc: str = "train") -> None:
+def _train_steps(
+    forward: Forward,
+    params: Sequence[torch.Tensor],
+    seqs: list[np.ndarray],
+    new_ids: np.ndarray,
+    n_base: int,
+    block_output: bool,
+    *,
+    history: TuneHistory,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: Any = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> None:
     """The training loop of :func:`embedding_tune`, open to any parameters (e.g. the baselines of
     :mod:`markovmem.llm.pseudowords`): AdamW on next-token cross-entropy at the positions
     ``_pad_batch`` scores (from the first new token on; new tokens never targets when blocked),
@@ -251,8 +270,7 @@ def embedding_tune(
 
     inp, out = state.input_layer, state.output_layer
     block = state.config.block_output
-    history = TuneHistory(steps=int(steps), batch_size=int(batch_size), lr=float(lr), init=init,
-                          n_sequences=len(seqs))
+    history = TuneHistory(steps=int(steps), batch_size=int(batch_size), lr=float(lr), init=init, n_sequences=len(seqs))
     flags = {id(p): p.requires_grad for p in model.parameters()}
     was_training = model.training
     # Train float32 master copies (bf16 Adam updates would round away), written
@@ -279,9 +297,23 @@ def embedding_tune(
         if not block:
             out.new_weight = master_in if state.tied else master_out
         model.eval()
-        _train_steps(_model_forward(model), params, seqs, ids_arr, state.n_base, block, history=history,
-                    steps=int(steps), lr=lr, batch_size=int(batch_size), weight_decay=weight_decay, seed=seed,
-                    device=dev, progress=progress, desc="embedding_tune")
+        _train_steps(
+            _model_forward(model),
+            params,
+            seqs,
+            ids_arr,
+            state.n_base,
+            block,
+            history=history,
+            steps=int(steps),
+            lr=lr,
+            batch_size=int(batch_size),
+            weight_decay=weight_decay,
+            seed=seed,
+            device=dev,
+            progress=progress,
+            desc="embedding_tune",
+        )
     finally:
         history.seconds = time.perf_counter() - start
         for h in hooks:
