@@ -154,7 +154,10 @@ class LearnTokensConfig:
     )
     diagnostics: bool = field(
         default=True,
-        metadata={"help": "Score E^T alpha against the mean init on held-out occurrences (two-fold cross-fit)."},
+        metadata={
+            "help": "Score E^T alpha against the mean init on held-out occurrences (two-fold cross-fit: two more "
+            "fits and three forward passes over the texts; False skips it)."
+        },
     )
     tune_steps: int = field(default=50, metadata={"help": "Embedding-tuning steps after E^T alpha (0 skips it)."})
     tune_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of embedding tuning."})
