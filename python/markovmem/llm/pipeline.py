@@ -269,7 +269,7 @@ def learn_tokens(
         Example texts using them.  Every token must be followed by a base token
         at least once.
     s : int, optional
-        Sparsity of alpha (default ``config.s``, 16).
+        Sparsity of alpha (default ``config.s``, 1; see LearnTokensConfig for the link and radius).
     tune_steps : int, optional
         Embedding-tuning steps (default ``config.tune_steps``; 0 skips tuning).
     config : LearnTokensConfig, optional
@@ -299,7 +299,8 @@ def learn_tokens(
     ImportError
         ``markovmem.fit_alpha`` is missing.
     ValueError
-        Bad settings, empty texts, or a token never followed by a base token.
+        Bad settings, empty texts, an empty ``corpus``, a token that never appears in the texts or is
+        never followed by a base token, or (corpus mode) a tokenizer that reports no character offsets.
     """
     fit_alpha = _fit_alpha()
     base = config if config is not None else LearnTokensConfig()
