@@ -18,7 +18,7 @@ from helpers import tinystories_path
 
 import markovmem as mm
 from markovmem import llm
-from markovmem.llm.selection import position_losses
+from markovmem.llm.selection import new_token_positions, position_losses
 
 MODEL_DIR = os.environ.get("MARKOVMEM_TEST_MODEL")
 DATA = tinystories_path()
@@ -28,11 +28,6 @@ pytestmark = [
 ]
 
 WORDS = [("daxo", "named"), ("kivo", "day"), ("florp", "there"), ("nuvix", "little"), ("snib", "big"), ("fepi", "very")]
-
-
-def _after_new_token(seqs, ids):
-    new = set(ids)
-    return [(j, t) for j, s in enumerate(seqs) for t in range(len(s) - 1) if s[t] in new and s[t + 1] not in new]
 
 
 def test_default_path_finds_the_replaced_words_and_beats_the_mean_init():
@@ -59,7 +54,7 @@ def test_default_path_finds_the_replaced_words_and_beats_the_mean_init():
     for rep in result.tokens_report:
         assert rep.n_contexts >= 30 and np.isfinite(rep.heldout_loss)
     test = [np.asarray(x) for x in tok([s for _, s in corpus.sentences("test")])["input_ids"]]
-    where = _after_new_token(test, result.ids)
+    where = [(j, t) for j, t, _ in new_token_positions(test, result.ids, 512)]
     alpha_loss = position_losses(model, test, where).mean()
     weight = llm.get_expansion(model).input_layer.base_layer.weight
     llm.set_embeddings(model, result.ids, weight.detach().mean(0, keepdim=True).repeat(len(pws), 1))

@@ -126,35 +126,15 @@ def _encode(tok: Any, sentences: list[str]) -> list[np.ndarray]:
     return [np.asarray(x, dtype=np.int64) for x in tok(sentences)["input_ids"]]
 
 
-def target_loss(
-    model: Any, seqs: list[np.ndarray], owner: list[int], ids: list[int], n_words: int, batch: int = 64
-) -> np.ndarray:
+def target_loss(model: Any, seqs: list[np.ndarray], ids: list[int], n_base: int) -> np.ndarray:
     """Mean next-token loss right after each pseudo-word, per pseudo-word (nats)."""
-    import torch
+    from markovmem.llm.selection import new_token_positions, position_losses
 
-    id_to_word = {t: i for i, t in enumerate(ids)}
-    sums = np.zeros(n_words)
-    counts = np.zeros(n_words)
-    model.eval()
-    with torch.no_grad():
-        for a in range(0, len(seqs), batch):
-            chunk = seqs[a : a + batch]
-            length = max(s.size for s in chunk)
-            x = np.zeros((len(chunk), length), dtype=np.int64)
-            m = np.zeros_like(x)
-            for r, s in enumerate(chunk):
-                x[r, : s.size] = s
-                m[r, : s.size] = 1
-            logp = torch.log_softmax(
-                model(input_ids=torch.as_tensor(x), attention_mask=torch.as_tensor(m)).logits.float(), -1
-            ).numpy()
-            for r, s in enumerate(chunk):
-                for t in range(s.size - 1):
-                    w = id_to_word.get(int(s[t]))
-                    if w is not None and s[t + 1] not in id_to_word:
-                        sums[w] += -logp[r, t, s[t + 1]]
-                        counts[w] += 1
-    return sums / np.maximum(counts, 1)
+    occ = new_token_positions(seqs, ids, n_base)
+    losses = position_losses(model, seqs, [(j, t) for j, t, _ in occ], batch_size=64)
+    word = np.array([i for _, _, i in occ], dtype=np.int64)
+    sums = np.bincount(word, weights=losses, minlength=len(ids))
+    return sums / np.maximum(np.bincount(word, minlength=len(ids)), 1)
 
 
 def _recall(alpha: Any, word_ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -219,8 +199,8 @@ def run_cell(
     )
     seconds = time.perf_counter() - t0
     ids = res.ids
+    n_base = llm.get_expansion(model).n_base
     test_seqs = _encode(tok, [s for _, s in test])
-    owner = [i for i, _ in test]
     train_seqs = _encode(tok, train)
     r1, rs = _recall(res.alpha, corpus.word_ids)
     rows = _init_rows(model, tok0, res.alpha, pws, corpus.word_ids)
@@ -238,7 +218,7 @@ def run_cell(
         out["choices"] = res.choices
     for name in INITS:
         llm.set_embeddings(model, ids, rows[name])
-        out["loss"][name] = target_loss(model, test_seqs, owner, ids, len(pws)).tolist()
+        out["loss"][name] = target_loss(model, test_seqs, ids, n_base).tolist()
         if tune_steps > 0:
             cfg = res.config
             llm.embedding_tune(
@@ -251,7 +231,7 @@ def run_cell(
                 seed=seed,
                 progress=False,
             )
-            out["loss_tuned"][name] = target_loss(model, test_seqs, owner, ids, len(pws)).tolist()
+            out["loss_tuned"][name] = target_loss(model, test_seqs, ids, n_base).tolist()
     torch.set_grad_enabled(True)
     return out
 

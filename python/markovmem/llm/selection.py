@@ -16,7 +16,7 @@ from torch import nn
 
 from .model import _require_expansion, alpha_to_embeddings, set_embeddings
 
-__all__ = ["CrossFit", "cross_fit", "position_losses"]
+__all__ = ["CrossFit", "cross_fit", "new_token_positions", "position_losses"]
 
 
 def position_losses(
@@ -101,8 +101,8 @@ class CrossFit:
         return out
 
 
-def _occurrences(seqs: Sequence[np.ndarray], ids: Sequence[int], n_base: int) -> list[tuple[int, int, int]]:
-    """(sequence, position, token index) of every new token followed by a base token."""
+def new_token_positions(seqs: Sequence[np.ndarray], ids: Sequence[int], n_base: int) -> list[tuple[int, int, int]]:
+    """(sequence, position, index into ``ids``) of every occurrence of a new token followed by a base token."""
     index = {int(t): i for i, t in enumerate(ids)}
     out = []
     for j, s in enumerate(seqs):
@@ -132,7 +132,7 @@ def cross_fit(
 
     state = _require_expansion(model)
     n_base, m = state.n_base, len(ids)
-    occ = _occurrences(seqs, ids, n_base)
+    occ = new_token_positions(seqs, ids, n_base)
     seen = np.zeros(m, dtype=np.int64)
     fold_of = np.zeros(len(occ), dtype=np.int64)
     for k, (_, _, i) in enumerate(occ):
