@@ -22,16 +22,17 @@ V = 48
 
 class NearestRowsFit:
     """Hand-made stand-in for AlphaFit: alpha spreads 1/s over the s rows of P
-    closest to q_hat in KL.  Same shapes as the real thing: alpha (m, n_states) CSR."""
+    closest to q_hat in KL, or over a given (m, s) support.  Same shapes as the real thing:
+    alpha (m, n_states) CSR."""
 
-    def __init__(self, P, counts, s=2, link="logit", bound=10.0, progress=True):
+    def __init__(self, P, counts, s=2, link="logit", bound=10.0, progress=True, support=None):
         dense = P.to_dense()
         q = counts.toarray()
         q = q / q.sum(1, keepdims=True)
         kl = np.array(
             [[np.sum(qi[qi > 0] * np.log(qi[qi > 0] / np.maximum(row[qi > 0], 1e-12))) for row in dense] for qi in q]
         )
-        cols = np.argsort(kl, axis=1)[:, :s]
+        cols = np.argsort(kl, axis=1)[:, :s] if support is None else np.asarray(support)
         rows = np.repeat(np.arange(q.shape[0]), s)
         self.alpha = sp.csr_array((np.full(rows.size, 1.0 / s), (rows, cols.ravel())), shape=(q.shape[0], P.n_states))
         self.kl = kl[np.arange(q.shape[0]), cols[:, 0]]

@@ -6,6 +6,7 @@ sample (MARKOVMEM_TEST_DATA); skips without them."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -27,7 +28,17 @@ pytestmark = [
     pytest.mark.skipif(not DATA.is_file(), reason="no TinyStories text (set MARKOVMEM_TEST_DATA)"),
 ]
 
-WORDS = [("daxo", "named"), ("kivo", "day"), ("florp", "there"), ("nuvix", "little"), ("snib", "big"), ("fepi", "very")]
+#: Lily, mom, so and be are words the tokens after them alone mistake for others ('it', 'my', 'very').
+WORDS = [
+    ("glorp", "Lily"),
+    ("tomav", "mom"),
+    ("zibber", "so"),
+    ("kren", "be"),
+    ("daxo", "named"),
+    ("kivo", "day"),
+    ("florp", "there"),
+    ("nuvix", "little"),
+]
 
 
 def test_default_path_finds_the_replaced_words_and_beats_the_mean_init():
@@ -39,18 +50,26 @@ def test_default_path_finds_the_replaced_words_and_beats_the_mean_init():
     pws = [llm.PseudoWord(t, (w,)) for t, w in WORDS]
     corpus = llm.build_corpus(text, tok, pws, n_val=1, n_test=10)
     train = [s for _, s in corpus.sentences("train", 30)]
+    row_only = llm.learn_tokens(
+        copy.deepcopy(model), copy.deepcopy(tok), corpus.tokens, train, tune_steps=0, evidence="row", progress=False
+    )
     result = llm.learn_tokens(model, tok, corpus.tokens, train, tune_steps=0, progress=False)
     assert llm.dictionary_info(result.matrix)["mode"] == "corpus"
-    top = [
-        int(
-            result.alpha.indices[result.alpha.indptr[i] : result.alpha.indptr[i + 1]][
-                np.argmax(result.alpha.data[result.alpha.indptr[i] : result.alpha.indptr[i + 1]])
-            ]
-        )
-        for i in range(len(pws))
-    ]
-    recall = np.mean([t in ids for t, ids in zip(top, corpus.word_ids)])
-    assert recall >= 0.8, result.decomposition(tok, top=3)
+
+    def recall(alpha):
+        top = [
+            int(
+                alpha.indices[alpha.indptr[i] : alpha.indptr[i + 1]][
+                    np.argmax(alpha.data[alpha.indptr[i] : alpha.indptr[i + 1]])
+                ]
+            )
+            for i in range(len(pws))
+        ]
+        return np.mean([t in ids for t, ids in zip(top, corpus.word_ids, strict=True)])
+
+    assert recall(result.alpha) >= 0.85, result.decomposition(tok, top=3)
+    # the default (two-sided evidence) finds words the tokens after them alone do not
+    assert recall(row_only.alpha) <= recall(result.alpha) - 0.25, row_only.decomposition(tok, top=3)
     for rep in result.tokens_report:
         assert rep.n_contexts >= 30 and np.isfinite(rep.heldout_loss)
     test = [np.asarray(x) for x in tok([s for _, s in corpus.sentences("test")])["input_ids"]]

@@ -65,10 +65,12 @@ BLENDS = [
 ]
 
 #: learn_tokens settings compared, each on top of the defaults; "default" is whatever learn_tokens does
-#: with no options, "token+logit s16 bound10" the defaults before the corpus dictionary.
+#: with no options, "evidence row" the support chosen from the tokens after the new token only, and
+#: "token+logit s16 bound10" the defaults before the corpus dictionary.
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "token+logit s16 bound10": {"distill_mode": "token", "link": "logit", "s": 16, "bound": 10.0},
+    "evidence row": {"evidence": "row"},
+    "token+logit s16 bound10": {"distill_mode": "token", "link": "logit", "s": 16, "bound": 10.0, "evidence": "row"},
     "logit s2 bound1": {"link": "logit", "s": 2, "bound": 1.0},
     "logit s4 bound1": {"link": "logit", "s": 4, "bound": 1.0},
     "logit s16 bound1": {"link": "logit", "s": 16, "bound": 1.0},

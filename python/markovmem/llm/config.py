@@ -148,6 +148,19 @@ class LearnTokensConfig:
             )
         },
     )
+    evidence: str = field(
+        default="two-sided",
+        metadata={
+            "help": (
+                "What picks alpha's support.  'two-sided': the s old tokens with the highest log-likelihood of "
+                "both sides of the new token's occurrences, the tokens after it (dictionary rows) and the "
+                "contexts before it (the base model's prediction there, against its prediction anywhere in the "
+                "texts); the link then fits the weights on that support.  'row': fit_alpha's own selection, "
+                "from the tokens after it only.  'two-sided' found the replaced word far more often on the "
+                "real-model recovery benchmark (bench/recovery); it costs one forward pass over the texts."
+            )
+        },
+    )
     auto_grid: tuple[tuple[str, int], ...] = field(
         default=(("logit", 1), ("logit", 2), ("mixture", 2), ("logit", 4)),
         metadata={"help": "(link, s) candidates of link='auto', simplest first (ties go to the earlier)."},
@@ -173,6 +186,8 @@ class LearnTokensConfig:
             raise ValueError(f"top_k is {self.top_k}; expected >= 1")
         if self.distill_mode not in ("token", "corpus"):
             raise ValueError(f"distill_mode is {self.distill_mode!r}; expected 'token' or 'corpus'")
+        if self.evidence not in ("two-sided", "row"):
+            raise ValueError(f"evidence is {self.evidence!r}; expected 'two-sided' or 'row'")
         if self.fallback not in ("token", "unigram", "none"):
             raise ValueError(f"fallback is {self.fallback!r}; expected 'token', 'unigram' or 'none'")
         if not float(self.shrinkage) >= 0:

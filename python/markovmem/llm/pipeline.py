@@ -14,6 +14,7 @@ from torch import nn
 
 from .._errors import SampleSizeWarning
 from .._matrix import TransitionMatrix
+from .columns import column_evidence, row_loglik, two_sided_support
 from .config import LearnTokensConfig
 from .distillation import distill, next_token_counts
 from .model import (
@@ -427,19 +428,29 @@ def _fit_tokens(
     """Fit alpha for every token (per-token (link, s) when ``cfg.link == 'auto'``) and its diagnostics."""
     import scipy.sparse as sp
 
-    def fit(c: Any, link: str, s: int, bar: bool = False) -> Any:
-        extra = {"bound": cfg.bound} if link == "logit" else {}
-        return fit_alpha(matrix, c, s=s, link=link, progress=bar, **extra)
-
     grid = list(cfg.auto_grid) if cfg.link == "auto" else [(cfg.link, int(cfg.s))]
     arrays = [np.asarray(x, dtype=np.int64) for x in seqs]
-    cv = cross_fit(model, ids, arrays, fit, grid, device=device) if cfg.diagnostics or len(grid) > 1 else None
+    held_out = cfg.diagnostics or len(grid) > 1
+    columns = None
+    if cfg.evidence == "two-sided":
+        columns = column_evidence(model, ids, arrays, folds=2 if held_out else 1, device=device)
+    n_base = matrix.n_base
+    special = sorted({int(t) for t in getattr(tokenizer, "all_special_ids", []) if 0 <= int(t) < n_base})
+
+    def fit(c: Any, link: str, s: int, rows: Any = None, fold: int | None = None, bar: bool = False) -> Any:
+        extra: dict[str, Any] = {"bound": cfg.bound} if link == "logit" else {}
+        if columns is not None:
+            score = row_loglik(matrix, c) + columns.loglik(rows, exclude_fold=fold)
+            extra["support"] = two_sided_support(score, s, exclude=special)
+        return fit_alpha(matrix, c, s=s, link=link, progress=bar, **extra)
+
+    cv = cross_fit(model, ids, arrays, fit, grid, device=device) if held_out else None
     chosen = cv.best(default=0) if cv is not None else [0] * len(ids)
     fits: dict[tuple[str, int], tuple[list[int], Any]] = {}
     parts: list[Any] = [None] * len(ids)
     for c in sorted(set(chosen)):
         rows = [i for i, x in enumerate(chosen) if x == c]
-        res = fit(sp.csr_array(counts[rows]), *grid[c], bar=progress)
+        res = fit(sp.csr_array(counts[rows]), *grid[c], rows=rows, bar=progress)
         fits[grid[c]] = (rows, res)
         for r, i in enumerate(rows):
             parts[i] = res.alpha[[r]]

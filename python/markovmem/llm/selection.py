@@ -6,7 +6,7 @@ E^T alpha over the mean init, and with ``link='auto'`` to choose link and s per 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +16,38 @@ from torch import nn
 
 from .model import _require_expansion, alpha_to_embeddings, set_embeddings
 
-__all__ = ["CrossFit", "cross_fit", "new_token_positions", "position_losses"]
+__all__ = ["CrossFit", "cross_fit", "forward_batches", "new_token_positions", "occurrence_folds", "position_losses"]
+
+
+def forward_batches(
+    model: nn.Module, seqs: Sequence[np.ndarray], order: Sequence[int], batch_size: int = 32, device: Any = None
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Logits of the sequences ``order`` names, right-padded into batches: yields (chunk, logits).
+
+    ``chunk`` lists the sequence indices of the batch, in row order; ``logits`` is
+    (len(chunk), longest, vocabulary).  Runs under ``torch.no_grad`` in eval mode.
+    """
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for a in range(0, len(order), batch_size):
+                chunk = [int(j) for j in order[a : a + batch_size]]
+                length = max(len(seqs[j]) for j in chunk)
+                ids = np.zeros((len(chunk), length), dtype=np.int64)
+                attend = np.zeros_like(ids)
+                for r, j in enumerate(chunk):
+                    ids[r, : len(seqs[j])] = seqs[j]
+                    attend[r, : len(seqs[j])] = 1
+                logits = model(
+                    input_ids=torch.as_tensor(ids, device=dev),
+                    attention_mask=torch.as_tensor(attend, device=dev),
+                    use_cache=False,
+                ).logits
+                yield chunk, logits
+    finally:
+        model.train(was_training)
 
 
 def position_losses(
@@ -35,37 +66,17 @@ def position_losses(
     by_seq: dict[int, list[tuple[int, int]]] = {}
     for k, (j, t) in enumerate(positions):
         by_seq.setdefault(int(j), []).append((k, int(t)))
-    order = sorted(by_seq)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for a in range(0, len(order), batch_size):
-                chunk = order[a : a + batch_size]
-                length = max(len(seqs[j]) for j in chunk)
-                ids = np.zeros((len(chunk), length), dtype=np.int64)
-                attend = np.zeros_like(ids)
-                for r, j in enumerate(chunk):
-                    ids[r, : len(seqs[j])] = seqs[j]
-                    attend[r, : len(seqs[j])] = 1
-                logits = model(
-                    input_ids=torch.as_tensor(ids, device=dev),
-                    attention_mask=torch.as_tensor(attend, device=dev),
-                    use_cache=False,
-                ).logits
-                rows, cols, nxt, where = [], [], [], []
-                for r, j in enumerate(chunk):
-                    for k, t in by_seq[j]:
-                        rows.append(r)
-                        cols.append(t)
-                        nxt.append(int(seqs[j][t + 1]))
-                        where.append(k)
-                picked = logits[torch.as_tensor(rows), torch.as_tensor(cols)].float()
-                loss = torch.logsumexp(picked, -1) - picked[torch.arange(len(rows)), torch.as_tensor(nxt)]
-                out[np.asarray(where)] = loss.cpu().numpy()
-    finally:
-        model.train(was_training)
+    for chunk, logits in forward_batches(model, seqs, sorted(by_seq), batch_size, device):
+        rows, cols, nxt, where = [], [], [], []
+        for r, j in enumerate(chunk):
+            for k, t in by_seq[j]:
+                rows.append(r)
+                cols.append(t)
+                nxt.append(int(seqs[j][t + 1]))
+                where.append(k)
+        picked = logits[torch.as_tensor(rows), torch.as_tensor(cols)].float()
+        loss = torch.logsumexp(picked, -1) - picked[torch.arange(len(rows)), torch.as_tensor(nxt)]
+        out[np.asarray(where)] = loss.cpu().numpy()
     return out
 
 
@@ -113,6 +124,17 @@ def new_token_positions(seqs: Sequence[np.ndarray], ids: Sequence[int], n_base: 
     return out
 
 
+def occurrence_folds(occurrences: Sequence[tuple[int, int, int]], folds: int) -> np.ndarray:
+    """Fold of each occurrence of :func:`new_token_positions`: a token's k-th occurrence goes to fold ``k % folds``."""
+    seen: dict[int, int] = {}
+    out = np.zeros(len(occurrences), dtype=np.int64)
+    for k, (_, _, i) in enumerate(occurrences):
+        n = seen.get(i, 0)
+        out[k] = n % folds
+        seen[i] = n + 1
+    return out
+
+
 def cross_fit(
     model: nn.Module,
     ids: Sequence[int],
@@ -125,19 +147,18 @@ def cross_fit(
 ) -> CrossFit:
     """Score each candidate (link, s) on held-out occurrences of every new token (see the module docstring).
 
-    ``fit(counts, link, s)`` returns an AlphaFit for an (r, n_base) CSR of counts.  The new rows of
-    ``model`` are overwritten; the caller writes the final rows afterwards.
+    ``fit(counts, link, s, tokens, fold)`` returns an AlphaFit for an (r, n_base) CSR of counts: the
+    next-token counts of the new tokens ``tokens`` (indices into ``ids``) over every fold but ``fold``
+    (:func:`occurrence_folds` assigns them).  The new rows of ``model`` are overwritten; the caller
+    writes the final rows afterwards.
     """
     import scipy.sparse as sp
 
     state = _require_expansion(model)
     n_base, m = state.n_base, len(ids)
     occ = new_token_positions(seqs, ids, n_base)
-    seen = np.zeros(m, dtype=np.int64)
-    fold_of = np.zeros(len(occ), dtype=np.int64)
-    for k, (_, _, i) in enumerate(occ):
-        fold_of[k] = seen[i] % folds
-        seen[i] += 1
+    fold_of = occurrence_folds(occ, folds)
+    seen = np.bincount(np.array([i for _, _, i in occ], dtype=np.int64), minlength=m)
     tok = np.array([i for _, _, i in occ], dtype=np.int64)
     nxt = np.array([int(seqs[j][t + 1]) for j, t, _ in occ], dtype=np.int64)
     positions = [(j, t) for j, t, _ in occ]
@@ -156,7 +177,7 @@ def cross_fit(
             rows_ok = np.flatnonzero(np.diff(counts.indptr) > 0)
             rows = mean_row.clone()
             if rows_ok.size:
-                sub = fit(sp.csr_array(counts[rows_ok]), link, s)
+                sub = fit(sp.csr_array(counts[rows_ok]), link, s, rows_ok, f)
                 rows[torch.as_tensor(rows_ok)] = alpha_to_embeddings(model, sub.alpha).to(rows.dtype)
             set_embeddings(model, ids, rows)
             held = np.flatnonzero(fold_of == f)
