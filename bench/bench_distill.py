@@ -145,9 +145,9 @@ def floor_pass(model: Any, ids: list[int], bos: int, batch: int) -> None:
 def floor_reuse_pass(model: Any, ids: list[int], bos: int, batch: int) -> None:
     import torch
 
-    from markovmem.llm.distillation import _LastLogits, _n_base
+    from markovmem.llm.distillation import _HeadLogits, _n_base
 
-    last = _LastLogits(model, _n_base(model), torch.device("cpu"), None, batch)
+    last = _HeadLogits(model, _n_base(model), torch.device("cpu"), None, batch)
     ids_t = torch.tensor(ids)
     with torch.no_grad():
         for a in range(0, len(ids), batch):

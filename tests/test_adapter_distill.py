@@ -292,13 +292,13 @@ def test_cpu_topk_is_exact(v, k):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_last_logits_head_shortcut_matches_the_model(kind, monkeypatch):
     from markovmem.llm import distillation
-    from markovmem.llm.distillation import _LastLogits
+    from markovmem.llm.distillation import _HeadLogits
 
     monkeypatch.setattr(distillation, "_HEAD_MIN_LOGITS", 0)  # a tiny vocabulary takes the shortcut too
 
     model = tiny_model(kind, V, hidden_size=16).eval()
     inp = torch.tensor([[1, 5], [1, 9], [1, 30]])
-    last = _LastLogits(model, V, torch.device("cpu"), None, 4)
+    last = _HeadLogits(model, V, torch.device("cpu"), None, 4)
     with torch.no_grad():
         got = last(inp).clone()
         assert last.head is not None  # the shortcut passed its check and is used
@@ -307,13 +307,40 @@ def test_last_logits_head_shortcut_matches_the_model(kind, monkeypatch):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(again, ref[:1], rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(distillation, "_HEAD_MIN_LOGITS", 10**9)
-    assert _LastLogits(model, V, torch.device("cpu"), None, 4).head is None  # small batches: the model's forward
+    assert _HeadLogits(model, V, torch.device("cpu"), None, 4).head is None  # small batches: the model's forward
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_corpus_head_shortcut_matches_the_model_at_the_kept_positions(kind, monkeypatch):
+    """Corpus mode applies the head at the counted positions only, in chunks of a reused buffer."""
+    from markovmem.llm import distillation
+    from markovmem.llm.distillation import _HeadLogits
+
+    monkeypatch.setattr(distillation, "_HEAD_MIN_LOGITS", 0)
+    monkeypatch.setattr(distillation, "_HEAD_CHUNK_LOGITS", 3 * V)  # chunks of 3 positions
+    model = tiny_model(kind, V, hidden_size=16).eval()
+    ids = torch.tensor([[1, 5, 9, 30, 7], [1, 12, 3, 0, 0]])
+    attend = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    keep = torch.tensor([[True, False, True, True, True], [False, True, True, False, False]])
+    head = _HeadLogits(model, V, torch.device("cpu"), None, 10)
+    with torch.no_grad():
+        values, top = head.topk_at(ids, attend, keep, 6)
+        assert head.head is not None  # the shortcut passed its check and is used
+        ref = torch.softmax(model(input_ids=ids, attention_mask=attend).logits[keep].double(), -1)
+    assert values.shape == top.shape == (6, 6)
+    torch.testing.assert_close(values.double(), torch.topk(ref, 6).values, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ref.gather(1, top.long()), values.double(), rtol=1e-5, atol=1e-7)
+    seqs = [[1, 5, 9, 30, 7], [1, 12, 3]]
+    fast = llm.distill(model, top_k=6, mode="corpus", sequences=seqs, fallback="none", progress=False)
+    monkeypatch.setattr(distillation, "_HEAD_MIN_LOGITS", 10**9)
+    slow = llm.distill(model, top_k=6, mode="corpus", sequences=seqs, fallback="none", progress=False)
+    np.testing.assert_allclose(fast.to_dense(), slow.to_dense(), rtol=1e-5, atol=1e-7)
 
 
 def test_last_logits_falls_back_when_the_head_is_not_plain(monkeypatch):
     """A model that post-processes its logits (soft-capping, scaling) is distilled through its own forward."""
     from markovmem.llm import distillation
-    from markovmem.llm.distillation import _LastLogits
+    from markovmem.llm.distillation import _HeadLogits
 
     monkeypatch.setattr(distillation, "_HEAD_MIN_LOGITS", 0)
 
@@ -327,7 +354,7 @@ def test_last_logits_falls_back_when_the_head_is_not_plain(monkeypatch):
 
     model.forward = capped
     inp = torch.tensor([[1, 5], [1, 9]])
-    last = _LastLogits(model, V, torch.device("cpu"), None, 4)
+    last = _HeadLogits(model, V, torch.device("cpu"), None, 4)
     with torch.no_grad():
         got = last(inp)
         assert last.head is None

@@ -277,24 +277,34 @@ def _select_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(top_values), torch.from_numpy(top_ids)
 
 
-#: Logits per batch (batch x base vocabulary) from which distill applies the head itself (see _LastLogits).
+#: Logits per batch (batch x base vocabulary) from which distill applies the head itself (see _HeadLogits).
 _HEAD_MIN_LOGITS = 2**20
+#: Corpus mode sums a shard's entries in a dense (n_base, n_base) float64 array up to this many cells (32 MB).
+_DENSE_SUMS = 2**22
+#: Logits per chunk when the head is applied at chosen positions (corpus mode): 128 MB of float32.
+_HEAD_CHUNK_LOGITS = 2**25
 
 
-class _LastLogits:
-    """Last-position logits over the base vocabulary for a batch of token contexts.
+class _HeadLogits:
+    """Logits over the base vocabulary: at the last position of token contexts (token mode,
+    ``__call__``) or at chosen positions of sequences, reduced to their top-k (corpus mode, ``topk_at``).
 
-    In general the model's own forward (``logits_to_keep=1`` when supported).
+    In general the model's own forward (``logits_to_keep=1`` when supported, token mode).
     On CPU in the model's dtype (no autocast), float32, when the output head is
     a plain ``nn.Linear`` applied to the body's last hidden state (Llama, Qwen2,
     GPT-2, ...), the head runs here instead, into one logits buffer reused
-    across batches: a fresh (batch x vocab) tensor per forward pays page faults
+    across batches: a fresh (rows x vocab) tensor per forward pays page faults
     that cost as much as the head's GEMM itself at small hidden sizes, and new
-    tokens' columns are never computed.  The shortcut is checked once against
+    tokens' columns are never computed.  In corpus mode the head is applied only
+    at the counted positions, in chunks of rows whose logits stay in one buffer
+    (no padded position, no copy of the selected rows).  The shortcut is checked once against
     the model's forward on the first two contexts and dropped if they disagree
     (soft-capped or scaled logits, a custom head).  Below ``_HEAD_MIN_LOGITS``
     logits per batch (a small vocabulary) fresh logits are cheap and the check
     would cost more than it saves, so the model's forward is used.
+
+    ``batch`` is the number of logit rows per batch: contexts in token mode, sequences x
+    longest sequence in corpus mode.
     """
 
     def __init__(self, model: nn.Module, n_base: int, dev: torch.device, dtype: Any, batch: int) -> None:
@@ -325,18 +335,7 @@ class _LastLogits:
 
     def _head_logits(self, inp: torch.Tensor) -> torch.Tensor:
         assert self.head is not None
-        body, weight, bias = self.head
-        hidden = body(input_ids=inp, use_cache=False).last_hidden_state[:, -1]
-        b = inp.shape[0]
-        if self.buf is None or self.buf.shape[0] < b:
-            self.buf = torch.empty(b, self.n_base, dtype=torch.float32)
-        out = self.buf[:b]
-        w = weight[: self.n_base]
-        if bias is None:
-            torch.mm(hidden, w.t(), out=out)
-        else:
-            torch.addmm(bias[: self.n_base], hidden, w.t(), out=out)
-        return out
+        return self._apply(self.head[0](input_ids=inp, use_cache=False).last_hidden_state[:, -1])
 
     def decide(self, inp: torch.Tensor) -> None:
         """Keep the head shortcut only if it gives the model's logits on the contexts ``inp`` (done once)."""
@@ -357,6 +356,58 @@ class _LastLogits:
     def __call__(self, inp: torch.Tensor) -> torch.Tensor:
         self.decide(inp)
         return self._head_logits(inp) if self.head is not None else self._model_logits(inp)
+
+    def _apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head on (rows, d) hidden states, into the reused buffer."""
+        assert self.head is not None
+        _, weight, bias = self.head
+        rows = hidden.shape[0]
+        if self.buf is None or self.buf.shape[0] < rows:
+            self.buf = torch.empty(rows, self.n_base, dtype=torch.float32)
+        out = self.buf[:rows]
+        w = weight[: self.n_base]
+        if bias is None:
+            torch.mm(hidden, w.t(), out=out)
+        else:
+            torch.addmm(bias[: self.n_base], hidden, w.t(), out=out)
+        return out
+
+    def _decide_at(self, ids: torch.Tensor, attend: torch.Tensor, keep: torch.Tensor) -> None:
+        if self.head is None or self.checked:
+            return
+        self.checked = True
+        ref = self.model(input_ids=ids[:2], attention_mask=attend[:2], use_cache=False).logits[keep[:2]][
+            :, : self.n_base
+        ]
+        try:
+            body = self.head[0]
+            hidden = body(input_ids=ids[:2], attention_mask=attend[:2], use_cache=False).last_hidden_state[keep[:2]]
+            got = self._apply(hidden)
+            same = got.shape == ref.shape and torch.allclose(
+                got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-6
+            )
+        except (TypeError, AttributeError, RuntimeError, ValueError):
+            same = False
+        if not same:
+            self.head = None
+
+    def topk_at(
+        self, ids: torch.Tensor, attend: torch.Tensor, keep: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k of softmax over the base vocabulary at the positions ``keep`` (batch, length) of the
+        right-padded batch ``ids``: (probs, ids) of shape (positions, k), positions in row-major order."""
+        self._decide_at(ids, attend, keep)
+        if self.head is None:
+            logits = self.model(input_ids=ids, attention_mask=attend, use_cache=False).logits
+            selected = logits[keep][:, : self.n_base]
+            del logits
+            return _select_topk(selected, k)
+        hidden = self.head[0](input_ids=ids, attention_mask=attend, use_cache=False).last_hidden_state[keep]
+        step = max(1, _HEAD_CHUNK_LOGITS // self.n_base)
+        parts = [_select_topk(self._apply(hidden[a : a + step]), k) for a in range(0, hidden.shape[0], step)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
 
 
 def distill(
@@ -650,7 +701,7 @@ def _distill_tokens(
     indices = np.empty((n, k), dtype=np.int32)
     probs = np.empty((n, k), dtype=np.float32)
     n_shards = -(-n // per_shard)
-    last_logits = _LastLogits(model, n_base, dev, dtype, batch)
+    last_logits = _HeadLogits(model, n_base, dev, dtype, batch)
     prefix_t = torch.as_tensor(pre, dtype=torch.long, device=dev)
     rows_t = torch.as_tensor(rows, dtype=torch.long)
 
@@ -820,6 +871,7 @@ def _distill_corpus(
     _open_shards(shards, ranks)
     wanted = np.zeros(n_logits, dtype=bool)
     wanted[rows] = True
+    head = _HeadLogits(model, n_base, dev, dtype, batch * max_len)
     n_shards = -(-len(windows) // per_shard)
     total = sp.csr_array((n_base, n_base), dtype=np.float64)
     counts = np.zeros(n_base, dtype=np.int64)
@@ -852,16 +904,13 @@ def _distill_corpus(
                 if not keep.any():
                     bar.update(len(chunk))
                     continue
-                ids_t = torch.as_tensor(ids, device=dev)
-                logits = model(
-                    input_ids=ids_t, attention_mask=torch.as_tensor(attend, device=dev), use_cache=False
-                ).logits
                 # Right padding leaves every real position's context unchanged.
-                keep_t = torch.as_tensor(keep, device=dev)
-                selected = logits[keep_t][:, :n_base]
-                del logits
-                values, top = _select_topk(selected, k)
-                del selected
+                values, top = head.topk_at(
+                    torch.as_tensor(ids, device=dev),
+                    torch.as_tensor(attend, device=dev),
+                    torch.as_tensor(keep, device=dev),
+                    k,
+                )
                 # The device -> host copy: k ids and k probabilities per occurrence.
                 owner = ids[keep]
                 r_parts.append(np.repeat(owner, k))
@@ -869,13 +918,19 @@ def _distill_corpus(
                 v_parts.append(values.cpu().numpy().reshape(-1).astype(np.float64))
                 np.add.at(shard_counts, owner, 1)
                 bar.update(len(chunk))
-        if r_parts:
+        if not r_parts:
+            part = sp.csr_array((n_base, n_base), dtype=np.float64)
+        elif n_base * n_base <= _DENSE_SUMS:
+            # A small vocabulary: one bincount over (row, column) keys, in the order the entries
+            # came, then the nonzeros; cheaper than building and sorting a COO of every entry.
+            keys = np.concatenate(r_parts) * n_base + np.concatenate(c_parts)
+            sums = np.bincount(keys, weights=np.concatenate(v_parts), minlength=n_base * n_base)
+            part = sp.csr_array(sums.reshape(n_base, n_base))
+        else:
             part = sp.coo_array(
                 (np.concatenate(v_parts), (np.concatenate(r_parts), np.concatenate(c_parts))),
                 shape=(n_base, n_base),
             ).tocsr()
-        else:
-            part = sp.csr_array((n_base, n_base), dtype=np.float64)
         part.sum_duplicates()
         return {
             "indptr": part.indptr.astype(np.int64),
