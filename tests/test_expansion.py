@@ -29,6 +29,13 @@ FIELDS = [
     "after_valid",
     "after_violation",
     "ok",
+    "open",
+    "max_leak",
+    "mean_leak",
+    "worst_leak_row",
+    "forgetting_max_nats",
+    "forgetting_mean_nats",
+    "leak_bound",
 ]
 
 

@@ -307,7 +307,7 @@ STRUCTURAL = [
     ("tensor-not-object", {**BASE, **_edit(_set("indices", [1, 2]))}, "tensor 'indices' is missing"),
     ("format-missing", {**BASE, **_edit(lambda h: h["__metadata__"].pop("format"))}, "'format' is '<missing>'"),
     ("format-wrong", {**BASE, "meta": {"format": "numpy"}}, "'format' is 'numpy'"),
-    ("version-2", {**BASE, "meta": {"format_version": "2"}}, "format version '2' is not supported"),
+    ("version-99", {**BASE, "meta": {"format_version": "99"}}, "format version '99' is not supported"),
     ("n_states-missing", {**BASE, **_edit(lambda h: h["__metadata__"].pop("n_states"))}, "has no 'n_states'"),
     ("n_states-text", {**BASE, "meta": {"n_states": "three"}}, "'n_states' is 'three', not a size"),
     ("n_states-negative", {**BASE, "meta": {"n_states": "-3"}}, "not a size"),

@@ -57,6 +57,8 @@ class ExpansionCertificate:
         when the old block is identical, else every row).
     after_violation : str
         The first broken invariant, empty when ``after_valid``.
+    ok : bool
+        Every figure holds as an exact (or, for an open expansion, a bounded-leak) expansion requires.
     open : bool
         ``after`` carries old->new blocks ``before`` does not (an open expansion).
     max_leak, mean_leak : float
@@ -69,8 +71,6 @@ class ExpansionCertificate:
         KL(p_before(.|v) || p_after(.|v)) over the old states.
     leak_bound : float or None
         The ``max_leak`` the check was asked to enforce (None: no bound).
-    ok : bool
-        All of the above hold.
     """
 
     n_old: int
@@ -87,6 +87,8 @@ class ExpansionCertificate:
     fingerprint_after: str
     after_valid: bool
     after_violation: str
+    ok: bool
+    # Open expansion figures (after ``ok`` so the closed certificate's fields keep their order).
     open: bool
     max_leak: float
     mean_leak: float
@@ -94,7 +96,6 @@ class ExpansionCertificate:
     forgetting_max_nats: float
     forgetting_mean_nats: float
     leak_bound: float | None
-    ok: bool
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ExpansionCertificate:
