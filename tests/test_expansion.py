@@ -451,7 +451,7 @@ def test_open_expansion_figures_and_views(P):
 
 
 def test_open_expansion_max_leak_bound(P):
-    Q, cert = open_pair(P)
+    Q, _ = open_pair(P)
     for bound, ok in ((0.05, False), (0.11, True)):  # every row leaks 2 x float32(0.05), about 0.1
         _, bounded = P.expand(np.full((2, 8), 0.125), incoming=np.full((8, 2), 0.05), max_leak=bound)
         assert bounded.ok is ok and bounded.leak_bound == bound and bounded.worst_leak_row == 0
@@ -513,3 +513,17 @@ def test_open_expansion_rejects_sparse_bad_incoming(P):
         P.expand(np.full((2, 8), 0.125), incoming=bad)
     with pytest.raises(ValueError, match="max_leak is -0.5"):
         P.expand(np.full((2, 8), 0.125), incoming=np.zeros((8, 2)), max_leak=-0.5)
+
+
+def test_docs_open_expansion_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "concepts" / "expansion.md").read_text()
+    m = re.search(
+        r"<!-- open-expansion-example -->\n```python\n(.*?)```\n<!-- /open-expansion-example -->", text, re.DOTALL
+    )
+    assert m, "docs/concepts/expansion.md lost its open expansion example"
+    namespace: dict = {}
+    exec(compile(m.group(1), "docs/concepts/expansion.md", "exec"), namespace)  # noqa: S102 - runs the doc's own code
+    assert namespace["cert"].ok and "open expansion: max leak" in capsys.readouterr().out

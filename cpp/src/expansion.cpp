@@ -255,11 +255,10 @@ ExpansionCertificate certify(const TransitionMatrix& before, const TransitionMat
   } else {
     c.after_valid = true;
   }
-  const bool leak_ok = c.open ? stored_leak == 0.0 && c.max_leak < 1.0 && c.max_leak <= max_leak
-                             : c.leaked_mass_to_new == 0.0;
-  c.ok = c.same_n_base && c.old_block_identical && c.max_abs_diff_old == 0.0 && leak_ok &&
-         c.new_to_new_mass == 0.0 && c.max_row_sum_error <= tol && c.fingerprint_before == c.fingerprint_after_old &&
-         c.after_valid;
+  const bool leak_ok =
+      c.open ? stored_leak == 0.0 && c.max_leak < 1.0 && c.max_leak <= max_leak : c.leaked_mass_to_new == 0.0;
+  c.ok = c.same_n_base && c.old_block_identical && c.max_abs_diff_old == 0.0 && leak_ok && c.new_to_new_mass == 0.0 &&
+         c.max_row_sum_error <= tol && c.fingerprint_before == c.fingerprint_after_old && c.after_valid;
   return c;
 }
 
@@ -304,7 +303,8 @@ std::vector<OpenBlock> grown_blocks(const TransitionMatrix& P, Index m, const Cs
     throw std::invalid_argument(os.str());
   }
   const Index nnz = incoming->indptr[n_old] - incoming->indptr[0];
-  if (incoming->indptr[0] < 0 || nnz < 0) throw std::invalid_argument("incoming indptr is not a valid row pointer array");
+  if (incoming->indptr[0] < 0 || nnz < 0)
+    throw std::invalid_argument("incoming indptr is not a valid row pointer array");
   std::vector<Index> indptr(static_cast<std::size_t>(n_old + 1));
   for (Index r = 0; r <= n_old; ++r) indptr[static_cast<std::size_t>(r)] = incoming->indptr[r] - incoming->indptr[0];
   std::vector<StateIndex> indices(static_cast<std::size_t>(nnz));
@@ -317,14 +317,14 @@ std::vector<OpenBlock> grown_blocks(const TransitionMatrix& P, Index m, const Cs
     indices[static_cast<std::size_t>(j)] = static_cast<StateIndex>(a);
     data[static_cast<std::size_t>(j)] = incoming->data[incoming->indptr[0] + j];
   }
-  blocks.push_back(OpenBlock::build(n_old, m, std::move(indptr), std::move(indices), std::move(data), nullptr, tol,
-                                    "incoming"));
+  blocks.push_back(
+      OpenBlock::build(n_old, m, std::move(indptr), std::move(indices), std::move(data), nullptr, tol, "incoming"));
   return blocks;
 }
 }  // namespace
 
-Expansion expand(const TransitionMatrix& P, const CsrView& new_rows, double tol, int n_threads,
-                 const CsrView* incoming, double max_leak) {
+Expansion expand(const TransitionMatrix& P, const CsrView& new_rows, double tol, int n_threads, const CsrView* incoming,
+                 double max_leak) {
   check_max_leak(max_leak);
   const Index m = new_rows.n_rows;
   if (m < 1) throw std::invalid_argument("new_rows has no rows; expected at least one new state");

@@ -606,17 +606,16 @@ void save(const TransitionMatrix& P, const std::string& path, const Metadata& ex
     add(pre + "leak", kTensors[1], b.leak, b.n_rows);
     add(pre + kTensors[2].name, kTensors[2], b.indices, b.nnz());
     add(pre + kTensors[3].name, kTensors[3], b.data, b.nnz());
-    blocks_desc += (k ? ";" : "") + std::to_string(b.n_rows) + "," + std::to_string(b.m) + "," + std::to_string(b.nnz());
+    blocks_desc +=
+        (k ? ";" : "") + std::to_string(b.n_rows) + "," + std::to_string(b.m) + "," + std::to_string(b.nnz());
   }
 
   // A closed matrix keeps version 1 (readable by every markovmem); open blocks need version 2,
   // so that a reader that does not know them refuses the file instead of dropping them.
-  Metadata meta = {{"format", kFormatName},
-                   {"format_version", blocks_desc.empty() ? kFormatVersion : kFormatVersionOpen},
-                   {"n_states", std::to_string(T)},
-                   {"n_base", std::to_string(P.n_base())},
-                   {"nnz", std::to_string(nnz)},
-                   {"fingerprint", P.fingerprint()}};
+  Metadata meta = {
+      {"format", kFormatName},         {"format_version", blocks_desc.empty() ? kFormatVersion : kFormatVersionOpen},
+      {"n_states", std::to_string(T)}, {"n_base", std::to_string(P.n_base())},
+      {"nnz", std::to_string(nnz)},    {"fingerprint", P.fingerprint()}};
   if (!blocks_desc.empty()) meta.emplace_back(kOpenBlocksKey, blocks_desc);
   const std::size_t n_ours = meta.size();
   if (extra.size() > kMaxUserMetadata)
@@ -641,8 +640,8 @@ void save(const TransitionMatrix& P, const std::string& path, const Metadata& ex
   h << "}";
   std::size_t offset = 0;
   for (std::size_t i = 0; i < names.size(); ++i) {
-    h << ",\"" << names[i] << "\":{\"dtype\":\"" << dtypes[i] << "\",\"shape\":[" << shapes[i]
-      << "],\"data_offsets\":[" << offset << "," << offset + sizes[i] << "]}";
+    h << ",\"" << names[i] << "\":{\"dtype\":\"" << dtypes[i] << "\",\"shape\":[" << shapes[i] << "],\"data_offsets\":["
+      << offset << "," << offset + sizes[i] << "]}";
     offset += sizes[i];
   }
   h << "}";

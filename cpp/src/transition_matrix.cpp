@@ -442,7 +442,8 @@ std::optional<Violation> open_block_problem(const OpenBlock& b, std::size_t nnz_
     return Violation{-1, cat(label, ": ", b.n_rows, " rows and ", b.m, " new states; expected >= 0 and >= 1")};
   if (b.indptr[0] != 0) return Violation{-1, cat(label, ": indptr[0] = ", b.indptr[0], "; expected 0")};
   if (static_cast<std::size_t>(b.indptr[b.n_rows]) != nnz_capacity)
-    return Violation{-1, cat(label, ": indptr[-1] = ", b.indptr[b.n_rows], " but there are ", nnz_capacity, " entries")};
+    return Violation{-1,
+                     cat(label, ": indptr[-1] = ", b.indptr[b.n_rows], " but there are ", nnz_capacity, " entries")};
   for (Index r = 0; r < b.n_rows; ++r) {
     const Index a = b.indptr[r], e = b.indptr[r + 1];
     if (a > e || e > static_cast<Index>(nnz_capacity))
@@ -459,8 +460,8 @@ std::optional<Violation> open_block_problem(const OpenBlock& b, std::size_t nnz_
                                 " before ", c, ")")};
       const double p = b.data[j];
       if (!std::isfinite(p) || p < 0.0)
-        return Violation{r, cat(label, " row ", r, ", column ", c, ": probability is ", p,
-                                "; expected a finite number >= 0")};
+        return Violation{
+            r, cat(label, " row ", r, ", column ", c, ": probability is ", p, "; expected a finite number >= 0")};
       sum += p;
     }
     if (!(sum < 1.0))
@@ -511,7 +512,8 @@ OpenBlock OpenBlock::build(Index n_rows, Index m, std::vector<Index> indptr, std
   if (n_rows < 0 || m < 1 || n_rows > kMaxStates || m > kMaxStates - n_rows)
     throw std::invalid_argument(cat(label, ": ", n_rows, " rows and ", m, " new states are out of range"));
   if (indptr.size() != static_cast<std::size_t>(n_rows + 1))
-    throw std::invalid_argument(cat(label, ": indptr has ", indptr.size(), " entries; expected n_rows + 1 = ", n_rows + 1));
+    throw std::invalid_argument(
+        cat(label, ": indptr has ", indptr.size(), " entries; expected n_rows + 1 = ", n_rows + 1));
   if (data.size() != indices.size())
     throw std::invalid_argument(cat(label, ": data has ", data.size(), " entries but indices has ", indices.size()));
   auto own = std::make_shared<OpenBlockStorage>();
@@ -570,7 +572,7 @@ void TransitionMatrix::check_state(Index v, const char* what) const {
 
 namespace {
 inline double stored_prob(const Index* indptr, const StateIndex* indices, const Prob* data, const double* tail,
-                             Index n_base, Index v, Index x) {
+                          Index n_base, Index v, Index x) {
   const StateIndex* first = indices + indptr[v];
   const StateIndex* last = indices + indptr[v + 1];
   const StateIndex* it = std::lower_bound(first, last, static_cast<StateIndex>(x));
@@ -670,7 +672,8 @@ std::vector<double> TransitionMatrix::step(const double* dist_in, int n_threads)
       // Entries of block k are scaled by every later block's 1 - leak.
       for (std::size_t l = k + 1; l < open_.size(); ++l)
         if (v < open_[l].n_rows) w *= 1.0 - open_[l].leak[v];
-      for (Index j = b.indptr[v]; j < b.indptr[v + 1]; ++j) out[static_cast<std::size_t>(b.indices[j])] += w * b.data[j];
+      for (Index j = b.indptr[v]; j < b.indptr[v + 1]; ++j)
+        out[static_cast<std::size_t>(b.indices[j])] += w * b.data[j];
     }
   }
   return out;

@@ -23,9 +23,7 @@ if TYPE_CHECKING:  # _expansion imports this module; the name is needed for anno
 __all__ = ["Row", "TransitionMatrix"]
 
 #: Header keys the file format writes itself (never copied from a loaded matrix into a new save).
-_RESERVED_METADATA = frozenset(
-    {"format", "format_version", "n_states", "n_base", "nnz", "fingerprint", "open_blocks"}
-)
+_RESERVED_METADATA = frozenset({"format", "format_version", "n_states", "n_base", "nnz", "fingerprint", "open_blocks"})
 
 #: Default tolerance on row sums (a row may sum to at most 1 + tol).
 DEFAULT_TOL = 1e-5
@@ -805,7 +803,8 @@ class TransitionMatrix:
             row's leak ``eps_v``, in [0, 1).  Old rows keep their stored bytes and every
             other transition of row ``v`` becomes ``(1 - eps_v) p(x | v)``: given an old
             next state, nothing old changes, and the forgetting of row ``v`` is exactly
-            ``-log(1 - eps_v)`` nats (DESIGN §1).  Omitted: the expansion is closed
+            ``-log(1 - eps_v)`` nats (DESIGN §1).  Stored as float32; ``eps_v`` is the
+            double sum of the stored entries.  Omitted: the expansion is closed
             (``p(new | old) = 0``).
         max_leak : float, optional
             With ``incoming``: ``certificate.ok`` requires every ``eps_v <= max_leak``

@@ -35,7 +35,7 @@ struct ExpansionCertificate {
   double forgetting_max_nats = 0;  ///< max_v -log(1 - leak_v) = max_v KL(p_before(.|v) || p_after(.|v)) over old states
   double forgetting_mean_nats = 0;  ///< mean of -log(1 - leak_v) over old rows
   double leak_bound = std::numeric_limits<double>::infinity();  ///< the max_leak the caller allowed
-  bool ok = false;                ///< every figure above is as an exact expansion requires
+  bool ok = false;  ///< every figure above is as an exact expansion requires
 };
 
 /// Recomputes the certificate from the two matrices, whatever produced `after`.

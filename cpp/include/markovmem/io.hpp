@@ -1,7 +1,8 @@
 // The on-disk format: a safetensors file (8-byte little-endian header length,
 // JSON header, raw little-endian arrays) holding indptr (I64), tail (F64),
 // indices (I32) and data (F32), with format version, sizes and fingerprint in
-// __metadata__, and four more arrays per open block (version 2).  Saves are atomic; loads check structure before any use.
+// __metadata__, and four more arrays per open block (version 2).  Saves are atomic; loads check structure before any
+// use.
 #pragma once
 
 #include <string>
