@@ -104,6 +104,46 @@ void bind_matrix(py::module_& m) {
             return readonly_view(P.tail(), P.n_states(), self);
           },
           "Tail masses (read-only view).")
+      .def_property_readonly(
+          "open_blocks",
+          [](const py::object& self) {
+            const auto& P = self.cast<const TransitionMatrix&>();
+            py::list out;
+            for (const OpenBlock& b : P.open_blocks())
+              out.append(py::make_tuple(b.n_rows, b.m, readonly_view(b.indptr, b.n_rows + 1, self),
+                                        readonly_view(b.indices, b.nnz(), self), readonly_view(b.data, b.nnz(), self),
+                                        readonly_view(b.leak, b.n_rows, self)));
+            return out;
+          },
+          "Old->new blocks as (n_rows, m, indptr, indices, data, leak) with read-only views.")
+      .def(
+          "with_open_blocks",
+          [](const TransitionMatrix& P, const py::list& blocks, double tol) {
+            std::vector<OpenBlock> built;
+            for (std::size_t k = 0; k < blocks.size(); ++k) {
+              const auto t = blocks[k].cast<py::tuple>();
+              if (t.size() != 6)
+                throw std::invalid_argument("an open block is (n_rows, m, indptr, indices, data, leak)");
+              const auto n_rows = t[0].cast<Index>(), m = t[1].cast<Index>();
+              const auto indptr = t[2].cast<carray<Index>>();
+              const auto indices = t[3].cast<carray<StateIndex>>();
+              const auto data = t[4].cast<carray<Prob>>();
+              const auto leak = t[5].cast<carray<double>>();
+              const std::string label = "open block " + std::to_string(k);
+              const Index* ip = ptr_1d(indptr, (label + " indptr").c_str());
+              const StateIndex* cp = ptr_1d(indices, (label + " indices").c_str());
+              const Prob* dp = ptr_1d(data, (label + " data").c_str(), indices.shape(0));
+              const double* lp = ptr_1d(leak, (label + " leak").c_str(), n_rows < 0 ? 0 : n_rows);
+              built.push_back(OpenBlock::build(n_rows, m, std::vector<Index>(ip, ip + indptr.shape(0)),
+                                               std::vector<StateIndex>(cp, cp + indices.shape(0)),
+                                               std::vector<Prob>(dp, dp + data.shape(0)), lp, tol, label));
+            }
+            return P.with_open_blocks(std::move(built));
+          },
+          py::arg("blocks"), py::arg("tol"), "The same stored rows carrying the given open blocks (checked).")
+      .def(
+          "total_leak", [](const TransitionMatrix& P) { return to_numpy(P.total_leak()); },
+          "Per-row mass moved to added states by the open blocks.")
       .def("prob", &TransitionMatrix::prob, py::arg("v"), py::arg("x"), "p(x | v).")
       .def("log_prob", &TransitionMatrix::log_prob, py::arg("v"), py::arg("x"), "log p(x | v).")
       .def(

@@ -51,6 +51,21 @@ def test_verify_passes_an_expansion_and_fails_a_change(saved_pair, tmp_path, cap
     assert "FAILED" in capsys.readouterr().out
 
 
+def test_verify_prints_the_leak_of_an_open_expansion(saved_pair, tmp_path, capsys) -> None:
+    P, _, base, _ = saved_pair
+    incoming = np.zeros((P.n_states, 1))
+    incoming[1, 0] = 0.2
+    Q, _ = P.expand(np.full((1, P.n_base), 1.0 / P.n_base), incoming=incoming)
+    opened = tmp_path / "open.safetensors"
+    Q.save(opened)
+    assert main(["verify", str(base), str(opened)]) == 0
+    out = capsys.readouterr().out
+    assert "open expansion: max leak      0.2 (row 1)" in out and "forgetting max (nats)" in out
+    assert main(["verify", str(base), str(opened), "--max-leak", "0.1", "--json"]) == 1
+    cert = json.loads(capsys.readouterr().out)
+    assert cert["open"] is True and cert["worst_leak_row"] == 1 and cert["leak_bound"] == 0.1
+
+
 def test_missing_file_is_a_clear_error(tmp_path, capsys) -> None:
     missing = tmp_path / "nope.safetensors"
     assert main(["inspect", str(missing)]) == 2

@@ -29,6 +29,13 @@ FIELDS = [
     "after_valid",
     "after_violation",
     "ok",
+    "open",
+    "max_leak",
+    "mean_leak",
+    "worst_leak_row",
+    "forgetting_max_nats",
+    "forgetting_mean_nats",
+    "leak_bound",
 ]
 
 
@@ -406,3 +413,117 @@ def test_expansion_beyond_capacity_copies(roomy) -> None:
     dense = sp.csr_array(np.full((50, 300), 1 / 300))  # 15,000 entries: more than the spare room
     Q, cert = roomy.expand(dense)
     assert cert.ok and not np.shares_memory(roomy.data, Q.data)
+
+
+# ---------------------------------------------------------------- open expansion
+
+
+def open_pair(P):
+    """P expanded by two new states, with old rows 1 and 3 leaking to them."""
+    B = np.zeros((8, 2))
+    B[1] = [0.1, 0.05]
+    B[3, 1] = 0.25
+    return P.expand(np.full((2, 8), 0.125), incoming=B)
+
+
+def test_open_expansion_figures_and_views(P):
+    Q, cert = open_pair(P)
+    assert cert.ok and cert.open and Q.is_open and not P.is_open
+    assert cert.max_leak == np.float64(np.float32(0.25)) and cert.worst_leak_row == 3
+    assert cert.leaked_mass_to_new == cert.max_leak
+    eps = np.array([0, 0.15, 0, 0.25, 0, 0, 0, 0], dtype=np.float64)
+    np.testing.assert_allclose(Q.leak[:8], eps, rtol=1e-7)
+    assert cert.forgetting_max_nats == pytest.approx(-np.log(0.75), rel=1e-6)
+    # row() and to_scipy() show the stored bytes; prob() and incoming the true p~
+    idx, probs, tail = Q.row(3)
+    assert probs.tobytes() == P.row(3).probs.tobytes() and tail == P.row(3).tail
+    assert (Q.to_scipy()[:8, :8] != P.to_scipy()).nnz == 0 and Q.to_scipy()[:8, 8:].nnz == 0
+    x = int(idx[0])
+    assert Q.prob(3, x) == (1.0 - Q.leak[3]) * P.prob(3, x)
+    assert Q.prob(3, 9) == Q.incoming[3, 9] == np.float32(0.25) and Q.prob(3, 8) == 0.0
+    assert Q.incoming.shape == (10, 10) and Q.incoming.nnz == 3
+    np.testing.assert_allclose(Q.incoming.sum(axis=1), Q.leak)
+    np.testing.assert_allclose(Q.step(np.full(10, 0.1)).sum(), 1.0, atol=1e-6)
+    text = str(cert)
+    assert "max leak" in text and "(row 3)" in text and "forgetting max (nats)" in text
+    assert json.loads(json.dumps(cert.to_dict()))["leak_bound"] is None
+    assert mm.ExpansionCertificate.from_dict(cert.to_dict()) == cert
+
+
+def test_open_expansion_max_leak_bound(P):
+    Q, _ = open_pair(P)
+    for bound, ok in ((0.05, False), (0.11, True)):  # every row leaks 2 x float32(0.05), about 0.1
+        _, bounded = P.expand(np.full((2, 8), 0.125), incoming=np.full((8, 2), 0.05), max_leak=bound)
+        assert bounded.ok is ok and bounded.leak_bound == bound and bounded.worst_leak_row == 0
+    tight = mm.verify_expansion(P, Q, max_leak=0.2)
+    assert not tight.ok and tight.leak_bound == 0.2
+    assert any("old row 3 leaks" in f and "above max_leak = 0.2" in f for f in tight.failures())
+    assert mm.verify_expansion(P, Q, max_leak=0.25).ok
+    with pytest.raises(ValueError, match="max_leak is -1"):
+        mm.verify_expansion(P, Q, max_leak=-1)
+
+
+def test_assert_expansion_preserves_open(P):
+    from markovmem.testing import assert_expansion_preserves
+
+    Q, _ = open_pair(P)
+    with pytest.raises(AssertionError, match=r"leaks more than max_leak = 0: old row 3 moves 0\.25"):
+        assert_expansion_preserves(P, Q)
+    cert = assert_expansion_preserves(P, Q, max_leak=0.25)
+    assert cert.open and cert.worst_leak_row == 3
+    Z, _ = P.expand(np.full((1, 8), 0.125), incoming=np.zeros((8, 1)))
+    assert assert_expansion_preserves(P, Z).open  # an open expansion that leaks nothing
+
+
+def test_open_expansion_then_closed_keeps_the_block(P):
+    Q, _ = open_pair(P)
+    R, cert = Q.expand(np.full((1, 8), 0.125))
+    assert cert.ok and not cert.open and cert.old_block_identical
+    assert R.prob(3, 9) == Q.prob(3, 9) and (R.incoming[:10, :10] != Q.incoming).nnz == 0
+    assert mm.verify_expansion(P, R).open
+
+
+@pytest.mark.parametrize(
+    ("incoming", "error", "match"),
+    [
+        (np.zeros((7, 2)), ValueError, r"incoming has shape \(7, 2\); expected \(n_states, m\) = \(8, 2\)"),
+        (np.zeros((8, 3)), ValueError, r"incoming has shape \(8, 3\)"),
+        (np.zeros(8), ValueError, r"incoming has shape \(8,\)"),
+        (np.where(np.eye(8, 2) > 0, -0.1, 0.0), mm.InvariantError, r"incoming row 0, column 0: probability is -0\.1"),
+        (np.where(np.eye(8, 2, k=-4) > 0, np.nan, 0.0), mm.InvariantError, r"incoming row 4, column 0: .*nan"),
+        (np.where(np.arange(16).reshape(8, 2) >= 14, 0.5, 0.0), mm.InvariantError, r"incoming row 7 sums to 1"),
+    ],
+    ids=["rows", "columns", "1-d", "negative", "nan", "sum>=1"],
+)
+def test_open_expansion_rejects_bad_incoming(P, incoming, error, match):
+    with pytest.raises(error, match=match) as info:
+        P.expand(np.full((2, 8), 0.125), incoming=incoming)
+    if error is mm.InvariantError:
+        assert info.value.row is not None
+
+
+def test_open_expansion_rejects_sparse_bad_incoming(P):
+    nan = sp.csr_array((np.array([np.nan]), np.array([1]), np.array([0, 0, 0, 1, 1, 1, 1, 1, 1])), shape=(8, 2))
+    with pytest.raises(mm.InvariantError, match=r"incoming row 2, column 1: probability is nan"):
+        P.expand(np.full((2, 8), 0.125), incoming=nan)
+    wide = sp.csr_array((np.array([0.1]), np.array([5]), np.array([0, 1, 1, 1, 1, 1, 1, 1, 1])), shape=(8, 6))
+    bad = sp.csr_array((8, 2))
+    bad.indptr, bad.indices, bad.data = wide.indptr, wide.indices, wide.data  # column 5 of a (8, 2) block
+    with pytest.raises(IndexError, match=r"incoming row 0: column 5 is out of range \[0, m = 2\)"):
+        P.expand(np.full((2, 8), 0.125), incoming=bad)
+    with pytest.raises(ValueError, match="max_leak is -0.5"):
+        P.expand(np.full((2, 8), 0.125), incoming=np.zeros((8, 2)), max_leak=-0.5)
+
+
+def test_docs_open_expansion_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "concepts" / "expansion.md").read_text()
+    m = re.search(
+        r"<!-- open-expansion-example -->\n```python\n(.*?)```\n<!-- /open-expansion-example -->", text, re.DOTALL
+    )
+    assert m, "docs/concepts/expansion.md lost its open expansion example"
+    namespace: dict = {}
+    exec(compile(m.group(1), "docs/concepts/expansion.md", "exec"), namespace)  # noqa: S102 - runs the doc's own code
+    assert namespace["cert"].ok and "open expansion: max leak" in capsys.readouterr().out

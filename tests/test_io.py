@@ -307,7 +307,7 @@ STRUCTURAL = [
     ("tensor-not-object", {**BASE, **_edit(_set("indices", [1, 2]))}, "tensor 'indices' is missing"),
     ("format-missing", {**BASE, **_edit(lambda h: h["__metadata__"].pop("format"))}, "'format' is '<missing>'"),
     ("format-wrong", {**BASE, "meta": {"format": "numpy"}}, "'format' is 'numpy'"),
-    ("version-2", {**BASE, "meta": {"format_version": "2"}}, "format version '2' is not supported"),
+    ("version-99", {**BASE, "meta": {"format_version": "99"}}, "format version '99' is not supported"),
     ("n_states-missing", {**BASE, **_edit(lambda h: h["__metadata__"].pop("n_states"))}, "has no 'n_states'"),
     ("n_states-text", {**BASE, "meta": {"n_states": "three"}}, "'n_states' is 'three', not a size"),
     ("n_states-negative", {**BASE, "meta": {"n_states": "-3"}}, "not a size"),
@@ -564,3 +564,90 @@ def test_corrupted_files_never_crash(tmp_path, rng):
     # UnicodeDecodeError (a ValueError) comes from flips inside header strings; see test_found_bugs.py
     assert set(report["raised"]) <= {"ValueError", "InvariantError", "UnicodeDecodeError"}
     assert listing(work) == []
+
+
+# ---------------------------------------------------------------- open expansion blocks in files
+
+
+def _open_file(tmp_path: Path, chain4) -> tuple[Path, mm.TransitionMatrix]:
+    B = np.zeros((4, 2))
+    B[1] = [0.1, 0.2]
+    B[2, 0] = 0.3
+    Q, _ = chain4.expand(np.full((2, 4), 0.25), incoming=B)
+    path = tmp_path / "open.safetensors"
+    Q.save(path)
+    return path, Q
+
+
+def _rewrite(path: Path, edit_header=None, patch=None) -> None:
+    """Rewrite a saved file: edit its JSON header (re-padded to 8 bytes) and/or patch a tensor's bytes.
+
+    ``patch`` is (tensor name, element index, numpy scalar) written over that element.
+    """
+    blob = path.read_bytes()
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8 : 8 + n])
+    body = bytearray(blob[8 + n :])
+    if patch is not None:
+        name, i, value = patch
+        start = header[name]["data_offsets"][0] + i * value.itemsize
+        body[start : start + value.itemsize] = value.tobytes()
+    if edit_header is not None:
+        edit_header(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-(len(text) + 8) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(body))
+
+
+def test_open_matrix_file_is_version_2_and_round_trips(tmp_path, chain4):
+    path, Q = _open_file(tmp_path, chain4)
+    meta = mm.TransitionMatrix.load(path).metadata
+    assert meta["format_version"] == "2" and meta["open_blocks"] == "4,2,3"
+    for mmap in (True, False):
+        L = mm.TransitionMatrix.load(path, mmap=mmap, verify=True)
+        assert L.fingerprint() == Q.fingerprint() and (L.incoming != Q.incoming).nnz == 0
+        np.testing.assert_array_equal(L.to_dense(), Q.to_dense())
+    chain4.save(tmp_path / "closed.safetensors")
+    assert mm.TransitionMatrix.load(tmp_path / "closed.safetensors").metadata["format_version"] == "1"
+    with pytest.raises(ValueError, match="metadata key 'open_blocks' is reserved"):
+        chain4.save(tmp_path / "x.safetensors", metadata={"open_blocks": "1,1,0"})
+
+
+@pytest.mark.parametrize(
+    ("patch", "edit", "match"),
+    [
+        (("open.0.data", 0, np.float32(np.nan)), None, r"open block 0 row 1, column 4: probability is nan"),
+        (("open.0.data", 2, np.float32(-0.3)), None, r"open block 0 row 2, column 4: probability is -0\.3"),
+        (("open.0.data", 1, np.float32(0.95)), None, r"open block 0 row 1: the row sums to 1\.04999"),
+        (("open.0.leak", 2, np.float64(0.5)), None, r"open block 0 row 2: stored leak 0\.5 is not the row sum 0\.3"),
+        (("open.0.indices", 0, np.int32(2)), None, r"open block 0 row 1: column 2 is not one of the added states"),
+        (("open.0.indices", 1, np.int32(99)), None, r"open block 0 row 1: column 99 is not one of the added states"),
+        (("open.0.indptr", 2, np.int64(7)), None, r"open block 0 row 1: indptr\[2\] = 7"),
+        (None, lambda h: h["__metadata__"].update(open_blocks="4,2,5"), r"tensor 'open\.0\.indices' must have shape"),
+        (None, lambda h: h["__metadata__"].update(open_blocks="4,2"), r"'open_blocks' entry '4,2' is not n_rows,m,nnz"),
+        (None, lambda h: h["__metadata__"].update(open_blocks="9,2,3"), r"does not fit a matrix of 6 states"),
+        (None, lambda h: h["__metadata__"].pop("open_blocks"), r"format version 2 needs 'open_blocks'"),
+        (None, lambda h: h.pop("open.0.leak"), r"tensor 'open\.0\.leak' is missing"),
+    ],
+    ids=[
+        "nan",
+        "negative",
+        "sum>=1",
+        "leak-mismatch",
+        "column-old-state",
+        "column-out-of-range",
+        "indptr",
+        "nnz-shape",
+        "sizes-text",
+        "rows-too-many",
+        "sizes-missing",
+        "tensor-missing",
+    ],
+)
+@pytest.mark.parametrize("mmap", [True, False], ids=["mmap", "read"])
+def test_corrupt_open_block_in_a_file_raises(tmp_path, chain4, patch, edit, match, mmap):
+    path, _ = _open_file(tmp_path, chain4)
+    _rewrite(path, edit, patch)
+    with pytest.raises(ValueError, match=match) as info:
+        mm.TransitionMatrix.load(path, mmap=mmap)
+    assert "open.safetensors" in str(info.value)

@@ -344,3 +344,107 @@ def test_from_sequences_rows_are_distributions(n, seqs, smoothing, top_k):
         np.testing.assert_allclose(dense, expected, rtol=2e-7, atol=1e-7)
     else:
         assert np.diff(P.indptr).max(initial=0) <= top_k
+
+
+# ---------------------------------------------------------------- open expansion
+
+
+@st.composite
+def incoming_blocks(draw, n_old: int, m: int):
+    """(n_old, m) float32 block of an open expansion: random sparsity, row sums in [0, max_leak)."""
+    seed = draw(st.integers(0, 2**32 - 1))
+    max_leak = draw(st.sampled_from([0.0, 1e-6, 0.3, 0.999]))
+    rng = np.random.default_rng(seed)
+    block = rng.random((n_old, m)) * (rng.random((n_old, m)) < draw(st.sampled_from([0.0, 0.5, 1.0])))
+    sums = block.sum(axis=1, keepdims=True)
+    leak = rng.random((n_old, 1)) * max_leak
+    block = np.divide(block * leak, sums, out=np.zeros_like(block), where=sums > 0)
+    return block.astype(np.float32)
+
+
+@SETTINGS
+@given(data=st.data(), spec=csr_specs())
+def test_open_expansion_scales_old_rows_and_certifies_the_leak(data, spec):
+    P = build(spec)
+    rows = data.draw(new_rows(P.n_base))
+    n, nnz, m = P.n_states, P.nnz, rows.shape[0]
+    block = data.draw(incoming_blocks(n, m))
+    Q, cert = P.expand(rows, incoming=block, n_threads=1)
+    # old stored bytes identical
+    assert u8(Q.indptr[: n + 1]) == u8(P.indptr)
+    assert u8(Q.indices[:nnz]) == u8(P.indices)
+    assert u8(Q.data[:nnz]) == u8(P.data)
+    assert u8(Q.tail[:n]) == u8(P.tail)
+    eps = block.astype(np.float64).sum(axis=1)  # float32 entries summed in double, in order
+    np.testing.assert_array_equal(Q.leak[:n], eps)
+    assert np.all(Q.leak[n:] == 0.0)
+    # p~(x | v) = (1 - eps_v) p(x | v) for every old x, p~(n + j | v) = block[v, j]
+    v, x = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    np.testing.assert_array_equal(Q.prob(v, x), (1.0 - eps)[:, None] * P.prob(v, x))
+    np.testing.assert_array_equal(Q.to_dense()[:n, n:], block.astype(np.float64))
+    np.testing.assert_allclose(Q.to_dense().sum(axis=1), 1.0, atol=1e-5)
+    # the certificate, recomputed from P and Q, against an independent computation
+    assert cert.ok and cert.open and cert.old_block_identical, cert.failures()
+    assert cert.to_dict() == mm.verify_expansion(P, Q, n_threads=1).to_dict()
+    assert cert.max_leak == eps.max() and cert.mean_leak == pytest.approx(eps.mean(), rel=1e-12, abs=0)
+    np.testing.assert_allclose(cert.forgetting_max_nats, (-np.log1p(-eps)).max(), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(cert.forgetting_mean_nats, (-np.log1p(-eps)).mean(), rtol=1e-12, atol=1e-300)
+    if eps.max() > 0:
+        assert eps[cert.worst_leak_row] == eps.max()
+        assert not mm.verify_expansion(P, Q, max_leak=float(np.nextafter(eps.max(), 0))).ok
+    assert mm.verify_expansion(P, Q, max_leak=float(eps.max())).ok
+    # a second expansion, open again, nests: Q's bytes (blocks included) are kept
+    R, cert2 = Q.expand(rows, incoming=data.draw(incoming_blocks(n + m, m)), n_threads=1)
+    assert cert2.ok and cert2.old_block_identical and cert2.fingerprint_after_old == Q.fingerprint()
+    np.testing.assert_allclose(R.to_dense().sum(axis=1), 1.0, atol=1e-5)
+    total = mm.verify_expansion(P, R, n_threads=1)
+    assert total.ok
+    np.testing.assert_allclose(total.forgetting_max_nats, (-np.log1p(-R.leak[:n])).max(), rtol=1e-9, atol=1e-15)
+
+
+@SETTINGS
+@given(data=st.data(), spec=csr_specs(), which=st.integers(0, 10**6), up=st.booleans())
+def test_verify_open_expansion_catches_one_ulp_in_an_old_row(data, spec, which, up):
+    csr, n_base = spec
+    if csr.nnz == 0:
+        return
+    P = build(spec)
+    rows = data.draw(new_rows(P.n_base))
+    block = data.draw(incoming_blocks(P.n_states, rows.shape[0]))
+    # The tampered matrix from parts: P with one stored float32 moved by one ulp, then expanded openly.
+    bad = csr.copy()
+    j = which % bad.nnz
+    bad.data[j] = np.nextafter(bad.data[j], np.float32(1.0 if up else 0.0))
+    if bad.data[j] == csr.data[j]:
+        return  # already at the end of [0, 1] in that direction
+    try:
+        P_bad = mm.TransitionMatrix.from_scipy(bad, n_base=n_base, n_threads=1)
+    except mm.InvariantError:
+        return  # the ulp pushed a row above 1 + tol
+    Q_bad, own = P_bad.expand(rows, incoming=block, n_threads=1)
+    assert own.ok  # a valid open expansion of P_bad ...
+    cert = mm.verify_expansion(P, Q_bad, n_threads=1)
+    assert not cert.ok and not cert.old_block_identical  # ... but not of P
+    assert cert.max_abs_diff_old > 0.0 and cert.fingerprint_after_old != cert.fingerprint_before
+
+
+@SETTINGS
+@given(data=st.data(), spec=csr_specs(), mmap=st.booleans())
+def test_open_expansion_save_load_and_pickle_round_trip(io_dir, data, spec, mmap):
+    import pickle
+
+    P = build(spec)
+    rows = data.draw(new_rows(P.n_base))
+    Q, _ = P.expand(rows, incoming=data.draw(incoming_blocks(P.n_states, rows.shape[0])), n_threads=1)
+    path = io_dir / f"open{next(_counter)}.safetensors"
+    try:
+        Q.save(path)
+        for L in (mm.TransitionMatrix.load(path, mmap=mmap, verify=True, n_threads=1), pickle.loads(pickle.dumps(Q))):
+            assert L.fingerprint() == Q.fingerprint() and L.is_open
+            for name in ("indptr", "indices", "data", "tail", "leak"):
+                assert u8(getattr(L, name)) == u8(getattr(Q, name))
+            assert (L.incoming != Q.incoming).nnz == 0
+            assert mm.verify_expansion(P, L, n_threads=1).ok
+        del L
+    finally:
+        path.unlink(missing_ok=True)

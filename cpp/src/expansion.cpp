@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <sstream>
 #include <tuple>
 
@@ -129,15 +130,65 @@ BlockEvidence compare_and_hash(const TransitionMatrix& before, const TransitionM
   return ev;
 }
 
+// Whether `after` keeps `before`'s open blocks byte for byte (as the first of its own).
+bool same_open_blocks(const TransitionMatrix& before, const TransitionMatrix& after) {
+  const auto& a = before.open_blocks();
+  const auto& b = after.open_blocks();
+  if (b.size() < a.size()) return false;
+  for (std::size_t k = 0; k < a.size(); ++k) {
+    const OpenBlock &x = a[k], &y = b[k];
+    if (x.n_rows != y.n_rows || x.m != y.m || x.nnz() != y.nnz()) return false;
+    const auto nz = static_cast<std::size_t>(x.nnz()), nr = static_cast<std::size_t>(x.n_rows);
+    if (std::memcmp(x.indptr, y.indptr, (nr + 1) * sizeof(Index)) != 0 ||
+        std::memcmp(x.leak, y.leak, nr * sizeof(double)) != 0 ||
+        std::memcmp(x.indices, y.indices, nz * sizeof(StateIndex)) != 0 ||
+        std::memcmp(x.data, y.data, nz * sizeof(Prob)) != 0)
+      return false;
+  }
+  return true;
+}
+
+// Leak and forgetting of the old rows through the open blocks `after` adds to `before`'s:
+// per row, leak = eps_K + (1 - eps_K) leak (oldest block first; one block gives eps exactly)
+// and forgetting = sum_k -log(1 - eps_k) = -log(1 - leak), the KL of the old distribution
+// from the new one over the old states.
+void measure_leak(const TransitionMatrix& before, const TransitionMatrix& after, ExpansionCertificate& c) {
+  const auto& blocks = after.open_blocks();
+  const std::size_t first = std::min(before.open_blocks().size(), blocks.size());
+  c.open = blocks.size() > first;
+  if (!c.open || c.n_old == 0) return;
+  double sum_leak = 0.0, sum_forget = 0.0;
+  for (Index v = 0; v < c.n_old; ++v) {
+    double leak = 0.0, forget = 0.0;
+    for (std::size_t k = first; k < blocks.size(); ++k) {
+      if (v >= blocks[k].n_rows) continue;
+      const double eps = blocks[k].leak[v];
+      leak = eps + (1.0 - eps) * leak;
+      forget += -std::log1p(-eps);
+    }
+    if (leak > c.max_leak || (c.worst_leak_row < 0 && leak > 0.0)) {
+      c.max_leak = leak;
+      c.worst_leak_row = v;
+    }
+    c.forgetting_max_nats = std::max(c.forgetting_max_nats, forget);
+    sum_leak += leak;
+    sum_forget += forget;
+  }
+  c.mean_leak = sum_leak / static_cast<double>(c.n_old);
+  c.forgetting_mean_nats = sum_forget / static_cast<double>(c.n_old);
+}
+
 ExpansionCertificate certify(const TransitionMatrix& before, const TransitionMatrix& after, const BlockEvidence& ev,
-                             double tol, int n_threads) {
+                             double tol, int n_threads, double max_leak) {
   ExpansionCertificate c;
   const Index n_old = before.n_states();
   c.n_old = n_old;
   c.n_new = after.n_states() - n_old;
   c.n_base = before.n_base();
   c.same_n_base = after.n_base() == before.n_base();
-  c.old_block_identical = c.same_n_base && ev.identical();
+  c.old_block_identical = c.same_n_base && ev.identical() && same_open_blocks(before, after);
+  c.leak_bound = max_leak;
+  measure_leak(before, after, c);
 
   const RowAccess A{before}, B{after};
   const int nt = detail::resolve_threads(n_threads);
@@ -169,7 +220,10 @@ ExpansionCertificate certify(const TransitionMatrix& before, const TransitionMat
     }
   }
   c.max_abs_diff_old = diff;
-  c.leaked_mass_to_new = leak;
+  // `leak` is what the stored rows put on new states (0 for valid rows over base states);
+  // an open expansion moves its leak through the blocks instead.
+  const double stored_leak = leak;
+  c.leaked_mass_to_new = std::max(leak, c.max_leak);
   c.new_to_new_mass = new_new;
   c.max_row_sum_error = sum_err;
 
@@ -179,6 +233,11 @@ ExpansionCertificate certify(const TransitionMatrix& before, const TransitionMat
     a.append_full(full);
   }
   c.fingerprint_before = before.fingerprint();
+  // Open blocks: those within the old states belong to the old block's fingerprint.
+  for (const auto& b : after.open_blocks()) {
+    if (b.n_rows + b.m <= n_old) b.append_hashes(pre);
+    b.append_hashes(full);
+  }
   c.fingerprint_after_old = fingerprint_from_parts(n_old, after.n_base(), after.indptr()[n_old], pre);
   c.fingerprint_after = fingerprint_from_parts(after.n_states(), after.n_base(), after.nnz(), full);
   std::array<ArrayHashes, 4> whole;
@@ -196,16 +255,28 @@ ExpansionCertificate certify(const TransitionMatrix& before, const TransitionMat
   } else {
     c.after_valid = true;
   }
-  c.ok = c.same_n_base && c.old_block_identical && c.max_abs_diff_old == 0.0 && c.leaked_mass_to_new == 0.0 &&
-         c.new_to_new_mass == 0.0 && c.max_row_sum_error <= tol && c.fingerprint_before == c.fingerprint_after_old &&
-         c.after_valid;
+  const bool leak_ok =
+      c.open ? stored_leak == 0.0 && c.max_leak < 1.0 && c.max_leak <= max_leak : c.leaked_mass_to_new == 0.0;
+  c.ok = c.same_n_base && c.old_block_identical && c.max_abs_diff_old == 0.0 && leak_ok && c.new_to_new_mass == 0.0 &&
+         c.max_row_sum_error <= tol && c.fingerprint_before == c.fingerprint_after_old && c.after_valid;
   return c;
 }
 
 }  // namespace
 
+namespace {
+void check_max_leak(double max_leak) {
+  if (!(max_leak >= 0.0)) {
+    std::ostringstream os;
+    os << "max_leak is " << max_leak << "; expected a number >= 0 (infinity: no bound)";
+    throw std::invalid_argument(os.str());
+  }
+}
+}  // namespace
+
 ExpansionCertificate verify_expansion(const TransitionMatrix& before, const TransitionMatrix& after, double tol,
-                                      int n_threads) {
+                                      int n_threads, double max_leak) {
+  check_max_leak(max_leak);
   if (!(tol >= 0.0) || !std::isfinite(tol)) {
     std::ostringstream os;
     os << "tol is " << tol << "; expected a finite number >= 0";
@@ -216,10 +287,45 @@ ExpansionCertificate verify_expansion(const TransitionMatrix& before, const Tran
     os << "the expanded matrix has " << after.n_states() << " states, fewer than the original's " << before.n_states();
     throw std::invalid_argument(os.str());
   }
-  return certify(before, after, compare_and_hash(before, after, n_threads), tol, n_threads);
+  return certify(before, after, compare_and_hash(before, after, n_threads), tol, n_threads, max_leak);
 }
 
-Expansion expand(const TransitionMatrix& P, const CsrView& new_rows, double tol, int n_threads) {
+namespace {
+// The open blocks of an expansion of P by m states: P's own, then `incoming` (columns made
+// absolute) when given.  Built before any copy so a bad block costs nothing.
+std::vector<OpenBlock> grown_blocks(const TransitionMatrix& P, Index m, const CsrView* incoming, double tol) {
+  std::vector<OpenBlock> blocks = P.open_blocks();
+  if (!incoming) return blocks;
+  const Index n_old = P.n_states();
+  if (incoming->n_rows != n_old) {
+    std::ostringstream os;
+    os << "incoming has " << incoming->n_rows << " rows; expected one per old state, n_states = " << n_old;
+    throw std::invalid_argument(os.str());
+  }
+  const Index nnz = incoming->indptr[n_old] - incoming->indptr[0];
+  if (incoming->indptr[0] < 0 || nnz < 0)
+    throw std::invalid_argument("incoming indptr is not a valid row pointer array");
+  std::vector<Index> indptr(static_cast<std::size_t>(n_old + 1));
+  for (Index r = 0; r <= n_old; ++r) indptr[static_cast<std::size_t>(r)] = incoming->indptr[r] - incoming->indptr[0];
+  std::vector<StateIndex> indices(static_cast<std::size_t>(nnz));
+  std::vector<Prob> data(static_cast<std::size_t>(nnz));
+  // Columns relative to the new states become absolute ids; a column outside [0, m) stays
+  // outside [n_old, n_old + m) (int64 arithmetic, clamped to int32), so build() reports it.
+  for (Index j = 0; j < nnz; ++j) {
+    const Index c = static_cast<Index>(incoming->indices[incoming->indptr[0] + j]);
+    const Index a = (c >= 0 && c < m) ? n_old + c : (c < 0 ? 0 : std::numeric_limits<StateIndex>::max());
+    indices[static_cast<std::size_t>(j)] = static_cast<StateIndex>(a);
+    data[static_cast<std::size_t>(j)] = incoming->data[incoming->indptr[0] + j];
+  }
+  blocks.push_back(
+      OpenBlock::build(n_old, m, std::move(indptr), std::move(indices), std::move(data), nullptr, tol, "incoming"));
+  return blocks;
+}
+}  // namespace
+
+Expansion expand(const TransitionMatrix& P, const CsrView& new_rows, double tol, int n_threads, const CsrView* incoming,
+                 double max_leak) {
+  check_max_leak(max_leak);
   const Index m = new_rows.n_rows;
   if (m < 1) throw std::invalid_argument("new_rows has no rows; expected at least one new state");
   const Index n_old = P.n_states();
@@ -233,6 +339,7 @@ Expansion expand(const TransitionMatrix& P, const CsrView& new_rows, double tol,
   if (nnz_new < 0) throw std::invalid_argument("new_rows.indptr[-1] is negative");
   if (auto v = check_rows(new_rows, nullptr, nnz_new, n_old + m, P.n_base(), opts))
     throw InvariantViolation(v->row, v->reason);
+  std::vector<OpenBlock> blocks = grown_blocks(P, m, incoming, tol);
 
   const Index nnz_old = P.nnz(), nnz_all = nnz_old + nnz_new;
   if (auto ext = P.try_extend(m, nnz_new)) {
@@ -241,8 +348,8 @@ Expansion expand(const TransitionMatrix& P, const CsrView& new_rows, double tol,
     std::memcpy(ext->indices + nnz_old, new_rows.indices, sizeof(StateIndex) * static_cast<std::size_t>(nnz_new));
     std::memcpy(ext->data + nnz_old, new_rows.data, sizeof(Prob) * static_cast<std::size_t>(nnz_new));
     detail::compute_tails(CsrView{m, ext->indptr + n_old, ext->indices, ext->data}, ext->tail + n_old, n_threads);
-    TransitionMatrix Q = P.extended(std::move(*ext), m);
-    ExpansionCertificate cert = certify(P, Q, compare_and_hash(P, Q, n_threads), tol, n_threads);
+    TransitionMatrix Q = P.extended(std::move(*ext), m).with_open_blocks(std::move(blocks));
+    ExpansionCertificate cert = certify(P, Q, compare_and_hash(P, Q, n_threads), tol, n_threads, max_leak);
     return Expansion{std::move(Q), std::move(cert)};
   }
   // Copy path (P's storage is borrowed, full, or held by a longer live matrix):
@@ -280,8 +387,9 @@ Expansion expand(const TransitionMatrix& P, const CsrView& new_rows, double tol,
                    PrefixMode::kHashOnly, n_threads);
   }
   TransitionMatrix Q = TransitionMatrix::adopt_buffers(n_old + m, P.n_base(), std::move(indptr), std::move(indices),
-                                                       std::move(data), std::move(tail));
-  ExpansionCertificate cert = certify(P, Q, ev, tol, n_threads);
+                                                       std::move(data), std::move(tail))
+                           .with_open_blocks(std::move(blocks));
+  ExpansionCertificate cert = certify(P, Q, ev, tol, n_threads, max_leak);
   return Expansion{std::move(Q), std::move(cert)};
 }
 

@@ -481,6 +481,46 @@ Index parse_size(const Metadata& meta, const char* key, const std::string& path)
   return static_cast<Index>(std::stoll(*v));
 }
 
+// Sizes of one open block as the header's open_blocks entry gives them ("n_rows,m,nnz").
+struct OpenBlockSizes {
+  Index n_rows = 0, m = 0, nnz = 0;
+};
+
+// The open blocks a file declares: none for version 1; for version 2, the ';'-separated
+// "n_rows,m,nnz" list under open_blocks, each size within the matrix's.
+std::vector<OpenBlockSizes> parse_open_blocks(const Metadata& meta, const std::string& version, Index n_states,
+                                              const std::string& path) {
+  const std::string* desc = find(meta, kOpenBlocksKey);
+  if (version == kFormatVersion) {
+    if (desc) corrupt(path, std::string("format version 1 has no '") + kOpenBlocksKey + "'");
+    return {};
+  }
+  if (!desc || desc->empty()) corrupt(path, std::string("format version 2 needs '") + kOpenBlocksKey + "'");
+  std::vector<OpenBlockSizes> out;
+  std::size_t start = 0;
+  while (start <= desc->size()) {
+    const std::size_t stop = std::min(desc->find(';', start), desc->size());
+    const std::string item = desc->substr(start, stop - start);
+    Index v[3];
+    std::size_t pos = 0;
+    for (int i = 0; i < 3; ++i) {
+      const std::size_t end = i < 2 ? item.find(',', pos) : item.size();
+      const std::string num = end == std::string::npos ? std::string() : item.substr(pos, end - pos);
+      if (num.empty() || num.size() > 18 || num.find_first_not_of("0123456789") != std::string::npos)
+        corrupt(path, std::string("__metadata__ '") + kOpenBlocksKey + "' entry '" + item + "' is not n_rows,m,nnz");
+      v[i] = static_cast<Index>(std::stoll(num));
+      pos = end + 1;
+    }
+    if (v[0] > n_states || v[1] < 1 || v[1] > n_states || v[2] > v[0] * v[1])
+      corrupt(path, std::string("__metadata__ '") + kOpenBlocksKey + "' entry '" + item +
+                        "' does not fit a matrix of " + std::to_string(n_states) + " states");
+    out.push_back({v[0], v[1], v[2]});
+    if (out.size() > 4096) corrupt(path, std::string("__metadata__ '") + kOpenBlocksKey + "' lists too many blocks");
+    start = stop + 1;
+  }
+  return out;
+}
+
 std::atomic<unsigned> g_tmp_counter{0};
 
 // (directory, file name) of a path; the directory is "." for a bare name.
@@ -541,14 +581,42 @@ std::string metadata_fingerprint(const Metadata& entries) {
 void save(const TransitionMatrix& P, const std::string& path, const Metadata& extra) {
   if (!little_endian()) throw std::runtime_error("markovmem files are little-endian; this host is not");
   const Index T = P.n_states(), nnz = P.nnz();
-  const std::size_t sizes[4] = {static_cast<std::size_t>(T + 1) * 8, static_cast<std::size_t>(T) * 8,
-                                static_cast<std::size_t>(nnz) * 4, static_cast<std::size_t>(nnz) * 4};
-  const void* ptrs[4] = {P.indptr(), P.tail(), P.indices(), P.data()};
-  const Index shapes[4] = {T + 1, T, nnz, nnz};
+  // The four arrays of the stored rows, then four per open block (open.<k>.*).
+  std::vector<std::string> names;
+  std::vector<const char*> dtypes;
+  std::vector<std::size_t> sizes;
+  std::vector<const void*> ptrs;
+  std::vector<Index> shapes;
+  auto add = [&](std::string name, const TensorSpec& spec, const void* ptr, Index count) {
+    names.push_back(std::move(name));
+    dtypes.push_back(spec.dtype);
+    sizes.push_back(static_cast<std::size_t>(count) * spec.itemsize);
+    ptrs.push_back(ptr);
+    shapes.push_back(count);
+  };
+  add(kTensors[0].name, kTensors[0], P.indptr(), T + 1);
+  add(kTensors[1].name, kTensors[1], P.tail(), T);
+  add(kTensors[2].name, kTensors[2], P.indices(), nnz);
+  add(kTensors[3].name, kTensors[3], P.data(), nnz);
+  std::string blocks_desc;
+  for (std::size_t k = 0; k < P.open_blocks().size(); ++k) {
+    const OpenBlock& b = P.open_blocks()[k];
+    const std::string pre = "open." + std::to_string(k) + ".";
+    add(pre + kTensors[0].name, kTensors[0], b.indptr, b.n_rows + 1);
+    add(pre + "leak", kTensors[1], b.leak, b.n_rows);
+    add(pre + kTensors[2].name, kTensors[2], b.indices, b.nnz());
+    add(pre + kTensors[3].name, kTensors[3], b.data, b.nnz());
+    blocks_desc +=
+        (k ? ";" : "") + std::to_string(b.n_rows) + "," + std::to_string(b.m) + "," + std::to_string(b.nnz());
+  }
 
-  Metadata meta = {{"format", kFormatName},         {"format_version", kFormatVersion},
-                   {"n_states", std::to_string(T)}, {"n_base", std::to_string(P.n_base())},
-                   {"nnz", std::to_string(nnz)},    {"fingerprint", P.fingerprint()}};
+  // A closed matrix keeps version 1 (readable by every markovmem); open blocks need version 2,
+  // so that a reader that does not know them refuses the file instead of dropping them.
+  Metadata meta = {
+      {"format", kFormatName},         {"format_version", blocks_desc.empty() ? kFormatVersion : kFormatVersionOpen},
+      {"n_states", std::to_string(T)}, {"n_base", std::to_string(P.n_base())},
+      {"nnz", std::to_string(nnz)},    {"fingerprint", P.fingerprint()}};
+  if (!blocks_desc.empty()) meta.emplace_back(kOpenBlocksKey, blocks_desc);
   const std::size_t n_ours = meta.size();
   if (extra.size() > kMaxUserMetadata)
     throw std::invalid_argument("metadata has " + std::to_string(extra.size()) + " entries; a file holds at most " +
@@ -558,6 +626,7 @@ void save(const TransitionMatrix& P, const std::string& path, const Metadata& ex
       throw std::invalid_argument(printable("metadata key '" + kv.first + "' or its value is not valid UTF-8"));
     for (std::size_t i = 0; i < n_ours; ++i)
       if (kv.first == meta[i].first) throw std::invalid_argument("metadata key '" + kv.first + "' is reserved");
+    if (kv.first == kOpenBlocksKey) throw std::invalid_argument("metadata key '" + kv.first + "' is reserved");
     if (kv.first.rfind("markovmem.", 0) == 0)
       throw std::invalid_argument("metadata key '" + kv.first +
                                   "' is reserved (keys starting with 'markovmem.' are the library's)");
@@ -570,9 +639,9 @@ void save(const TransitionMatrix& P, const std::string& path, const Metadata& ex
     h << (i ? ",\"" : "\"") << json_escape(meta[i].first) << "\":\"" << json_escape(meta[i].second) << "\"";
   h << "}";
   std::size_t offset = 0;
-  for (int i = 0; i < 4; ++i) {
-    h << ",\"" << kTensors[i].name << "\":{\"dtype\":\"" << kTensors[i].dtype << "\",\"shape\":[" << shapes[i]
-      << "],\"data_offsets\":[" << offset << "," << offset + sizes[i] << "]}";
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    h << ",\"" << names[i] << "\":{\"dtype\":\"" << dtypes[i] << "\",\"shape\":[" << shapes[i] << "],\"data_offsets\":["
+      << offset << "," << offset + sizes[i] << "]}";
     offset += sizes[i];
   }
   h << "}";
@@ -593,7 +662,7 @@ void save(const TransitionMatrix& P, const std::string& path, const Metadata& ex
   try {
     write_all(fd.get(), len_bytes, 8, path);
     write_all(fd.get(), header.data(), header.size(), path);
-    for (int i = 0; i < 4; ++i) write_all(fd.get(), ptrs[i], sizes[i], path);
+    for (std::size_t i = 0; i < names.size(); ++i) write_all(fd.get(), ptrs[i], sizes[i], path);
     if (::fsync(fd.get()) != 0) os_fail(path, "cannot flush");
     if (::close(fd.release()) != 0) os_fail(path, "cannot close");
     if (::rename(tmp.c_str(), path.c_str()) != 0) os_fail(path, "cannot replace");
@@ -627,9 +696,10 @@ Loaded load(const std::string& path, bool use_mmap, bool verify, int n_threads) 
     corrupt(path, "__metadata__ 'format' is '" + (format ? *format : std::string("<missing>")) + "'; expected '" +
                       kFormatName + "'");
   const std::string* version = find(meta, "format_version");
-  if (!version || *version != kFormatVersion)
+  if (!version || (*version != kFormatVersion && *version != kFormatVersionOpen))
     corrupt(path, "format version '" + (version ? *version : std::string("<missing>")) +
-                      "' is not supported (this markovmem reads version " + kFormatVersion + ")");
+                      "' is not supported (this markovmem reads versions " + kFormatVersion + " and " +
+                      kFormatVersionOpen + ")");
   const Index T = parse_size(meta, "n_states", path);
   const Index n_base = parse_size(meta, "n_base", path);
   const Index nnz = parse_size(meta, "nnz", path);
@@ -640,33 +710,33 @@ Loaded load(const std::string& path, bool use_mmap, bool verify, int n_threads) 
   }
   const std::size_t data_start = 8 + static_cast<std::size_t>(n_header);
   const std::size_t data_len = size - data_start;
-  const Index expected[4] = {T + 1, T, nnz, nnz};
-  std::size_t begin[4];
-  for (int i = 0; i < 4; ++i) {
-    const TensorSpec& spec = kTensors[i];
-    const Json* t = header.get(spec.name);
-    if (!t || t->kind != Json::kObject) corrupt(path, std::string("tensor '") + spec.name + "' is missing");
+  // File offset of a tensor after checking its dtype, shape (`expected` entries) and bytes.
+  auto tensor_begin = [&](const std::string& name, const TensorSpec& spec, Index expected) {
+    const Json* t = header.get(name);
+    if (!t || t->kind != Json::kObject) corrupt(path, "tensor '" + name + "' is missing");
     const Json* dtype = t->get("dtype");
     if (!dtype || dtype->kind != Json::kString || dtype->str != spec.dtype)
-      corrupt(path, std::string("tensor '") + spec.name + "' must have dtype " + spec.dtype);
+      corrupt(path, "tensor '" + name + "' must have dtype " + spec.dtype);
     const Json* shape = t->get("shape");
     if (!shape || shape->kind != Json::kArray || shape->array.size() != 1 || shape->array[0].kind != Json::kInteger ||
-        shape->array[0].integer != static_cast<std::uint64_t>(expected[i]))
-      corrupt(path, std::string("tensor '") + spec.name + "' must have shape [" + std::to_string(expected[i]) + "]");
+        shape->array[0].integer != static_cast<std::uint64_t>(expected))
+      corrupt(path, "tensor '" + name + "' must have shape [" + std::to_string(expected) + "]");
     const Json* offs = t->get("data_offsets");
     if (!offs || offs->kind != Json::kArray || offs->array.size() != 2 || offs->array[0].kind != Json::kInteger ||
         offs->array[1].kind != Json::kInteger)
-      corrupt(path, std::string("tensor '") + spec.name + "' has no valid data_offsets");
+      corrupt(path, "tensor '" + name + "' has no valid data_offsets");
     const std::uint64_t a = offs->array[0].integer, b = offs->array[1].integer;
-    if (a > b || b > data_len || b - a != static_cast<std::uint64_t>(expected[i]) * spec.itemsize)
-      corrupt(path, std::string("tensor '") + spec.name + "' data_offsets [" + std::to_string(a) + ", " +
-                        std::to_string(b) + "] do not fit its shape within the " + std::to_string(data_len) +
-                        " data bytes (truncated?)");
+    if (a > b || b > data_len || b - a != static_cast<std::uint64_t>(expected) * spec.itemsize)
+      corrupt(path, "tensor '" + name + "' data_offsets [" + std::to_string(a) + ", " + std::to_string(b) +
+                        "] do not fit its shape within the " + std::to_string(data_len) + " data bytes (truncated?)");
     if ((data_start + a) % spec.itemsize != 0)
-      corrupt(path,
-              std::string("tensor '") + spec.name + "' is not aligned to " + std::to_string(spec.itemsize) + " bytes");
-    begin[i] = data_start + static_cast<std::size_t>(a);
-  }
+      corrupt(path, "tensor '" + name + "' is not aligned to " + std::to_string(spec.itemsize) + " bytes");
+    return data_start + static_cast<std::size_t>(a);
+  };
+  const Index expected[4] = {T + 1, T, nnz, nnz};
+  std::size_t begin[4];
+  for (int i = 0; i < 4; ++i) begin[i] = tensor_begin(kTensors[i].name, kTensors[i], expected[i]);
+  const std::vector<OpenBlockSizes> block_sizes = parse_open_blocks(meta, *version, T, path);
 
   auto bytes = std::make_shared<FileBytes>();
   bytes->size = size;
@@ -704,6 +774,37 @@ Loaded load(const std::string& path, bool use_mmap, bool verify, int n_threads) 
     TransitionMatrix m =
         TransitionMatrix::from_buffers(T, n_base, nnz, indptr, indices, reinterpret_cast<const Prob*>(base + begin[3]),
                                        reinterpret_cast<const double*>(base + begin[1]), bytes, verify, n_threads);
+    if (!block_sizes.empty()) {
+      // Open blocks are small (one row per old state, the leak's entries): read into owned
+      // memory whether mapped or not, and always checked in full, values included.
+      std::vector<OpenBlock> blocks;
+      for (std::size_t k = 0; k < block_sizes.size(); ++k) {
+        const OpenBlockSizes& z = block_sizes[k];
+        const std::string pre = "open." + std::to_string(k) + ".";
+        // Offsets first: they prove the sizes fit in the file before anything is allocated.
+        const std::size_t at[4] = {tensor_begin(pre + kTensors[0].name, kTensors[0], z.n_rows + 1),
+                                   tensor_begin(pre + "leak", kTensors[1], z.n_rows),
+                                   tensor_begin(pre + kTensors[2].name, kTensors[2], z.nnz),
+                                   tensor_begin(pre + kTensors[3].name, kTensors[3], z.nnz)};
+        std::vector<Index> b_indptr(static_cast<std::size_t>(z.n_rows + 1));
+        std::vector<double> b_leak(static_cast<std::size_t>(z.n_rows));
+        std::vector<StateIndex> b_indices(static_cast<std::size_t>(z.nnz));
+        std::vector<Prob> b_data(static_cast<std::size_t>(z.nnz));
+        read_exact(fd.get(), b_indptr.data(), b_indptr.size() * sizeof(Index), at[0], path);
+        read_exact(fd.get(), b_leak.data(), b_leak.size() * sizeof(double), at[1], path);
+        read_exact(fd.get(), b_indices.data(), b_indices.size() * sizeof(StateIndex), at[2], path);
+        read_exact(fd.get(), b_data.data(), b_data.size() * sizeof(Prob), at[3], path);
+        blocks.push_back(OpenBlock::build(z.n_rows, z.m, std::move(b_indptr), std::move(b_indices), std::move(b_data),
+                                          b_leak.data(), kRowSumTolerance, "open block " + std::to_string(k)));
+      }
+      try {
+        m = m.with_open_blocks(std::move(blocks));
+      } catch (const InvariantViolation&) {
+        throw;
+      } catch (const std::invalid_argument& e) {
+        corrupt(path, e.what());
+      }
+    }
     bool metadata_verified = false;
     if (verify) {
       const std::string* stored = find(meta, "fingerprint");

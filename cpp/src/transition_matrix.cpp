@@ -427,8 +427,142 @@ TransitionMatrix TransitionMatrix::from_buffers(Index n_states, Index n_base, In
 }
 
 Index TransitionMatrix::storage_bytes() const noexcept {
-  return (n_states_ + 1) * static_cast<Index>(sizeof(Index)) + n_states_ * static_cast<Index>(sizeof(double)) +
+  Index bytes = (n_states_ + 1) * static_cast<Index>(sizeof(Index)) + n_states_ * static_cast<Index>(sizeof(double)) +
+                nnz() * static_cast<Index>(sizeof(StateIndex) + sizeof(Prob));
+  for (const auto& b : open_) bytes += b.storage_bytes();
+  return bytes;
+}
+
+namespace {
+// First problem of an open block, or nothing: the structure, values and row sums that
+// OpenBlock::build promises.  Reads only inside the arrays' stated sizes.
+std::optional<Violation> open_block_problem(const OpenBlock& b, std::size_t nnz_capacity, double tol,
+                                            const std::string& label) {
+  if (b.n_rows < 0 || b.m < 1)
+    return Violation{-1, cat(label, ": ", b.n_rows, " rows and ", b.m, " new states; expected >= 0 and >= 1")};
+  if (b.indptr[0] != 0) return Violation{-1, cat(label, ": indptr[0] = ", b.indptr[0], "; expected 0")};
+  if (static_cast<std::size_t>(b.indptr[b.n_rows]) != nnz_capacity)
+    return Violation{-1,
+                     cat(label, ": indptr[-1] = ", b.indptr[b.n_rows], " but there are ", nnz_capacity, " entries")};
+  for (Index r = 0; r < b.n_rows; ++r) {
+    const Index a = b.indptr[r], e = b.indptr[r + 1];
+    if (a > e || e > static_cast<Index>(nnz_capacity))
+      return Violation{r, cat(label, " row ", r, ": indptr[", r + 1, "] = ", e, " is below indptr[", r, "] = ", a,
+                              " or beyond the ", nnz_capacity, " entries")};
+    double sum = 0.0;
+    for (Index j = a; j < e; ++j) {
+      const Index c = b.indices[j];
+      if (c < b.n_rows || c >= b.n_rows + b.m)
+        return Violation{r, cat(label, " row ", r, ": column ", c, " is not one of the added states [", b.n_rows, ", ",
+                                b.n_rows + b.m, ")")};
+      if (j > a && c <= b.indices[j - 1])
+        return Violation{r, cat(label, " row ", r, ": column indices are not sorted and unique (", b.indices[j - 1],
+                                " before ", c, ")")};
+      const double p = b.data[j];
+      if (!std::isfinite(p) || p < 0.0)
+        return Violation{
+            r, cat(label, " row ", r, ", column ", c, ": probability is ", p, "; expected a finite number >= 0")};
+      sum += p;
+    }
+    if (!(sum < 1.0))
+      return Violation{r, cat(label, " row ", r, ": the row sums to ", sum,
+                              "; a leak to new states must be < 1 (the old states keep 1 - leak)")};
+    if (b.leak) {
+      const double l = b.leak[r];
+      if (!std::isfinite(l) || l < 0.0 || l >= 1.0 || std::abs(l - sum) > tol)
+        return Violation{r, cat(label, " row ", r, ": stored leak ", l, " is not the row sum ", sum)};
+    }
+  }
+  return std::nullopt;
+}
+
+// An OpenBlock's arrays when it owns them.
+struct OpenBlockStorage {
+  std::vector<Index> indptr;
+  std::vector<StateIndex> indices;
+  std::vector<Prob> data;
+  std::vector<double> leak;
+};
+}  // namespace
+
+double OpenBlock::entry(Index v, Index c) const noexcept {
+  const StateIndex* first = indices + indptr[v];
+  const StateIndex* last = indices + indptr[v + 1];
+  const StateIndex* it = std::lower_bound(first, last, static_cast<StateIndex>(c));
+  return it != last && *it == c ? static_cast<double>(data[it - indices]) : 0.0;
+}
+
+Index OpenBlock::storage_bytes() const noexcept {
+  return (n_rows + 1) * static_cast<Index>(sizeof(Index)) + n_rows * static_cast<Index>(sizeof(double)) +
          nnz() * static_cast<Index>(sizeof(StateIndex) + sizeof(Prob));
+}
+
+void OpenBlock::append_hashes(std::vector<std::uint64_t>& out) const {
+  out.push_back(static_cast<std::uint64_t>(n_rows));
+  out.push_back(static_cast<std::uint64_t>(m));
+  out.push_back(static_cast<std::uint64_t>(nnz()));
+  out.push_back(xxh64(indptr, sizeof(Index) * static_cast<std::size_t>(n_rows + 1)));
+  out.push_back(xxh64(leak, sizeof(double) * static_cast<std::size_t>(n_rows)));
+  out.push_back(xxh64(indices, sizeof(StateIndex) * static_cast<std::size_t>(nnz())));
+  out.push_back(xxh64(data, sizeof(Prob) * static_cast<std::size_t>(nnz())));
+}
+
+OpenBlock OpenBlock::build(Index n_rows, Index m, std::vector<Index> indptr, std::vector<StateIndex> indices,
+                           std::vector<Prob> data, const double* leak, double tol, const std::string& label) {
+  if (n_rows < 0 || m < 1 || n_rows > kMaxStates || m > kMaxStates - n_rows)
+    throw std::invalid_argument(cat(label, ": ", n_rows, " rows and ", m, " new states are out of range"));
+  if (indptr.size() != static_cast<std::size_t>(n_rows + 1))
+    throw std::invalid_argument(
+        cat(label, ": indptr has ", indptr.size(), " entries; expected n_rows + 1 = ", n_rows + 1));
+  if (data.size() != indices.size())
+    throw std::invalid_argument(cat(label, ": data has ", data.size(), " entries but indices has ", indices.size()));
+  auto own = std::make_shared<OpenBlockStorage>();
+  own->indptr = std::move(indptr);
+  own->indices = std::move(indices);
+  own->data = std::move(data);
+  OpenBlock b;
+  b.n_rows = n_rows;
+  b.m = m;
+  b.indptr = own->indptr.data();
+  b.indices = own->indices.data();
+  b.data = own->data.data();
+  b.leak = leak;  // checked against the sums below, then copied
+  if (auto v = open_block_problem(b, own->indices.size(), tol, label)) throw InvariantViolation(v->row, v->reason);
+  if (leak) {
+    own->leak.assign(leak, leak + n_rows);
+  } else {
+    own->leak.assign(static_cast<std::size_t>(n_rows), 0.0);
+    for (Index r = 0; r < n_rows; ++r)
+      for (Index j = b.indptr[r]; j < b.indptr[r + 1]; ++j) own->leak[static_cast<std::size_t>(r)] += b.data[j];
+  }
+  b.leak = own->leak.data();
+  b.owner = std::move(own);
+  return b;
+}
+
+TransitionMatrix TransitionMatrix::with_open_blocks(std::vector<OpenBlock> blocks) const {
+  Index end = n_base_;
+  for (std::size_t k = 0; k < blocks.size(); ++k) {
+    const OpenBlock& b = blocks[k];
+    if (b.n_rows < end || b.n_rows + b.m > n_states_)
+      throw std::invalid_argument(cat("open block ", k, " covers rows [0, ", b.n_rows, ") and new states [", b.n_rows,
+                                      ", ", b.n_rows + b.m, "); expected rows >= ", end, " and new states within [0, ",
+                                      n_states_, ") (blocks in order, after the base states)"));
+    end = b.n_rows + b.m;
+  }
+  TransitionMatrix q = *this;
+  q.open_ = std::move(blocks);
+  return q;
+}
+
+std::vector<double> TransitionMatrix::total_leak() const {
+  std::vector<double> leak(static_cast<std::size_t>(n_states_), 0.0);
+  for (const auto& b : open_)
+    for (Index v = 0; v < b.n_rows; ++v) {
+      double& l = leak[static_cast<std::size_t>(v)];
+      l = b.leak[v] + (1.0 - b.leak[v]) * l;
+    }
+  return leak;
 }
 
 void TransitionMatrix::check_state(Index v, const char* what) const {
@@ -437,8 +571,8 @@ void TransitionMatrix::check_state(Index v, const char* what) const {
 }
 
 namespace {
-inline double prob_unchecked(const Index* indptr, const StateIndex* indices, const Prob* data, const double* tail,
-                             Index n_base, Index v, Index x) {
+inline double stored_prob(const Index* indptr, const StateIndex* indices, const Prob* data, const double* tail,
+                          Index n_base, Index v, Index x) {
   const StateIndex* first = indices + indptr[v];
   const StateIndex* last = indices + indptr[v + 1];
   const StateIndex* it = std::lower_bound(first, last, static_cast<StateIndex>(x));
@@ -449,10 +583,21 @@ inline double prob_unchecked(const Index* indptr, const StateIndex* indices, con
 }
 }  // namespace
 
+double TransitionMatrix::prob_unchecked(Index v, Index x) const noexcept {
+  const double p = stored_prob(indptr_, indices_, data_, tail_, n_base_, v, x);
+  // Newest block first: a block scales everything that existed before it, older blocks included.
+  double scale = 1.0;
+  for (auto b = open_.rbegin(); b != open_.rend(); ++b) {
+    if (x >= b->n_rows && x < b->n_rows + b->m) return v < b->n_rows ? scale * b->entry(v, x) : 0.0;
+    if (v < b->n_rows) scale *= 1.0 - b->leak[v];
+  }
+  return open_.empty() ? p : scale * p;
+}
+
 double TransitionMatrix::prob(Index v, Index x) const {
   check_state(v, "state v");
   check_state(x, "state x");
-  return prob_unchecked(indptr_, indices_, data_, tail_, n_base_, v, x);
+  return prob_unchecked(v, x);
 }
 
 double TransitionMatrix::log_prob(Index v, Index x) const { return std::log(std::max(prob(v, x), kLogFloor)); }
@@ -467,13 +612,23 @@ void TransitionMatrix::prob_many(const Index* v, const Index* x, Index n, double
   const long long nn = n;
 #pragma omp parallel for schedule(static) num_threads(detail::resolve_threads(n_threads)) if (nn > 4096)
   for (long long i = 0; i < nn; ++i) {
-    const double p = prob_unchecked(indptr_, indices_, data_, tail_, n_base_, v[i], x[i]);
+    const double p = prob_unchecked(v[i], x[i]);
     out[i] = log ? std::log(std::max(p, kLogFloor)) : p;
   }
 }
 
-std::vector<double> TransitionMatrix::step(const double* dist, int n_threads) const {
+std::vector<double> TransitionMatrix::step(const double* dist_in, int n_threads) const {
   const Index n = n_states_;
+  // With open blocks, the stored rows carry (1 - total leak) of each row's mass: weigh them so,
+  // then add the blocks' own entries below.
+  std::vector<double> scaled;
+  const double* dist = dist_in;
+  if (!open_.empty()) {
+    const std::vector<double> leak = total_leak();
+    scaled.assign(dist_in, dist_in + n);
+    for (Index v = 0; v < n; ++v) scaled[static_cast<std::size_t>(v)] *= 1.0 - leak[static_cast<std::size_t>(v)];
+    dist = scaled.data();
+  }
   // A parallel region costs more than it saves on small matrices.
   const int nt = n + nnz() < (Index{1} << 16) ? 1 : detail::resolve_threads(n_threads);
   std::vector<std::vector<double>> partial(static_cast<std::size_t>(nt));
@@ -509,6 +664,18 @@ std::vector<double> TransitionMatrix::step(const double* dist, int n_threads) co
     for (Index x = 0; x < n; ++x) out[static_cast<std::size_t>(x)] += acc[static_cast<std::size_t>(x)];
   }
   for (Index x = 0; x < n_base_; ++x) out[static_cast<std::size_t>(x)] += u_total;
+  for (std::size_t k = 0; k < open_.size(); ++k) {
+    const OpenBlock& b = open_[k];
+    for (Index v = 0; v < b.n_rows; ++v) {
+      double w = dist_in[v];
+      if (w == 0.0) continue;
+      // Entries of block k are scaled by every later block's 1 - leak.
+      for (std::size_t l = k + 1; l < open_.size(); ++l)
+        if (v < open_[l].n_rows) w *= 1.0 - open_[l].leak[v];
+      for (Index j = b.indptr[v]; j < b.indptr[v + 1]; ++j)
+        out[static_cast<std::size_t>(b.indices[j])] += w * b.data[j];
+    }
+  }
   return out;
 }
 
@@ -561,7 +728,7 @@ std::vector<double> TransitionMatrix::log_likelihood(const std::int32_t* tokens,
   for (long long s = 0; s < ns; ++s) {
     double ll = 0.0;
     for (Index i = offsets[s] + 1; i < offsets[s + 1]; ++i) {
-      const double p = prob_unchecked(indptr_, indices_, data_, tail_, n_base_, tokens[i - 1], tokens[i]);
+      const double p = prob_unchecked(tokens[i - 1], tokens[i]);
       ll += std::log(std::max(p, kLogFloor));
     }
     out[static_cast<std::size_t>(s)] = ll;
@@ -578,15 +745,30 @@ std::vector<std::int32_t> TransitionMatrix::sample(Index start, Index length, st
   path[0] = static_cast<std::int32_t>(v);
   for (Index i = 1; i < length; ++i) {
     const Index a = indptr_[v], b = indptr_[v + 1];
-    const double u = static_cast<double>(splitmix64(state) >> 11) * 0x1.0p-53;
+    double u = static_cast<double>(splitmix64(state) >> 11) * 0x1.0p-53;
     double acc = 0.0;
     Index next = -1;
-    for (Index j = a; j < b; ++j) {
-      acc += data_[j];
-      if (u < acc) {
-        next = indices_[j];
-        break;
+    // Open blocks, newest first: with probability leak_k[v] the step goes to one of block
+    // k's states, else u is rescaled to [0, 1) and the distribution before block k is drawn.
+    for (auto blk = open_.rbegin(); blk != open_.rend() && next < 0; ++blk) {
+      if (v >= blk->n_rows) continue;
+      const double eps = blk->leak[v];
+      if (u < eps) {
+        for (Index j = blk->indptr[v]; j < blk->indptr[v + 1] && next < 0; ++j) {
+          acc += blk->data[j];
+          if (u < acc) next = blk->indices[j];
+        }
+        // Rounding left u above the summed entries: take the last positive one.
+        for (Index j = blk->indptr[v + 1] - 1; j >= blk->indptr[v] && next < 0; --j)
+          if (blk->data[j] > 0.0f) next = blk->indices[j];
+      } else {
+        u = (u - eps) / (1.0 - eps);
       }
+    }
+    acc = 0.0;
+    for (Index j = a; j < b && next < 0; ++j) {
+      acc += data_[j];
+      if (u < acc) next = indices_[j];
     }
     if (next < 0) {
       const Index free = n_base_ - (b - a);
@@ -683,6 +865,8 @@ std::pair<std::string, std::string> TransitionMatrix::fingerprint_prefix_and_ful
       pre.push_back(
           xxh64(static_cast<const char*>(layout.ptr[i]) + whole * kHashChunk, layout.prefix_bytes[i] % kHashChunk));
   }
+  append_open_hashes(pre, n_rows);
+  append_open_hashes(full, n_states_);
   return {fingerprint_from_parts(n_rows, n_base_, indptr_[n_rows], pre),
           fingerprint_from_parts(n_states_, n_base_, nnz(), full)};
 }
@@ -701,6 +885,7 @@ std::string TransitionMatrix::fingerprint(Index n_rows) const {
   if (n_rows < 0 || n_rows == n_states_) {
     std::vector<std::uint64_t> full;
     for (const auto& h : chunk_hashes()) h.append_full(full);
+    append_open_hashes(full, n_states_);
     return fingerprint_from_parts(n_states_, n_base_, nnz(), full);
   }
   return fingerprint_prefix_and_full(n_rows).first;
@@ -711,7 +896,18 @@ std::optional<Violation> TransitionMatrix::find_violation(double tol, int n_thre
   opts.tol = tol;
   opts.n_threads = n_threads;
   opts.first_row = first_row;
-  return check_rows(view(), tail_, nnz(), n_states_, n_base_, opts);
+  if (auto v = check_rows(view(), tail_, nnz(), n_states_, n_base_, opts)) return v;
+  for (std::size_t k = 0; k < open_.size(); ++k)
+    if (auto v = open_block_problem(open_[k], static_cast<std::size_t>(open_[k].nnz()), tol, cat("open block ", k)))
+      return v;
+  return std::nullopt;
+}
+
+void TransitionMatrix::append_open_hashes(std::vector<std::uint64_t>& parts, Index n_rows) const {
+  // Blocks wholly inside the first n_rows states belong to that prefix (a closed matrix adds nothing,
+  // so its fingerprint is the same as before open blocks existed).
+  for (const auto& b : open_)
+    if (b.n_rows + b.m <= n_rows) b.append_hashes(parts);
 }
 
 }  // namespace markovmem

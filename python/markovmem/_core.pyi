@@ -83,6 +83,21 @@ class TransitionMatrix:
     def clear_derived(self) -> None: ...
     def derived_keys(self) -> list[str]: ...
     def find_violation(self, tol: float, n_threads: int) -> tuple[int, str] | None: ...
+    @property
+    def open_blocks(
+        self,
+    ) -> list[
+        tuple[
+            int,
+            int,
+            npt.NDArray[np.int64],
+            npt.NDArray[np.int32],
+            npt.NDArray[np.float32],
+            npt.NDArray[np.float64],
+        ]
+    ]: ...
+    def with_open_blocks(self, blocks: list[tuple[Any, ...]], tol: float) -> TransitionMatrix: ...
+    def total_leak(self) -> npt.NDArray[np.float64]: ...
 
 def expand(
     P: TransitionMatrix,
@@ -91,9 +106,13 @@ def expand(
     data: npt.NDArray[np.float32],
     tol: float,
     n_threads: int,
+    incoming_indptr: npt.NDArray[np.int64] | None = None,
+    incoming_indices: npt.NDArray[np.int32] | None = None,
+    incoming_data: npt.NDArray[np.float32] | None = None,
+    max_leak: float = ...,
 ) -> tuple[TransitionMatrix, dict[str, Any]]: ...
 def verify_expansion(
-    before: TransitionMatrix, after: TransitionMatrix, tol: float, n_threads: int
+    before: TransitionMatrix, after: TransitionMatrix, tol: float, n_threads: int, max_leak: float = ...
 ) -> dict[str, Any]: ...
 def save(P: TransitionMatrix, path: str | bytes, metadata: list[tuple[str, str]]) -> None: ...
 def load(

@@ -343,6 +343,11 @@ def fit_alpha(
       softmax, so the logits are sparse deviations and no dense vector is built.
     - ``link="mixture"``: ``f = sum_v alpha_v p(.|v)`` with alpha on the simplex.
 
+    ``p(.|v)`` is the stored row of P.  After an open expansion
+    (:meth:`TransitionMatrix.expand` with ``incoming``) that is the distribution
+    of row ``v`` given an old next state, not scaled by ``1 - leak[v]``: the fit
+    describes the new token over the base states, as a new row must.
+
     Algorithm, per target (in parallel over targets, deterministic for a seed
     whatever the thread count):
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # _expansion imports this module; the name is needed for anno
 __all__ = ["Row", "TransitionMatrix"]
 
 #: Header keys the file format writes itself (never copied from a loaded matrix into a new save).
-_RESERVED_METADATA = frozenset({"format", "format_version", "n_states", "n_base", "nnz", "fingerprint"})
+_RESERVED_METADATA = frozenset({"format", "format_version", "n_states", "n_base", "nnz", "fingerprint", "open_blocks"})
 
 #: Default tolerance on row sums (a row may sum to at most 1 + tol).
 DEFAULT_TOL = 1e-5
@@ -235,6 +235,15 @@ class TransitionMatrix:
     (tokens added by :meth:`expand`) never receive tail mass, and no row stores
     mass on them.  The matrix is immutable: arrays it hands out are read-only
     views, and :meth:`expand` returns a new matrix.
+
+    An *open* expansion (``expand(new_rows, incoming=...)``) lets old states move
+    to the new ones: the stored rows then keep their bytes and are the
+    distributions *given* an old next state, row ``v`` moves mass :attr:`leak`
+    ``[v]`` to new states (:attr:`incoming` holds those entries), and every other
+    transition of row ``v`` is scaled by ``1 - leak[v]``.  :meth:`prob`,
+    :meth:`log_prob`, :meth:`to_dense`, :meth:`step`, :meth:`stationary`,
+    :meth:`log_likelihood` and :meth:`sample` use the true probabilities;
+    :meth:`row`, :meth:`to_scipy` and the array properties show the stored bytes.
 
     Build one with :meth:`from_scipy`, :meth:`from_topk`, :meth:`from_sequences`
     or :meth:`load`; the constructor is private.
@@ -492,8 +501,53 @@ class TransitionMatrix:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the four arrays (indptr, indices, data, tail)."""
+        """Bytes held by the four arrays (indptr, indices, data, tail) and the open blocks."""
         return self._m.storage_bytes
+
+    @property
+    def is_open(self) -> bool:
+        """True when an open expansion let old states move to added ones (:attr:`incoming` is not empty)."""
+        return bool(self._m.open_blocks)
+
+    @property
+    def leak(self) -> np.ndarray:
+        """(n_states,) float64: per row, the mass moved to added states by open expansions.
+
+        0 for every row of a closed matrix.  After one open expansion ``leak[v]`` is
+        the row sum of ``incoming[v]``, exactly; after several, ``eps_K + (1 - eps_K)
+        * leak_before``, newest block last.  The forgetting of row ``v`` (the KL of
+        the old distribution from the new one over the old states) is
+        ``-log1p(-leak[v])`` nats.
+        """
+        return self._m.total_leak()
+
+    @property
+    def incoming(self) -> Any:
+        """The old->new transitions of open expansions as a ``(n_states, n_states)`` ``scipy.sparse.csr_array``.
+
+        Entry ``(v, u)`` is the true p~(u | v) for an added state ``u`` reached
+        through an open expansion (so row ``v`` sums to :attr:`leak` ``[v]``); empty
+        for a closed matrix.  A copy (float64), built from the blocks each open
+        expansion stored: block ``k``'s entries scaled by ``1 - eps`` of every later block.
+        """
+        import scipy.sparse as sp
+
+        n = self.n_states
+        blocks = self._m.open_blocks
+        if not blocks:
+            return sp.csr_array((n, n), dtype=np.float64)
+        rows, cols, vals = [], [], []
+        for k, (n_rows, _m, indptr, indices, data, _leak) in enumerate(blocks):
+            scale = np.ones(n_rows)
+            for later in blocks[k + 1 :]:
+                scale *= 1.0 - later[5][:n_rows]
+            r = np.repeat(np.arange(n_rows), np.diff(indptr))
+            rows.append(r)
+            cols.append(indices.astype(np.int64))
+            vals.append(data.astype(np.float64) * scale[r])
+        return sp.csr_array(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n), dtype=np.float64
+        )
 
     @property
     def indptr(self) -> np.ndarray:
@@ -525,6 +579,8 @@ class TransitionMatrix:
     def __reduce__(self) -> tuple[Any, ...]:
         # The stored tail travels too: recomputed from the float32 data it can differ in the
         # last bits from the stored one (a file's, an expansion's), and so would the fingerprint.
+        # So do the open blocks, as stored (leak included).
+        blocks = [(n_rows, m, *(np.array(a) for a in arrays)) for n_rows, m, *arrays in self._m.open_blocks]
         return (
             _rebuild,
             (
@@ -535,6 +591,7 @@ class TransitionMatrix:
                 np.array(self.data),
                 self.metadata,
                 np.array(self.tail),
+                blocks,
             ),
         )
 
@@ -548,7 +605,12 @@ class TransitionMatrix:
         return v
 
     def row(self, v: int) -> Row:
-        """Row ``v``: stored ``indices``/``probs`` as read-only zero-copy views, and its ``tail``."""
+        """Row ``v``: stored ``indices``/``probs`` as read-only zero-copy views, and its ``tail``.
+
+        These are the stored bytes.  After an open expansion they are the
+        distribution given an old next state: the true probabilities are
+        ``(1 - leak[v])`` times them (see :attr:`leak`, :attr:`incoming`, :meth:`prob`).
+        """
         v = self._state(v, "v")
         a, b = int(self.indptr[v]), int(self.indptr[v + 1])
         return Row(self.indices[a:b], self.data[a:b], float(self.tail[v]))
@@ -566,6 +628,10 @@ class TransitionMatrix:
     def prob(self, v: Any, x: Any, *, n_threads: int | None = None) -> Any:
         """p(x | v), tail included; ``v`` and ``x`` are ints or broadcastable int arrays.
 
+        After an open expansion this is the true p~(x | v): ``(1 - leak[v])`` times
+        the stored row's value for a state the row covers, the :attr:`incoming`
+        entry for an added state reached through an open expansion.
+
         Returns a float for two ints, else a float64 array of the broadcast shape.
         Raises IndexError for an id outside [0, n_states).
         """
@@ -578,7 +644,9 @@ class TransitionMatrix:
     def to_scipy(self) -> Any:
         """The stored entries as a ``scipy.sparse.csr_array`` sharing ``data`` and ``indices``.
 
-        The tail is not part of it (see :meth:`to_dense` for small matrices).  The
+        The tail is not part of it (see :meth:`to_dense` for small matrices), nor
+        are open expansions' old->new entries (:attr:`incoming`): after an open
+        expansion these are the stored, unscaled rows.  The
         int64 row pointers are narrowed to int32 (a copy of n_states + 1 values)
         when scipy would otherwise widen the int32 indices.
         """
@@ -598,7 +666,8 @@ class TransitionMatrix:
         return out
 
     def to_dense(self, max_states: int = 20_000) -> np.ndarray:
-        """The full (n_states, n_states) float64 matrix, tail spread in (small matrices only)."""
+        """The full (n_states, n_states) float64 matrix of true probabilities, tail spread in
+        and open expansions applied (rows scaled by ``1 - leak``, :attr:`incoming` added); small matrices only."""
         max_states = integer(max_states, "max_states")
         if self.n_states > max_states:
             raise ValueError(
@@ -612,6 +681,9 @@ class TransitionMatrix:
         dense[:, :nb] = uniform[:, None]
         rows = np.repeat(np.arange(n), counts)
         dense[rows, self.indices] = self.data
+        if self.is_open:
+            dense *= (1.0 - self.leak)[:, None]
+            dense += self.incoming.toarray()
         return dense
 
     def step(self, distribution: Any, *, n_threads: int | None = None) -> np.ndarray:
@@ -676,15 +748,20 @@ class TransitionMatrix:
 
         Checks: row pointers non-decreasing; column indices sorted, unique, in
         range, below ``n_base``; probabilities finite, non-negative, summing to at
-        most ``1 + tol``; tail equal to ``1 - sum`` within ``tol``.  O(nnz), parallel.
+        most ``1 + tol``; tail equal to ``1 - sum`` within ``tol``; each open block's
+        entries on added states only, finite, non-negative, row sums below 1 and
+        equal to the stored leak.  O(nnz), parallel.
         """
-        found = self._m.find_violation(_tol(tol), _threads(n_threads))
+        found = self._m.find_violation(_tol(tol), _threads(n_threads))  # open blocks included
         if found is not None:
             row, reason = found
             raise invariant_error(reason, row if row >= 0 else None)
 
     def fingerprint(self) -> str:
-        """Stable content hash (16 hex digits, XXH64 tree hash): same bytes, same value everywhere."""
+        """Stable content hash (16 hex digits, XXH64 tree hash): same bytes, same value everywhere.
+
+        Covers the stored rows and, after an open expansion, its old->new blocks (a
+        closed matrix's value does not depend on them existing)."""
         return self._m.fingerprint()
 
     def clear_cache(self) -> None:
@@ -704,7 +781,13 @@ class TransitionMatrix:
 
     # ------------------------------------------------------------------ expansion
     def expand(
-        self, new_rows: Any, *, tol: float = DEFAULT_TOL, n_threads: int | None = None
+        self,
+        new_rows: Any,
+        *,
+        incoming: Any = None,
+        max_leak: float | None = None,
+        tol: float = DEFAULT_TOL,
+        n_threads: int | None = None,
     ) -> tuple[TransitionMatrix, ExpansionCertificate]:
         """Grow the state space by ``m`` new states (the paper's Markov expansion).
 
@@ -714,6 +797,18 @@ class TransitionMatrix:
             Row ``i`` is the next-token distribution of new state ``n_states + i``
             over the base states; a row summing below 1 leaves the rest as tail,
             spread over base states.
+        incoming : (n_states, m) sparse or dense array, optional
+            An *open* expansion: entry ``(v, j)`` is p~(new state ``n_states + j`` | v),
+            the mass old state ``v`` moves to the new state ``j``.  Its row sum is the
+            row's leak ``eps_v``, in [0, 1).  Old rows keep their stored bytes and every
+            other transition of row ``v`` becomes ``(1 - eps_v) p(x | v)``: given an old
+            next state, nothing old changes, and the forgetting of row ``v`` is exactly
+            ``-log(1 - eps_v)`` nats (DESIGN §1).  Stored as float32; ``eps_v`` is the
+            double sum of the stored entries.  Omitted: the expansion is closed
+            (``p(new | old) = 0``).
+        max_leak : float, optional
+            With ``incoming``: ``certificate.ok`` requires every ``eps_v <= max_leak``
+            (the certificate still reports the leak; nothing is refused).
 
         Returns
         -------
@@ -725,12 +820,20 @@ class TransitionMatrix:
             + n_states).  Otherwise the old rows are copied once (compared and hashed in
             the same pass).
         certificate : ExpansionCertificate
-            Recomputed from P and Q by :func:`verify_expansion`: ``certificate.ok``.
+            Recomputed from P and Q by :func:`verify_expansion`: ``certificate.ok``; for an
+            open expansion also the leak and forgetting figures (``max_leak``,
+            ``mean_leak``, ``worst_leak_row``, ``forgetting_max_nats``).
 
         Raises
         ------
         InvariantError
-            A new row is not a distribution over base states (``.row`` is its index in ``new_rows``).
+            A new row is not a distribution over base states (``.row`` is its index in
+            ``new_rows``); an ``incoming`` entry is negative or not finite, or a row of
+            ``incoming`` sums to 1 or more (``.row`` is the old state).
+        ValueError
+            ``incoming`` does not have shape ``(n_states, m)``, or ``max_leak`` is negative.
+        IndexError
+            A sparse ``incoming`` holds a column index outside ``[0, m)``.
         """
         from ._expansion import ExpansionCertificate
 
@@ -739,8 +842,71 @@ class TransitionMatrix:
         shape, indptr, indices, data = _csr_parts(new_rows, self.n_base, "new_rows")
         if shape[0] == 0:
             raise ValueError("new_rows has no rows; expected at least one new state")
-        core, cert = _core.expand(self._m, indptr, indices, data, _tol(tol), _threads(n_threads))
+        bound = _max_leak(max_leak)
+        if incoming is None:
+            core, cert = _core.expand(self._m, indptr, indices, data, _tol(tol), _threads(n_threads), max_leak=bound)
+        else:
+            in_indptr, in_indices, in_data = _incoming_parts(incoming, self.n_states, shape[0])
+            core, cert = _core.expand(
+                self._m, indptr, indices, data, _tol(tol), _threads(n_threads), in_indptr, in_indices, in_data, bound
+            )
         return TransitionMatrix(core), ExpansionCertificate.from_dict(cert)
+
+
+def _max_leak(max_leak: float | None) -> float:
+    """``max_leak`` checked, with ``None`` (no bound) as infinity."""
+    if max_leak is None:
+        return float("inf")
+    bound = real(max_leak, "max_leak")
+    if not bound >= 0.0:
+        raise ValueError(f"max_leak is {bound}; expected a number >= 0 (None: no bound)")
+    return bound
+
+
+def _incoming_parts(incoming: Any, n_old: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR parts (int64, int32 relative columns, float32) of an open expansion's (n_old, m) block.
+
+    Checks what a message can name best here: the shape, every column in [0, m),
+    every entry finite and >= 0 (row and column named), every row sum below 1.
+    """
+    import scipy.sparse as sp
+
+    if not sp.issparse(incoming):
+        incoming = np.asarray(incoming)
+    if tuple(incoming.shape) != (n_old, m):
+        raise ValueError(
+            f"incoming has shape {tuple(incoming.shape)}; expected (n_states, m) = ({n_old}, {m}): "
+            "row v holds the mass old state v moves to each new state"
+        )
+    if isinstance(incoming, np.ndarray) and incoming.dtype.kind in "biuf" and incoming.size:
+        bad = ~np.isfinite(incoming) | (incoming < 0)
+        if bad.any():
+            r, c = (int(i) for i in np.argwhere(bad)[0])
+            raise invariant_error(
+                f"incoming row {r}, column {c}: probability is {incoming[r, c]}; expected a finite number >= 0", r
+            )
+    _, indptr, indices, data = _csr_parts(incoming, None, "incoming")
+    rows = np.repeat(np.arange(n_old), np.diff(indptr)) if data.size else np.zeros(0, dtype=np.int64)
+    if indices.size and int(indices.max()) >= m:
+        j = int(np.flatnonzero(indices >= m)[0])
+        raise IndexError(f"incoming row {int(rows[j])}: column {int(indices[j])} is out of range [0, m = {m})")
+    bad = ~np.isfinite(data) | (data < 0)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise invariant_error(
+            f"incoming row {int(rows[j])}, column {int(indices[j])}: probability is {data[j]}; "
+            "expected a finite number >= 0",
+            int(rows[j]),
+        )
+    sums = np.bincount(rows, weights=data.astype(np.float64), minlength=n_old)
+    if (sums >= 1.0).any():
+        r = int(np.flatnonzero(sums >= 1.0)[0])
+        raise invariant_error(
+            f"incoming row {r} sums to {sums[r]:.9g}; the leak to new states must be < 1 "
+            "(the old states keep 1 - leak)",
+            r,
+        )
+    return indptr, indices, data
 
 
 def _rebuild(
@@ -751,8 +917,12 @@ def _rebuild(
     data: np.ndarray,
     metadata: dict[str, str],
     tail: np.ndarray | None = None,
+    open_blocks: list[tuple[Any, ...]] | None = None,
 ) -> TransitionMatrix:
     # tol = 1: the pickled matrix was valid; the checks that remain are the structure
     # (memory safety) and every tail finite in [0, 1].  Pickles without a tail recompute it.
+    # Open blocks are checked in full (values and leaks) by the core.
     core = _core.TransitionMatrix.copy_csr(n_states, n_base, indptr, indices, data, 1.0, 0, tail)
+    if open_blocks:
+        core = core.with_open_blocks(open_blocks, DEFAULT_TOL)
     return TransitionMatrix(core, metadata)

@@ -51,7 +51,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     before = TransitionMatrix.load(args.base, mmap=True, verify=True)
     after = TransitionMatrix.load(args.expanded, mmap=True, verify=True)
-    cert = verify_expansion(before, after)
+    cert = verify_expansion(before, after, max_leak=args.max_leak)
     print(json.dumps(cert.to_dict(), indent=2) if args.json else cert)
     return 0 if cert.ok else 1
 
@@ -323,6 +323,13 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("verify", help="certify that EXPANDED extends BASE without changing any old transition")
     q.add_argument("base", help="the matrix before the expansion")
     q.add_argument("expanded", help="the matrix after the expansion")
+    q.add_argument(
+        "--max-leak",
+        type=float,
+        default=None,
+        help="for an open expansion (old states may move to new ones), the largest per-row leak allowed "
+        "(default: any leak < 1; the leak and forgetting figures are printed either way)",
+    )
     q.add_argument("--json", action="store_true", help="print the certificate as JSON")
     q.set_defaults(func=_cmd_verify)
 

@@ -68,16 +68,35 @@ def assert_row_stochastic(P: MatrixLike, *, tol: float = DEFAULT_TOL) -> None:
 
 
 def assert_expansion_preserves(
-    before: MatrixLike, after: MatrixLike, *, tol: float = DEFAULT_TOL
+    before: MatrixLike, after: MatrixLike, *, max_leak: float = 0.0, tol: float = DEFAULT_TOL
 ) -> ExpansionCertificate:
     """Assert ``after`` extends ``before`` without changing any old transition.
 
     Recomputes the certificate with :func:`markovmem.verify_expansion` and fails
     with its full report unless ``certificate.ok``.  Returns the certificate.
+
+    Parameters
+    ----------
+    before, after : TransitionMatrix or path
+        The matrix before and after the expansion (files are loaded mapped and verified).
+    max_leak : float
+        For an open expansion (old states may move to new ones), the largest leak
+        ``eps_v`` allowed; the default 0.0 accepts an open expansion only when no
+        old row leaks.  A closed expansion must leak nothing whatever this is.
+        The message of a failure names the worst row and its leak.
+    tol : float
+        Row-sum tolerance of the invariant checks.
     """
-    cert = verify_expansion(as_matrix(before), as_matrix(after), tol=tol)
+    cert = verify_expansion(as_matrix(before), as_matrix(after), max_leak=max_leak, tol=tol)
     if not cert.ok:
-        raise AssertionError("expansion does not preserve the old chain:\n" + str(cert))
+        head = "expansion does not preserve the old chain"
+        if cert.open and cert.max_leak > max_leak:
+            head = (
+                f"open expansion leaks more than max_leak = {max_leak:g}: old row {cert.worst_leak_row} "
+                f"moves {cert.max_leak:.6g} of its mass to new states "
+                f"(forgetting {cert.forgetting_max_nats:.6g} nats)"
+            )
+        raise AssertionError(head + ":\n" + str(cert))
     return cert
 
 

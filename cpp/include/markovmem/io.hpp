@@ -1,7 +1,8 @@
 // The on-disk format: a safetensors file (8-byte little-endian header length,
 // JSON header, raw little-endian arrays) holding indptr (I64), tail (F64),
 // indices (I32) and data (F32), with format version, sizes and fingerprint in
-// __metadata__.  Saves are atomic; loads check structure before any use.
+// __metadata__, and four more arrays per open block (version 2).  Saves are atomic; loads check structure before any
+// use.
 #pragma once
 
 #include <string>
@@ -15,6 +16,11 @@ namespace markovmem {
 /// Format name and version written to and required in __metadata__.
 inline constexpr const char* kFormatName = "markovmem.TransitionMatrix";
 inline constexpr const char* kFormatVersion = "1";
+/// Version of files whose matrix carries open blocks (tensors open.<k>.indptr, .leak,
+/// .indices, .data; sizes under __metadata__ open_blocks).  Closed matrices stay version 1.
+inline constexpr const char* kFormatVersionOpen = "2";
+/// __metadata__ key listing the open blocks of a version-2 file: "n_rows,m,nnz;..." oldest first.
+inline constexpr const char* kOpenBlocksKey = "open_blocks";
 
 using Metadata = std::vector<std::pair<std::string, std::string>>;
 

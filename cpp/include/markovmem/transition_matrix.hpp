@@ -53,6 +53,37 @@ struct CheckOptions {
 std::optional<Violation> check_rows(const CsrView& rows, const double* tail, Index nnz_capacity, Index n_states,
                                     Index n_base, const CheckOptions& opts);
 
+/// One old->new block of an open expansion (DESIGN §1, "Open expansion").  The n_rows
+/// states that existed before it may move to the m states it added, columns
+/// [n_rows, n_rows + m): row v's entries are the true probabilities p~(c | v), leak[v]
+/// their sum (in [0, 1)), and every other transition of row v is scaled by 1 - leak[v].
+/// Column ids are absolute state ids.  Immutable once built; `owner` keeps the arrays alive.
+struct OpenBlock {
+  Index n_rows = 0;
+  Index m = 0;
+  const Index* indptr = nullptr;        ///< n_rows + 1 entries, indptr[0] == 0
+  const StateIndex* indices = nullptr;  ///< sorted per row, in [n_rows, n_rows + m)
+  const Prob* data = nullptr;
+  const double* leak = nullptr;  ///< n_rows entries: the row sums, computed in double
+  std::shared_ptr<const void> owner;
+
+  Index nnz() const noexcept { return indptr[n_rows]; }
+  /// The entry of row v (< n_rows) at column c, 0 when not stored.  O(log k).
+  double entry(Index v, Index c) const noexcept;
+  /// Bytes of the four arrays.
+  Index storage_bytes() const noexcept;
+  /// Appends (n_rows, m, nnz, XXH64 of each array) to a fingerprint's parts.
+  void append_hashes(std::vector<std::uint64_t>& out) const;
+
+  /// An owning block from absolute-column CSR arrays.  Checks indptr (starts at 0,
+  /// non-decreasing, ends at indices.size()), columns (sorted, unique, in
+  /// [n_rows, n_rows + m)), values (finite, >= 0) and row sums (< 1); computes the
+  /// leak, or checks a given one equals the row sum within tol.  Throws
+  /// InvariantViolation naming `label`, the row and the column.  O(n_rows + nnz).
+  static OpenBlock build(Index n_rows, Index m, std::vector<Index> indptr, std::vector<StateIndex> indices,
+                         std::vector<Prob> data, const double* leak, double tol, const std::string& label);
+};
+
 /// Immutable transition matrix.  Copies share storage (cheap); every method is
 /// const and safe to call from several threads at once.
 class TransitionMatrix {
@@ -102,10 +133,22 @@ class TransitionMatrix {
   /// Bytes of the four arrays.
   Index storage_bytes() const noexcept;
 
+  /// Old->new blocks of the open expansions that made this matrix, oldest first (empty
+  /// for a closed matrix).  The stored rows (indptr, indices, data, tail) are then the
+  /// distributions *given* an old next state; prob() and friends give the true p~.
+  const std::vector<OpenBlock>& open_blocks() const noexcept { return open_; }
+  /// The same stored rows (shared) carrying `blocks` in place of this matrix's.  Checks
+  /// that block k's rows are the states before it (n_rows_k >= n_base, blocks in order
+  /// and disjoint: n_rows_k + m_k <= n_rows_{k+1}, the last ending at or before n_states).
+  TransitionMatrix with_open_blocks(std::vector<OpenBlock> blocks) const;
+  /// Per row, the total mass moved to added states by every open block:
+  /// leak = eps_K + (1 - eps_K) * leak_before_K, oldest block first (one block: eps exactly).
+  std::vector<double> total_leak() const;
+
   /// Throws std::out_of_range unless 0 <= v < n_states.
   void check_state(Index v, const char* what) const;
 
-  /// p(x | v) with the tail rule; O(log k_v).  Bounds-checked.
+  /// p(x | v) with the tail rule, scaled by the open blocks (the true p~); O(log k_v + blocks).  Bounds-checked.
   double prob(Index v, Index x) const;
   /// log p(x | v), with kLogFloor in place of exact zeros.
   double log_prob(Index v, Index x) const;
@@ -190,7 +233,7 @@ class TransitionMatrix {
   /// Keys of the derived entries held now, sorted.
   std::vector<std::string> derived_keys() const;
 
-  /// First broken invariant (structure, values, tail) or nothing.
+  /// First broken invariant (structure, values, tail, open blocks) or nothing.
   std::optional<Violation> find_violation(double tol = kRowSumTolerance, int n_threads = 0, Index first_row = 0) const;
 
  private:
@@ -204,6 +247,11 @@ class TransitionMatrix {
   const StateIndex* indices_ = nullptr;
   const Prob* data_ = nullptr;
   const double* tail_ = nullptr;
+  double prob_unchecked(Index v, Index x) const noexcept;
+  /// Appends the hashes of the open blocks lying within the first n_rows states.
+  void append_open_hashes(std::vector<std::uint64_t>& parts, Index n_rows) const;
+
+  std::vector<OpenBlock> open_;        ///< old->new blocks, oldest first
   std::shared_ptr<const void> owner_;  ///< keeps the arrays alive (Owned, or a file mapping)
   std::shared_ptr<Owned> owned_;       ///< set when the storage is ours (in-place expansion possible)
   std::shared_ptr<void> claim_;        ///< this matrix's reservation of its storage, if extended
