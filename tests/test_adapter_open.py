@@ -75,7 +75,7 @@ def independent_leak(model, contexts):
 
 @pytest.mark.parametrize("arch, tied, dtype", CASES)
 def test_certificate_is_exact_and_the_gate_holds(arch, tied, dtype):
-    base, model, tok, ids = open_model(arch, tied, dtype)
+    base, model, _, ids = open_model(arch, tied, dtype)
     ctx = old_contexts()
     report = llm.verify_no_forgetting(base, model, ctx)
     assert report.logits_bitwise_equal and report.max_abs_logit_diff == 0.0
@@ -118,7 +118,7 @@ def test_gate_statistics(statistic):
 
 
 def test_gate_never_raises_the_leak():
-    base, model, _, _ = open_model("llama", True, bias=(-20.0, -20.0))
+    _, model, _, _ = open_model("llama", True, bias=(-20.0, -20.0))
     ctx = old_contexts()
     cal = llm.calibrate_leak(model, ctx, 0.5, progress=False)
     assert not cal.binding and cal.offset == 0.0 and cal.leak_after == cal.leak_before < 0.5
@@ -227,7 +227,7 @@ def test_embedding_tune_trains_only_new_rows(arch, tied, tie_output):
 
 
 def test_bad_input_names_the_argument():
-    base, model, tok, ids = open_model()
+    base, model, _, ids = open_model()
     ctx = old_contexts(n=2)
     for bad in (0, 1, 1.5, -0.1, float("nan"), "x", None):
         with pytest.raises(ValueError, match="max_leak is"):

@@ -338,7 +338,6 @@ class _Expansion:
         self.tensors = tensors
         self.where = where
 
-
     def _read_open_fields(self, meta: dict[str, str], version: str, where: str) -> None:
         """tie_output and leak_offset, checked against block_output and the output tensors."""
         if version in ("1", "2"):
@@ -349,7 +348,9 @@ class _Expansion:
             self.tie_output = _bool_field(meta, "tie_output", where)
             offset = _json_field(meta, "leak_offset", where)
             if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
-                raise ValueError(f"{where}: metadata field 'leak_offset' is {meta['leak_offset']!r:.50}; expected a finite number")
+                raise ValueError(
+                    f"{where}: metadata field 'leak_offset' is {meta['leak_offset']!r:.50}; expected a finite number"
+                )
             self.leak_offset = float(offset)
         if self.block_output:
             if self.tie_output or self.output_bias is not None or self.leak_offset != 0.0:

@@ -132,6 +132,7 @@ class NewTokenOutputLayer(nn.Module):
         self.n_new = int(n_new)
         self.block_output = bool(block_output)
         w = base_layer.weight
+        self.leak_offset: torch.Tensor
         self.register_buffer("leak_offset", torch.zeros((), dtype=torch.float32, device=w.device), persistent=False)
         self.new_weight: nn.Parameter | None
         self.new_bias: nn.Parameter | None

@@ -26,14 +26,14 @@ from .distillation import _prepare_device, _progress
 from .layer import NewTokenOutputLayer
 from .model import _require_expansion
 from .verify import (
+    _by_length,
     _check_max_leak,
     _check_statistic,
     _eval_mode,
-    by_length,
-    leak_terms,
-    old_only_sequences,
-    summarize_leak,
-    token_sequences,
+    _leak_terms,
+    _old_only_sequences,
+    _summarize_leak,
+    _token_sequences,
 )
 
 __all__ = ["LeakCalibration", "calibrate_leak"]
@@ -139,7 +139,7 @@ class _Cache:
         """Per-position leak and mean forgetting at ``offset``."""
         leaks, forget = [], 0.0
         for part, new in self.new_logits(layer, offset):
-            leak, f = leak_terms(self.lse_old[part], new)
+            leak, f = _leak_terms(self.lse_old[part], new)
             leaks.append(leak.cpu().numpy())
             forget += float(f.sum())
         return np.concatenate(leaks), forget / max(int(self.hidden.shape[0]), 1)
@@ -180,7 +180,7 @@ def _capture(
     def grab(_module: nn.Module, args: tuple[Any, ...]) -> None:
         seen["hidden"] = args[0].detach()
 
-    groups = by_length(seqs)
+    groups = _by_length(seqs)
     n_batches = sum(math.ceil(len(g) / batch_size) for g in groups.values())
     hidden, lse, targets = [], [], []
     bar = _progress(n_batches, 0, desc, progress, "batch")
@@ -199,7 +199,9 @@ def _capture(
                             f"{type(model).__name__}'s logits are not its output head's (the model transforms "
                             "them after the head); calibrate_leak needs logits = head(hidden)"
                         )
-                    mask, tgt = (torch.ones(x.shape, dtype=torch.bool, device=x.device), None) if keep is None else keep(x)
+                    mask, tgt = (
+                        (torch.ones(x.shape, dtype=torch.bool, device=x.device), None) if keep is None else keep(x)
+                    )
                     hidden.append(h[mask])
                     lse.append(torch.logsumexp(logits[..., :n_base][mask].double(), dim=-1))
                     if tgt is not None:
@@ -289,8 +291,8 @@ def calibrate_leak(
     _check_statistic(statistic)
     if int(batch_size) < 1:
         raise ValueError(f"batch_size is {batch_size}; expected >= 1")
-    seqs = old_only_sequences(state, reference_contexts, tokenizer, "reference_contexts")
-    text_seqs = None if texts is None else token_sequences(state, texts, tokenizer, "texts")
+    seqs = _old_only_sequences(state, reference_contexts, tokenizer, "reference_contexts")
+    text_seqs = None if texts is None else _token_sequences(state, texts, tokenizer, "texts")
     dev = _prepare_device(model, device)
     layer, n_base = state.output_layer, state.n_base
     common: dict[str, Any] = dict(n_base=n_base, batch_size=int(batch_size), device=dev, progress=progress)
@@ -313,7 +315,7 @@ def calibrate_leak(
         nonlocal n_eval
         n_eval += 1
         leak, forget = ref.leak(layer, offset)
-        return summarize_leak(leak, statistic), forget
+        return _summarize_leak(leak, statistic), forget
 
     def as_f32(value: float) -> float:
         return float(np.float32(value))

@@ -730,7 +730,10 @@ def set_embeddings(
                 + ("blocks its new tokens" if out.new_weight is None else "ties them to the input rows")
             )
         writes.append(
-            (out.new_weight, _as_rows(output_embeddings, (len(pos), out.in_features), out.new_weight, "output_embeddings"))
+            (
+                out.new_weight,
+                _as_rows(output_embeddings, (len(pos), out.in_features), out.new_weight, "output_embeddings"),
+            )
         )
     if output_bias is not None:
         if out.new_bias is None:

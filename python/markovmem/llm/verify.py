@@ -23,7 +23,7 @@ __all__ = ["ForgettingReport", "verify_no_forgetting"]
 
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 #: Statistics of the per-position leak that a bound (max_leak) can hold.
-LEAK_STATISTICS = ("max", "p99", "mean")
+_LEAK_STATISTICS = ("max", "p99", "mean")
 
 
 def _check_max_leak(max_leak: Any, name: str = "max_leak") -> float:
@@ -38,12 +38,12 @@ def _check_max_leak(max_leak: Any, name: str = "max_leak") -> float:
 
 
 def _check_statistic(statistic: str, name: str = "statistic") -> str:
-    if statistic not in LEAK_STATISTICS:
-        raise ValueError(f"{name} is {statistic!r}; expected one of {LEAK_STATISTICS}")
+    if statistic not in _LEAK_STATISTICS:
+        raise ValueError(f"{name} is {statistic!r}; expected one of {_LEAK_STATISTICS}")
     return statistic
 
 
-def summarize_leak(leak: np.ndarray, statistic: str) -> float:
+def _summarize_leak(leak: np.ndarray, statistic: str) -> float:
     """``'max'``, ``'mean'`` or ``'p99'`` of per-position leaks (p99: the smallest measured leak that
     at least 99% of the positions do not exceed, so it is always one of the measured values)."""
     if leak.size == 0:
@@ -55,7 +55,7 @@ def summarize_leak(leak: np.ndarray, statistic: str) -> float:
     return float(np.quantile(leak, 0.99, method="higher"))
 
 
-def leak_terms(lse_old: torch.Tensor, new_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _leak_terms(lse_old: torch.Tensor, new_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position leak ``p(new tokens | context)`` and forgetting ``-log(1 - leak)``, in float64.
 
     With ``d = logsumexp(new logits) - logsumexp(old logits)`` (both in float64),
@@ -290,12 +290,12 @@ def verify_no_forgetting(
         raise ValueError(f"batch_size is {batch_size}; expected >= 1")
     bound = None if max_leak is None else _check_max_leak(max_leak)
     _check_statistic(leak_statistic, "leak_statistic")
-    seqs = old_only_sequences(state, contexts, tokenizer, "contexts")
+    seqs = _old_only_sequences(state, contexts, tokenizer, "contexts")
     n_base = state.n_base
     max_diff, bitwise, cond_bitwise, max_new, n_pos = 0.0, True, True, 0.0, 0
     leaks: list[np.ndarray] = []
     forget_sum = 0.0
-    by_len = by_length(seqs)
+    by_len = _by_length(seqs)
     dev = _model_device(model)
     ref_model = base_model if base_model is not None else model
     ref_dev = _model_device(ref_model)
@@ -327,7 +327,7 @@ def verify_no_forgetting(
                 if state.n_new:
                     probs = torch.softmax(got.float(), dim=-1)[..., n_base:]
                     max_new = max(max_new, float(probs.max()))
-                    leak, forget = leak_terms(torch.logsumexp(got[..., :n_base].double(), -1), got[..., n_base:])
+                    leak, forget = _leak_terms(torch.logsumexp(got[..., :n_base].double(), -1), got[..., n_base:])
                     leaks.append(leak.reshape(-1).cpu().numpy())
                     forget_sum += float(forget.sum())
                 n_pos += x.numel()
@@ -359,9 +359,9 @@ def verify_no_forgetting(
         base_fingerprint_now=fp_now,
         reference_fingerprint=ref_fp,
         old_conditional_bitwise_equal=cond_bitwise,
-        leak_mean=summarize_leak(leak_all, "mean"),
-        leak_p99=summarize_leak(leak_all, "p99"),
-        leak_max=summarize_leak(leak_all, "max"),
+        leak_mean=_summarize_leak(leak_all, "mean"),
+        leak_p99=_summarize_leak(leak_all, "p99"),
+        leak_max=_summarize_leak(leak_all, "max"),
         forgetting_nats=forget_sum / max(n_pos, 1),
         leak_offset=float(state.output_layer.leak_offset),
         max_leak=bound,
@@ -369,20 +369,18 @@ def verify_no_forgetting(
     )
 
 
-def old_only_sequences(state: Any, contexts: Any, tokenizer: Any, name: str) -> list[np.ndarray]:
+def _old_only_sequences(state: Any, contexts: Any, tokenizer: Any, name: str) -> list[np.ndarray]:
     """``contexts`` (id sequences, or strings with ``tokenizer``) as non-empty arrays of old ids only."""
-    seqs = token_sequences(state, contexts, tokenizer, name)
+    seqs = _token_sequences(state, contexts, tokenizer, name)
     for i, s in enumerate(seqs):
         if s.size == 0:
             raise ValueError(f"{name}[{i}] is empty")
         if (s >= state.n_base).any():
-            raise ValueError(
-                f"{name}[{i}] holds a new token (id >= n_base = {state.n_base}); {name} must be old-only"
-            )
+            raise ValueError(f"{name}[{i}] holds a new token (id >= n_base = {state.n_base}); {name} must be old-only")
     return seqs
 
 
-def token_sequences(state: Any, texts: Any, tokenizer: Any, name: str) -> list[np.ndarray]:
+def _token_sequences(state: Any, texts: Any, tokenizer: Any, name: str) -> list[np.ndarray]:
     """``texts`` (id sequences, or strings with ``tokenizer``) as id arrays below ``n_base + n_new``."""
     if isinstance(texts, (list, tuple)) and texts and isinstance(texts[0], str):
         if tokenizer is None:
@@ -391,7 +389,7 @@ def token_sequences(state: Any, texts: Any, tokenizer: Any, name: str) -> list[n
     return _as_sequences(texts, state.n_base + state.n_new, name)
 
 
-def by_length(seqs: list[np.ndarray]) -> dict[int, list[np.ndarray]]:
+def _by_length(seqs: list[np.ndarray]) -> dict[int, list[np.ndarray]]:
     """Sequences grouped by length, shortest first, so that a batch needs no padding (every position scored)."""
     groups: dict[int, list[np.ndarray]] = {}
     for s in seqs:
