@@ -85,7 +85,8 @@ def test_certificate_is_exact_and_the_gate_holds(arch, tied, dtype):
     assert report.forgetting_nats > 0.01  # an open expansion does take mass from old text
     assert report.leak_max == pytest.approx(leak.max(), abs=1e-6)
     assert report.leak_mean == pytest.approx(leak.mean(), abs=1e-6)
-    assert report.leak_p99 == pytest.approx(np.quantile(leak, 0.99, method="higher"), abs=1e-6)
+    # p99: the smallest measured leak that at least 99% of the positions do not exceed.
+    assert report.leak_p99 == pytest.approx(np.sort(leak)[int(np.ceil(0.99 * leak.size)) - 1], abs=1e-6)
     assert report.n_positions == leak.size == 12 * 24
     assert not llm.verify_no_forgetting(base, model, ctx, max_leak=0.01).ok
 
@@ -346,3 +347,23 @@ def test_gate_on_stories260k():
     assert after.ok and 0.025 < after.leak_max <= 0.05, str(after)
     assert after.forgetting_nats <= -np.log1p(-0.05)
     assert ids == [512]
+
+
+def test_export_puts_bias_and_offset_into_a_head_bias(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import GenerationConfig
+
+    model = tiny_model("llama", V, tied=False)
+    head = torch.nn.Linear(D, V, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.uniform_(-1, 1)
+    model.lm_head = head
+    tok = tiny_tokenizer(V)
+    ids = llm.add_tokens(model, tok, ["glorp"], block_output=False, output_bias=[2.5])
+    llm.get_expansion(model).output_layer.leak_offset.fill_(-1.0)
+    out = llm.export_merged(model, tok, tmp_path / "merged")
+    tensors = load_file(out / "model.safetensors")
+    assert torch.equal(tensors["lm_head.bias"][:V], head.bias.detach())
+    assert tensors["lm_head.bias"][ids[0]].item() == 1.5
+    assert GenerationConfig.from_pretrained(out).sequence_bias is None

@@ -328,8 +328,9 @@ def calibrate_leak(
         # Bracket: leak_i(c) = sigmoid(d_i + c) in exact arithmetic, so c = logit(bound) - max_i d_i
         # holds even the max; one nat below it (doubling further down if rounding disagrees) is the
         # feasible end, 0 the infeasible one.
-        leak0, _ = ref.leak(layer, 0.0)
-        d_max = float(np.log(leak0.max()) - np.log1p(-leak0.max())) if leak0.max() < 1 else 50.0
+        d_max = max(
+            float((torch.logsumexp(new, -1) - ref.lse_old[part]).max()) for part, new in ref.new_logits(layer, 0.0)
+        )
         lo = as_f32(min(math.log(bound) - math.log1p(-bound) - d_max - 1.0, -1.0))
         step = 1.0
         while measure(lo)[0] > bound:

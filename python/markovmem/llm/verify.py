@@ -52,7 +52,7 @@ def _summarize_leak(leak: np.ndarray, statistic: str) -> float:
         return float(leak.max())
     if statistic == "mean":
         return float(leak.mean())
-    return float(np.quantile(leak, 0.99, method="higher"))
+    return float(np.quantile(leak, 0.99, method="inverted_cdf"))
 
 
 def _leak_terms(lse_old: torch.Tensor, new_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
