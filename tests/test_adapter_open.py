@@ -14,9 +14,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import numpy as np
+from helpers import forge
 
 from markovmem import llm
-from markovmem.llm import _stfile
 from markovmem.llm.testing import assert_no_forgetting, tiny_model, tiny_tokenizer
 
 V = 64
@@ -261,24 +261,6 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="output_embeddings needs block_output=False and tie_output=False"):
         llm.add_tokens(fresh, tok2, ["a1"], block_output=False, tie_output=True, output_embeddings=torch.zeros(1, D))
     assert llm.get_expansion(fresh) is None and len(tok2) == V
-
-
-def forge(src, dst, *, tensors=None, meta=None):
-    """Rewrite an expansion file with tensors/metadata changed (None deletes), re-signed."""
-    from safetensors.torch import save as st_save
-
-    st = _stfile.parse(src.read_bytes(), "src")
-    t, m = dict(st.tensors), dict(st.metadata)
-    for store, edits in ((t, tensors or {}), (m, meta or {})):
-        for k, v in edits.items():
-            if v is None:
-                store.pop(k, None)
-            else:
-                store[k] = v
-    records = [(k, _stfile.tensor_record(v)) for k, v in t.items()]
-    m["content_fingerprint"] = _stfile.content_fingerprint(records, m, "content_fingerprint")
-    dst.write_bytes(st_save(t, metadata=m))
-    return dst
 
 
 @pytest.mark.parametrize(
