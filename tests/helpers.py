@@ -127,3 +127,25 @@ def tinystories_path() -> Path:
     default = Path(__file__).resolve().parents[2] / "shared" / "data"
     path = Path(os.environ.get("MARKOVMEM_TEST_DATA", default))
     return path / "tinystories-sample.txt" if path.is_dir() else path
+
+
+def forge(src: Path, dst: Path, *, tensors: dict | None = None, meta: dict | None = None, resign: bool = True) -> Path:
+    """Rewrite an expansion file (markovmem.llm) with tensors/metadata changed (None values
+    delete), re-signed like a forger would unless ``resign`` is False.  Needs torch."""
+    from safetensors.torch import save as st_save
+
+    from markovmem.llm import _stfile
+
+    st = _stfile.parse(src.read_bytes(), "src")
+    t, m = dict(st.tensors), dict(st.metadata)
+    for store, edits in ((t, tensors or {}), (m, meta or {})):
+        for k, v in edits.items():
+            if v is None:
+                store.pop(k, None)
+            else:
+                store[k] = v
+    if resign:
+        records = [(k, _stfile.tensor_record(v)) for k, v in t.items()]
+        m["content_fingerprint"] = _stfile.content_fingerprint(records, m, "content_fingerprint")
+    dst.write_bytes(st_save(t, metadata=m))
+    return dst

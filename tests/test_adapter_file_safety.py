@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 
 import numpy as np
 import scipy.sparse as sp
-from safetensors.torch import save as st_save
+from helpers import forge
 
 from markovmem import llm
 from markovmem.llm import _stfile, expansion_io
@@ -48,24 +48,6 @@ def saved(tmp_path):
     path = tmp_path / "e.safetensors"
     llm.save_expansion(model, tok, path, alpha=ALPHA)
     return base, path
-
-
-def forge(src, dst, *, tensors=None, meta=None, resign=True):
-    """Rewrite an expansion file with tensors/metadata changed (None values delete), re-signed
-    like a forger would unless ``resign`` is False."""
-    st = _stfile.parse(src.read_bytes(), "src")
-    t, m = dict(st.tensors), dict(st.metadata)
-    for store, edits in ((t, tensors or {}), (m, meta or {})):
-        for k, v in edits.items():
-            if v is None:
-                store.pop(k, None)
-            else:
-                store[k] = v
-    if resign:
-        records = [(k, _stfile.tensor_record(v)) for k, v in t.items()]
-        m["content_fingerprint"] = _stfile.content_fingerprint(records, m, "content_fingerprint")
-    dst.write_bytes(st_save(t, metadata=m))
-    return dst
 
 
 def snapshot(model, tok):

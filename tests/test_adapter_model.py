@@ -79,10 +79,13 @@ def test_new_tokens_are_read_but_never_predicted(arch):
     assert not torch.equal(again[:, 2:], logits[:, 2:])
 
 
-def test_unblocked_tied_output_uses_the_input_row():
+def test_tie_output_uses_the_input_row():
     model = tiny_model("llama", V, tied=True)
     tok = tiny_tokenizer(V)
-    ids = llm.add_tokens(model, tok, ["glorp"], block_output=False)
+    ids = llm.add_tokens(model, tok, ["glorp"], block_output=False, tie_output=True)
+    state = llm.get_expansion(model)
+    assert state.output_layer.new_weight is state.input_layer.new_weight
+    assert len(state.new_parameters()) == 2  # the shared rows once, and the bias
     row = torch.randn(1, 32)
     llm.set_embeddings(model, ids, row)
     seen = {}
@@ -92,6 +95,26 @@ def test_unblocked_tied_output_uses_the_input_row():
     expected = seen["h"] @ row[0]
     assert torch.allclose(logits[..., V], expected, atol=1e-6)
     assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="ties them to the input rows"):
+        llm.set_embeddings(model, ids, output_embeddings=row)
+
+
+def test_open_output_rows_are_untied_by_default_on_a_tied_base():
+    model = tiny_model("llama", V, tied=True)
+    tok = tiny_tokenizer(V)
+    row = torch.randn(1, 32)
+    ids = llm.add_tokens(model, tok, ["glorp"], embeddings=row, block_output=False)
+    state = llm.get_expansion(model)
+    out = state.output_layer
+    assert out.new_weight is not state.input_layer.new_weight
+    assert torch.equal(out.new_weight.detach(), row)  # starts as a copy of the input rows, like the base
+    assert torch.equal(out.new_bias.detach(), torch.zeros(1))  # a bias though the base head has none
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # base still tied
+    llm.set_embeddings(model, ids, torch.zeros(1, 32))
+    assert torch.equal(out.new_weight.detach(), row)  # input rows alone leave the output rows
+    llm.set_embeddings(model, ids, output_embeddings=torch.ones(1, 32), output_bias=[2.0])
+    assert torch.equal(out.new_weight.detach(), torch.ones(1, 32)) and out.new_bias.tolist() == [2.0]
+    assert torch.equal(state.input_layer.new_weight.detach(), torch.zeros(1, 32))
 
 
 def test_untied_unblocked_output_rows_are_settable():
@@ -107,18 +130,22 @@ def test_untied_unblocked_output_rows_are_settable():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_growing_an_unblocked_expansion(tied):
+@pytest.mark.parametrize("tie_output", [True, False])
+def test_growing_an_unblocked_expansion(tied, tie_output):
     model = tiny_model("gpt2", V, tied=tied)
     base = copy.deepcopy(model)
     tok = tiny_tokenizer(V)
-    llm.add_tokens(model, tok, ["glorp"], block_output=False)
-    llm.add_tokens(model, tok, ["blip"], block_output=False)
+    llm.add_tokens(model, tok, ["glorp"], block_output=False, tie_output=tie_output, output_bias=[1.5])
+    llm.add_tokens(model, tok, ["blip"], block_output=False, tie_output=tie_output)
     with torch.no_grad():
         logits = model(torch.tensor([[1, 5, V, V + 1]])).logits
     assert logits.shape == (1, 4, V + 2) and torch.isfinite(logits).all()
     out = llm.get_expansion(model).output_layer
     assert out.new_weight.shape == (2, 32)
-    assert (out.new_weight is llm.get_expansion(model).input_layer.new_weight) == tied
+    assert (out.new_weight is llm.get_expansion(model).input_layer.new_weight) == tie_output
+    assert out.new_bias.tolist() == [1.5, 0.0]
+    with pytest.raises(ValueError, match="tie_output"):
+        llm.add_tokens(model, tok, ["zap"], block_output=False, tie_output=not tie_output)
     report = llm.verify_no_forgetting(base, model, CONTEXTS)
     assert report.max_abs_logit_diff == 0.0 and report.base_params_unchanged
     assert report.max_new_token_prob > 0.0 and report.ok  # not blocked: new tokens may be predicted

@@ -31,6 +31,8 @@ _EXPORTS = {
     "embedding_tune": "tuning",
     "ForgettingReport": "verify",
     "verify_no_forgetting": "verify",
+    "LeakCalibration": "leak",
+    "calibrate_leak": "leak",
     "export_merged": "expansion_io",
     "load_expansion": "expansion_io",
     "save_expansion": "expansion_io",

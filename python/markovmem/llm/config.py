@@ -37,6 +37,16 @@ class MarkovMemConfig:
             )
         },
     )
+    tie_output: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "With block_output False: True makes the new tokens' output rows their input rows (one "
+                "parameter, the paper's ET); False (the default) gives them their own output rows and bias, "
+                "also when the base model ties its embeddings."
+            )
+        },
+    )
     init: str = field(
         default="mean",
         metadata={
@@ -77,6 +87,10 @@ class MarkovMemConfig:
             raise ValueError(f"init is {self.init!r}; expected one of {ROW_INITS}")
         if not isinstance(self.block_output, bool):
             raise ValueError(f"block_output is {self.block_output!r}; expected True or False")
+        if not isinstance(self.tie_output, bool):
+            raise ValueError(f"tie_output is {self.tie_output!r}; expected True or False")
+        if self.tie_output and self.block_output:
+            raise ValueError("tie_output=True needs block_output=False (blocked tokens have no output rows)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable)."""

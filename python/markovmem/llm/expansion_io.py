@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,8 +36,10 @@ __all__ = ["export_merged", "load_expansion", "save_expansion"]
 
 _FORMAT = "markovmem-expansion"
 #: Version 2 added the content fingerprint; version 1 files, written without one, still load.
-_VERSION = "2"
-_READABLE = ("1", "2")
+#: Version 3 added tie_output and leak_offset (open expansions: own output rows, bias, gate);
+#: older files infer tie_output (an unblocked file without output rows tied them) and offset 0.
+_VERSION = "3"
+_READABLE = ("1", "2", "3")
 #: Metadata key of the content fingerprint (blake2b over every tensor and the other metadata).
 _CONTENT_KEY = "content_fingerprint"
 #: Tensors an expansion file may hold.
@@ -73,7 +76,7 @@ def _expansion_tensors(state: Any, alpha: Any) -> tuple[dict[str, torch.Tensor],
         "input_rows": inp.new_weight.detach().cpu().contiguous(),
         "ids": torch.tensor(state.new_ids, dtype=torch.int64),
     }
-    if not state.config.block_output and not state.tied:
+    if not state.config.block_output and not state.config.tie_output:
         tensors["output_rows"] = out.new_weight.detach().cpu().contiguous()
     if out.new_bias is not None:
         tensors["output_bias"] = out.new_bias.detach().cpu().contiguous()
@@ -91,10 +94,12 @@ def save_expansion(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str
     """Write what the expansion adds to a safetensors file, atomically.
 
     Stored: the tokens and their ids, the new input rows (in the model's
-    dtype), the new output rows when not blocked and untied, the dictionary
-    weights ``alpha`` when known, block_output, the fingerprint and a
+    dtype); when not blocked, the new output rows (unless tied to the input
+    rows), the output bias and the leak offset; the dictionary weights
+    ``alpha`` when known, block_output, tie_output, the fingerprint and a
     description of the base model, and a content fingerprint over all of it
     (checked by :func:`load_expansion`).  Nothing of the base model itself.
+    Loading the file onto the base model gives bitwise the same logits.
 
     The file is written under a unique temporary name next to ``path``,
     fsynced and renamed over it, so readers and concurrent writers see the
@@ -145,6 +150,9 @@ def save_expansion(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str
         "tokens": json.dumps(state.tokens, ensure_ascii=False),
         "n_base": str(state.n_base),
         "block_output": json.dumps(state.config.block_output),
+        "tie_output": json.dumps(state.config.tie_output),
+        # repr of a float round-trips exactly through JSON; the buffer is float32, so its value is too.
+        "leak_offset": json.dumps(float(state.output_layer.leak_offset)),
         "tied": json.dumps(state.tied),
         "base_fingerprint": state.base_fingerprint,
         "base_model": json.dumps(_describe(model, state.n_base, state.input_layer.base_layer.weight)),
@@ -306,6 +314,7 @@ class _Expansion:
                 raise ValueError(f"{where} holds 'output_rows' but block_output is true (blocked tokens have none)")
             self.output_rows = _tensor(tensors, "output_rows", where, (m, None), _FLOATS)
         self.output_bias = _tensor(tensors, "output_bias", where, (m,), _FLOATS) if "output_bias" in tensors else None
+        self._read_open_fields(meta, version, where)
         self.alpha = None
         alpha_shape = meta.get("alpha_shape", "")
         parts = {k: v for k, v in tensors.items() if k.startswith("alpha_")}
@@ -328,6 +337,31 @@ class _Expansion:
         self.metadata = meta
         self.tensors = tensors
         self.where = where
+
+    def _read_open_fields(self, meta: dict[str, str], version: str, where: str) -> None:
+        """tie_output and leak_offset, checked against block_output and the output tensors."""
+        if version in ("1", "2"):
+            # Before version 3 an unblocked file without output rows tied them to the input rows.
+            self.tie_output = not self.block_output and self.output_rows is None
+            self.leak_offset = 0.0
+        else:
+            self.tie_output = _bool_field(meta, "tie_output", where)
+            offset = _json_field(meta, "leak_offset", where)
+            if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+                raise ValueError(
+                    f"{where}: metadata field 'leak_offset' is {meta['leak_offset']!r:.50}; expected a finite number"
+                )
+            self.leak_offset = float(offset)
+        if self.block_output:
+            if self.tie_output or self.output_bias is not None or self.leak_offset != 0.0:
+                raise ValueError(
+                    f"{where} has block_output true but tie_output, 'output_bias' or a leak_offset "
+                    "(blocked tokens have no output rows, bias or offset)"
+                )
+        elif self.tie_output and self.output_rows is not None:
+            raise ValueError(f"{where} holds 'output_rows' but tie_output is true (tied tokens use their input rows)")
+        elif not self.tie_output and self.output_rows is None:
+            raise ValueError(f"{where} lacks the tensor 'output_rows' (block_output and tie_output are false)")
 
 
 def read_expansion(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -421,13 +455,14 @@ def load_expansion(
             embeddings=exp.rows,
             block_output=exp.block_output,
             output_embeddings=exp.output_rows,
+            output_bias=exp.output_bias,
+            tie_output=exp.tie_output,
             allow_shadowing=allow_shadowing,
         )
         try:
             state = _require_expansion(base_model)
-            if exp.output_bias is not None and state.output_layer.new_bias is not None:
-                with torch.no_grad():
-                    state.output_layer.new_bias.copy_(exp.output_bias)
+            with torch.no_grad():
+                state.output_layer.leak_offset.fill_(exp.leak_offset)
             state.alpha = exp.alpha
         except BaseException:
             remove_expansion(base_model)
@@ -450,6 +485,15 @@ def _merged_module(
         if bias is not None:
             merged.bias = bias
     return merged
+
+
+def _sequence_bias_list(value: Any) -> list[list[Any]]:
+    """A generation config's ``sequence_bias`` (dict of id tuples, or the list form) as the JSON-able
+    list form ``[[[ids...], bias], ...]`` that transformers' SequenceBiasLogitsProcessor also reads."""
+    if not value:
+        return []
+    items = value.items() if isinstance(value, dict) else value
+    return [[[int(i) for i in ids], float(bias)] for ids, bias in items]
 
 
 def export_merged(
@@ -479,6 +523,20 @@ def export_merged(
       ``suppress_new_tokens`` (default: the expansion's block_output), so
       ``generate()`` never emits them, but ``forward()`` and other decoders do
       give them probability.
+    - **The new tokens' bias and leak offset in forward().** In the open mode
+      (``block_output=False``) the new output rows become the last rows of
+      ``lm_head`` (a base model that ties its embeddings is untied in the
+      exported config, with its own ``lm_head.weight``, when the new output
+      rows differ from the new input rows).  A head with a bias takes
+      ``new_bias + leak_offset`` into it.  Most heads (Llama, Qwen2, GPT-2)
+      have none; ``new_bias + leak_offset`` then goes to
+      ``generation_config.sequence_bias`` as ``[[[id], value], ...]``, which
+      transformers' ``generate()`` adds to the float32 scores of each step
+      (``SequenceBiasLogitsProcessor``), so greedy and sampled generation see
+      the expansion's logits, up to rounding.  A plain ``forward()`` of the
+      exported model (and any decoder that ignores the generation config) does
+      not add it: its new logits are ``h . w_u`` only, without the per-token
+      bias and the gate.
     - **Reversibility and certification.** The base rows are the first
       ``n_base`` rows, but nothing records or checks that; the base fingerprint
       is not in the checkpoint.
@@ -517,20 +575,35 @@ def export_merged(
         w_in = nn.Parameter(
             torch.cat([inp.base_layer.weight.detach(), inp.new_weight.detach()], 0), requires_grad=False
         )
-        if state.tied:
+        # Tied export when the base ties and the new output rows are (bitwise) the new input rows.
+        untie = state.tied and out.new_weight is not None and not torch.equal(out.new_weight, inp.new_weight)
+        if state.tied and not untie:
             w_out = w_in
         else:
             rows = out.new_weight.detach() if out.new_weight is not None else torch.zeros_like(inp.new_weight)
             w_out = nn.Parameter(
                 torch.cat([out.base_layer.weight.detach(), rows.to(out.base_layer.weight)], 0), requires_grad=False
             )
+        # new_bias + leak_offset, as the expansion adds them (float32).
+        shift = None
+        if out.new_bias is not None:
+            shift = out.new_bias.detach().float() + out.leak_offset.float()
         b_out = None
         if out.base_layer.bias is not None:
-            extra = out.new_bias.detach() if out.new_bias is not None else out.base_layer.bias.new_zeros(state.n_new)
-            b_out = nn.Parameter(torch.cat([out.base_layer.bias.detach(), extra]), requires_grad=False)
+            extra = shift if shift is not None else torch.zeros(state.n_new)
+            b_out = nn.Parameter(
+                torch.cat([out.base_layer.bias.detach(), extra.to(out.base_layer.bias)]), requires_grad=False
+            )
     merged = {"input": _merged_module(inp.base_layer, w_in), "output": _merged_module(out.base_layer, w_out, b_out)}
     gen = getattr(model, "generation_config", None)
     old_suppress = getattr(gen, "suppress_tokens", None) if gen is not None else None
+    old_sequence_bias = getattr(gen, "sequence_bias", None) if gen is not None else None
+    sequence_bias = None
+    if shift is not None and b_out is None:
+        sequence_bias = _sequence_bias_list(old_sequence_bias)
+        sequence_bias += [[[i], float(v)] for i, v in zip(state.new_ids, shift.tolist(), strict=True) if v != 0.0]
+    configs = [c for c in {id(c): c for c in (model.config, _text_config(model))}.values()]
+    old_tie = [getattr(c, "tie_word_embeddings", None) for c in configs]
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(str(tmp), **save_kwargs)
@@ -542,12 +615,21 @@ def export_merged(
                 for parent, name in state._sites[role]:
                     setattr(parent, name, merged[role])
             _text_config(model).vocab_size = state.n_base + state.n_new
+            if untie:
+                for c in configs:
+                    c.tie_word_embeddings = False
             if gen is not None and suppress_new_tokens:
                 gen.suppress_tokens = sorted(set(old_suppress or []) | set(state.new_ids))
+            if gen is not None and sequence_bias:
+                gen.sequence_bias = sequence_bias
             atomic_publish_dir(path, fill)
         finally:
+            for c, tie in zip(configs, old_tie, strict=True):
+                if tie is not None:
+                    c.tie_word_embeddings = tie
             if gen is not None:
                 gen.suppress_tokens = old_suppress
+                gen.sequence_bias = old_sequence_bias
             for role in ("input", "output"):
                 for parent, name in state._sites[role]:
                     setattr(parent, name, state._originals[role])

@@ -87,7 +87,11 @@ class NewTokenOutputLayer(nn.Module):
     matmul shape as in the base model (a bigger output matrix could change GEMM
     blocking, hence the last bits of old logits); the ``n_new`` new columns are
     appended: ``-inf`` when ``block_output`` (probability exactly 0), else
-    ``hidden @ new_weight.T (+ new_bias)``.
+    :meth:`new_logits`, ``hidden @ new_weight.T + new_bias + leak_offset``.
+
+    Because the old logits and the hidden states are the base model's, the
+    distribution over old tokens after any context is the base one scaled by
+    ``1 - leak``, with ``leak = p(new tokens | context)``.
 
     Parameters
     ----------
@@ -99,7 +103,17 @@ class NewTokenOutputLayer(nn.Module):
         Append ``-inf`` logits instead of computing them.
     new_weight : torch.nn.Parameter, optional
         (n_new, d) output rows when not blocked.  Pass the embedding layer's
-        ``new_weight`` to tie them like the base model ties its embeddings.
+        ``new_weight`` to tie them to the new input rows.
+    new_bias : torch.nn.Parameter, optional
+        (n_new,) bias of the new logits when not blocked; zeros by default.  A
+        new token has a bias even when the base head has none.
+
+    Attributes
+    ----------
+    leak_offset : torch.Tensor
+        Scalar float32 buffer (not persistent) added to every new logit; 0 by
+        default, set by :func:`markovmem.llm.leak.calibrate_leak` to hold the
+        leak under a bound.
     """
 
     def __init__(
@@ -108,6 +122,7 @@ class NewTokenOutputLayer(nn.Module):
         n_new: int,
         block_output: bool = True,
         new_weight: nn.Parameter | None = None,
+        new_bias: nn.Parameter | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -116,6 +131,11 @@ class NewTokenOutputLayer(nn.Module):
         self.n_base = int(base_layer.out_features)
         self.n_new = int(n_new)
         self.block_output = bool(block_output)
+        w = base_layer.weight
+        self.leak_offset: torch.Tensor
+        self.register_buffer("leak_offset", torch.zeros((), dtype=torch.float32, device=w.device), persistent=False)
+        self.new_weight: nn.Parameter | None
+        self.new_bias: nn.Parameter | None
         if self.block_output:
             self.new_weight = None
             self.new_bias = None
@@ -124,10 +144,11 @@ class NewTokenOutputLayer(nn.Module):
                 got = None if new_weight is None else tuple(new_weight.shape)
                 raise ValueError(f"new_weight is {got}; expected shape ({self.n_new}, {base_layer.in_features})")
             self.new_weight = new_weight
-            if base_layer.bias is not None:
-                self.new_bias = nn.Parameter(base_layer.bias.new_zeros(self.n_new))
-            else:
-                self.new_bias = None
+            if new_bias is None:
+                new_bias = nn.Parameter(w.new_zeros(self.n_new))
+            elif tuple(new_bias.shape) != (self.n_new,):
+                raise ValueError(f"new_bias has shape {tuple(new_bias.shape)}; expected ({self.n_new},)")
+            self.new_bias = new_bias
 
     @property
     def weight(self) -> torch.Tensor:
@@ -147,16 +168,28 @@ class NewTokenOutputLayer(nn.Module):
         """``n_base + n_new``: the width of the logits this layer returns."""
         return self.n_base + self.n_new
 
+    def new_logits(self, hidden: torch.Tensor, offset: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The new tokens' logits (..., n_new) in ``hidden``'s dtype, as :meth:`forward` appends them.
+
+        ``hidden @ new_weight.T + new_bias`` in ``hidden``'s dtype, then the
+        offset added in float32 (or wider) and the sum rounded back once.  ``offset``
+        (default: the ``leak_offset`` buffer) lets the leak gate evaluate a
+        candidate offset with exactly the arithmetic of the forward pass.
+        """
+        if self.new_weight is None or self.new_bias is None:
+            return hidden.new_full((*hidden.shape[:-1], self.n_new), float("-inf"))
+        extra = F.linear(hidden, self.new_weight.to(hidden.dtype), self.new_bias.to(hidden.dtype))
+        off = self.leak_offset if offset is None else torch.as_tensor(offset, dtype=torch.float32)
+        # Widening, adding 0.0 and narrowing back are exact: with the default offset the logits are the matmul's.
+        wide = torch.promote_types(extra.dtype, torch.float32)
+        return (extra.to(wide) + off.to(device=extra.device, dtype=wide)).to(extra.dtype)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.base_layer(hidden)
-        if self.block_output:
-            extra = logits.new_full((*logits.shape[:-1], self.n_new), float("-inf"))
-        else:
-            assert self.new_weight is not None  # __init__ requires it whenever block_output is False
-            bias = None if self.new_bias is None else self.new_bias.to(hidden.dtype)
-            extra = F.linear(hidden, self.new_weight.to(hidden.dtype), bias)
-            extra = extra.to(logits.dtype)
-        return torch.cat([logits, extra], dim=-1)
+        return torch.cat([logits, self.new_logits(hidden).to(logits.dtype)], dim=-1)
 
     def extra_repr(self) -> str:
-        return f"n_base={self.n_base}, n_new={self.n_new}, block_output={self.block_output}"
+        text = f"n_base={self.n_base}, n_new={self.n_new}, block_output={self.block_output}"
+        if not self.block_output and float(self.leak_offset) != 0.0:
+            text += f", leak_offset={float(self.leak_offset):.6g}"
+        return text

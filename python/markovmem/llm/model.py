@@ -128,7 +128,7 @@ def _init_rows(weight: torch.Tensor, m: int, init: str, seed: int) -> torch.Tens
     return rows.to(device=weight.device, dtype=weight.dtype)
 
 
-def _as_rows(values: Any, shape: tuple[int, int], like: torch.Tensor, name: str) -> torch.Tensor:
+def _as_rows(values: Any, shape: tuple[int, ...], like: torch.Tensor, name: str) -> torch.Tensor:
     """``values`` (tensor or array) checked to ``shape`` and cast to ``like``'s dtype and device."""
     t = values if torch.is_tensor(values) else torch.as_tensor(np.asarray(values))
     if tuple(t.shape) != tuple(shape):
@@ -153,7 +153,7 @@ class MarkovMemModel:
     Attributes
     ----------
     config : MarkovMemConfig
-        Tokens (in id order), block_output, init.
+        Tokens (in id order), block_output, tie_output, init.
     n_base : int
         Base vocabulary size; new token ``i`` has id ``n_base + i``.
     base_fingerprint : str
@@ -169,6 +169,7 @@ class MarkovMemModel:
         config: MarkovMemConfig,
         new_rows: torch.Tensor,
         new_output_rows: torch.Tensor | None = None,
+        new_output_bias: torch.Tensor | None = None,
     ) -> None:
         if get_expansion(model) is not None:
             raise ValueError("model already carries a markovmem expansion; add tokens to it with add_tokens")
@@ -188,7 +189,10 @@ class MarkovMemModel:
         self._originals = {"input": inp, "output": out}
         in_wrapper = NewTokenEmbeddingLayer(inp, new_rows)
         out_weight = self._output_rows(in_wrapper, out, new_output_rows)
-        out_wrapper = NewTokenOutputLayer(out, in_wrapper.n_new, config.block_output, out_weight)
+        out_bias = None
+        if new_output_bias is not None and not config.block_output:
+            out_bias = nn.Parameter(_as_rows(new_output_bias, (in_wrapper.n_new,), out.weight, "output_bias"))
+        out_wrapper = NewTokenOutputLayer(out, in_wrapper.n_new, config.block_output, out_weight, out_bias)
         self._input_layer, self._output_layer = in_wrapper, out_wrapper
         self._wrappers: dict[str, nn.Module] = {"input": in_wrapper, "output": out_wrapper}
         self._install("wrappers")
@@ -200,13 +204,21 @@ class MarkovMemModel:
     ) -> nn.Parameter | None:
         if self.config.block_output:
             return None
-        if self.tied:
-            # Tied like the base model: the new tokens' output rows are their input rows.
+        if self.config.tie_output:
+            # The paper's ET: the new tokens' output rows are their input rows (one parameter).
             return in_wrapper.new_weight
-        rows = new_output_rows
+        return nn.Parameter(self._default_output_rows(in_wrapper.new_weight.detach(), out, new_output_rows))
+
+    def _default_output_rows(self, input_rows: torch.Tensor, out: nn.Linear, rows: torch.Tensor | None) -> torch.Tensor:
+        """Own output rows of new tokens: ``rows`` when given, else a copy of their input rows when the
+        base ties its embeddings (the base model's own convention), else ``init`` over the base output rows."""
+        m = int(input_rows.shape[0])
         if rows is None:
-            rows = _init_rows(out.weight, in_wrapper.n_new, self.config.init, self.config.seed)
-        return nn.Parameter(_as_rows(rows, (in_wrapper.n_new, out.in_features), out.weight, "output rows"))
+            if self.tied:
+                rows = input_rows.clone()
+            else:
+                rows = _init_rows(out.weight, m, self.config.init, self.config.seed)
+        return _as_rows(rows, (m, out.in_features), out.weight, "output_embeddings")
 
     def _install(self, which: str) -> None:
         for role in ("input", "output"):
@@ -246,7 +258,8 @@ class MarkovMemModel:
         return list(range(self.n_base, self.n_base + self.n_new))
 
     def new_parameters(self) -> list[nn.Parameter]:
-        """The expansion's own parameters (new input rows, and new output rows when not blocked)."""
+        """The expansion's own parameters: new input rows, and when not blocked new output rows
+        (unless tied to the input rows) and the new bias."""
         params: list[nn.Parameter] = [self.input_layer.new_weight]
         out = self.output_layer
         for p in (out.new_weight, out.new_bias):
@@ -257,28 +270,35 @@ class MarkovMemModel:
     def __repr__(self) -> str:
         return (
             f"MarkovMemModel(n_base={self.n_base}, tokens={self.tokens!r}, "
-            f"block_output={self.config.block_output}, tied={self.tied})"
+            f"block_output={self.config.block_output}, tie_output={self.config.tie_output}, tied={self.tied})"
         )
 
     # ------------------------------------------------------------------ changes
-    def grow(self, tokens: Sequence[str], rows: torch.Tensor, output_rows: torch.Tensor | None = None) -> None:
-        """Append new tokens (rows (m, d)); earlier new rows keep their values."""
+    def grow(
+        self,
+        tokens: Sequence[str],
+        rows: torch.Tensor,
+        output_rows: torch.Tensor | None = None,
+        output_bias: torch.Tensor | None = None,
+    ) -> None:
+        """Append new tokens (input rows (m, d), optional own output rows (m, d) and bias (m,));
+        earlier new rows keep their values, and the leak offset is kept."""
         inp = self.input_layer
+        m = len(tokens)
         new_in = torch.cat([inp.new_weight.detach(), rows.to(inp.new_weight)], 0)
         inp.new_weight = nn.Parameter(new_in)
         self.config.tokens = list(self.config.tokens) + list(tokens)
         out = self.output_layer
         out.n_new = inp.n_new
         if not self.config.block_output:
-            if self.tied:
+            assert out.new_weight is not None and out.new_bias is not None  # __init__ set them when not blocked
+            if self.config.tie_output:
                 out.new_weight = inp.new_weight
             else:
-                if output_rows is None:
-                    output_rows = _init_rows(out.base_layer.weight, len(tokens), self.config.init, self.config.seed)
-                assert out.new_weight is not None  # an unblocked, untied output always has its own rows
-                out.new_weight = nn.Parameter(torch.cat([out.new_weight.detach(), output_rows.to(out.new_weight)], 0))
-            if out.new_bias is not None:
-                out.new_bias = nn.Parameter(torch.cat([out.new_bias.detach(), out.new_bias.new_zeros(len(tokens))]))
+                extra = self._default_output_rows(rows, out.base_layer, output_rows)
+                out.new_weight = nn.Parameter(torch.cat([out.new_weight.detach(), extra.to(out.new_weight)], 0))
+            bias = out.new_bias.new_zeros(m) if output_bias is None else output_bias.to(out.new_bias)
+            out.new_bias = nn.Parameter(torch.cat([out.new_bias.detach(), bias]))
         self._install("wrappers")
 
     def detach(self) -> nn.Module:
@@ -319,7 +339,8 @@ def _base_named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     skip: set[int] = set()
     renames: list[tuple[str, str]] = []
     if state is not None:
-        skip = {id(p) for p in state.new_parameters()}
+        # The expansion's own tensors: its parameters and the leak offset buffer.
+        skip = {id(p) for p in state.new_parameters()} | {id(state.output_layer.leak_offset)}
         for name, module in model.named_modules():
             if module is state.input_layer or module is state.output_layer:
                 renames.append((f"{name}.base_layer.", f"{name}."))
@@ -486,6 +507,8 @@ def add_tokens(
     *,
     init: str = "mean",
     output_embeddings: Any = None,
+    output_bias: Any = None,
+    tie_output: bool = False,
     pad_tokenizer: bool = True,
     seed: int = 0,
     allow_shadowing: bool = False,
@@ -520,13 +543,27 @@ def add_tokens(
         the embedding's dtype and device.  Default: ``init``.
     block_output : bool
         New tokens get logit ``-inf`` at every position (probability exactly 0),
-        the paper's p(u|v) = 0.  False computes their logits from output rows:
-        the input rows for tied models, ``output_embeddings`` (or ``init``) otherwise.
+        the paper's p(u|v) = 0.  False (generate mode) computes their logits
+        ``h . w_u + b_u + leak_offset`` from output rows ``w_u`` and a bias
+        ``b_u`` held in their own parameters, so the model can emit them; the old
+        logits stay bitwise the base model's, and old text loses exactly
+        ``-log(1 - leak)`` per position (see :func:`verify_no_forgetting`).
         Must match the existing expansion when appending.
     init : {'mean', 'random', 'zeros'}
         Initial rows when ``embeddings`` is None.
     output_embeddings : (m, d) tensor or array, optional
-        Output rows of untied models when ``block_output`` is False.
+        Output rows when ``block_output`` is False and ``tie_output`` is False
+        (e.g. a fitted output init).  Default: a copy of the new input rows when
+        the base ties its embeddings, else ``init`` over the base output rows.
+    output_bias : (m,) tensor or array, optional
+        Bias of the new logits when ``block_output`` is False; default zeros.
+        New tokens get a bias even when the base head has none.
+    tie_output : bool
+        With ``block_output=False``: the new output rows *are* the new input
+        rows (one parameter; the paper's ET).  The default False gives the new
+        tokens their own output rows even when the base model ties its
+        embeddings (then the base rows stay tied and only the new ones are
+        untied).  Must match the existing expansion when appending.
     pad_tokenizer : bool
         Allow filling a padded vocabulary with reserved tokens.
     seed : int
@@ -565,17 +602,23 @@ def add_tokens(
         )
     state = get_expansion(model)
     config = MarkovMemConfig(
-        tokens=list(tokens), block_output=block_output, init=init, pad_tokenizer=pad_tokenizer, seed=seed
+        tokens=list(tokens),
+        block_output=block_output,
+        tie_output=tie_output,
+        init=init,
+        pad_tokenizer=pad_tokenizer,
+        seed=seed,
     )
     m = len(config.tokens)
     if m == 0:
         raise ValueError("tokens is empty; expected at least one new token")
     if state is not None:
-        if state.config.block_output != config.block_output:
-            raise ValueError(
-                f"block_output is {block_output} but the model's expansion has "
-                f"block_output={state.config.block_output}; one expansion has one setting"
-            )
+        for name in ("block_output", "tie_output"):
+            if getattr(state.config, name) != getattr(config, name):
+                raise ValueError(
+                    f"{name} is {getattr(config, name)} but the model's expansion has "
+                    f"{name}={getattr(state.config, name)}; one expansion has one setting"
+                )
         clash = sorted(set(state.tokens) & set(config.tokens))
         if clash:
             raise ValueError(f"tokens {clash} were already added to this model")
@@ -594,11 +637,18 @@ def add_tokens(
         if embeddings is not None
         else _init_rows(emb_weight, m, config.init, config.seed)
     )
-    out_rows = None
+    out_rows = out_bias = None
     if output_embeddings is not None:
-        if config.block_output:
-            raise ValueError("output_embeddings needs block_output=False (blocked tokens have no output rows)")
+        if config.block_output or config.tie_output:
+            raise ValueError(
+                "output_embeddings needs block_output=False and tie_output=False "
+                "(blocked tokens have no output rows; tied ones use their input rows)"
+            )
         out_rows = _as_rows(output_embeddings, (m, out_layer.in_features), out_layer.weight, "output_embeddings")
+    if output_bias is not None:
+        if config.block_output:
+            raise ValueError("output_bias needs block_output=False (blocked tokens have no logits to shift)")
+        out_bias = _as_rows(output_bias, (m,), out_layer.weight, "output_bias")
     with _tokenizer_transaction(tokenizer):
         already = _prepare_tokenizer(
             tokenizer, config.tokens, first_id, n_base, config.pad_tokenizer, state is not None
@@ -611,9 +661,9 @@ def add_tokens(
             if n_added != m or ids != expected:
                 raise RuntimeError(f"tokenizer gave the new tokens ids {ids}; expected {expected}")
         if state is None:
-            MarkovMemModel(model, config, rows, out_rows)
+            MarkovMemModel(model, config, rows, out_rows, out_bias)
         else:
-            state.grow(config.tokens, rows, out_rows)
+            state.grow(config.tokens, rows, out_rows, out_bias)
     return list(range(first_id, first_id + m))
 
 
@@ -628,8 +678,19 @@ def _positions(state: MarkovMemModel, ids: Sequence[int]) -> torch.Tensor:
     return torch.tensor([i - lo for i in ids], dtype=torch.long)
 
 
-def set_embeddings(model: nn.Module, ids: Sequence[int], embeddings: Any, *, output_embeddings: Any = None) -> None:
-    """Overwrite the input rows of tokens already added (e.g. with E^T alpha).
+def set_embeddings(
+    model: nn.Module,
+    ids: Sequence[int],
+    embeddings: Any = None,
+    *,
+    output_embeddings: Any = None,
+    output_bias: Any = None,
+) -> None:
+    """Overwrite the input rows, output rows or output bias of tokens already added (e.g. with E^T alpha).
+
+    Every argument left None keeps its current values, so fitted output rows
+    can be written alone: ``set_embeddings(model, ids, output_embeddings=rows,
+    output_bias=bias)``.
 
     Parameters
     ----------
@@ -637,31 +698,50 @@ def set_embeddings(model: nn.Module, ids: Sequence[int], embeddings: Any, *, out
         A model expanded by :func:`add_tokens`.
     ids : sequence of int
         New-token ids (``>= n_base``), distinct.
-    embeddings : (len(ids), d) tensor or array
-        Their rows; cast to the embedding's dtype and device.
+    embeddings : (len(ids), d) tensor or array, optional
+        Their input rows; cast to the embedding's dtype and device.  With
+        ``tie_output`` these are the output rows too.
     output_embeddings : (len(ids), d) tensor or array, optional
-        Output rows, for an untied model with ``block_output=False``.
+        Their own output rows (``block_output=False``, ``tie_output=False``).
+    output_bias : (len(ids),) tensor or array, optional
+        Bias of their logits (``block_output=False``).
 
     Raises
     ------
     ValueError
-        The model has no expansion, a shape is wrong, a value is not finite.
+        The model has no expansion, a shape is wrong, a value is not finite,
+        or the expansion has no such rows (blocked, or output tied to input).
     IndexError
         An id is not one of the new tokens.
     """
     state = _require_expansion(model)
     pos = _positions(state, ids)
-    layer = state.input_layer
-    rows = _as_rows(embeddings, (len(pos), layer.embedding_dim), layer.new_weight, "embeddings")
-    with torch.no_grad():
-        layer.new_weight[pos.to(layer.new_weight.device)] = rows
+    layer, out = state.input_layer, state.output_layer
+    writes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, values): all checked before any write
+    if embeddings is not None:
+        writes.append(
+            (layer.new_weight, _as_rows(embeddings, (len(pos), layer.embedding_dim), layer.new_weight, "embeddings"))
+        )
     if output_embeddings is not None:
-        out = state.output_layer
-        if out.new_weight is None or state.tied:
-            raise ValueError("output_embeddings needs an untied model expanded with block_output=False")
-        orows = _as_rows(output_embeddings, (len(pos), out.in_features), out.new_weight, "output_embeddings")
-        with torch.no_grad():
-            out.new_weight[pos.to(out.new_weight.device)] = orows
+        if out.new_weight is None or state.config.tie_output:
+            raise ValueError(
+                "output_embeddings needs an expansion with its own output rows "
+                "(block_output=False, tie_output=False); this one "
+                + ("blocks its new tokens" if out.new_weight is None else "ties them to the input rows")
+            )
+        writes.append(
+            (
+                out.new_weight,
+                _as_rows(output_embeddings, (len(pos), out.in_features), out.new_weight, "output_embeddings"),
+            )
+        )
+    if output_bias is not None:
+        if out.new_bias is None:
+            raise ValueError("output_bias needs an expansion with block_output=False; this one blocks its new tokens")
+        writes.append((out.new_bias, _as_rows(output_bias, (len(pos),), out.new_bias, "output_bias")))
+    with torch.no_grad():
+        for param, values in writes:
+            param[pos.to(param.device)] = values
 
 
 def alpha_to_embeddings(model: nn.Module, alpha: Any) -> torch.Tensor:

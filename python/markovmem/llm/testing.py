@@ -15,14 +15,17 @@ def assert_no_forgetting(base_model: Any, model: Any, contexts: Any, **kwargs: A
 
     Runs :func:`markovmem.llm.verify_no_forgetting` (same arguments) and
     raises AssertionError listing every failed figure unless the old-vocabulary
-    logits are bitwise equal to the base model's, new tokens get probability
-    exactly 0 after old-only contexts (with block_output), and no base tensor
-    changed.
+    logits (and the old-conditional distribution) are bitwise equal to the base
+    model's, new tokens get probability exactly 0 after old-only contexts (with
+    block_output), no base tensor changed, and, when ``max_leak=`` is given
+    for new tokens that can be generated, the leak statistic
+    (``leak_statistic=``, default the max) is at most ``max_leak``.
 
     Examples
     --------
     >>> ids = llm.add_tokens(model, tokenizer, ["glorp"])      # doctest: +SKIP
     >>> assert_no_forgetting(base, model, [[1, 403, 407]])      # doctest: +SKIP
+    >>> assert_no_forgetting(base, open_model, contexts, max_leak=0.01)  # doctest: +SKIP
     """
     from . import verify_no_forgetting
 

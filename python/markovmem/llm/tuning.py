@@ -36,7 +36,8 @@ class TuneHistory:
     init : str or None
         How the rows started ('alpha', 'mean', 'random', or None: as they were).
     n_trainable : int
-        Scalars trained (rows x width, output rows included when not blocked).
+        Scalars trained: input rows x width, plus, when not blocked, own output
+        rows x width (unless tied to the input rows) and one bias per token.
     n_sequences : int
         Training sequences that contain a trained token.
     seconds : float
@@ -185,7 +186,10 @@ def embedding_tune(
     gradient is ever computed for the base embedding or any base weight, and
     every base tensor is bitwise unchanged afterwards.  With ``block_output``
     (the default of :func:`add_tokens`) new tokens are never targets; the
-    output side stays blocked, which keeps zero forgetting exact.
+    output side stays blocked, which keeps zero forgetting exact.  Without it
+    (generate mode) the new tokens are targets too, and their output rows
+    (when not tied to the input rows) and output bias are trained with the
+    input rows; the leak offset is not trained.
 
     Parameters
     ----------
@@ -273,33 +277,40 @@ def embedding_tune(
     history = TuneHistory(steps=int(steps), batch_size=int(batch_size), lr=float(lr), init=init, n_sequences=len(seqs))
     flags = {id(p): p.requires_grad for p in model.parameters()}
     was_training = model.training
-    # Train float32 master copies (bf16 Adam updates would round away), written
-    # back in the rows' dtype at the end; rows not trained are restored exactly.
-    row_dtype = inp.new_weight.dtype
-    snapshot_in = inp.new_weight.detach().clone()
-    own_out = None if (block or state.tied) else out.new_weight  # output rows trained apart from the input rows
-    snapshot_out = None if own_out is None else own_out.detach().clone()
-    master_in = nn.Parameter(inp.new_weight.detach().float().clone())
-    params = [master_in]
-    master_out = None
-    if own_out is not None:
-        master_out = nn.Parameter(own_out.detach().float().clone())
-        params.append(master_out)
-    row_mask = torch.zeros(inp.n_new, 1, device=master_in.device)
-    row_mask[pos.to(master_in.device)] = 1.0
-    hooks = [p.register_hook(lambda g: g * row_mask.to(g.dtype)) for p in params]
-    history.n_trainable = int(len(pos) * master_in.shape[1] * len(params))
+    # Train float32 master copies (bf16 Adam updates would round away) of each trained
+    # tensor: (owner module, attribute).  They are written back in the tensor's dtype at
+    # the end, with the rows of tokens not trained restored exactly.
+    trained: list[tuple[nn.Module, str]] = [(inp, "new_weight")]
+    if not block:
+        if not state.config.tie_output:
+            trained.append((out, "new_weight"))
+        trained.append((out, "new_bias"))
+    snapshots = [getattr(owner, name).detach().clone() for owner, name in trained]
+    masters = [nn.Parameter(snap.float().clone()) for snap in snapshots]
+    row_mask = torch.zeros(inp.n_new, device=masters[0].device)
+    row_mask[pos.to(row_mask.device)] = 1.0
+
+    def masked(g: torch.Tensor) -> torch.Tensor:
+        return g * row_mask.reshape(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+
+    hooks = [p.register_hook(masked) for p in masters]
+    history.n_trainable = int(sum(len(pos) * (p[0].numel() if p.dim() > 1 else 1) for p in masters))
     start = time.perf_counter()
+
+    def install(tensors: Sequence[torch.Tensor]) -> None:
+        for (owner, name), t in zip(trained, tensors, strict=True):
+            setattr(owner, name, t)
+        if not block and state.config.tie_output:
+            out.new_weight = inp.new_weight
+
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        inp.new_weight = master_in
-        if not block:
-            out.new_weight = master_in if state.tied else master_out
+        install(masters)
         model.eval()
         _train_steps(
             _model_forward(model),
-            params,
+            masters,
             seqs,
             ids_arr,
             state.n_base,
@@ -319,17 +330,13 @@ def embedding_tune(
         for h in hooks:
             h.remove()
         with torch.no_grad():
-            rows_in = master_in.detach().to(row_dtype)
-            keep = row_mask.squeeze(1) == 0
-            rows_in[keep] = snapshot_in[keep]
-            inp.new_weight = nn.Parameter(rows_in)
-            if not block:
-                if state.tied:
-                    out.new_weight = inp.new_weight
-                elif master_out is not None and snapshot_out is not None:
-                    rows_out = master_out.detach().to(snapshot_out.dtype)
-                    rows_out[keep] = snapshot_out[keep]
-                    out.new_weight = nn.Parameter(rows_out)
+            keep = (row_mask == 0).to(snapshots[0].device)
+            finals = []
+            for master, snap in zip(masters, snapshots, strict=True):
+                values = master.detach().to(snap.dtype)
+                values[keep] = snap[keep]
+                finals.append(nn.Parameter(values))
+            install(finals)
         for p in model.parameters():
             if id(p) in flags:
                 p.requires_grad_(flags[id(p)])
