@@ -32,7 +32,7 @@ from .._matrix import TransitionMatrix
 from .model import _require_expansion
 from .selection import forward_batches, new_token_positions, occurrence_folds
 
-__all__ = ["ColumnEvidence", "column_evidence", "row_loglik", "two_sided_support"]
+__all__ = ["ColumnEvidence", "OutputInit", "column_evidence", "output_init", "row_loglik", "two_sided_support"]
 
 #: Floor of a probability whose log is taken (DESIGN §1: the documented 1e-12 mass).
 _FLOOR = 1e-12
@@ -146,3 +146,92 @@ def two_sided_support(score: np.ndarray, s: int, exclude: Sequence[int] = ()) ->
     top = np.argpartition(-score, s - 1, axis=1)[:, :s]
     order = np.argsort(-np.take_along_axis(score, top, axis=1), axis=1, kind="stable")
     return np.take_along_axis(top, order, axis=1).astype(np.int64)
+
+
+@dataclass
+class OutputInit:
+    """Output rows of new tokens fitted as the dual of alpha (see :func:`output_init`).
+
+    Attributes
+    ----------
+    support : (m, 1) int64
+        Per new token, the old token whose column (the contexts that lead to it) best explains the
+        new token's contexts: ``beta`` puts weight 1 on it.
+    rows : (m, d) tensor
+        ``W^T beta``: the support token's row of the base output head.
+    bias : (m,) float64
+        The new logits' bias: the maximum-likelihood value given the row, for which the expected
+        number of occurrences of the token over the texts' positions equals the observed number.
+    observed : (m,) int64
+        Occurrences of each new token in the texts.
+    """
+
+    support: np.ndarray
+    rows: torch.Tensor
+    bias: np.ndarray
+    observed: np.ndarray
+
+
+def output_init(
+    model: nn.Module,
+    ids: Sequence[int],
+    seqs: Sequence[np.ndarray],
+    columns: ColumnEvidence,
+    *,
+    exclude: Sequence[int] = (),
+    batch_size: int = 32,
+    device: Any = None,
+) -> OutputInit:
+    """Output rows and biases for new tokens the model may generate: the dual of alpha.
+
+    Alpha writes a new token's *row* (what follows it) as old rows; its *column* (which contexts
+    lead to it) is written here as an old token's column: ``beta`` puts weight 1 on the old token
+    ``v`` of highest column log-likelihood (``columns.loglik()``, the reversed chain's fit at
+    ``s = 1``), so the new logit is ``h . W_v + b``: the new token is predicted where ``v`` is,
+    scaled by ``exp(b)``.  ``b`` is the maximum-likelihood bias given that row: the one for which
+    ``sum_j p(u | ctx_j)`` over every position of ``seqs`` equals the occurrences of ``u``, with
+    ``p(u | ctx_j) = sigmoid(log p(v | ctx_j) + b)`` (bisection in float64; the other new tokens'
+    mass is left out).  ``exclude``: ids never chosen (special tokens).
+    """
+    state = _require_expansion(model)
+    n_base, m = state.n_base, len(ids)
+    score = columns.loglik()
+    support = two_sided_support(score, 1, exclude=exclude)
+    head = state.output_layer.base_layer
+    rows = head.weight.detach()[torch.as_tensor(support[:, 0])].clone()
+    index = {int(t): i for i, t in enumerate(ids)}
+    observed = np.zeros(m, dtype=np.int64)
+    for s in seqs:
+        for t in s[1:]:
+            i = index.get(int(t))
+            if i is not None:
+                observed[i] += 1
+    cols = torch.as_tensor(support[:, 0])
+    parts = []
+    order = [j for j in range(len(seqs)) if len(seqs[j]) >= 2]
+    for chunk, logits in forward_batches(model, seqs, order, batch_size, device):
+        logp = torch.log_softmax(logits[..., :n_base].float(), dim=-1)[..., cols.to(logits.device)]
+        for r, j in enumerate(chunk):
+            parts.append(logp[r, : len(seqs[j]) - 1].double().cpu().numpy())
+    logp_all = np.concatenate(parts) if parts else np.zeros((0, m))
+    bias = np.array([_ml_bias(logp_all[:, i], int(observed[i])) for i in range(m)])
+    return OutputInit(support=support, rows=rows, bias=bias, observed=observed)
+
+
+def _ml_bias(logp: np.ndarray, n: int) -> float:
+    """``b`` with ``sum sigmoid(logp + b) = n`` (bisection; ``n`` clipped into (0, len))."""
+    if logp.size == 0:
+        return 0.0
+    target = min(max(float(n), 0.5), logp.size - 0.5)
+
+    def expected(b: float) -> float:
+        return float(np.sum(1.0 / (1.0 + np.exp(-(logp + b)))))
+
+    lo, hi = -60.0, 60.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if expected(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
