@@ -46,7 +46,8 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
             "",
             (
                 f"distill_mode `{cfg['distill_mode']}`, link `{cfg['link']}`, s {cfg['s']}, "
-                f"fallback `{cfg.get('fallback')}`, shrinkage {cfg.get('shrinkage')}"
+                f"fallback `{cfg.get('fallback')}`, shrinkage {cfg.get('shrinkage')}, "
+                f"evidence `{cfg.get('evidence', 'row')}`"
             ),
             "",
             (

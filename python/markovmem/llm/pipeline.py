@@ -433,10 +433,7 @@ def learn_tokens(
                 progress=progress,
             )
         report = verify_no_forgetting(
-            base_model,
-            model,
-            contexts,
-            **({"max_leak": cfg.max_leak, "leak_statistic": cfg.leak_statistic} if cfg.generate else {}),
+            base_model, model, contexts, max_leak=cfg.max_leak, leak_statistic=cfg.leak_statistic
         )
     except BaseException:
         remove_expansion(model)
