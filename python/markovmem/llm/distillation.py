@@ -12,7 +12,7 @@ import hashlib
 import inspect
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -337,14 +337,14 @@ class _HeadLogits:
         assert self.head is not None
         return self._apply(self.head[0](input_ids=inp, use_cache=False).last_hidden_state[:, -1])
 
-    def decide(self, inp: torch.Tensor) -> None:
-        """Keep the head shortcut only if it gives the model's logits on the contexts ``inp`` (done once)."""
+    def _check(self, reference: Callable[[], torch.Tensor], shortcut: Callable[[], torch.Tensor]) -> None:
+        """Keep the head shortcut only if it gives the model's logits (done once, on two contexts)."""
         if self.head is None or self.checked:
             return
         self.checked = True
-        ref = self._model_logits(inp[:2])
+        ref = reference()
         try:
-            got = self._head_logits(inp[:2])
+            got = shortcut()
             same = got.shape == ref.shape and torch.allclose(
                 got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-6
             )
@@ -352,6 +352,10 @@ class _HeadLogits:
             same = False
         if not same:
             self.head = None
+
+    def decide(self, inp: torch.Tensor) -> None:
+        """Keep the head shortcut only if it gives the model's logits on the contexts ``inp`` (done once)."""
+        self._check(lambda: self._model_logits(inp[:2]), lambda: self._head_logits(inp[:2]))
 
     def __call__(self, inp: torch.Tensor) -> torch.Tensor:
         self.decide(inp)
@@ -373,23 +377,16 @@ class _HeadLogits:
         return out
 
     def _decide_at(self, ids: torch.Tensor, attend: torch.Tensor, keep: torch.Tensor) -> None:
-        if self.head is None or self.checked:
-            return
-        self.checked = True
-        ref = self.model(input_ids=ids[:2], attention_mask=attend[:2], use_cache=False).logits[keep[:2]][
-            :, : self.n_base
-        ]
-        try:
-            body = self.head[0]
-            hidden = body(input_ids=ids[:2], attention_mask=attend[:2], use_cache=False).last_hidden_state[keep[:2]]
-            got = self._apply(hidden)
-            same = got.shape == ref.shape and torch.allclose(
-                got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-6
-            )
-        except (TypeError, AttributeError, RuntimeError, ValueError):
-            same = False
-        if not same:
-            self.head = None
+        def reference() -> torch.Tensor:
+            logits = self.model(input_ids=ids[:2], attention_mask=attend[:2], use_cache=False).logits
+            return logits[keep[:2]][:, : self.n_base]
+
+        def shortcut() -> torch.Tensor:
+            assert self.head is not None
+            out = self.head[0](input_ids=ids[:2], attention_mask=attend[:2], use_cache=False)
+            return self._apply(out.last_hidden_state[keep[:2]])
+
+        self._check(reference, shortcut)
 
     def topk_at(
         self, ids: torch.Tensor, attend: torch.Tensor, keep: torch.Tensor, k: int
