@@ -75,7 +75,7 @@ def test_learn_tokens_with_a_stand_in_fit(monkeypatch):
     assert result.report.ok and result.report.n_contexts > 0
     assert result.config.s == 2 and result.config.top_k == 8
     assert llm.get_expansion(model).alpha is result.alpha
-    assert result.fit.alpha is not None and result.choices == [("logit", 2)]
+    assert result.fit.alpha is not None and result.choices == [("mixture", 2)]
     (rep,) = result.tokens_report
     assert rep.n_contexts == 24 and rep.token == "glorp" and np.isfinite(rep.heldout_loss)
     ((name, weight),) = result.decomposition(tok, top=1)["glorp"][:1]

@@ -70,6 +70,8 @@ BLENDS = [
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "evidence row": {"evidence": "row"},
+    "logit s1 bound1": {"link": "logit", "s": 1, "bound": 1.0},
+    "logit s1 bound1, evidence row": {"link": "logit", "s": 1, "bound": 1.0, "evidence": "row"},
     "token+logit s16 bound10": {"distill_mode": "token", "link": "logit", "s": 16, "bound": 10.0, "evidence": "row"},
     "logit s2 bound1": {"link": "logit", "s": 2, "bound": 1.0},
     "logit s4 bound1": {"link": "logit", "s": 4, "bound": 1.0},

@@ -144,11 +144,14 @@ class LearnTokensConfig:
         },
     )
     link: str = field(
-        default="logit",
+        default="mixture",
         metadata={
             "help": (
                 "fit_alpha link: 'mixture', 'logit', or 'auto' (per token, the (link, s) of auto_grid with the "
-                "lowest held-out loss after the token, by two-fold cross-fitting on the texts)."
+                "lowest held-out loss after the token, by two-fold cross-fitting on the texts).  With the "
+                "two-sided support, the mixture at s = 1 gave the best init on the recovery benchmark "
+                "(bench/recovery): E^T alpha is then the chosen word's own row, within 0.2% of the true "
+                "word's loss, where the logit link's radius-bounded weight shrinks it (+3.4-3.9%)."
             )
         },
     )
