@@ -118,3 +118,29 @@ def test_distill_corpus_mode_records_how_rows_were_made(model_dir, tmp_path) -> 
 def test_model_commands_report_a_missing_directory(tmp_path, capsys) -> None:
     assert main(["distill", str(tmp_path / "nope"), "-o", str(tmp_path / "P.safetensors")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_add_tokens_generate_gates_the_leak_and_exports(model_dir, tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    text = tmp_path / "train.txt"
+    text.write_text(
+        "\n\n".join(" ".join(["w5", "glorp"] + [f"w{int(i)}" for i in rng.integers(3, 48, 6)]) for _ in range(24))
+    )
+    out, merged = tmp_path / "glorp.safetensors", tmp_path / "merged"
+    args = ["add-tokens", str(model_dir), "--tokens", "glorp", "--text", str(text), "-o", str(out), "--quiet"]
+    code = main([*args, "--tune-steps", "2", "--generate", "--max-leak", "0.05", "--merged", str(merged)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "output row of glorp = " in printed and "offset on new logits" in printed
+    assert "leak mean / p99 / max" in printed and "(bound on max: 0.05)" in printed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert llm.load_expansion(base, tok, out) == [48]
+    state = llm.get_expansion(base)
+    assert not state.config.block_output and float(state.output_layer.leak_offset) <= 0.0
+    exported = AutoModelForCausalLM.from_pretrained(merged)
+    assert exported.get_output_embeddings().weight.shape[0] == 49  # the new token has an output row
+    assert main([*args, "--max-leak", "0.05"]) != 0
+    assert "--max-leak bounds the leak of generated tokens; add --generate" in capsys.readouterr().err

@@ -124,3 +124,25 @@ def test_config_validation():
     with pytest.raises(ValueError, match="tune_steps is -1"):
         llm.LearnTokensConfig(tune_steps=-1)
     assert llm.LearnTokensConfig().to_dict()["s"] == 1
+
+
+def test_learn_tokens_generate_writes_beta_output_rows_and_holds_max_leak():
+    model = tiny_model("qwen2", V, tied=False)
+    base = copy.deepcopy(model)
+    tok = tiny_tokenizer(V)
+    res = llm.learn_tokens(
+        model, tok, ["glorp"], texts(), tune_steps=0, top_k=8, generate=True, max_leak=0.02, progress=False
+    )
+    state = llm.get_expansion(model)
+    (v,) = res.output.support[:, 0]
+    head = base.get_output_embeddings().weight
+    # W^T beta: the support token's output row; the bias is the one learn_tokens wrote
+    assert torch.equal(state.output_layer.new_weight[0].detach(), head[int(v)].detach())
+    assert float(state.output_layer.new_bias[0].detach()) == pytest.approx(res.output.bias[0], rel=1e-6)
+    assert res.output.observed.tolist() == [24]
+    assert res.leak is not None and res.leak.leak_after <= 0.02 and res.leak.offset <= 0.0
+    assert res.report.ok and res.report.leak_max <= 0.02 and res.report.forgetting_nats > 0.0
+    with pytest.raises(ValueError, match="max_leak bounds the leak of generated tokens; it needs generate=True"):
+        llm.LearnTokensConfig(max_leak=0.1)
+    with pytest.raises(ValueError, match="max_leak is 1.5; expected a number strictly between 0 and 1"):
+        llm.LearnTokensConfig(generate=True, max_leak=1.5)

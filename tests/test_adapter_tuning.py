@@ -97,7 +97,8 @@ def test_unblocked_tokens_are_targets_too():
     ids = llm.add_tokens(model, tok, ["glorp"], block_output=False)
     seqs = [[1, 5, 6, ids[0], 7, ids[0], 8]] * 4
     history = llm.embedding_tune(model, ids, seqs, steps=3, lr=0.01, batch_size=2, progress=False)
-    assert history.n_targets[0] == 2 * 3  # from the first glorp on: w7, glorp, w8 in each of two sequences
+    # open output: every position is scored (each holds the new logits), the first glorp included
+    assert history.n_targets[0] == 2 * 6
     blocked = tiny_model("llama", V, tied=True)
     ids_b = llm.add_tokens(blocked, tiny_tokenizer(V), ["glorp"])
     hb = llm.embedding_tune(blocked, ids_b, seqs, steps=1, lr=0.01, batch_size=2, progress=False)

@@ -95,3 +95,32 @@ def test_empty_corpus_and_absent_tokens_are_named():
     with pytest.warns(mm.SampleSizeWarning, match="'glorp' has 6 for s = 1"):
         result = llm.learn_tokens(model, tok, ["glorp"], texts, tune_steps=0, progress=False)
     assert result.tokens_report[0].few_contexts
+
+
+def test_generate_output_rows_name_the_replaced_words_and_beat_the_mean_output_init():
+    """The dual of alpha on the real model: each pseudo-word's output row is its replaced word's, and
+    the model predicts the pseudo-word on held-out sentences far better than with the mean row."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    text = "\n\n".join(DATA.read_text(encoding="utf-8").split("\n\n")[:2000])
+    pws = [llm.PseudoWord(t, (w,)) for t, w in WORDS[:6]]
+    corpus = llm.build_corpus(text, tok, pws, n_val=1, n_test=10)
+    train = [s for _, s in corpus.sentences("train", 30)]
+    res = llm.learn_tokens(model, tok, corpus.tokens, train, tune_steps=0, generate=True, progress=False)
+    hits = [int(v) in ids for v, ids in zip(res.output.support[:, 0], corpus.word_ids, strict=True)]
+    assert np.mean(hits) >= 5 / 6, res.output.support
+    test = [np.asarray(x) for x in tok([s for _, s in corpus.sentences("test")])["input_ids"]]
+    new = set(res.ids)
+    where = [(j, t) for j, s in enumerate(test) for t in range(len(s) - 1) if int(s[t + 1]) in new]
+    beta_loss = position_losses(model, test, where).mean()
+    head = llm.get_expansion(model).output_layer.base_layer.weight.detach()
+    llm.set_embeddings(
+        model,
+        res.ids,
+        output_embeddings=head.mean(0, keepdim=True).repeat(len(pws), 1),
+        output_bias=torch.zeros(len(pws)),
+    )
+    mean_loss = position_losses(model, test, where).mean()
+    assert len(where) >= 50 and beta_loss < mean_loss - 2.0, (beta_loss, mean_loss)

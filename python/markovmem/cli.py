@@ -219,7 +219,11 @@ def _cmd_add_tokens(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args.model, args.device, args.dtype, args.quiet)
     texts = _read_texts(args.text)
     corpus = _read_texts(args.corpus) if args.corpus else None
-    options = {} if args.link is None else {"link": args.link}
+    options: dict[str, Any] = {} if args.link is None else {"link": args.link}
+    if args.max_leak is not None and not args.generate:
+        raise ValueError("--max-leak bounds the leak of generated tokens; add --generate")
+    if args.generate:
+        options.update(generate=True, max_leak=args.max_leak, leak_statistic=args.leak_statistic)
     result = llm.learn_tokens(
         model,
         tokenizer,
@@ -239,6 +243,12 @@ def _cmd_add_tokens(args: argparse.Namespace) -> int:
     print(f"new tokens {args.tokens} -> ids {result.ids}")
     for rep in result.tokens_report:
         print("  " + str(rep).replace("\n", "\n  "))
+    if result.output is not None:
+        names = tokenizer.convert_ids_to_tokens([int(v) for v in result.output.support[:, 0]])
+        for tok, name, b in zip(args.tokens, names, result.output.bias, strict=True):
+            print(f"  output row of {tok} = {name!r}'s, bias {b:+.3f}")
+    if result.leak is not None:
+        print(result.leak)
     print(result.report)
     print(f"wrote {args.output} (apply with markovmem.llm.load_expansion(base_model, tokenizer, path))")
     if args.merged:
@@ -409,6 +419,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--tune-steps", type=int, default=50, help="embedding-tuning steps, 0 for E^T alpha only (default 50)"
+    )
+    q.add_argument(
+        "--generate",
+        action="store_true",
+        help="let the model generate the new tokens (output rows W^T beta; old logits stay bitwise, the report "
+        "gives the leak and the exact forgetting on old text)",
+    )
+    q.add_argument(
+        "--max-leak",
+        type=float,
+        default=None,
+        help="with --generate: hold the new tokens' probability on old text under this bound (one offset)",
+    )
+    q.add_argument(
+        "--leak-statistic",
+        choices=("max", "p99", "mean"),
+        default="max",
+        help="which statistic of the per-position leak --max-leak bounds (default max)",
     )
     q.add_argument("--device", help="torch device, e.g. cuda")
     q.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="load the weights in this dtype")

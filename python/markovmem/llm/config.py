@@ -190,6 +190,31 @@ class LearnTokensConfig:
     tune_lr: float = field(default=1e-2, metadata={"help": "Adam learning rate of embedding tuning."})
     tune_batch_size: int = field(default=8, metadata={"help": "Sequences per embedding-tuning step."})
     block_output: bool = field(default=True, metadata={"help": "See MarkovMemConfig.block_output."})
+    generate: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Let the model generate the new tokens (an open expansion; block_output is then False): each "
+                "new token gets its own output row W^T beta, the old token whose column (the contexts leading "
+                "to it) best explains the new token's contexts, and the maximum-likelihood bias given that row "
+                "(llm.columns.output_init); embedding tuning then trains input and output rows.  Old logits "
+                "stay bitwise; old text loses exactly -log(1 - leak) per position, which the report measures."
+            )
+        },
+    )
+    max_leak: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "With generate: hold the leak (the new tokens' probability on old text) at or under this bound "
+                "on the verification contexts, by one offset on the new logits (llm.calibrate_leak); the "
+                "report's ok requires it.  None: no gate."
+            )
+        },
+    )
+    leak_statistic: str = field(
+        default="max", metadata={"help": "Statistic of the per-position leak max_leak bounds: 'max', 'p99' or 'mean'."}
+    )
     n_verify_contexts: int = field(
         default=64, metadata={"help": "Old-token-only contexts (cut from the texts) used by the forgetting check."}
     )
@@ -200,6 +225,12 @@ class LearnTokensConfig:
             raise ValueError(f"top_k is {self.top_k}; expected >= 1")
         if self.distill_mode not in ("token", "corpus"):
             raise ValueError(f"distill_mode is {self.distill_mode!r}; expected 'token' or 'corpus'")
+        if self.max_leak is not None and not self.generate:
+            raise ValueError("max_leak bounds the leak of generated tokens; it needs generate=True")
+        if self.max_leak is not None and not 0.0 < float(self.max_leak) < 1.0:
+            raise ValueError(f"max_leak is {self.max_leak}; expected a number strictly between 0 and 1")
+        if self.leak_statistic not in ("max", "p99", "mean"):
+            raise ValueError(f"leak_statistic is {self.leak_statistic!r}; expected 'max', 'p99' or 'mean'")
         if self.evidence not in ("two-sided", "row"):
             raise ValueError(f"evidence is {self.evidence!r}; expected 'two-sided' or 'row'")
         if self.fallback not in ("token", "unigram", "none"):

@@ -14,9 +14,10 @@ from torch import nn
 
 from .._errors import SampleSizeWarning
 from .._matrix import TransitionMatrix
-from .columns import column_evidence, row_loglik, two_sided_support
+from .columns import ColumnEvidence, OutputInit, column_evidence, output_init, row_loglik, two_sided_support
 from .config import LearnTokensConfig
 from .distillation import distill, next_token_counts
+from .leak import LeakCalibration, calibrate_leak
 from .model import (
     _model_n_base,
     _require_expansion,
@@ -108,8 +109,13 @@ class LearnResult:
     history : TuneHistory or None
         Embedding tuning (None when ``tune_steps == 0``).
     report : ForgettingReport
-        Zero-forgetting check on old-only contexts cut from the texts.
+        Zero-forgetting check on old-only contexts cut from the texts (with ``generate``: the
+        leak and the exact forgetting in nats on them).
     config : LearnTokensConfig
+    output : OutputInit or None
+        With ``generate``: the output init (beta's support, ``W^T beta``, the bias).
+    leak : LeakCalibration or None
+        With ``max_leak``: what the leak gate set and what it cost the new tokens.
     """
 
     tokens: list[str]
@@ -122,6 +128,8 @@ class LearnResult:
     history: TuneHistory | None
     report: ForgettingReport
     config: LearnTokensConfig
+    output: OutputInit | None = None
+    leak: LeakCalibration | None = None
 
     @property
     def fit(self) -> Any:
@@ -160,6 +168,11 @@ def _decompose(alpha: Any, tokenizer: Any, top: int) -> list[list[tuple[Any, flo
             names = tokenizer.convert_ids_to_tokens(names)
         out.append([(n, float(v)) for n, v in zip(names, vals[order], strict=True)])
     return out
+
+
+def _special_ids(tokenizer: Any, n_base: int) -> list[int]:
+    """The tokenizer's special tokens among the old ids: never a word a new token stands for."""
+    return sorted({int(t) for t in getattr(tokenizer, "all_special_ids", []) if 0 <= int(t) < n_base})
 
 
 def _fit_alpha() -> Any:
@@ -257,6 +270,13 @@ def learn_tokens(
     5. ``set_embeddings(model, ids, alpha_to_embeddings(model, fit.alpha))``;
     6. ``embedding_tune`` from those rows for ``tune_steps`` steps;
     7. ``verify_no_forgetting`` on old-only contexts cut from the texts.
+
+    With ``generate=True`` (an option, see LearnTokensConfig) the new tokens can also be
+    generated: step 2 opens their output, step 5 also writes their output rows ``W^T beta`` and
+    biases (:func:`~markovmem.llm.columns.output_init`), step 6 trains input and output rows,
+    ``max_leak`` gates the leak on the verification contexts
+    (:func:`~markovmem.llm.leak.calibrate_leak`) and step 7 reports the leak and the exact
+    forgetting in nats.
 
     Parameters
     ----------
@@ -365,18 +385,25 @@ def learn_tokens(
             )
     elif matrix.n_base != n_base:
         raise ValueError(f"matrix has n_base = {matrix.n_base}; the model has {n_base} base tokens")
-    ids = add_tokens(model, tokenizer, tokens, block_output=cfg.block_output)
+    ids = add_tokens(model, tokenizer, tokens, block_output=cfg.block_output and not cfg.generate)
     try:
         seqs = [tokenizer(t)["input_ids"] for t in texts]
         counts = next_token_counts(seqs, ids, n_base)
         empty = [tok for tok, n in zip(tokens, np.diff(counts.indptr), strict=True) if n == 0]
         if empty:
             raise ValueError(f"tokens {empty} are never followed by a base token in texts; add examples using them")
-        alpha, fits, tokens_report = _fit_tokens(
+        alpha, fits, tokens_report, columns = _fit_tokens(
             model, ids, list(tokens), seqs, counts, matrix, cfg, fit_alpha, tokenizer, device, progress
         )
         set_embeddings(model, ids, alpha_to_embeddings(model, alpha))
         _require_expansion(model).alpha = alpha
+        output = None
+        if cfg.generate:
+            arrays = [np.asarray(x, dtype=np.int64) for x in seqs]
+            if columns is None:
+                columns = column_evidence(model, ids, arrays, device=device)
+            output = output_init(model, ids, arrays, columns, exclude=_special_ids(tokenizer, n_base), device=device)
+            set_embeddings(model, ids, output_embeddings=output.rows, output_bias=output.bias)
         history = None
         if cfg.tune_steps > 0:
             history = embedding_tune(
@@ -394,7 +421,23 @@ def learn_tokens(
             contexts = _old_contexts(seqs, n_base, cfg.n_verify_contexts)
             if not contexts:
                 contexts = [[int(v)] for v in range(min(n_base, cfg.n_verify_contexts))]
-        report = verify_no_forgetting(base_model, model, contexts)
+        leak = None
+        if cfg.max_leak is not None:
+            leak = calibrate_leak(
+                model,
+                contexts,
+                cfg.max_leak,
+                statistic=cfg.leak_statistic,
+                texts=seqs,
+                device=device,
+                progress=progress,
+            )
+        report = verify_no_forgetting(
+            base_model,
+            model,
+            contexts,
+            **({"max_leak": cfg.max_leak, "leak_statistic": cfg.leak_statistic} if cfg.generate else {}),
+        )
     except BaseException:
         remove_expansion(model)
         raise
@@ -409,6 +452,8 @@ def learn_tokens(
         history=history,
         report=report,
         config=cfg,
+        output=output,
+        leak=leak,
     )
 
 
@@ -424,8 +469,9 @@ def _fit_tokens(
     tokenizer: Any,
     device: Any,
     progress: bool,
-) -> tuple[Any, dict[tuple[str, int], tuple[list[int], Any]], list[TokenReport]]:
-    """Fit alpha for every token (per-token (link, s) when ``cfg.link == 'auto'``) and its diagnostics."""
+) -> tuple[Any, dict[tuple[str, int], tuple[list[int], Any]], list[TokenReport], ColumnEvidence | None]:
+    """Fit alpha for every token (per-token (link, s) when ``cfg.link == 'auto'``) and its diagnostics;
+    also returns the column evidence read for the two-sided support (None with ``evidence='row'``)."""
     import scipy.sparse as sp
 
     grid = list(cfg.auto_grid) if cfg.link == "auto" else [(cfg.link, int(cfg.s))]
@@ -435,7 +481,7 @@ def _fit_tokens(
     if cfg.evidence == "two-sided":
         columns = column_evidence(model, ids, arrays, folds=2 if held_out else 1, device=device)
     n_base = matrix.n_base
-    special = sorted({int(t) for t in getattr(tokenizer, "all_special_ids", []) if 0 <= int(t) < n_base})
+    special = _special_ids(tokenizer, n_base)
 
     def fit(c: Any, link: str, s: int, rows: Any = None, fold: int | None = None, bar: bool = False) -> Any:
         extra: dict[str, Any] = {"bound": cfg.bound} if link == "logit" else {}
@@ -481,4 +527,4 @@ def _fit_tokens(
             SampleSizeWarning,
             stacklevel=3,
         )
-    return alpha, fits, report
+    return alpha, fits, report, columns

@@ -76,16 +76,23 @@ def _pad_batch(
     for r, s in enumerate(seqs):
         ids[r, : s.size] = s
         mask[r, : s.size] = 1
+        if s.size < 2:
+            continue
+        if not block_output:
+            # Open output: every position's distribution holds the new logits (the position
+            # before a new token is where it is a target; every other one, where its mass is
+            # taken from the right token), so every position is scored, in every sequence.
+            targets[r, : s.size - 1] = s[1:]
+            continue
         hit = np.flatnonzero(np.isin(s, new_ids))
-        if hit.size == 0 or s.size < 2:
+        if hit.size == 0:
             continue
         # Position t predicts s[t + 1]; only positions at or after the first new
         # token depend on its row, so only they are scored.
         first = int(hit[0])
         nxt = s[first + 1 :].copy()
-        if block_output:
-            # Blocked tokens have logit -inf: they are never targets.
-            nxt[nxt >= n_base] = -100
+        # Blocked tokens have logit -inf: they are never targets.
+        nxt[nxt >= n_base] = -100
         targets[r, first : s.size - 1] = nxt
     return (
         torch.as_tensor(ids, device=device),
@@ -125,7 +132,7 @@ def _train_steps(
 ) -> None:
     """The training loop of :func:`embedding_tune`, open to any parameters (e.g. the baselines of
     :mod:`markovmem.llm.pseudowords`): AdamW on next-token cross-entropy at the positions
-    ``_pad_batch`` scores (from the first new token on; new tokens never targets when blocked),
+    ``_pad_batch`` scores (blocked: from the first new token on, never a new token; open: all),
     ``batch_size`` sequences per step drawn without replacement and reshuffled each epoch
     (``seed``), so equal seeds give equal batches whatever is trained.  Appends each step's
     loss and number of targets to ``history``; the caller sets requires_grad and the mode."""
@@ -182,7 +189,8 @@ def embedding_tune(
 
     The rows are trained with Adam on next-token cross-entropy over
     ``sequences``, scored from the first new token of each sequence on (earlier
-    positions do not depend on it).  The rows are separate parameters, so no
+    positions do not depend on it; in generate mode every position of every
+    sequence, as each one's distribution holds the new logits).  The rows are separate parameters, so no
     gradient is ever computed for the base embedding or any base weight, and
     every base tensor is bitwise unchanged afterwards.  With ``block_output``
     (the default of :func:`add_tokens`) new tokens are never targets; the
