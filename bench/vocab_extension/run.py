@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import math
 import os
@@ -249,29 +248,19 @@ def _special_ids(tok: Any, n_base: int) -> list[int]:
 
 
 def markovmem_init(model: Any, tok: Any, words: Sequence[str], texts: Sequence[str], seed: int) -> dict[str, Any]:
-    """markovmem's rows for the new tokens, written on ``model`` (expanded in place, open output).
-
-    ``learn_tokens(generate=True, tune_steps=0)`` where the installed markovmem has it; else its
-    pieces: ``learn_tokens(block_output=False, tune_steps=0)`` for alpha's input rows, then
-    ``columns.output_init`` for beta's output rows and bias.  Returns the ids and the init's figures.
-    """
+    """markovmem's rows for the new tokens, written on ``model`` (expanded in place, open output) by
+    ``learn_tokens(generate=True, tune_steps=0)``: alpha's input rows, beta's output rows and the
+    maximum-likelihood bias (no tuning, no gate: the benchmark applies both to every init alike).
+    Returns the ids and the init's figures."""
     from markovmem import llm
-    from markovmem.llm.columns import column_evidence, output_init
 
-    opts: dict[str, Any] = {"tune_steps": 0, "progress": False, "seed": seed, "diagnostics": False}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # SampleSizeWarning for rare words: reported by the token counts
-        if "generate" in inspect.signature(llm.learn_tokens).parameters:
-            res = llm.learn_tokens(model, tok, list(words), list(texts), generate=True, **opts)
-            out = res.output
-            path = "learn_tokens(generate=True)"
-        else:
-            res = llm.learn_tokens(model, tok, list(words), list(texts), block_output=False, **opts)
-            seqs = encode(tok, texts)
-            cols = column_evidence(model, res.ids, seqs)
-            out = output_init(model, res.ids, seqs, cols, exclude=_special_ids(tok, llm.get_expansion(model).n_base))
-            llm.set_embeddings(model, res.ids, output_embeddings=out.rows, output_bias=out.bias)
-            path = "learn_tokens(block_output=False) + columns.output_init"
+        warnings.simplefilter("ignore")  # SampleSizeWarning for rare words: the token counts are reported
+        res = llm.learn_tokens(
+            model, tok, list(words), list(texts), generate=True, tune_steps=0, progress=False, seed=seed, diagnostics=False
+        )
+    out = res.output
+    path = "learn_tokens(generate=True, tune_steps=0)"
     return {
         "ids": list(res.ids),
         "path": path,
