@@ -5,9 +5,9 @@ forgetting report."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -22,8 +22,13 @@ from helpers import tinystories_path
 if not (os.environ.get("MARKOVMEM_TEST_MODEL") and os.environ.get("MARKOVMEM_TEST_DATA")):
     pytest.skip("MARKOVMEM_TEST_MODEL / MARKOVMEM_TEST_DATA not set", allow_module_level=True)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "vocab_extension"))
-import run as vx  # noqa: E402
+# The benchmark script, loaded under its own name (bench/ is not a package).
+_spec = importlib.util.spec_from_file_location(
+    "vocab_extension_run", Path(__file__).resolve().parents[1] / "bench" / "vocab_extension" / "run.py"
+)
+assert _spec is not None and _spec.loader is not None
+vx = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(vx)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +77,7 @@ def test_merged_tokens_cover_the_same_bytes(setup):
     assert cov["whole_total"] + cov["prefix_total"] == merged
     # A merged word matches at a word start only: "girl" inside "girls" is the new token + "s".
     ext2 = vx.extended_tokenizer(tok, ["girl"])
-    pieces = ext2.convert_ids_to_tokens(ext2("The girls and a \"girl\"")["input_ids"])
+    pieces = ext2.convert_ids_to_tokens(ext2('The girls and a "girl"')["input_ids"])
     assert pieces[2:4] == ["▁girl", "s"] and pieces.count("▁girl") == 1
 
 

@@ -19,8 +19,10 @@ def table(results: dict[str, Any]) -> list[str]:
     """The results table: one line per method."""
     base_bpb = results["rows"][0]["bpb"]
     lines = [
-        "| method | BPB | vs base | tokens/byte | NLL/token | certified forgetting (nats/token) | leak max "
-        "| KL(base‖model) old text | ΔNLL old text | new-token share in samples |",
+        (
+            "| method | BPB | vs base | tokens/byte | NLL/token | certified forgetting (nats/token) | leak max "
+            "| KL(base‖model) old text | ΔNLL old text | new-token share in samples |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:

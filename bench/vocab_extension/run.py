@@ -66,7 +66,7 @@ def paragraphs(path: Path) -> list[str]:
 def split(paras: Sequence[str], holdout: float, seed: int) -> tuple[list[str], list[str]]:
     """(train, held-out): a seeded shuffle, the last ``holdout`` share held out."""
     order = np.random.default_rng(seed).permutation(len(paras))
-    n_held = max(1, int(round(holdout * len(paras))))
+    n_held = max(1, round(holdout * len(paras)))
     return [paras[i] for i in order[:-n_held]], [paras[i] for i in order[-n_held:]]
 
 
@@ -199,9 +199,7 @@ def old_text_drift(base: Any, model: Any, seqs: Sequence[np.ndarray], n_base: in
     return {"kl_old": kl_sum / n_pos, "delta_nll": d_nll / n_tok, "positions": n_pos}
 
 
-def sample_share(
-    model: Any, ext: Any, n_base: int, n: int, length: int, seed: int, batch: int = 50
-) -> dict[str, Any]:
+def sample_share(model: Any, ext: Any, n_base: int, n: int, length: int, seed: int, batch: int = 50) -> dict[str, Any]:
     """Sample ``n`` stories from BOS (temperature 1, no top-k/top-p; torch seeded per batch).  Returns the
     new ids emitted, the new ids in the decoded stories retokenized with ``ext`` (every merged-word
     occurrence the tokenizer would merge), their ratio ``share`` and the stories' bytes."""
@@ -257,7 +255,15 @@ def markovmem_init(model: Any, tok: Any, words: Sequence[str], texts: Sequence[s
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # SampleSizeWarning for rare words: the token counts are reported
         res = llm.learn_tokens(
-            model, tok, list(words), list(texts), generate=True, tune_steps=0, progress=False, seed=seed, diagnostics=False
+            model,
+            tok,
+            list(words),
+            list(texts),
+            generate=True,
+            tune_steps=0,
+            progress=False,
+            seed=seed,
+            diagnostics=False,
         )
     out = res.output
     path = "learn_tokens(generate=True, tune_steps=0)"
@@ -517,7 +523,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Base model on its own tokenization (the KL and sampling share are 0 by construction).
     base_row = bits_per_byte(base, held_base, held)
-    base_row.update(kl_old=0.0, delta_nll=0.0, sampling=sample_share(base, tok, n_base, args.samples, args.sample_length, args.seed))
+    base_row.update(
+        kl_old=0.0, delta_nll=0.0, sampling=sample_share(base, tok, n_base, args.samples, args.sample_length, args.seed)
+    )
     record("base (no new tokens)", "base", False, base_row)
 
     # markovmem expansion: learn_tokens' rows first, then every init written on the same expansion.
@@ -565,7 +573,14 @@ def main(argv: list[str] | None = None) -> int:
                     model, old_train, args.max_leak, statistic=stat, texts=new_texts, progress=False
                 )
                 gate = {"statistic": stat, "max_leak": args.max_leak, "offset": cal.offset}
-                record(f"{label} + gate {stat} {args.max_leak:g}", name, tuned, score(model, certified=True), gate=gate, **extra)
+                record(
+                    f"{label} + gate {stat} {args.max_leak:g}",
+                    name,
+                    tuned,
+                    score(model, certified=True),
+                    gate=gate,
+                    **extra,
+                )
                 state.output_layer.leak_offset.fill_(0.0)
 
     for lr in args.fft_lrs:
