@@ -7,6 +7,7 @@ cross to the host.  With ``out=DIR`` work is written in shards and resumed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -568,32 +569,12 @@ def distill(
     was_training = model.training
     model.eval()
     try:
+        job = _Job(model, k, n_base, batch_size, dev, dtype, progress, out, shard_rows, ranks)
         if mode == "token":
-            return _distill_tokens(
-                model, rows, pre, k, n_base, batch_size, dev, dtype, progress, out, shard_rows, ranks
-            )
+            return _distill_tokens(job, rows, pre)
         win = window if window is not None else _context_length(model)
-        windows = _windows(seqs, masks, win)
-        corpus = _distill_corpus(
-            model, windows, rows, k, n_base, batch_size, dev, dtype, progress, out, shard_rows, ranks
-        )
-        return _shrink(
-            model,
-            corpus,
-            rows,
-            pre,
-            k,
-            n_base,
-            batch_size,
-            dev,
-            dtype,
-            progress,
-            out,
-            fallback,
-            float(shrinkage),
-            win,
-            ranks,
-        )
+        corpus = _distill_corpus(job, _windows(seqs, masks, win), rows)
+        return _shrink(job, corpus, rows, pre, fallback, float(shrinkage), win)
     finally:
         model.train(was_training)
 
@@ -663,20 +644,28 @@ def _finish(
     return P
 
 
-def _distill_tokens(
-    model: nn.Module,
-    rows: np.ndarray,
-    pre: np.ndarray,
-    k: int,
-    n_base: int,
-    batch_size: int | None,
-    dev: torch.device,
-    dtype: Any,
-    progress: bool,
-    out: Any,
-    shard_rows: int | None,
-    ranks: _distributed.Ranks | None,
-) -> TransitionMatrix:
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What every pass of one distill call shares (token rows, corpus sums, fallback rows)."""
+
+    model: nn.Module
+    k: int
+    n_base: int
+    batch_size: int | None
+    dev: torch.device
+    dtype: Any
+    progress: bool
+    out: Any
+    shard_rows: int | None
+    ranks: _distributed.Ranks | None
+
+    def unpack(self) -> tuple[Any, ...]:
+        """Every field, in order (shallow: dataclasses.astuple would deep-copy the model)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+def _distill_tokens(job: _Job, rows: np.ndarray, pre: np.ndarray) -> TransitionMatrix:
+    model, k, n_base, batch_size, dev, dtype, progress, out, shard_rows, ranks = job.unpack()
     n = rows.size
     n_logits = _n_embeddable(model)
     batch = int(batch_size) if batch_size is not None else _auto_batch(n_logits)
@@ -825,18 +814,7 @@ def _windows(
 
 
 def _distill_corpus(
-    model: nn.Module,
-    windows: list[tuple[np.ndarray, np.ndarray]],
-    rows: np.ndarray,
-    k: int,
-    n_base: int,
-    batch_size: int | None,
-    dev: torch.device,
-    dtype: Any,
-    progress: bool,
-    out: Any,
-    shard_rows: int | None,
-    ranks: _distributed.Ranks | None,
+    job: _Job, windows: list[tuple[np.ndarray, np.ndarray]], rows: np.ndarray
 ) -> tuple[Any, np.ndarray, str]:
     """Row sums of the top-k next-token probabilities at the counted positions, and the counts.
 
@@ -846,6 +824,7 @@ def _distill_corpus(
     """
     import scipy.sparse as sp
 
+    model, k, n_base, batch_size, dev, dtype, progress, out, shard_rows, ranks = job.unpack()
     n_logits = _n_embeddable(model)
     max_len = max(ids.size for ids, _ in windows)
     batch = int(batch_size) if batch_size is not None else _auto_batch(n_logits * max(1, max_len))
@@ -952,25 +931,18 @@ def _distill_corpus(
 
 
 def _shrink(
-    model: nn.Module,
+    job: _Job,
     corpus: tuple[Any, np.ndarray, str],
     rows: np.ndarray,
     pre: np.ndarray,
-    k: int,
-    n_base: int,
-    batch_size: int | None,
-    dev: torch.device,
-    dtype: Any,
-    progress: bool,
-    out: Any,
     fallback: str,
     shrinkage: float,
     window: int | None,
-    ranks: _distributed.Ranks | None,
 ) -> TransitionMatrix:
     """The corpus rows shrunk toward their fallback rows (see :func:`distill`), as a TransitionMatrix."""
     import scipy.sparse as sp
 
+    k, n_base, out, ranks = job.k, job.n_base, job.out, job.ranks
     total, counts, digest = corpus
     if counts.sum() == 0:
         raise ValueError(
@@ -980,7 +952,7 @@ def _shrink(
     extra = None
     if lam > 0 and fallback == "token":
         sub = None if out is None else Path(out) / "fallback"
-        T = _distill_tokens(model, rows, pre, k, n_base, batch_size, dev, dtype, progress, sub, None, ranks)
+        T = _distill_tokens(dataclasses.replace(job, out=sub, shard_rows=None), rows, pre)
         extra = sp.csr_array(T.to_scipy(), dtype=np.float64) * lam
     elif lam > 0 and fallback == "unigram":
         mean = np.asarray(total.sum(axis=0)).reshape(-1) / counts.sum()
