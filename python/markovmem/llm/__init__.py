@@ -41,6 +41,7 @@ _EXPORTS = {
     "learn_tokens": "pipeline",
     "ColumnEvidence": "columns",
     "OutputInit": "columns",
+    "RowLogs": "columns",
     "column_evidence": "columns",
     "output_init": "columns",
     "row_loglik": "columns",

@@ -32,7 +32,15 @@ from .._matrix import TransitionMatrix
 from .model import _require_expansion
 from .selection import forward_batches, new_token_positions, occurrence_folds
 
-__all__ = ["ColumnEvidence", "OutputInit", "column_evidence", "output_init", "row_loglik", "two_sided_support"]
+__all__ = [
+    "ColumnEvidence",
+    "OutputInit",
+    "RowLogs",
+    "column_evidence",
+    "output_init",
+    "row_loglik",
+    "two_sided_support",
+]
 
 #: Floor of a probability whose log is taken (DESIGN §1: the documented 1e-12 mass).
 _FLOOR = 1e-12
@@ -111,27 +119,47 @@ def column_evidence(
     return ColumnEvidence(log_sums=log_sums, n=n, totals=totals)
 
 
+class RowLogs:
+    """The log-rows of a dictionary, built once for any number of :meth:`loglik` calls.
+
+    ``log P[v, x]`` is the stored entry's log, else the log of the row's tail spread over its
+    unstored base states (DESIGN §1), floored at 1e-12 before the log; kept as a per-row fill
+    plus a sparse correction on the stored entries, so nothing dense of size n_base^2 is built.
+    """
+
+    def __init__(self, P: TransitionMatrix) -> None:
+        import scipy.sparse as sp
+
+        n_base = P.n_base
+        csr = P.to_scipy()
+        if csr.shape != (n_base, n_base):
+            csr = csr[:n_base, :n_base].tocsr()
+        k = np.diff(csr.indptr)
+        tail = np.asarray(P.tail, dtype=np.float64)[:n_base]
+        self.log_fill = np.log(np.maximum(tail / np.maximum(n_base - k, 1), _FLOOR))
+        rows = np.repeat(np.arange(n_base), k)
+        delta = sp.csr_array(
+            (np.log(np.maximum(csr.data.astype(np.float64), _FLOOR)) - self.log_fill[rows], csr.indices, csr.indptr),
+            shape=(n_base, n_base),
+        )
+        self._delta_t = sp.csr_array(delta.T)
+
+    def loglik(self, counts: Any) -> np.ndarray:
+        """(m, n_base) float64: ``sum_x counts[u, x] log P[v, x]`` for every new token ``u`` and old token ``v``."""
+        import scipy.sparse as sp
+
+        c = sp.csr_array(counts, dtype=np.float64)
+        totals = np.asarray(c.sum(axis=1)).reshape(-1)
+        return totals[:, None] * self.log_fill[None, :] + (c @ self._delta_t).toarray()
+
+
 def row_loglik(P: TransitionMatrix, counts: Any) -> np.ndarray:
     """(m, n_base) float64: ``sum_x counts[u, x] log P[v, x]`` for every new token ``u`` and old token ``v``.
 
-    ``P[v, x]`` is the stored entry, else the row's tail spread over its unstored base states
-    (DESIGN §1), floored at 1e-12 before the log.  Costs one sparse product with the matrix.
+    ``P[v, x]`` as in :class:`RowLogs`; one sparse product with the matrix.  Several calls on one
+    matrix share the log-rows through ``RowLogs(P).loglik``.
     """
-    import scipy.sparse as sp
-
-    n_base = P.n_base
-    csr = P.to_scipy()[:n_base, :n_base].tocsr()
-    k = np.diff(csr.indptr)
-    tail = np.asarray(P.tail, dtype=np.float64)[:n_base]
-    log_fill = np.log(np.maximum(tail / np.maximum(n_base - k, 1), _FLOOR))
-    rows = np.repeat(np.arange(n_base), k)
-    delta = sp.csr_array(
-        (np.log(np.maximum(csr.data.astype(np.float64), _FLOOR)) - log_fill[rows], csr.indices, csr.indptr),
-        shape=(n_base, n_base),
-    )
-    c = sp.csr_array(counts, dtype=np.float64)
-    totals = np.asarray(c.sum(axis=1)).reshape(-1)
-    return totals[:, None] * log_fill[None, :] + (c @ delta.T).toarray()
+    return RowLogs(P).loglik(counts)
 
 
 def two_sided_support(score: np.ndarray, s: int, exclude: Sequence[int] = ()) -> np.ndarray:
@@ -199,13 +227,10 @@ def output_init(
     support = two_sided_support(score, 1, exclude=exclude)
     head = state.output_layer.base_layer
     rows = head.weight.detach()[torch.as_tensor(support[:, 0])].clone()
-    index = {int(t): i for i, t in enumerate(ids)}
-    observed = np.zeros(m, dtype=np.int64)
-    for s in seqs:
-        for t in s[1:]:
-            i = index.get(int(t))
-            if i is not None:
-                observed[i] += 1
+    targets = np.concatenate([np.asarray(x[1:], dtype=np.int64) for x in seqs] + [np.zeros(0, np.int64)])
+    index = np.full(max(int(max(ids)), int(targets.max(initial=0))) + 1, m, dtype=np.int64)
+    index[np.asarray(ids, dtype=np.int64)] = np.arange(m)
+    observed = np.bincount(index[targets], minlength=m + 1)[:m]  # slot m: every other token
     cols = torch.as_tensor(support[:, 0])
     parts = []
     order = [j for j in range(len(seqs)) if len(seqs[j]) >= 2]

@@ -14,7 +14,7 @@ from torch import nn
 
 from .._errors import SampleSizeWarning
 from .._matrix import TransitionMatrix
-from .columns import ColumnEvidence, OutputInit, column_evidence, output_init, row_loglik, two_sided_support
+from .columns import ColumnEvidence, OutputInit, RowLogs, column_evidence, output_init, two_sided_support
 from .config import LearnTokensConfig
 from .distillation import distill, next_token_counts
 from .leak import LeakCalibration, calibrate_leak
@@ -479,11 +479,12 @@ def _fit_tokens(
         columns = column_evidence(model, ids, arrays, folds=2 if held_out else 1, device=device)
     n_base = matrix.n_base
     special = _special_ids(tokenizer, n_base)
+    row_logs = RowLogs(matrix) if columns is not None else None  # one build for every fold and candidate
 
     def fit(c: Any, link: str, s: int, rows: Any = None, fold: int | None = None, bar: bool = False) -> Any:
         extra: dict[str, Any] = {"bound": cfg.bound} if link == "logit" else {}
-        if columns is not None:
-            score = row_loglik(matrix, c) + columns.loglik(rows, exclude_fold=fold)
+        if columns is not None and row_logs is not None:
+            score = row_logs.loglik(c) + columns.loglik(rows, exclude_fold=fold)
             extra["support"] = two_sided_support(score, s, exclude=special)
         return fit_alpha(matrix, c, s=s, link=link, progress=bar, **extra)
 
