@@ -70,7 +70,9 @@ class ColumnEvidence:
         (indices; default all), over the occurrences of every fold but ``exclude_fold``."""
         keep = [f for f in range(self.log_sums.shape[0]) if f != exclude_fold]
         rows = np.arange(self.log_sums.shape[1]) if tokens is None else np.asarray(tokens, dtype=np.int64)
-        sums = self.log_sums[keep][:, rows].sum(0, dtype=np.float64)
+        sums = np.zeros((rows.size, self.log_sums.shape[2]))
+        for f in keep:  # one fold's rows at a time: no copy of every fold's (m, n_base) block
+            sums += self.log_sums[f, rows]
         n = self.n[keep][:, rows].sum(0)
         return sums - n[:, None] * np.log(np.maximum(self.totals, _FLOOR))[None, :]
 
